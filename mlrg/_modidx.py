@@ -34,6 +34,8 @@ d = { 'settings': { 'branch': 'main',
                            'mlrg.core.peak_rss_mb': ('core.html#peak_rss_mb', 'mlrg/core.py'),
                            'mlrg.core.read_jsonl': ('core.html#read_jsonl', 'mlrg/core.py'),
                            'mlrg.core.repo_root': ('core.html#repo_root', 'mlrg/core.py'),
+                           'mlrg.core.rng_states': ('core.html#rng_states', 'mlrg/core.py'),
                            'mlrg.core.save_checkpoint': ('core.html#save_checkpoint', 'mlrg/core.py'),
                            'mlrg.core.save_json': ('core.html#save_json', 'mlrg/core.py'),
-                           'mlrg.core.seed_everything': ('core.html#seed_everything', 'mlrg/core.py')}}}
+                           'mlrg.core.seed_everything': ('core.html#seed_everything', 'mlrg/core.py'),
+                           'mlrg.core.set_rng_states': ('core.html#set_rng_states', 'mlrg/core.py')}}}

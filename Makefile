@@ -1,0 +1,52 @@
+# mlrg: `make demo` sets up and runs the main job; `make test` sets up and runs every test.
+# Setup is idempotent: the virtual environment is (re)installed only when settings.ini or setup.py change.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.mlrg-setup
+RUN ?= demo
+export PYTHONUNBUFFERED := 1
+
+.PHONY: setup demo test check-sync nbtest pytest reports clean-run help
+
+help:
+	@echo "make demo   set up, then run the study on the built-in phantom (run folder outputs/$(RUN))"
+	@echo "make test   set up, then check notebooks/modules are in sync and clean, run nbdev_test and pytest"
+
+$(STAMP): settings.ini setup.py
+	@$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 10), "mlrg needs Python >= 3.10, found " + sys.version.split()[0]'
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e ".[dev]"
+	$(BIN)/python -m ipykernel install --sys-prefix --name python3 >/dev/null
+	@touch $(STAMP)
+
+setup: $(STAMP)
+
+# The main job. Until the study runner lands, the study is: the demo phantom, then its preparation, each
+# executed as a notebook report (executed .ipynb + HTML) in outputs/$(RUN)/reports/.
+demo: setup
+	@mkdir -p outputs/$(RUN)/reports
+	$(BIN)/papermill --cwd nbs nbs/01a_phantom.ipynb outputs/$(RUN)/reports/01a_phantom.ipynb -p run_dir $(abspath outputs/$(RUN)) -p preset demo -p learnability_seconds 120
+	$(BIN)/papermill --cwd nbs nbs/01_data.ipynb outputs/$(RUN)/reports/01_data.ipynb -p run_dir $(abspath outputs/$(RUN))
+	$(BIN)/jupyter nbconvert --log-level WARN --to html outputs/$(RUN)/reports/*.ipynb
+	@$(BIN)/python -c 'from mlrg.core import RunFolder; import json; r = RunFolder.create("$(abspath outputs/$(RUN))"); \
+	  s = json.loads((r.prepared / "prepare_summary.json").read_text()); \
+	  print(f"\nmlrg demo: run folder {r.root}\n  phantom (MIMIC-CXR-JPG layout): {r.mimic}\n  annotation: {r.annotation}\n  vocabulary: {r.vocab}\n  reports: {r.reports}/*.html\n  samples: " + ", ".join(f"{k} {v}" for k, v in s.get("samples", {}).items()))'
+
+test: setup check-sync nbtest pytest
+
+# Fails when nbdev_export or nbdev_clean would change a file under mlrg/ or nbs/.
+check-sync:
+	@snap() { find mlrg nbs -type f -not -name '*.pyc' -not -path '*/.ipynb_checkpoints/*' -not -path '*/__pycache__/*' | sort | xargs sha1sum; }; \
+	before=$$(snap); $(BIN)/nbdev_export && $(BIN)/nbdev_clean; after=$$(snap); \
+	if [ "$$before" != "$$after" ]; then \
+	  echo "nbdev_export / nbdev_clean changed these files; run them and commit the result:"; \
+	  diff <(echo "$$before") <(echo "$$after") | grep '^[<>]' | awk '{print "  " $$3}' | sort -u; exit 1; \
+	else echo "check-sync: notebooks and mlrg/ are in sync and clean"; fi
+
+nbtest:
+	$(BIN)/nbdev_test --n_workers 2 --timing
+
+pytest:
+	$(BIN)/python -m pytest -q tests
