@@ -239,3 +239,73 @@ def test_cli_and_bad_input(tmp_path, capsys):
     with pytest.raises(InputError, match="size"): write_phantom(tmp_path / "bad", patients=2, size=0, progress=False)
     with pytest.raises(InputError, match="preset"): write_phantom(tmp_path / "bad", preset="huge", progress=False)
     with pytest.raises(SystemExit): phantom_cli(["--out", str(tmp_path / "z"), "--preset", "huge"])
+
+
+def _plain_state(**findings):
+    "A state with no finding and no device, then `findings` (observation -> attributes) set."
+    from mlrg.phantom import DEVICES
+    st = {o: {"grade": 0, "side": None} for o in STATED}
+    st.update({"infectious": False, "devices": {d: None for d in DEVICES}})
+    st.update(findings)
+    return st
+
+
+def _draw(st, projection, size=128, seed=3):
+    from mlrg.phantom import image_geometry, render_image
+    geo = image_geometry(np.random.default_rng(seed), "PA" if projection == "frontal" else "LATERAL")
+    return render_image(size, st, projection, geo, np.random.default_rng(seed + 1)).astype(int)
+
+
+@pytest.mark.parametrize("finding", [
+    {"Pleural Effusion": {"grade": 1, "side": "right"}},
+    {"Consolidation": {"grade": 1, "side": "left", "lobe": "left lower lobe"}},
+    {"Atelectasis": {"grade": 1, "side": "left", "loc": "retrocardiac"}}])
+def test_lateral_only_findings_are_drawn_on_the_lateral_only(finding):
+    "Same geometry and noise: a lateral-only finding leaves the frontal image unchanged and clearly brightens the lateral's lower posterior lung."
+    normal, sick = _plain_state(), _plain_state(**finding)
+    assert (_draw(normal, "frontal") == _draw(sick, "frontal")).all()
+    d = _draw(sick, "lateral") - _draw(normal, "lateral")
+    assert (d > 20).sum() >= 40                        # a visible patch at 128 px, not a faint line
+    rows, cols = np.nonzero(d > 20)
+    assert rows.mean() > 64 and cols.mean() > 64      # lower half, posterior (the image's right on a lateral)
+
+
+def test_grades_differ_visibly_on_the_frontal_view():
+    "Change since the prior must be visible: each step of severity adds visibly changed area."
+    def area(obs, g, **kw):
+        base = _draw(_plain_state(), "frontal")
+        return int((np.abs(_draw(_plain_state(**{obs: {"grade": g, **kw}}), "frontal") - base) > 15).sum())
+    for obs, kw in (("Pleural Effusion", {"side": "right"}), ("Consolidation", {"side": "right", "lobe": "right lower lobe"}),
+                    ("Edema", {"side": None})):
+        a = [area(obs, g, **kw) for g in (1, 2, 3)]
+        if obs != "Pleural Effusion": assert a[0] > 30, (obs, a)
+        assert a[1] > 1.3 * a[0] + 20 and a[2] > 1.3 * a[1], (obs, a)
+
+
+def test_small_findings_and_devices_are_conspicuous():
+    from mlrg.phantom import _line_px
+    assert _line_px(256) >= 2 and _line_px(128) >= 1
+    base = _draw(_plain_state(), "frontal")
+    nod = _plain_state(**{"Lung Lesion": {"grade": 1, "side": "right", "lobe": "right upper lobe", "pos": [0, 0, 0], "mm": 12}})
+    assert ((_draw(nod, "frontal") - base) > 20).sum() >= 6          # a 12 mm nodule: several clearly brighter pixels at 128 px
+    ptx = _plain_state(**{"Pneumothorax": {"grade": 1, "side": "right"}})
+    assert ((_draw(ptx, "frontal") - base) < -8).sum() >= 40       # a lucent rim without lung markings
+    lesions = [r["details"].get("lesion_mm") for r in truth_of_patients(60) if r["findings"]["Lung Lesion"]["present"]]
+    assert lesions and min(lesions) >= 10
+
+
+def truth_of_patients(n, seed=0):
+    from mlrg.phantom import assign_ids, simulate_patient
+    subj, sids = assign_ids(seed, n)
+    return [r for i in range(n) for r in simulate_patient(seed, i, subj[i], sids[i])[0]]
+
+
+def test_lateral_only_prevalence_and_balanced_change():
+    "Enough lateral-only findings (several observations) and change classes of the acute findings not dominated by one class."
+    T = truth_of_patients(400)
+    lat = [o for r in T for o, f in r["findings"].items() if f["present"] and f["views"] == ["lateral"]]
+    assert lat.count("Pleural Effusion") >= 40 and lat.count("Consolidation") >= 8 and lat.count("Atelectasis") >= 8
+    cls = {"new": 0, "worse": 0, "unchanged": 1, "better": 2, "resolved": 2}
+    for o in ("Pleural Effusion", "Edema", "Consolidation", "Atelectasis"):
+        c = np.bincount([cls[r["change"][o]] for r in T if o in r["change"]], minlength=3)
+        assert c.min() / c.sum() > .2, (o, c)
