@@ -138,7 +138,7 @@ def _load_one(path, size):
 def load_images(root, records, size, progress=True):
     "Every image of `records` as one uint8 tensor [N, size, size]; returns (tensor, {dicom_id: row}, missing list)."
     import torch
-    from tqdm.auto import tqdm
+    from tqdm import tqdm
     items = [(im["dicom_id"], image_path(root, r["subject_id"], r["study_id"], im["dicom_id"])) for r in records for im in r["images"]]
     present = [(d, p) for d, p in items if p.exists()]
     missing = [str(p) for d, p in items if not p.exists()]
@@ -251,7 +251,7 @@ def train_lockstep(experiment, models, n, seed, seconds=None, epochs=None, batch
     both. `after_first_epoch(name, model)` is called once per model after the first pass (its time is not
     counted). AdamW. Returns {name: epochs, steps, wall and CPU seconds spent in that model's steps, ...}."""
     import torch
-    from tqdm.auto import tqdm
+    from tqdm import tqdm
     if (seconds is None) == (epochs is None): raise InputError("give exactly one of seconds and epochs", where="train_lockstep")
     gen = torch.Generator().manual_seed(derive_seed(seed, "learnability", experiment, "batches") % 2**63)
     state = {}

@@ -106,7 +106,7 @@ def write_skeleton(root: Path, seed=0):
     has_find, has_imp, has_ind = rng.random(N_STUDIES) < .78, rng.random(N_STUDIES) < .93, rng.random(N_STUDIES) < .92
     n_sent = rng.integers(3, 8, N_STUDIES)
     made = set()
-    from tqdm.auto import tqdm
+    from tqdm import tqdm
     for i in tqdm(range(N_STUDIES), desc="skeleton reports", mininterval=2):
         s = str(st_subject[i])
         d = root / "files" / f"p{s[:2]}" / f"p{s}"
