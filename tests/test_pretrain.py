@@ -1,0 +1,187 @@
+"""Tests of stage 1 (mlrg.pretrain): the ablation flags reach the model through the pretrain entry point, parameter
+checking (notebook, function, command line), a 2-process gloo DDP run under torchrun, bf16 on the CPU, the pickle
+guard, run folders, Recall@K and the linear probe on hand-made cases."""
+import json
+import os
+import pickle
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from mlrg.core import InputError, load_checkpoint, params_cli, read_jsonl
+from mlrg.data import Vocab
+from mlrg.pretrain import (PRETRAIN_DEFAULTS, PRETRAIN_TYPES, build_pretrain, check_pretrain_params, linear_probe,
+                           load_pretrained, notebook_params, pretrain, pretrain_cli, recall_at_k, roc_auc, write_tiny_phantom)
+
+REPO = Path(__file__).resolve().parents[1]
+FAST = dict(image_size=32, batch_size=4, eval_batch_size=16, progress=False, probe_max_train=32, num_threads=1)
+
+
+@pytest.fixture(scope="module")
+def phantom(tmp_path_factory):
+    "A tiny prepared phantom laid out as a run folder: <root>/mimic, <root>/prepared/annotation.json + vocab.json."
+    root = tmp_path_factory.mktemp("pt")
+    ann = write_tiny_phantom(root, patients=16, seed=3)
+    data = json.loads(ann.read_text())
+    assert data["train"] and data["val"]
+    return root, ann
+
+
+def _env():
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+
+
+def _batch_with(parts, need_aux, need_prior):
+    "A collated batch of train samples that have auxiliary views / a prior, as asked."
+    ds = parts["train_ds"]
+    idx = [i for i, it in enumerate(ds.items)
+           if (not need_aux or it["auxiliary_references"]["image_path"]) and (not need_prior or it["prior_study"])][:4]
+    assert len(idx) >= 2, "the phantom should have samples with auxiliary views and priors"
+    return parts["collate_fn"]([ds[i] for i in idx])
+
+
+@pytest.mark.parametrize("flag,slots", [("is_prior_scan", "prior"), ("is_multiview_learning", "aux")])
+def test_ablation_flag_decides_what_the_model_sees(phantom, flag, slots):
+    _, ann = phantom
+    emb = {}
+    for on in (True, False):
+        parts = build_pretrain(check_pretrain_params(data_path=str(ann), linear_probe=False, **FAST, **{flag: on}))
+        model = parts["model"].eval()
+        batch = _batch_with(parts, need_aux=slots == "aux", need_prior=slots == "prior")
+        V = batch["images"].shape[1] - 1
+        changed = {**batch, "images": batch["images"].clone()}
+        sl = slice(V, V + 1) if slots == "prior" else slice(1, V)
+        changed["images"][:, sl] = torch.randn_like(changed["images"][:, sl]) * 3
+        with torch.no_grad():
+            emb[on] = (model.encode_images(batch), model.encode_images(changed))
+        assert parts["model_config"][flag] is on
+    assert not torch.allclose(*emb[True], atol=1e-4)          # the flag on: those pixels reach the embedding
+    torch.testing.assert_close(*emb[False])                    # off: they are never looked at
+
+
+def test_mpc_flag_changes_the_loss_end_to_end(phantom, tmp_path):
+    root, ann = phantom
+    got = {}
+    for on in (True, False):
+        out = tmp_path / f"mpc_{on}"
+        s = pretrain(data_path=str(ann), using_mpc_loss=on, max_steps=2, log_steps=1, linear_probe=False, model_save_path=str(out), **FAST)
+        recs = read_jsonl(out / "metrics.jsonl")
+        got[on] = [r for r in recs if r["kind"] == "train"]
+        assert ("train_loss_mpc" in got[on][0]) is on
+        assert ("loss_mpc" in s["best"]) is on
+        assert load_checkpoint(out / "last.pt")["config"]["model"]["using_mpc_loss"] is on
+    # the total is the text loss plus the mpc term (weights 1:1) when on, the text loss alone when off
+    assert got[False][0]["train_loss"] == pytest.approx(got[False][0]["train_loss_text"], rel=1e-6)
+    assert got[True][0]["train_loss"] == pytest.approx(got[True][0]["train_loss_text"] + got[True][0]["train_loss_mpc"], rel=1e-5)
+
+
+def test_medclip_mode_refuses_mlrg_flags_and_trains(phantom, tmp_path):
+    _, ann = phantom
+    with pytest.raises(InputError, match="medclip"):
+        build_pretrain(check_pretrain_params(data_path=str(ann), mode="medclip", is_prior_scan=True, **FAST))
+    s = pretrain(data_path=str(ann), mode="medclip", max_steps=1, model_save_path=str(tmp_path / "mc"), **FAST)
+    assert "loss_clip" in s["best"] and np.isfinite(s["best_val_loss"])
+
+
+def test_parameter_checks():
+    assert check_pretrain_params(lr=4)["lr"] == 4.0 and isinstance(check_pretrain_params(lr=4)["lr"], float)   # papermill -p lr 4
+    with pytest.raises(InputError, match="did you mean 'batch_size'"):
+        check_pretrain_params(bach_size=4)
+    with pytest.raises(InputError, match="parameter 'num_epochs'"):
+        check_pretrain_params(num_epochs=2.5)
+    with pytest.raises(InputError, match="parameter 'uncertain'"):
+        check_pretrain_params(uncertain="maybe")
+    with pytest.raises(InputError, match="recall_ks"):
+        check_pretrain_params(recall_ks=[0, 5])
+    # the notebook: every global that papermill added beyond the known names is checked, so a typo is an error
+    g = {**PRETRAIN_DEFAULTS, "In": [], "lr": 3, "eval_step": 10}
+    with pytest.raises(InputError, match="did you mean 'eval_steps'"):
+        notebook_params(g, names_before=set(PRETRAIN_DEFAULTS) | {"In"})
+    assert notebook_params({**PRETRAIN_DEFAULTS, "lr": 3}, set(PRETRAIN_DEFAULTS))["lr"] == 3.0
+    # the command line: the same names, the same checks
+    p = params_cli(PRETRAIN_DEFAULTS, ["--lr", "4", "--use_amp", "--gpu_id", "0", "--model_config", '{"d_model": 64}'], types=PRETRAIN_TYPES)
+    assert p["lr"] == 4.0 and p["use_amp"] is True and p["gpu_id"] == "0" and p["model_config"] == {"d_model": 64}
+
+
+def test_cli_reports_bad_parameters(capsys):
+    assert pretrain_cli(["--bach_size", "4"]) == 2
+    assert "did you mean 'batch_size'" in capsys.readouterr().err
+    assert pretrain_cli(["--lr", "fast"]) == 2
+    assert "parameter 'lr'" in capsys.readouterr().err
+    p = subprocess.run([sys.executable, "-m", "mlrg.pretrain", "--num_epoch", "3"], env=_env(), capture_output=True, text=True, timeout=120)
+    assert p.returncode == 2 and "did you mean 'num_epochs'" in p.stderr, p.stderr[-2000:]
+
+
+def test_ddp_two_processes_gloo(phantom, tmp_path):
+    root, ann = phantom
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone", "-m", "mlrg.pretrain",
+           "--data_path", str(ann), "--image_size", "32", "--batch_size", "4", "--max_steps", "2", "--eval_batch_size", "16",
+           "--probe_max_train", "16", "--progress", "false", "--model_save_path", str(out)]
+    p = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=240, cwd=tmp_path)
+    assert p.returncode == 0, p.stderr[-3000:]
+    ck = load_checkpoint(out / "last.pt")
+    assert ck["world_size"] == 2 and len(ck["rng"]) == 2 and ck["global_step"] == 2
+    assert ck["vocab"] == Vocab.load(root / "prepared" / "vocab.json").itos
+    model, vocab, best = load_pretrained(out / "best.pt")
+    assert best["config"]["model"]["is_prior_scan"] is True and len(vocab) == model.config["vocab_size"]
+    assert p.stdout.count("pretrain: best step") == 1                          # only rank 0 prints the summary
+    assert json.loads((out / "pretrain_summary.json").read_text())["global_step"] == 2
+
+
+def test_bf16_on_cpu_and_run_folder(phantom):
+    root, _ = phantom
+    s = pretrain(run_dir=str(root), amp="bf16", max_steps=2, **FAST)
+    assert Path(s["out_dir"]) == root / "pretrain"
+    ck = load_checkpoint(root / "pretrain" / "last.pt")
+    assert ck["config"]["amp"] == "bf16" and np.isfinite(s["best_val_loss"])
+    rec = read_jsonl(root / "results.jsonl")[-1]
+    assert rec["stage"] == "pretrain" and rec["best_checkpoint"] == str(root / "pretrain" / "best.pt")
+    assert all(np.isfinite(r["train_loss"]) for r in read_jsonl(root / "pretrain" / "metrics.jsonl") if r["kind"] == "train")
+
+
+def test_medclip_pickle_needs_trust(phantom, tmp_path):
+    root, ann = phantom
+    data = json.loads(ann.read_text())
+    files = root / "mimic" / "files"
+    conv = lambda items: [{"image_path": str(files / it["anchor_scan"]["image_path"][0]), "report": it["findings"],
+                           "labels": [0.0 if v is None else v for v in it["chexpert"]]} for it in items]
+    pkl = tmp_path / "datasets.pkl"
+    pkl.write_bytes(pickle.dumps({s: conv(data[s]) for s in ("train", "val", "test")}))
+    with pytest.raises(InputError, match="refusing to load a pickle"):
+        pretrain(data_path=str(pkl), max_steps=1, **FAST)
+    s = pretrain(data_path=str(pkl), trust_pickle=True, mode="medclip", max_steps=1, model_save_path=str(tmp_path / "pk"), **FAST)
+    assert s["data"]["samples"]["train"] == len(data["train"]) and "built from the train split" in s["data"]["vocab"]
+    assert s["best"]["probe_n_val"] == len(data["val"])                       # the pickle's labels feed the probe
+
+
+def test_recall_at_k_hand_made():
+    # 4 studies, study 0 with 2 images. Reports: one per study (the first sample's text).
+    e = torch.eye(4)
+    txt = torch.stack([e[0], e[0], e[1], e[2], e[3]])
+    img = torch.stack([e[0], e[2], e[1], e[2], (e[0] + e[3]) / 2 ** 0.5])   # sample 1 (study 0) looks like study 2
+    r = recall_at_k(img, txt, [0, 0, 1, 2, 3], ks=(1, 2, 4))
+    assert r["n_studies"] == 4 and r["n_queries_i2t"] == 5
+    # image->report: samples 0, 2, 3 right at K=1; sample 4 ties r0 and r3 (the tie counts against it): K=2; sample 1: K=4
+    assert (r["i2t_R@1"], r["i2t_R@2"], r["i2t_R@4"]) == pytest.approx((3 / 5, 4 / 5, 1.0))
+    # report->image: r0, r1, r3 find an image of their study first; r2 ties its image 3 with sample 1's (study 0): K=2
+    assert (r["t2i_R@1"], r["t2i_R@2"]) == pytest.approx((3 / 4, 1.0))
+    assert r["chance@1"] == pytest.approx(1 / 4) and r["chance@4"] == 1.0
+    perfect = recall_at_k(txt, txt, [0, 0, 1, 2, 3], ks=(1,))
+    assert perfect["i2t_R@1"] == 1.0 and perfect["t2i_R@1"] == 1.0
+
+
+def test_linear_probe_and_auc():
+    assert roc_auc([0, 1, 0, 1], [0.1, 0.9, 0.2, 0.8]) == 1.0 and roc_auc([0, 1], [0.5, 0.5]) == 0.5
+    assert np.isnan(roc_auc([1, 1], [0.1, 0.2]))
+    g = np.random.default_rng(1)
+    x = g.normal(size=(300, 6))
+    items = [{"chexpert": [float(v > 0), -1.0 if v > 1 else float(w > 0)] + [None] * 12} for v, w in x[:, :2]]
+    r = linear_probe(x[:200], items[:200], x[200:], items[200:], uncertain="ignore")
+    assert r["probe_auc/Atelectasis"] > 0.95 and r["probe_auc/Cardiomegaly"] > 0.95 and r["probe_n_scored"] == 2
+    none = linear_probe(x[:200], [{"chexpert": None}] * 200, x[200:], items[200:])
+    assert none["probe_n_scored"] == 0 and none["probe_unlabelled_train"] == 200
