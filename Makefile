@@ -23,16 +23,21 @@ $(STAMP): settings.ini setup.py
 
 setup: $(STAMP)
 
-# The main job. Until the study runner lands, the study is: the demo phantom, then its preparation, each
-# executed as a notebook report (executed .ipynb + HTML) in outputs/$(RUN)/reports/.
+# The main job. Until the study runner lands, the study is: the demo phantom, its preparation, the labeler's
+# validation, stage 1 pretraining and the evaluation of the baselines, each executed as a notebook report
+# (executed .ipynb + HTML) in outputs/$(RUN)/reports/, all sharing the run folder outputs/$(RUN)/.
+RUNDIR := $(abspath outputs/$(RUN))
+PM := $(BIN)/papermill --cwd nbs --log-level WARNING
+PRETRAIN_ARGS ?= -p image_size 128 -p num_epochs 3 -p batch_size 16
 demo: setup
-	@mkdir -p outputs/$(RUN)/reports
-	$(BIN)/papermill --cwd nbs nbs/01a_phantom.ipynb outputs/$(RUN)/reports/01a_phantom.ipynb -p run_dir $(abspath outputs/$(RUN)) -p preset demo -p learnability_seconds 120
-	$(BIN)/papermill --cwd nbs nbs/01_data.ipynb outputs/$(RUN)/reports/01_data.ipynb -p run_dir $(abspath outputs/$(RUN))
-	$(BIN)/jupyter nbconvert --log-level WARN --to html outputs/$(RUN)/reports/*.ipynb
-	@$(BIN)/python -c 'from mlrg.core import RunFolder; import json; r = RunFolder.create("$(abspath outputs/$(RUN))"); \
-	  s = json.loads((r.prepared / "prepare_summary.json").read_text()); \
-	  print(f"\nmlrg demo: run folder {r.root}\n  phantom (MIMIC-CXR-JPG layout): {r.mimic}\n  annotation: {r.annotation}\n  vocabulary: {r.vocab}\n  reports: {r.reports}/*.html\n  samples: " + ", ".join(f"{k} {v}" for k, v in s.get("samples", {}).items()))'
+	@mkdir -p $(RUNDIR)/reports
+	$(PM) nbs/01a_phantom.ipynb $(RUNDIR)/reports/01a_phantom.ipynb -p run_dir $(RUNDIR) -p preset demo -p learnability_seconds 120
+	$(PM) nbs/01_data.ipynb $(RUNDIR)/reports/01_data.ipynb -p run_dir $(RUNDIR)
+	$(PM) nbs/05a_labeler.ipynb $(RUNDIR)/reports/05a_labeler.ipynb -p run_dir $(RUNDIR) -p phantom_root $(RUNDIR)/mimic
+	$(PM) nbs/03_pretrain.ipynb $(RUNDIR)/reports/03_pretrain.ipynb -p run_dir $(RUNDIR) $(PRETRAIN_ARGS)
+	$(PM) nbs/05_evaluate.ipynb $(RUNDIR)/reports/05_evaluate.ipynb -p run_dir $(RUNDIR)
+	$(BIN)/jupyter nbconvert --log-level WARN --to html $(RUNDIR)/reports/*.ipynb
+	@$(BIN)/python -c 'from mlrg.core import RunFolder; print("\nmlrg demo: " + RunFolder.create("$(RUNDIR)").describe())'
 
 test: setup check-sync nbtest pytest
 
