@@ -34,31 +34,15 @@ from pathlib import Path
 
 import numpy as np
 
-from mlrg.core import InputError, derive_seed, save_json, seed_everything
+from mlrg.core import OBSERVATIONS, InputError, derive_seed, save_json, seed_everything
+from mlrg.pretrain import roc_auc  # the project's one AUC (the linear probe uses it too)
 
-OBSERVATIONS = ["Atelectasis", "Cardiomegaly", "Consolidation", "Edema", "Enlarged Cardiomediastinum", "Fracture",
-                "Lung Lesion", "Lung Opacity", "No Finding", "Pleural Effusion", "Pleural Other", "Pneumonia",
-                "Pneumothorax", "Support Devices"]
 CHANGE_CLASSES = ["worse-or-new", "unchanged", "better-or-resolved"]
 CHANGE_TO_CLASS = {"new": 0, "worse": 0, "unchanged": 1, "better": 2, "resolved": 2}
 TRUTH_FILE, SPLIT_FILE = "phantom-truth.jsonl", "mimic-cxr-2.0.0-split.csv"
 
 
 # ----------------------------------------------------------------------------------------------- metrics
-def roc_auc(y_true, scores):
-    "ROC AUC by the rank (Mann-Whitney) formula, ties counted as half; NaN when a class is missing."
-    y = np.asarray(y_true).astype(bool).ravel()
-    s = np.asarray(scores, dtype=np.float64).ravel()
-    if y.shape != s.shape: raise InputError(f"{y.size} labels but {s.size} scores", where="roc_auc")
-    n_pos = int(y.sum()); n_neg = y.size - n_pos
-    if n_pos == 0 or n_neg == 0: return float("nan")
-    uniq, inverse, counts = np.unique(s, return_inverse=True, return_counts=True)
-    first = np.cumsum(counts) - counts                      # 0-based rank of each distinct value's first copy
-    avg_rank = first + (counts + 1) / 2.0                   # 1-based average rank of the tied block
-    ranks = avg_rank[inverse]
-    return float((ranks[y].sum() - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))
-
-
 def balanced_accuracy(y_true, y_pred):
     "Mean recall over the classes present in `y_true`."
     y_true, y_pred = np.asarray(y_true), np.asarray(y_pred)

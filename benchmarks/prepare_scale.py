@@ -23,12 +23,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from mlrg.core import OBSERVATIONS
+
 N_IMAGES, N_STUDIES, N_PATIENTS = 377_110, 227_835, 65_379
 SPLIT_STUDIES = {"validate": 1_808, "test": 3_269}          # the rest (222,758) is train
 MARKER = ".skeleton-complete.json"
-CHEXPERT = ["Atelectasis", "Cardiomegaly", "Consolidation", "Edema", "Enlarged Cardiomediastinum", "Fracture",
-            "Lung Lesion", "Lung Opacity", "No Finding", "Pleural Effusion", "Pleural Other", "Pneumonia",
-            "Pneumothorax", "Support Devices"]
 
 FINDINGS = [
     "PA and lateral views of the chest provided.", "Single portable view of the chest.",
@@ -100,7 +99,7 @@ def write_skeleton(root: Path, seed=0):
     pd.DataFrame({"dicom_id": dicom, "study_id": sid, "subject_id": sub,
                   "split": split_of_patient[pat_index[im_study]]}).to_csv(root / "mimic-cxr-2.0.0-split.csv", index=False)
     chex = rng.choice(np.array(["1.0", "0.0", "-1.0", ""]), (N_STUDIES, 14), p=[.12, .08, .03, .77])
-    pd.concat([pd.DataFrame({"subject_id": st_subject, "study_id": study_ids}), pd.DataFrame(chex, columns=CHEXPERT)],
+    pd.concat([pd.DataFrame({"subject_id": st_subject, "study_id": study_ids}), pd.DataFrame(chex, columns=OBSERVATIONS)],
               axis=1).to_csv(root / "mimic-cxr-2.0.0-chexpert.csv", index=False)
     # reports
     has_find, has_imp, has_ind = rng.random(N_STUDIES) < .78, rng.random(N_STUDIES) < .93, rng.random(N_STUDIES) < .92

@@ -116,7 +116,7 @@ def test_cli_round_trip(tmp_path):
     pd.DataFrame({"id": [7, 8, 9], "Report": ["No effusion.", "Possible pneumonia. ET tube in place.", ""]}).to_csv(src, index=False)
     assert label_cli(["--in", str(src), "--out", str(dst)]) == 0
     got = pd.read_csv(dst)
-    assert list(got.columns) == ["id", "Report"] + OBSERVATIONS
+    assert list(got.columns) == ["id", "Report", *OBSERVATIONS]
     assert got["id"].tolist() == [7, 8, 9]
     assert got.loc[0, "Pleural Effusion"] == 0.0 and got.loc[0, "No Finding"] == 1.0
     assert got.loc[1, "Pneumonia"] == -1.0 and got.loc[1, "Support Devices"] == 1.0 and np.isnan(got.loc[1, "No Finding"])

@@ -62,7 +62,7 @@ def test_layout_and_metadata_columns(ds):
     info = json.loads((a / "phantom-info.json").read_text())
     assert info["counts"]["images"] == len(meta) and info["counts"]["studies"] == len(T) and info["parameters"]["seed"] == 7
     chex = rows(a / "mimic-cxr-2.0.0-chexpert.csv")
-    assert list(chex[0]) == ["subject_id", "study_id"] + OBSERVATIONS and len(chex) == len(T)
+    assert list(chex[0]) == ["subject_id", "study_id", *OBSERVATIONS] and len(chex) == len(T)
     assert {v for c in chex for o in OBSERVATIONS for v in [c[o]]} <= {"", "1.0", "0.0", "-1.0"}
     split = rows(a / "mimic-cxr-2.0.0-split.csv")
     assert list(split[0]) == ["dicom_id", "study_id", "subject_id", "split"]
