@@ -185,3 +185,16 @@ def test_linear_probe_and_auc():
     assert r["probe_auc/Atelectasis"] > 0.95 and r["probe_auc/Cardiomegaly"] > 0.95 and r["probe_n_scored"] == 2
     none = linear_probe(x[:200], [{"chexpert": None}] * 200, x[200:], items[200:])
     assert none["probe_n_scored"] == 0 and none["probe_unlabelled_train"] == 200
+
+
+def test_parameters_cell_is_the_defaults():
+    "The notebook's papermill parameters cell lists exactly PRETRAIN_DEFAULTS (papermill reads names from it)."
+    import json
+    from pathlib import Path
+    from mlrg.pretrain import PRETRAIN_DEFAULTS
+    nb = json.loads((Path(__file__).parents[1] / "nbs" / "03_pretrain.ipynb").read_text())
+    cells = [c for c in nb["cells"] if "parameters" in c.get("metadata", {}).get("tags", [])]
+    assert len(cells) == 1
+    ns = {}
+    exec("".join(cells[0]["source"]), ns)
+    assert {k: v for k, v in ns.items() if not k.startswith("_")} == PRETRAIN_DEFAULTS
