@@ -34,7 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mlrg.core import OBSERVATIONS, InputError, derive_seed, save_json, seed_everything
+from mlrg.core import OBSERVATIONS, InputError, derive_seed, image_relpath, save_json, seed_everything
 from mlrg.pretrain import roc_auc  # the project's one AUC (the linear probe uses it too)
 
 CHANGE_CLASSES = ["worse-or-new", "unchanged", "better-or-resolved"]
@@ -78,8 +78,7 @@ def read_truth(root):
 
 def image_path(root, subject_id, study_id, dicom_id):
     "Where MIMIC-CXR-JPG keeps an image: files/pNN/p<subject>/s<study>/<dicom>.jpg."
-    s = str(int(subject_id))
-    return Path(root) / "files" / f"p{s[:2]}" / f"p{s}" / f"s{int(study_id)}" / f"{dicom_id}.jpg"
+    return Path(root) / "files" / image_relpath(subject_id, study_id, dicom_id)
 
 
 def split_patients(root, records, seed, eval_fraction=0.3, min_eval_fraction=0.15, min_eval_patients=20):

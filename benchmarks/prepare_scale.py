@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from mlrg.core import OBSERVATIONS
+from mlrg.core import OBSERVATIONS, report_relpath
 
 N_IMAGES, N_STUDIES, N_PATIENTS = 377_110, 227_835, 65_379
 SPLIT_STUDIES = {"validate": 1_808, "test": 3_269}          # the rest (222,758) is train
@@ -120,7 +120,7 @@ def write_skeleton(root: Path, seed=0):
             parts += [" IMPRESSION: ", " ", " " + IMPRESSIONS[i % len(IMPRESSIONS)]]
         else:
             parts += [" Portable chest radiograph reviewed.", " ", " " + IMPRESSIONS[i % len(IMPRESSIONS)]]
-        (d / f"s{study_ids[i]}.txt").write_text("\n".join(parts) + "\n")
+        (root / "files" / report_relpath(s, study_ids[i])).write_text("\n".join(parts) + "\n")
     info = {"images": N_IMAGES, "studies": N_STUDIES, "patients": N_PATIENTS, "seed": seed,
             "exact_tie_studies": int(len(tie)), "split_patients": {k: int((split_of_patient == k).sum()) for k in ("train", "validate", "test")},
             "seconds": round(time.perf_counter() - t0, 1)}
