@@ -35,11 +35,13 @@ from pathlib import Path
 import numpy as np
 
 from mlrg.core import OBSERVATIONS, InputError, derive_seed, image_relpath, save_json, seed_everything
+from mlrg.data import load_image
+from mlrg.phantom import TRUTH_FILE, read_truth as read_truth_file
 from mlrg.pretrain import roc_auc  # the project's one AUC (the linear probe uses it too)
 
 CHANGE_CLASSES = ["worse-or-new", "unchanged", "better-or-resolved"]
 CHANGE_TO_CLASS = {"new": 0, "worse": 0, "unchanged": 1, "better": 2, "resolved": 2}
-TRUTH_FILE, SPLIT_FILE = "phantom-truth.jsonl", "mimic-cxr-2.0.0-split.csv"
+SPLIT_FILE = "mimic-cxr-2.0.0-split.csv"
 
 
 # ----------------------------------------------------------------------------------------------- metrics
@@ -57,21 +59,15 @@ def _nanmean(values):
 
 # ----------------------------------------------------------------------------------------------- data
 def read_truth(root):
-    "The records of `phantom-truth.jsonl` under `root`, checked for the keys this benchmark uses."
+    "The records of `phantom-truth.jsonl` under `root` (`mlrg.phantom.read_truth`), checked for the keys this benchmark uses."
     path = Path(root) / TRUTH_FILE
-    if not path.exists(): raise InputError("ground-truth file not found", where=path, expected="a phantom written by mlrg.phantom.write_phantom")
-    records = []
-    with open(path, encoding="utf-8") as f:
-        for i, line in enumerate(f, 1):
-            if not line.strip(): continue
-            try: r = json.loads(line)
-            except json.JSONDecodeError as e: raise InputError(f"not valid JSON ({e.msg})", where=f"{path}, line {i}") from None
-            missing = [k for k in ("subject_id", "study_id", "prior_study_id", "images", "findings", "change") if k not in r]
-            if missing: raise InputError(f"missing keys {missing}", where=f"{path}, line {i}", expected="the phantom-truth.jsonl schema")
-            for im in r["images"]:
-                if im.get("projection") not in ("frontal", "lateral"):
-                    raise InputError(f"image {im.get('dicom_id')!r} has projection {im.get('projection')!r}", where=f"{path}, line {i}", expected="'frontal' or 'lateral'")
-            records.append(r)
+    records = read_truth_file(path)
+    for i, r in enumerate(records, 1):
+        missing = [k for k in ("subject_id", "study_id", "prior_study_id", "images", "findings", "change") if k not in r]
+        if missing: raise InputError(f"missing keys {missing}", where=f"{path}, line {i}", expected="the phantom-truth.jsonl schema")
+        for im in r["images"]:
+            if im.get("projection") not in ("frontal", "lateral"):
+                raise InputError(f"image {im.get('dicom_id')!r} has projection {im.get('projection')!r}", where=f"{path}, line {i}", expected="'frontal' or 'lateral'")
     if not records: raise InputError("no records", where=path)
     return records
 
@@ -109,15 +105,6 @@ def split_patients(root, records, seed, eval_fraction=0.3, min_eval_fraction=0.1
     return mapping, {"source": f"seeded patient-level split ({eval_fraction:.0%} eval; {why})", "train_patients": len(subjects) - k, "eval_patients": k}
 
 
-def _load_one(path, size):
-    from PIL import Image
-    with Image.open(path) as im:
-        im.draft("L", (size, size))                        # JPEG decodes straight to a reduced scale: fast
-        im = im.convert("L")
-        if im.size != (size, size): im = im.resize((size, size), Image.BILINEAR)
-        return np.asarray(im, dtype=np.uint8)
-
-
 def load_images(root, records, size, progress=True):
     "Every image of `records` as one uint8 tensor [N, size, size]; returns (tensor, {dicom_id: row}, missing list)."
     import torch
@@ -126,9 +113,7 @@ def load_images(root, records, size, progress=True):
     present = [(d, p) for d, p in items if p.exists()]
     missing = [str(p) for d, p in items if not p.exists()]
     out = np.zeros((len(present), size, size), dtype=np.uint8)
-    def work(i):
-        try: out[i] = _load_one(present[i][1], size)
-        except OSError as e: raise InputError(f"unreadable image ({e})", where=present[i][1]) from None
+    def work(i): out[i] = load_image(present[i][1], size)     # an unreadable image is an InputError naming it
     with ThreadPoolExecutor(2) as ex:
         list(tqdm(ex.map(work, range(len(present))), total=len(present), desc="load images", disable=not progress, leave=False))
     return torch.from_numpy(out), {d: i for i, (d, _) in enumerate(present)}, missing
