@@ -18,7 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
-from mlrg.core import measure, repo_root, save_json
+from mlrg.core import measure, save_json
+from mlrg.runs import repo_root
 
 
 def make_pairs(root, n, seed=0):

@@ -37,7 +37,7 @@ import numpy as np
 from mlrg.core import OBSERVATIONS, InputError, derive_seed, image_relpath, save_json, seed_everything
 from mlrg.data import load_image
 from mlrg.phantom import TRUTH_FILE, read_truth as read_truth_file
-from mlrg.pretrain import roc_auc  # the project's one AUC (the linear probe uses it too)
+from mlrg.metrics import balanced_accuracy, roc_auc
 
 CHANGE_CLASSES = ["worse-or-new", "unchanged", "better-or-resolved"]
 CHANGE_TO_CLASS = {"new": 0, "worse": 0, "unchanged": 1, "better": 2, "resolved": 2}
@@ -45,13 +45,6 @@ SPLIT_FILE = "mimic-cxr-2.0.0-split.csv"
 
 
 # ----------------------------------------------------------------------------------------------- metrics
-def balanced_accuracy(y_true, y_pred):
-    "Mean recall over the classes present in `y_true`."
-    y_true, y_pred = np.asarray(y_true), np.asarray(y_pred)
-    if y_true.size == 0: return float("nan")
-    return float(np.mean([(y_pred[y_true == c] == c).mean() for c in np.unique(y_true)]))
-
-
 def _nanmean(values):
     v = [x for x in values if x is not None and not math.isnan(x)]
     return float(np.mean(v)) if v else float("nan")

@@ -20,8 +20,10 @@ from pathlib import Path
 
 import numpy as np
 
-from .core import InputError, RunFolder, derive_seed, get_logger, read_jsonl, save_json
-from .labeler import OBSERVATIONS, apply_policy, extract_changes, label_reports, prf
+from .core import InputError, derive_seed, get_logger, read_jsonl, save_json
+from .metrics import prf
+from .runs import RunFolder
+from .labeler import OBSERVATIONS, apply_policy, extract_changes, label_reports
 
 # %% auto #0
 __all__ = ['JAVA_FIX', 'NLG_KEYS', 'CE5', 'LABELER_NAME', 'POLICIES', 'CHANGE_CLASSES', 'CHANGE_OBSERVATIONS', 'ADAPTERS',

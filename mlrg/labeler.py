@@ -14,12 +14,13 @@ from pathlib import Path
 import numpy as np
 
 from .core import OBSERVATIONS, InputError, atomic_write
+from .metrics import prf
 
 # %% auto #0
 __all__ = ['MENTIONS', 'CHANGE_PRIORITY', 'MESH_MAP', 'MESH_QUALIFIED', 'normalize', 'split_sentences', 'find_mentions',
            'label_text', 'label_reports', 'apply_policy', 'label_frame', 'read_reports_csv', 'write_labels_csv',
-           'label_cli', 'extract_changes', 'iu_xray_path', 'load_iu_xray', 'mesh_to_observations', 'prf',
-           'agreement_table', 'phantom_check']
+           'label_cli', 'extract_changes', 'iu_xray_path', 'load_iu_xray', 'mesh_to_observations', 'agreement_table',
+           'phantom_check']
 
 # %% ../nbs/05a_labeler.ipynb #76851765
 # Each entry: (observation or None for an exclusion, kind, regex). Order matters: at one position the first
@@ -442,12 +443,6 @@ def mesh_to_observations(terms):
     return out
 
 # %% ../nbs/05a_labeler.ipynb #e90497c7
-def prf(tp, fp, fn):
-    "Precision, recall and F1 from counts (0 where undefined)."
-    p = tp / (tp + fp) if tp + fp else 0.0
-    r = tp / (tp + fn) if tp + fn else 0.0
-    return p, r, (2 * p * r / (p + r) if p + r else 0.0)
-
 def agreement_table(pred, truth, observations=None):
     """Per-observation TP/FP/FN, precision, recall, F1 of binary predictions `pred` (n, 14 bool) against `truth`
     (list of sets of observation names), plus micro and macro rows over `observations` (default: all in truth)."""

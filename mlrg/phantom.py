@@ -18,8 +18,9 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm  # text bars: they render in terminals, JupyterLab and executed reports alike
 
-from .core import (OBSERVATIONS, InputError, RunFolder, atomic_write, derive_seed, read_jsonl, report_relpath, repo_root,
-                       save_json, save_jsonl, study_dir)
+from .core import (OBSERVATIONS, InputError, atomic_write, derive_seed, read_jsonl, report_relpath, save_json, save_jsonl,
+                       study_dir)
+from .runs import RunFolder, repo_root
 
 # %% auto #0
 __all__ = ['TRUTH_FILE', 'METADATA_COLUMNS', 'PRESETS', 'DEVICES', 'CHANGES', 'SEVERITY_WORDS', 'STATED', 'PROFILES', 'LOBES',

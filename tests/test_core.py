@@ -11,8 +11,9 @@ import pytest
 import torch
 
 from mlrg import core
-from mlrg.core import (InputError, RunFolder, atomic_write, derive_seed, get_device, load_checkpoint, load_json,
-                       main, save_checkpoint, save_json, seed_everything)
+from mlrg.core import InputError, atomic_write, derive_seed, load_json, save_json, seed_everything
+from mlrg.engine import get_device, load_checkpoint, save_checkpoint
+from mlrg.runs import RunFolder, main
 
 
 def test_derive_seed_is_stable_across_processes():
@@ -93,7 +94,7 @@ def test_measure_reports_time_and_memory():
 
 def test_console_script():
     exe = Path(sys.executable).parent / "mlrg"
-    cmd = [str(exe)] if exe.exists() else [sys.executable, "-c", "import sys; from mlrg.core import main; sys.exit(main())"]
+    cmd = [str(exe)] if exe.exists() else [sys.executable, "-c", "import sys; from mlrg.runs import main; sys.exit(main())"]
     ok = subprocess.run(cmd + ["--help"], capture_output=True, text=True)
     assert ok.returncode == 0 and "phantom" in ok.stdout and "prepare" in ok.stdout
     bad = subprocess.run(cmd + ["frobnicate"], capture_output=True, text=True)

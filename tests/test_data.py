@@ -9,7 +9,8 @@ import pytest
 import torch
 from PIL import Image
 
-from mlrg.core import InputError, main, save_json
+from mlrg.core import InputError, save_json
+from mlrg.runs import main
 from mlrg.data import (CHEXPERT_LABELS, METADATA_CSV, SPECIAL_TOKENS, SPLIT_CSV, MLRGDataset, Vocab, assign_priors,
                        clean_indication, collate, image_relpath, normalize_text, normalize_view, parse_report, prepare,
                        prepare_cli, read_annotation, read_medclip_pickle, read_mlrg_annotation, read_r2gen_annotation,

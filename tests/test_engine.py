@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from mlrg.core import (InputError, NonFiniteLoss, build_optimizer, check_params, compare_configs, fit, load_checkpoint,
-                       params_cli, read_jsonl, resolve_amp, seed_everything, train_config)
+from mlrg.core import InputError, Params, read_jsonl, seed_everything
+from mlrg.engine import NonFiniteLoss, build_optimizer, compare_configs, fit, load_checkpoint, resolve_amp, train_config
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -56,7 +56,7 @@ class Linear(nn.Module):
         return {"loss": ((self.lin(batch["x"]).squeeze(-1) - batch["y"]) ** 2).mean()}
 
 VAL = Data(16, noise=0.0, seed=1)
-def evaluate(model):
+def evaluate(model, ctx=None):
     b = collate([VAL[i] for i in range(len(VAL))])
     return {"val_loss": model(b)["loss"].item()}
 '''
@@ -99,7 +99,8 @@ def test_resume_after_killed_process_is_exact(toy, tmp_path, grad_accum, save_st
     script.write_text(textwrap.dedent(f"""
         import json, sys; sys.path.insert(0, {str(tmp_path)!r})
         import toy
-        from mlrg.core import fit, seed_everything
+        from mlrg.core import seed_everything
+        from mlrg.engine import fit
         seed_everything(0)
         fit(toy.MLP(kill_at={kill_at}), toy.Data(), toy.collate, {{**json.loads(sys.argv[1]), "out_dir": sys.argv[2]}}, evaluate=toy.evaluate)
     """))
@@ -145,8 +146,8 @@ def test_resume_from_epoch_end_and_config_changes(toy, tmp_path):
 
 
 def test_evaluation_does_not_move_the_training_rng(toy, tmp_path):
-    def noisy_eval(model):                       # an evaluation that draws random numbers (e.g. a shuffled loader)
-        torch.rand(100); return toy.evaluate(model)
+    def noisy_eval(model, ctx):                       # an evaluation that draws random numbers (e.g. a shuffled loader)
+        torch.rand(100); return toy.evaluate(model, ctx)
     seed_everything(0); a = toy.MLP()
     fit(a, toy.Data(), toy.collate, {**BASE, "num_epochs": 1, "eval_steps": 1, "out_dir": str(tmp_path / "a")}, evaluate=noisy_eval)
     seed_everything(0); b = toy.MLP()
@@ -157,7 +158,8 @@ def test_evaluation_does_not_move_the_training_rng(toy, tmp_path):
 DDP_SCRIPT = """
 import json, sys; sys.path.insert(0, {toy_dir!r})
 import torch, toy
-from mlrg.core import fit, seed_everything, is_main_process
+from mlrg.core import seed_everything
+from mlrg.engine import fit, is_main_process
 seed_everything(0)
 model = toy.Linear()
 res = fit(model, toy.Data(noise=0.0), toy.collate, {conf}, evaluate=toy.evaluate, vocab=["[PAD]", "a"])
@@ -226,7 +228,7 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(toy, tmp_path):
 
 def _scripted_eval(values):
     it = iter(values)
-    return lambda model: {"val_loss": next(it), "bleu4": 0.0}
+    return lambda model, ctx: {"val_loss": next(it), "bleu4": 0.0}
 
 
 def test_early_stopping(toy, tmp_path):
@@ -261,24 +263,26 @@ def test_keep_last_and_files(toy, tmp_path):
     assert json.loads((out / "params.json").read_text())["save_steps"] == 2
 
 
-def test_check_params():
+def test_params_check_and_cli():
     defaults = {"batch_size": 32, "lr": 5e-5, "use_amp": False, "run_dir": None, "views": ["PA"]}
+    declared = Params.infer(defaults)
     with pytest.raises(InputError, match="did you mean 'batch_size'"):
-        check_params({"batchsize": 4}, defaults)
+        declared.check({"batchsize": 4})
     with pytest.raises(InputError, match="did you mean 'lr'"):
-        check_params({"lrr": 4}, defaults)
-    got = check_params({"lr": 4, "use_amp": "false", "run_dir": "outputs/x"}, defaults)
+        declared.check({"lrr": 4})
+    got = declared.check({"lr": 4, "use_amp": "false", "run_dir": "outputs/x"})
     assert got["lr"] == 4.0 and isinstance(got["lr"], float) and got["use_amp"] is False and got["batch_size"] == 32
     with pytest.raises(InputError, match="parameter 'batch_size'.*integer"):
-        check_params({"batch_size": "eight"}, defaults)
+        declared.check({"batch_size": "eight"})
     with pytest.raises(InputError, match="parameter 'use_amp'"):
-        check_params({"use_amp": 3}, defaults)
+        declared.check({"use_amp": 3})
     with pytest.raises(InputError, match="parameter 'lr'"):
-        check_params({"lr": [1]}, defaults)
-    assert params_cli(defaults, ["--lr", "1e-4", "--use_amp", "--views", '["PA", "AP"]']) == \
+        declared.check({"lr": [1]})
+    assert declared.cli(["--lr", "1e-4", "--use_amp", "--views", '["PA", "AP"]']) == \
         {"batch_size": 32, "lr": 1e-4, "use_amp": True, "run_dir": None, "views": ["PA", "AP"]}
+    assert declared.cli(["--batch-size", "4"])["batch_size"] == 4        # --name and --name-with-dashes both work
     with pytest.raises(InputError, match="did you mean 'batch_size'"):
-        params_cli(defaults, ["--batch-size", "4"])
+        declared.cli(["--bach-size", "4"])
     with pytest.raises(InputError, match="did you mean 'grad_accum'"):
         train_config({"grad_acumm": 2})
 

@@ -6,7 +6,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from mlrg import core
+from mlrg import runs
 from mlrg.core import InputError
 from mlrg.evaluate import (CE5, LABELER_NAME, MeteorScorer, MissingJava, OBSERVATIONS, ce_summary, ce_table, change_scores,
                            evaluate, evaluate_cli, load_truth, most_frequent_baseline, nearest_neighbour_baseline, nlg_scores,
@@ -31,9 +31,8 @@ def meteor_pair():
 
 @pytest.fixture
 def mlrg_main(monkeypatch):
-    "mlrg.core.main with `evaluate` registered (the lead registers it for real)."
-    monkeypatch.setitem(core.SUBCOMMANDS, "evaluate", ("mlrg.evaluate", "evaluate_cli", "score generated reports"))
-    return lambda argv: core.main(["evaluate", *argv])
+    "The `mlrg evaluate` command through mlrg.runs.main."
+    return lambda argv: runs.main(["evaluate", *argv])
 
 
 # ---------------------------------------------------------------- NLG

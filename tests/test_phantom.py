@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from mlrg.core import InputError, main
+from mlrg.core import InputError
+from mlrg.runs import main
 from mlrg.phantom import (CHANGES, METADATA_COLUMNS, OBSERVATIONS, STATED, compose_report, phantom_cli, write_phantom,
                           write_report)
 

@@ -5,7 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from mlrg.core import main, read_jsonl
+from mlrg.core import read_jsonl
+from mlrg.runs import main
 from mlrg.data import MLRG_ITEM_KEYS, read_mlrg_annotation
 
 

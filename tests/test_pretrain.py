@@ -12,10 +12,13 @@ import numpy as np
 import pytest
 import torch
 
-from mlrg.core import InputError, load_checkpoint, params_cli, read_jsonl
+from mlrg.core import InputError, read_jsonl
 from mlrg.data import Vocab
-from mlrg.pretrain import (PRETRAIN_DEFAULTS, PRETRAIN_TYPES, build_pretrain, check_pretrain_params, linear_probe,
-                           load_pretrained, notebook_params, pretrain, pretrain_cli, recall_at_k, roc_auc, write_tiny_phantom)
+from mlrg.engine import load_checkpoint
+from mlrg.metrics import roc_auc
+from mlrg.pretrain import PRETRAIN, build_pretrain, linear_probe, load_pretrained, pretrain, pretrain_cli, recall_at_k, write_tiny_phantom
+
+PRETRAIN_DEFAULTS = PRETRAIN.defaults()
 
 REPO = Path(__file__).resolve().parents[1]
 FAST = dict(image_size=32, batch_size=4, eval_batch_size=16, progress=False, probe_max_train=32, num_threads=1)
@@ -49,7 +52,7 @@ def test_ablation_flag_decides_what_the_model_sees(phantom, flag, slots):
     _, ann = phantom
     emb = {}
     for on in (True, False):
-        parts = build_pretrain(check_pretrain_params(data_path=str(ann), linear_probe=False, **FAST, **{flag: on}))
+        parts = build_pretrain(PRETRAIN.check(data_path=str(ann), linear_probe=False, **FAST, **{flag: on}))
         model = parts["model"].eval()
         batch = _batch_with(parts, need_aux=slots == "aux", need_prior=slots == "prior")
         V = batch["images"].shape[1] - 1
@@ -82,28 +85,28 @@ def test_mpc_flag_changes_the_loss_end_to_end(phantom, tmp_path):
 def test_medclip_mode_refuses_mlrg_flags_and_trains(phantom, tmp_path):
     _, ann = phantom
     with pytest.raises(InputError, match="medclip"):
-        build_pretrain(check_pretrain_params(data_path=str(ann), mode="medclip", is_prior_scan=True, **FAST))
+        build_pretrain(PRETRAIN.check(data_path=str(ann), mode="medclip", is_prior_scan=True, **FAST))
     s = pretrain(data_path=str(ann), mode="medclip", max_steps=1, model_save_path=str(tmp_path / "mc"), **FAST)
     assert "loss_clip" in s["best"] and np.isfinite(s["best_val_loss"])
 
 
 def test_parameter_checks():
-    assert check_pretrain_params(lr=4)["lr"] == 4.0 and isinstance(check_pretrain_params(lr=4)["lr"], float)   # papermill -p lr 4
+    assert PRETRAIN.check(lr=4)["lr"] == 4.0 and isinstance(PRETRAIN.check(lr=4)["lr"], float)   # papermill -p lr 4
     with pytest.raises(InputError, match="did you mean 'batch_size'"):
-        check_pretrain_params(bach_size=4)
+        PRETRAIN.check(bach_size=4)
     with pytest.raises(InputError, match="parameter 'num_epochs'"):
-        check_pretrain_params(num_epochs=2.5)
+        PRETRAIN.check(num_epochs=2.5)
     with pytest.raises(InputError, match="parameter 'uncertain'"):
-        check_pretrain_params(uncertain="maybe")
+        PRETRAIN.check(uncertain="maybe")
     with pytest.raises(InputError, match="recall_ks"):
-        check_pretrain_params(recall_ks=[0, 5])
+        PRETRAIN.check(recall_ks=[0, 5])
     # the notebook: every global that papermill added beyond the known names is checked, so a typo is an error
     g = {**PRETRAIN_DEFAULTS, "In": [], "lr": 3, "eval_step": 10}
     with pytest.raises(InputError, match="did you mean 'eval_steps'"):
-        notebook_params(g, names_before=set(PRETRAIN_DEFAULTS) | {"In"})
-    assert notebook_params({**PRETRAIN_DEFAULTS, "lr": 3}, set(PRETRAIN_DEFAULTS))["lr"] == 3.0
+        PRETRAIN.notebook(g, names_before=set(PRETRAIN_DEFAULTS) | {"In"})
+    assert PRETRAIN.notebook({**PRETRAIN_DEFAULTS, "lr": 3}, set(PRETRAIN_DEFAULTS))["lr"] == 3.0
     # the command line: the same names, the same checks
-    p = params_cli(PRETRAIN_DEFAULTS, ["--lr", "4", "--use_amp", "--gpu_id", "0", "--model_config", '{"d_model": 64}'], types=PRETRAIN_TYPES)
+    p = PRETRAIN.cli(["--lr", "4", "--use_amp", "--gpu_id", "0", "--model_config", '{"d_model": 64}'])
     assert p["lr"] == 4.0 and p["use_amp"] is True and p["gpu_id"] == "0" and p["model_config"] == {"d_model": 64}
 
 
@@ -185,16 +188,3 @@ def test_linear_probe_and_auc():
     assert r["probe_auc/Atelectasis"] > 0.95 and r["probe_auc/Cardiomegaly"] > 0.95 and r["probe_n_scored"] == 2
     none = linear_probe(x[:200], [{"chexpert": None}] * 200, x[200:], items[200:])
     assert none["probe_n_scored"] == 0 and none["probe_unlabelled_train"] == 200
-
-
-def test_parameters_cell_is_the_defaults():
-    "The notebook's papermill parameters cell lists exactly PRETRAIN_DEFAULTS (papermill reads names from it)."
-    import json
-    from pathlib import Path
-    from mlrg.pretrain import PRETRAIN_DEFAULTS
-    nb = json.loads((Path(__file__).parents[1] / "nbs" / "03_pretrain.ipynb").read_text())
-    cells = [c for c in nb["cells"] if "parameters" in c.get("metadata", {}).get("tags", [])]
-    assert len(cells) == 1
-    ns = {}
-    exec("".join(cells[0]["source"]), ns)
-    assert {k: v for k, v in ns.items() if not k.startswith("_")} == PRETRAIN_DEFAULTS
