@@ -5,7 +5,6 @@
 # %% ../nbs/05_evaluate.ipynb #792d53da
 from __future__ import annotations
 
-import argparse
 import csv
 import io
 import json
@@ -20,18 +19,41 @@ from pathlib import Path
 
 import numpy as np
 
-from .core import InputError, derive_seed, get_logger, read_jsonl, save_json
+from .core import InputError, Param, Params, atomic_write, derive_seed, get_logger, read_jsonl, save_json
 from .metrics import prf
 from .runs import RunFolder
-from .labeler import OBSERVATIONS, apply_policy, extract_changes, label_reports
+from .labeler import OBSERVATIONS, POLICIES, apply_policy, extract_changes, label_reports
 
 # %% auto #0
-__all__ = ['JAVA_FIX', 'NLG_KEYS', 'CE5', 'LABELER_NAME', 'POLICIES', 'CHANGE_CLASSES', 'CHANGE_OBSERVATIONS', 'ADAPTERS',
+__all__ = ['EVALUATE', 'JAVA_FIX', 'NLG_KEYS', 'CE5', 'LABELER_NAME', 'CHANGE_CLASSES', 'CHANGE_OBSERVATIONS', 'ADAPTERS',
            'ID_COLS', 'TEXT_COLS', 'TABLE_COLUMNS', 'prepare_text', 'truncate_tokens', 'sanitize_meteor', 'MissingJava',
            'check_java', 'MeteorScorer', 'nlg_scores', 'ce_table', 'ce_summary', 'change_scores', 'resolve_weights',
            'run_adapter', 'read_texts', 'match_ids', 'evaluate', 'summary_row', 'format_result', 'load_truth',
            'truth_changes', 'image_embedding', 'most_frequent_baseline', 'nearest_neighbour_baseline',
            'oracle_baseline', 'split_items', 'evaluate_files', 'evaluate_cli']
+
+# %% ../nbs/05_evaluate.ipynb #6f60ab3f
+EVALUATE = Params("evaluate", "Score generated reports against references: BLEU-1..4, METEOR, ROUGE-L, CIDEr (pycocoevalcap), "
+                  "CE with the mlrg rule-based labeler, a longitudinal change score.", dict(
+    pred_path=Param(None, "predictions: CSV / JSON / JSONL keyed by id, or MLRG's CSV (dicom_id,labels,report)", kind=str,
+                    flag="--pred", required=True),
+    gt_path=Param(None, "references (same forms, or an MLRG annotation JSON with split); optional for MLRG's CSV", kind=str, flag="--gt"),
+    run_dir=Param(None, "a run folder: its annotation and phantom for the baselines, results to <run>/evaluate", kind=str, cli=False),
+    split=Param("test", "split of an MLRG annotation given as references"),
+    uncertain_policy=Param("positive", "how uncertain labels count in CE (positive: as MLRG)", choices=lambda: tuple(POLICIES)),
+    truncate_ref=Param(None, "truncate references to N tokens (None: off)", kind=int, low=1),
+    meteor=Param(True, "run METEOR (it needs Java); --no-meteor skips it", flag="--no-meteor"),
+    seed=Param(0, "drives the phantom and the oracle's phrasing", cli=False),
+    out=Param(None, "write the metrics JSON here (atomically)", kind=str, notebook=False),
+    per_sample=Param(None, "write the per-pair NLG scores as CSV here", kind=str, notebook=False),
+    annotation=Param(None, "MLRG annotation telling which ids have a prior study", kind=str, notebook=False),
+    truth=Param(None, "phantom-truth.jsonl (or its folder): priors and true changes", kind=str, notebook=False),
+    chexbert_weights=Param(None, "local chexbert.pth (or set MLRG_CHEXBERT_WEIGHTS)", kind=str, notebook=False),
+    radgraph_weights=Param(None, "local RadGraph weights (or set MLRG_RADGRAPH_WEIGHTS)", kind=str, notebook=False),
+    id_col=Param(None, "the id column of CSV inputs", kind=str, notebook=False),
+    pred_col=Param(None, "the prediction column of a CSV", kind=str, notebook=False),
+    gt_col=Param(None, "the reference column of a CSV", kind=str, notebook=False),
+))
 
 # %% ../nbs/05_evaluate.ipynb #1bdb3176
 _WS = re.compile(r"\s+")
@@ -213,10 +235,6 @@ def nlg_scores(refs, hyps, meteor=True, truncate_ref=None, meteor_scorer=None) -
 # %% ../nbs/05_evaluate.ipynb #88fc1f15
 CE5 = ["Atelectasis", "Cardiomegaly", "Consolidation", "Edema", "Pleural Effusion"]
 LABELER_NAME = "mlrg rule-based labeler (not CheXbert)"
-POLICIES = {"positive": "uncertain counts as positive on both sides (MLRG, f1chexbert)",
-            "negative": "uncertain counts as negative on both sides (R2Gen)",
-            "ignore": "only confirmed positives count; cells with an uncertain reference are left out (CheXpert U-Ignore)"}
-
 def ce_table(ref_labels, gen_labels, policy="positive"):
     "Per-observation support, TP/FP/FN/TN, left-out cells, precision, recall, F1 (a DataFrame, `OBSERVATIONS` order)."
     import pandas as pd
@@ -630,32 +648,15 @@ def evaluate_files(pred, gt=None, split="test", uncertain_policy="positive", tru
 
 def evaluate_cli(argv=None) -> int:
     "The `mlrg evaluate` command."
-    ap = argparse.ArgumentParser(prog="mlrg evaluate", description="Score generated reports against references: BLEU-1..4, METEOR, "
-                                 "ROUGE-L, CIDEr (pycocoevalcap), CE with the mlrg rule-based labeler, a longitudinal change score.")
-    ap.add_argument("--pred", required=True, help="predictions: CSV / JSON / JSONL keyed by id, or MLRG's CSV (dicom_id,labels,report)")
-    ap.add_argument("--gt", default=None, help="references (same forms, or an MLRG annotation JSON with --split); optional for MLRG's CSV")
-    ap.add_argument("--out", default=None, help="write the metrics JSON here (atomically)")
-    ap.add_argument("--per-sample", default=None, help="write the per-pair NLG scores as CSV here")
-    ap.add_argument("--split", default="test", help="split of an MLRG annotation given as --gt (default: test)")
-    ap.add_argument("--uncertain-policy", default="positive", choices=list(POLICIES), help="how uncertain labels count in CE (default: positive, as MLRG)")
-    ap.add_argument("--truncate-ref", type=int, default=None, metavar="N", help="truncate references to N tokens (default: off)")
-    ap.add_argument("--no-meteor", action="store_true", help="skip METEOR (it needs Java)")
-    ap.add_argument("--annotation", default=None, help="MLRG annotation telling which ids have a prior study")
-    ap.add_argument("--truth", default=None, help="phantom-truth.jsonl (or its folder): priors and true changes")
-    ap.add_argument("--chexbert-weights", default=None, help="local chexbert.pth (or set MLRG_CHEXBERT_WEIGHTS)")
-    ap.add_argument("--radgraph-weights", default=None, help="local RadGraph weights (or set MLRG_RADGRAPH_WEIGHTS)")
-    ap.add_argument("--id-col", default=None); ap.add_argument("--pred-col", default=None); ap.add_argument("--gt-col", default=None)
-    a = ap.parse_args(argv)
-    if a.truncate_ref is not None and a.truncate_ref < 1: raise InputError(f"--truncate-ref {a.truncate_ref}", expected="an integer >= 1")
-    res = evaluate_files(a.pred, a.gt, a.split, a.uncertain_policy, a.truncate_ref, not a.no_meteor, a.annotation, a.truth,
-                         a.chexbert_weights, a.radgraph_weights, a.id_col, a.pred_col, a.gt_col)
-    print(format_result(res, Path(a.pred).name))
+    a = EVALUATE.cli(argv, prog="mlrg evaluate")
+    res = evaluate_files(a["pred_path"], a["gt_path"], a["split"], a["uncertain_policy"], a["truncate_ref"], a["meteor"], a["annotation"],
+                         a["truth"], a["chexbert_weights"], a["radgraph_weights"], a["id_col"], a["pred_col"], a["gt_col"])
+    print(format_result(res, Path(a["pred_path"]).name))
     per = res.pop("per_sample")
-    if a.per_sample:
+    if a["per_sample"]:
         import pandas as pd
-        from mlrg.core import atomic_write
-        atomic_write(a.per_sample, pd.DataFrame(per).to_csv(index=False), mode="w")
-    if a.out:
-        save_json(res, a.out)
-        print(f"metrics -> {a.out}")
+        atomic_write(a["per_sample"], pd.DataFrame(per).to_csv(index=False), mode="w")
+    if a["out"]:
+        save_json(res, a["out"])
+        print(f"metrics -> {a['out']}")
     return 0

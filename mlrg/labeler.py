@@ -5,7 +5,6 @@
 # %% ../nbs/05a_labeler.ipynb #6731b9e8
 from __future__ import annotations
 
-import argparse
 import bisect
 import io
 import re
@@ -13,14 +12,26 @@ from pathlib import Path
 
 import numpy as np
 
-from .core import OBSERVATIONS, InputError, atomic_write
+from .core import OBSERVATIONS, InputError, Param, Params, atomic_write
 from .metrics import prf
 
 # %% auto #0
-__all__ = ['MENTIONS', 'CHANGE_PRIORITY', 'MESH_MAP', 'MESH_QUALIFIED', 'normalize', 'split_sentences', 'find_mentions',
-           'label_text', 'label_reports', 'apply_policy', 'label_frame', 'read_reports_csv', 'write_labels_csv',
-           'label_cli', 'extract_changes', 'iu_xray_path', 'load_iu_xray', 'mesh_to_observations', 'agreement_table',
-           'phantom_check']
+__all__ = ['LABEL', 'MENTIONS', 'POLICIES', 'CHANGE_PRIORITY', 'MESH_MAP', 'MESH_QUALIFIED', 'normalize', 'split_sentences',
+           'find_mentions', 'label_text', 'label_reports', 'apply_policy', 'label_frame', 'read_reports_csv',
+           'write_labels_csv', 'label_cli', 'extract_changes', 'iu_xray_path', 'load_iu_xray', 'mesh_to_observations',
+           'agreement_table', 'phantom_check']
+
+# %% ../nbs/05a_labeler.ipynb #be143159
+LABEL = Params("label", "Rule-based CheXpert-style labels (a transparent proxy, not CheXbert).", dict(
+    reports_csv=Param(None, "CSV with one report per row", kind=str, flag="--in", required=True),
+    out=Param(None, "output CSV: the input columns + the 14 observations", kind=str, required=True, notebook=False),
+    text_column=Param("Report", "the column holding the report text"),
+    progress=Param(False, "show a progress bar", notebook=False),
+    uncertain_policy=Param("positive", "how -1 counts in the agreement tables", choices=lambda: tuple(POLICIES), cli=False),
+    max_iu_reports=Param(None, "cap on the IU X-Ray reports labelled (None: all)", kind=int, low=1, cli=False),
+    phantom_root=Param(None, "a phantom folder: check the labels against its truth", kind=str, cli=False),
+    run_dir=Param(None, "a run folder: write the labels and agreement there", kind=str, cli=False),
+))
 
 # %% ../nbs/05a_labeler.ipynb #76851765
 # Each entry: (observation or None for an exclusion, kind, regex). Order matters: at one position the first
@@ -261,12 +272,16 @@ def label_reports(texts, progress=False) -> np.ndarray:
     return out
 
 # %% ../nbs/05a_labeler.ipynb #8992857a
+POLICIES = {"positive": "uncertain counts as positive on both sides (MLRG, f1chexbert)",
+            "negative": "uncertain counts as negative on both sides (R2Gen)",
+            "ignore": "only confirmed positives count; cells with an uncertain reference are left out (CheXpert U-Ignore)"}
+
 def apply_policy(labels, policy="positive"):
     """Binary labels from 1 / 0 / -1 / NaN: `policy` says what uncertain (-1) counts as: "positive" (MLRG, f1chexbert),
     "negative" (R2Gen) or "ignore" (only confirmed positives). Per label the last two give the same binary value; in a CE
     score `mlrg.evaluate` applies "ignore" as CheXpert's U-Ignore: cells whose reference is uncertain are left out (counted)."""
-    if policy not in ("positive", "negative", "ignore"):
-        raise InputError(f"unknown uncertain policy {policy!r}", where="uncertain_policy", expected="'positive', 'negative' or 'ignore'")
+    if policy not in POLICIES:
+        raise InputError(f"unknown uncertain policy {policy!r}", where="uncertain_policy", expected=" or ".join(map(repr, POLICIES)))
     a = np.asarray(labels, dtype=float)
     return (a == 1) | ((a == -1) if policy == "positive" else False)
 
@@ -307,17 +322,12 @@ def write_labels_csv(df, path):
 
 def label_cli(argv=None):
     "`mlrg label --in reports.csv --out labels.csv [--text-column Report]`: CheXpert-style labels for a CSV of reports."
-    ap = argparse.ArgumentParser(prog="mlrg label", description="Rule-based CheXpert-style labels (a transparent proxy, not CheXbert).")
-    ap.add_argument("--in", dest="inp", required=True, help="CSV with one report per row")
-    ap.add_argument("--out", required=True, help="output CSV: the input columns + the 14 observations")
-    ap.add_argument("--text-column", default="Report", help="the column holding the report text (default: Report)")
-    ap.add_argument("--progress", action="store_true", help="show a progress bar")
-    a = ap.parse_args(argv)
-    df = read_reports_csv(a.inp, a.text_column)
-    empty = int((df[a.text_column].str.strip() == "").sum())
-    out = label_frame(df, a.text_column, progress=a.progress)
-    write_labels_csv(out, a.out)
-    print(f"labelled {len(out)} reports from {a.inp} -> {a.out}" + (f" ({empty} with empty text: all blank)" if empty else ""))
+    a = LABEL.cli(argv, prog="mlrg label")
+    df = read_reports_csv(a["reports_csv"], a["text_column"])
+    empty = int((df[a["text_column"]].str.strip() == "").sum())
+    out = label_frame(df, a["text_column"], progress=a["progress"])
+    write_labels_csv(out, a["out"])
+    print(f"labelled {len(out)} reports from {a['reports_csv']} -> {a['out']}" + (f" ({empty} with empty text: all blank)" if empty else ""))
     return 0
 
 # %% ../nbs/05a_labeler.ipynb #d5806ae5

@@ -15,7 +15,7 @@ from pathlib import Path
 from .core import InputError, append_jsonl, read_jsonl
 
 # %% auto #0
-__all__ = ['SUBCOMMANDS', 'repo_root', 'outputs_root', 'RunFolder', 'main']
+__all__ = ['STAGES', 'SUBCOMMANDS', 'repo_root', 'outputs_root', 'RunFolder', 'Stage', 'main']
 
 # %% ../nbs/00b_runs.ipynb #a708a2d7
 def repo_root():
@@ -78,6 +78,25 @@ class RunFolder:
                                  if k not in ("stage", "time") and not isinstance(v, (dict, list)))
                 lines.append(f"    {r['stage']}: {flat}"[:200])
         return "\n".join(lines)
+
+# %% ../nbs/00b_runs.ipynb #6e983737
+@dataclass(frozen=True)
+class Stage:
+    "One stage of a study: its name, its notebook under `nbs/`, the module it exports to, and its parameter declaration's name."
+    name: str
+    notebook: str
+    module: str
+    params: str
+
+    def declaration(self):
+        "The stage's `Params` (importing its module)."
+        return getattr(importlib.import_module(self.module), self.params)
+
+STAGES = [Stage("phantom", "01a_phantom.ipynb", "mlrg.phantom", "PHANTOM"),
+          Stage("prepare", "01_data.ipynb", "mlrg.data", "PREPARE"),
+          Stage("label", "05a_labeler.ipynb", "mlrg.labeler", "LABEL"),
+          Stage("pretrain", "03_pretrain.ipynb", "mlrg.pretrain", "PRETRAIN"),
+          Stage("evaluate", "05_evaluate.ipynb", "mlrg.evaluate", "EVALUATE")]
 
 # %% ../nbs/00b_runs.ipynb #8be3639a
 SUBCOMMANDS = {
