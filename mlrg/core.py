@@ -135,6 +135,7 @@ def atomic_write(path, data, mode="wb", fsync=True):
         raise
     return path
 
+# %% ../nbs/00_core.ipynb #276358f8
 def _json_default(o):
     if isinstance(o, (np.integer,)): return int(o)
     if isinstance(o, (np.floating,)): return float(o)
@@ -266,7 +267,7 @@ def coerce(name, value, kind):
         raise bad
     raise TypeError(f"no coercion to {kind}")
 
-# %% ../nbs/00_core.ipynb #4c637f92
+# %% ../nbs/00_core.ipynb #0cc34e17
 def _suggest(unknown, known) -> str:
     "`unknown` names, each with the closest names of `known` as a 'did you mean' hint."
     parts = []
@@ -275,6 +276,7 @@ def _suggest(unknown, known) -> str:
         parts.append(f"{k!r}" + (f" (did you mean {' or '.join(repr(c) for c in close)}?)" if close else ""))
     return f"unknown parameter{'s' if len(unknown) > 1 else ''} " + ", ".join(parts)
 
+# %% ../nbs/00_core.ipynb #4c637f92
 class Params:
     "A stage's parameters, declared once: they check a notebook's parameters cell, a call's keywords and a command line."
     def __init__(self, name: str, description: str, params: dict, rule=None):

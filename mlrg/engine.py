@@ -23,10 +23,10 @@ from .core import (InputError, Param, Params, append_jsonl, atomic_write, derive
 
 # %% auto #0
 __all__ = ['SCHEDULERS', 'AMP_MODES', 'TRAIN', 'RUN_ONLY_KEYS', 'CHECKPOINT_FORMAT', 'get_device', 'train_config', 'to_device',
-           'DistInfo', 'init_distributed', 'is_main_process', 'ResumableBatchSampler', 'build_optimizer',
-           'warmup_steps', 'build_scheduler', 'resolve_amp', 'compare_configs', 'TrainState', 'CheckpointWriter',
-           'save_checkpoint', 'load_checkpoint', 'NonFiniteLoss', 'mean_terms', 'optimizer_step', 'EvalContext',
-           'eval_due', 'run_evaluate', 'fit']
+           'DistInfo', 'init_distributed', 'is_main_process', 'ResumableBatchSampler', 'epoch_loader',
+           'build_optimizer', 'warmup_steps', 'build_scheduler', 'resolve_amp', 'compare_configs', 'TrainState',
+           'CheckpointWriter', 'gathered_rng_states', 'save_checkpoint', 'load_checkpoint', 'NonFiniteLoss',
+           'mean_terms', 'optimizer_step', 'EvalContext', 'eval_due', 'run_evaluate', 'select_and_stop', 'fit']
 
 # %% ../nbs/00a_engine.ipynb #e367bfa2
 def get_device(gpu_id=None):
@@ -178,6 +178,12 @@ def _seed_worker(worker_id):
     s = torch.initial_seed()
     random.seed(s); np.random.seed(s % 2**32)
 
+def epoch_loader(fetcher, sampler, seed, num_workers=0, pin_memory=False):
+    "The `DataLoader` of one epoch: the sampler's batches from where it stands, each loaded and collated by `fetcher`."
+    import torch
+    return torch.utils.data.DataLoader(fetcher, sampler=sampler, batch_size=None, collate_fn=_identity, num_workers=num_workers,
+                                       pin_memory=pin_memory, worker_init_fn=_seed_worker, generator=torch.Generator().manual_seed(seed))
+
 # %% ../nbs/00a_engine.ipynb #c6bccc40
 def build_optimizer(model, lr, weight_decay, param_groups=None, **adamw_kwargs):
     "AdamW over `model`'s trainable parameters: no decay for biases/norms/embeddings; `param_groups` = {prefix: lr}."
@@ -279,6 +285,23 @@ class TrainState:
         "The state stored in checkpoint `ck`."
         return cls(**{f.name: ck[f.name] for f in fields(cls)})
 
+    def add_step(self, terms: dict, grad_norm: float, samples: int, seconds: float) -> float:
+        "Count one optimizer step (its loss terms, gradient norm, samples and seconds); returns samples/s since the last record."
+        self.seconds += seconds
+        acc = self.log_acc
+        acc["steps"] += 1; acc["samples"] += samples; acc["seconds"] += seconds
+        for k, v in {**{f"train_{k}": v for k, v in terms.items()}, "grad_norm": grad_norm}.items():
+            acc["sums"][k] = acc["sums"].get(k, 0.0) + v
+        return acc["samples"] / max(acc["seconds"], 1e-9)
+
+    def train_record(self, step: int, epoch: int, lr: float) -> dict:
+        "The train record of the steps counted since the last one (means of their terms); starts a new count."
+        acc = self.log_acc
+        rec = {"kind": "train", "step": step, "epoch": epoch, "lr": lr, **{k: v / acc["steps"] for k, v in acc["sums"].items()},
+               "samples_per_s": round(acc["samples"] / max(acc["seconds"], 1e-9), 3), "seconds": round(self.seconds, 3)}
+        self.log_acc = _empty_log()
+        return rec
+
     def judge(self, value: float, step: int, mode: str) -> bool:
         "Count an evaluation's `value` of the selection metric; True when it is the best so far (finite values only)."
         best = self.best_metric
@@ -317,6 +340,14 @@ class CheckpointWriter:
         numbered = sorted((int(p.stem[len(prefix):]), p) for p in self.out_dir.glob(f"{prefix}*.pt") if p.stem[len(prefix):].isdigit())
         for _, p in numbered[:max(0, len(numbered) - self.keep_last)]: p.unlink(missing_ok=True)
 
+def gathered_rng_states(world: int = 1) -> list | None:
+    "Every process's generator states (`rng_states`) in rank order, on the main process; None on the others."
+    if world == 1: return [rng_states()]
+    import torch.distributed as dist
+    out = [None] * world if dist.get_rank() == 0 else None
+    dist.gather_object(rng_states(), out, dst=0)
+    return out
+
 def save_checkpoint(obj, path):
     "`torch.save` `obj` to `path` atomically."
     import torch
@@ -334,13 +365,16 @@ def load_checkpoint(path, map_location="cpu"):
 class NonFiniteLoss(FloatingPointError):
     "Training stopped because the loss (or the gradient norm) became NaN or infinite."
 
-def mean_terms(step_terms: dict, device, world: int) -> dict:
-    "The loss terms of one optimizer step as floats, averaged over the `world` processes."
+def mean_terms(step_terms: dict, device, world: int, where="") -> dict:
+    "The loss terms of one optimizer step as floats, averaged over the `world` processes; `NonFiniteLoss` if one is NaN or infinite."
     import torch, torch.distributed as dist
     keys = sorted(step_terms)
     vals = torch.stack([step_terms[k].to(device) for k in keys])
     if world > 1: dist.all_reduce(vals); vals = vals / world
-    return dict(zip(keys, vals.tolist()))
+    terms = dict(zip(keys, vals.tolist()))
+    bad = ", ".join(f"{k}={v}" for k, v in terms.items() if not math.isfinite(v))
+    if bad: raise NonFiniteLoss(f"non-finite loss {where}: {bad}" if where else f"non-finite loss: {bad}")
+    return terms
 
 def optimizer_step(optimizer, scaler, params, grad_clip=None, where="") -> float:
     "Unscale, clip (when `grad_clip`), step the optimizer and the scaler, zero the gradients; returns the gradient norm."
@@ -408,6 +442,15 @@ def run_evaluate(evaluate, model, ctx: EvalContext) -> dict:
     if ctx.world_size > 1:
         box = [metrics]; dist.broadcast_object_list(box, src=0); metrics = box[0]
     return metrics
+
+def select_and_stop(st: TrainState, metrics: dict, cfg, step: int, scheduler) -> tuple:
+    "Count an evaluation's metrics: choose best.pt, step the plateau schedule, count towards early stopping; returns (improved, stop)."
+    if cfg.select_metric not in metrics:
+        raise InputError(f"evaluate returned no {cfg.select_metric!r} (it returned {sorted(metrics)})", where="parameter 'select_metric'")
+    value = metrics[cfg.select_metric]
+    if cfg.scheduler == "plateau": scheduler.step(value)
+    improved = st.judge(value, step, cfg.select_mode)
+    return improved, bool(cfg.early_stopping_patience and st.bad_evals >= cfg.early_stopping_patience)
 
 # %% ../nbs/00a_engine.ipynb #77b25f20
 def _loss_of(outputs):
@@ -511,10 +554,7 @@ def fit(model, train_dataset, collate_fn, config, evaluate=None, vocab=None, arc
 
         def save(names):
             "Write one checkpoint to the files `names` (main process); every process gives its RNG states."
-            rngs = [rng_states()]
-            if world > 1:
-                rngs = [None] * world if main else None
-                dist.gather_object(rng_states(), rngs, dst=0)
+            rngs = gathered_rng_states(world)
             if main:
                 writer.write({"format": CHECKPOINT_FORMAT, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                               "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "rng": rngs, "config": config,
@@ -531,10 +571,7 @@ def fit(model, train_dataset, collate_fn, config, evaluate=None, vocab=None, arc
                 epoch = st.epoch
                 sampler.set_epoch(epoch, skip=st.epoch_batches)
                 if hasattr(train_dataset, "set_epoch"): train_dataset.set_epoch(epoch)   # e.g. per-epoch augmentation
-                loader = torch.utils.data.DataLoader(
-                    fetcher, sampler=sampler, batch_size=None, collate_fn=_identity, num_workers=cfg.num_workers,
-                    pin_memory=device.type == "cuda", worker_init_fn=_seed_worker,
-                    generator=torch.Generator().manual_seed(derive_seed(cfg.seed, "loader", epoch, rank)))
+                loader = epoch_loader(fetcher, sampler, derive_seed(cfg.seed, "loader", epoch, rank), cfg.num_workers, device.type == "cuda")
                 step_terms, step_samples = {}, 0
                 for b, (n, batch) in zip(range(st.epoch_batches, nb), loader):
                     # forward and backward; gradients are synchronised on the last pass of an accumulation group only
@@ -553,11 +590,10 @@ def fit(model, train_dataset, collate_fn, config, evaluate=None, vocab=None, arc
                     step = st.global_step + 1
                     where = f"at step {step} (epoch {epoch}, batch {b})"
                     stop_note = f"training stopped before this step, the checkpoints in {out} are from step {st.global_step} or earlier"
-                    terms = mean_terms(step_terms, device, world)
-                    if not all(math.isfinite(v) for v in terms.values()):
-                        bad = ", ".join(f"{k}={v}" for k, v in terms.items() if not math.isfinite(v))
-                        raise NonFiniteLoss(f"non-finite loss {where}: {bad}; {stop_note}")
-                    grad_norm = optimizer_step(optimizer, scaler, params, cfg.grad_clip, where=f"{where}; {stop_note}")
+                    try:
+                        terms = mean_terms(step_terms, device, world, where)
+                        grad_norm = optimizer_step(optimizer, scaler, params, cfg.grad_clip, where)
+                    except NonFiniteLoss as e: raise NonFiniteLoss(f"{e}; {stop_note}") from None
                     lr = optimizer.param_groups[0]["lr"]
                     if cfg.scheduler != "plateau": scheduler.step()
                     epoch_end = b + 1 == nb
@@ -566,30 +602,16 @@ def fit(model, train_dataset, collate_fn, config, evaluate=None, vocab=None, arc
 
                     # log: a train record every log_steps steps (means over the steps since the last one)
                     now = time.perf_counter(); dt, t_prev = now - t_prev, now
-                    st.seconds += dt
-                    acc = st.log_acc
-                    acc["steps"] += 1; acc["samples"] += step_samples * world; acc["seconds"] += dt
-                    for k, v in {**{f"train_{k}": v for k, v in terms.items()}, "grad_norm": grad_norm}.items():
-                        acc["sums"][k] = acc["sums"].get(k, 0.0) + v
-                    speed = acc["samples"] / max(acc["seconds"], 1e-9)
+                    speed = st.add_step(terms, grad_norm, step_samples * world, dt)
                     pbar.update(1); pbar.set_postfix(loss=f"{terms.get('loss', float('nan')):.4g}", lr=f"{lr:.3g}", samples_s=f"{speed:.1f}")
-                    if step % cfg.log_steps == 0 or epoch_end or step == total_steps:
-                        record({"kind": "train", "step": step, "epoch": epoch, "lr": lr,
-                                **{k: v / acc["steps"] for k, v in acc["sums"].items()},
-                                "samples_per_s": round(speed, 3), "seconds": round(st.seconds, 3)})
-                        st.log_acc = _empty_log()
+                    if step % cfg.log_steps == 0 or epoch_end or step == total_steps: record(st.train_record(step, epoch, lr))
                     step_terms, step_samples = {}, 0
 
                     # evaluate when due: select best.pt, step the plateau schedule, count towards early stopping
                     improved = stop_early = False
                     if evaluate is not None and eval_due(step, cfg.eval_steps, epoch_end, step == total_steps):
                         metrics = run_evaluate(evaluate, model, EvalContext(step, epoch, out, rank, world))
-                        if cfg.select_metric not in metrics:
-                            raise InputError(f"evaluate returned no {cfg.select_metric!r} (it returned {sorted(metrics)})", where="parameter 'select_metric'")
-                        value = metrics[cfg.select_metric]
-                        if cfg.scheduler == "plateau": scheduler.step(value)
-                        improved = st.judge(value, step, cfg.select_mode)
-                        stop_early = bool(cfg.early_stopping_patience and st.bad_evals >= cfg.early_stopping_patience)
+                        improved, stop_early = select_and_stop(st, metrics, cfg, step, scheduler)
                         record({"kind": "eval", "step": step, "epoch": epoch, **metrics, "best_metric": st.best_metric, "seconds": round(st.seconds, 3)})
                     if stop_early: stopped = "early_stopping"
                     elif step >= total_steps: stopped = "finished"

@@ -30,6 +30,7 @@ def outputs_root():
     "Where run folders live: `$MLRG_OUTPUTS`, else `outputs/` in the project checkout."
     return Path(os.environ.get("MLRG_OUTPUTS") or repo_root() / "outputs")
 
+# %% ../nbs/00b_runs.ipynb #899243d1
 @dataclass(frozen=True)
 class RunFolder:
     "The layout of one run folder under `outputs/`."
