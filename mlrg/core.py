@@ -26,8 +26,9 @@ import numpy as np
 
 # %% auto #0
 __all__ = ['OBSERVATIONS', 'study_dir', 'image_relpath', 'report_relpath', 'InputError', 'derive_seed', 'seed_everything',
-           'rng_states', 'set_rng_states', 'get_logger', 'atomic_write', 'save_json', 'load_json', 'append_jsonl',
-           'save_jsonl', 'read_jsonl', 'peak_rss_mb', 'measure', 'Param', 'coerce', 'Params', 'to_plain']
+           'rng_states', 'set_rng_states', 'get_logger', 'write_set', 'atomic_write', 'remove_stale_temps',
+           'ensure_writable', 'save_json', 'load_json', 'append_jsonl', 'save_jsonl', 'read_jsonl', 'peak_rss_mb',
+           'measure', 'Param', 'coerce', 'Params', 'to_plain']
 
 # %% ../nbs/00_core.ipynb #0ca8bb85
 OBSERVATIONS = ["Atelectasis", "Cardiomegaly", "Consolidation", "Edema", "Enlarged Cardiomediastinum", "Fracture",
@@ -115,25 +116,58 @@ def get_logger(name="mlrg", log_file=None, level=logging.INFO):
 # %% ../nbs/00_core.ipynb #d0c154d9
 _UMASK = os.umask(0); os.umask(_UMASK)   # the process umask (read once), for the permissions of atomic writes
 
-def atomic_write(path, data, mode="wb", fsync=True):
-    """Write `data` (bytes or str) to `path` atomically: a temporary file in the same folder, then a rename. The file gets
-    the usual permissions (0666 less the umask). `fsync=False` skips flushing to disk, for many small files (the phantom's
-    images) where a crash may lose the latest files but never leaves a half-written one."""
-    path = Path(path)
+def _write_temp(path: Path, data, fsync=True) -> str:
+    "Write `data` (bytes or str) to a new temporary file beside `path`; returns its name (removed again if the write fails)."
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        with os.fdopen(fd, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as f:
+        with os.fdopen(fd, "w" if isinstance(data, str) else "wb", **({"encoding": "utf-8"} if isinstance(data, str) else {})) as f:
             f.write(data)
-            if fsync:
-                f.flush()
-                os.fsync(f.fileno())
+            if fsync: f.flush(); os.fsync(f.fileno())
         os.chmod(tmp, 0o666 & ~_UMASK)
-        os.replace(tmp, path)
+        return tmp
     except BaseException:
         with contextlib.suppress(FileNotFoundError): os.unlink(tmp)
         raise
-    return path
+
+def write_set(files: dict, fsync=True) -> list:
+    """Write files that belong together (`{path: bytes or str}`) so that a failure leaves the old set: every file is
+    first written to a temporary file beside it, and only when all are written are they renamed into place."""
+    done = []
+    try:
+        for path, data in files.items(): done.append((_write_temp(Path(path), data, fsync), Path(path)))
+    except BaseException:
+        for tmp, _ in done:
+            with contextlib.suppress(FileNotFoundError): os.unlink(tmp)
+        raise
+    for tmp, path in done: os.replace(tmp, path)
+    return [path for _, path in done]
+
+def atomic_write(path, data, mode=None, fsync=True):
+    """Write `data` (bytes or str) to `path` atomically: a temporary file in the same folder, then a rename. The file gets
+    the usual permissions (0666 less the umask). `fsync=False` skips flushing to disk, for many small files (the phantom's
+    images) where a crash may lose the latest files but never leaves a half-written one. (`mode` is accepted for older callers.)"""
+    return write_set({path: data}, fsync)[0]
+
+# %% ../nbs/00_core.ipynb #5b68b407
+def remove_stale_temps(folder) -> int:
+    "Remove the temporary files interrupted atomic writes left in `folder` (`.<name>.<random>.tmp`); returns how many."
+    folder, n = Path(folder), 0
+    if not folder.is_dir(): return 0
+    for p in folder.glob(".*.tmp"):
+        if p.is_file(): p.unlink(missing_ok=True); n += 1
+    return n
+
+def ensure_writable(folder, what="output folder") -> Path:
+    "Create `folder` if needed and check that files can be written in it; an `InputError` naming it otherwise."
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir(): raise InputError(f"the {what} is a file", where=folder, expected="a folder (or a path that does not exist yet)")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder): pass
+    except OSError as e:
+        raise InputError(f"cannot write to the {what}: {e.strerror or e}", where=folder, expected="a folder this user can write to") from None
+    return folder
 
 # %% ../nbs/00_core.ipynb #276358f8
 def _json_default(o):
@@ -145,7 +179,7 @@ def _json_default(o):
 
 def save_json(obj, path, indent=2):
     "Write `obj` as JSON to `path` atomically (NumPy scalars and paths are converted)."
-    return atomic_write(path, json.dumps(obj, indent=indent, default=_json_default, ensure_ascii=False) + "\n", mode="w")
+    return atomic_write(path, json.dumps(obj, indent=indent, default=_json_default, ensure_ascii=False) + "\n")
 
 def load_json(path):
     "Read JSON from `path`, with an error naming the file if it is not valid JSON."
@@ -164,7 +198,7 @@ def append_jsonl(path, record):
 
 def save_jsonl(records, path, fsync=True):
     "Write `records` as JSON lines to `path` atomically."
-    return atomic_write(path, "".join(json.dumps(r, default=_json_default) + "\n" for r in records), mode="w", fsync=fsync)
+    return atomic_write(path, "".join(json.dumps(r, default=_json_default) + "\n" for r in records), fsync=fsync)
 
 def read_jsonl(path):
     "All records of a JSON-lines file; a bad line is an error naming the file and the line."

@@ -10,7 +10,9 @@ import difflib
 import io
 import math
 import os
+import pickle
 import random
+import re
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -18,15 +20,16 @@ from types import SimpleNamespace
 
 import numpy as np
 
-from .core import (InputError, Param, Params, append_jsonl, atomic_write, derive_seed, get_logger, read_jsonl, rng_states,
-                       save_json, save_jsonl, seed_everything, set_rng_states, to_plain)
+from .core import (InputError, Param, Params, append_jsonl, atomic_write, derive_seed, ensure_writable, get_logger, load_json,
+                       read_jsonl, remove_stale_temps, rng_states, save_json, save_jsonl, seed_everything, set_rng_states, to_plain)
 
 # %% auto #0
 __all__ = ['SCHEDULERS', 'AMP_MODES', 'TRAIN', 'RUN_ONLY_KEYS', 'CHECKPOINT_FORMAT', 'get_device', 'train_config', 'to_device',
            'DistInfo', 'init_distributed', 'is_main_process', 'ResumableBatchSampler', 'epoch_loader',
            'build_optimizer', 'warmup_steps', 'build_scheduler', 'resolve_amp', 'compare_configs', 'TrainState',
            'CheckpointWriter', 'gathered_rng_states', 'save_checkpoint', 'load_checkpoint', 'NonFiniteLoss',
-           'mean_terms', 'optimizer_step', 'EvalContext', 'eval_due', 'run_evaluate', 'select_and_stop', 'fit']
+           'mean_terms', 'optimizer_step', 'EvalContext', 'eval_due', 'run_evaluate', 'select_and_stop',
+           'continue_or_start', 'fit']
 
 # %% ../nbs/00a_engine.ipynb #e367bfa2
 def get_device(gpu_id=None):
@@ -76,6 +79,7 @@ TRAIN = Params("train", "the training engine's settings", dict(
     select_metric=Param("val_loss", "the validation metric choosing best.pt"),
     select_mode=Param("min", "whether select_metric is better low or high", choices=("min", "max")),
     out_dir=Param(None, "where checkpoints, metrics.jsonl and params.json go", kind=str),
+    overwrite=Param(False, "move a run with other settings found in out_dir aside (to <out_dir>.replaced-<time>) instead of stopping"),
     drop_last=Param(False, "drop the last, smaller batch of an epoch"),
     progress=Param(True, "tqdm progress bars"),
     find_unused_parameters=Param(False, "passed to DistributedDataParallel"),
@@ -247,7 +251,7 @@ def resolve_amp(amp="none", use_amp=False, device="cpu") -> str:
     return amp
 
 # %% ../nbs/00a_engine.ipynb #821581b2
-RUN_ONLY_KEYS = ("out_dir", "resume_from", "gpu_id", "num_workers", "progress")
+RUN_ONLY_KEYS = ("out_dir", "resume_from", "gpu_id", "num_workers", "progress", "overwrite")
 
 def compare_configs(old: dict, new: dict, arch_keys=()) -> list:
     "Differences between a checkpoint's config and a new one, as lines; an `InputError` if an `arch_keys` key differs."
@@ -277,13 +281,14 @@ class TrainState:
     history: list = field(default_factory=list)   # every train and eval record (metrics.jsonl)
     seconds: float = 0.0            # training time (evaluation and checkpoints excluded)
     log_acc: dict = field(default_factory=_empty_log)   # sums since the last train record
+    stopped: str | None = None      # why the run ended ("finished", "early_stopping"); None while it runs
 
     def as_dict(self) -> dict: return asdict(self)
 
     @classmethod
     def from_checkpoint(cls, ck: dict):
-        "The state stored in checkpoint `ck`."
-        return cls(**{f.name: ck[f.name] for f in fields(cls)})
+        "The state stored in checkpoint `ck` (fields it lacks, from older checkpoints, keep their defaults)."
+        return cls(**{f.name: ck[f.name] for f in fields(cls) if f.name in ck})
 
     def add_step(self, terms: dict, grad_norm: float, samples: int, seconds: float) -> float:
         "Count one optimizer step (its loss terms, gradient norm, samples and seconds); returns samples/s since the last record."
@@ -354,12 +359,32 @@ def save_checkpoint(obj, path):
     buf = io.BytesIO(); torch.save(obj, buf)
     return atomic_write(path, buf.getvalue())
 
-def load_checkpoint(path, map_location="cpu"):
-    "Load a checkpoint written by `CheckpointWriter` or `save_checkpoint`, with `weights_only=True`."
+def load_checkpoint(path, map_location="cpu", training=False):
+    """Load a checkpoint written by `CheckpointWriter` or `save_checkpoint`, with `weights_only=True`. A missing, truncated,
+    corrupt or unsafe file (one holding Python objects), or with `training` one that `fit` did not write, is an `InputError`
+    naming the file and what was expected."""
     import torch
     path = Path(path)
     if not path.exists(): raise InputError("checkpoint not found", where=path)
-    return torch.load(path, map_location=map_location, weights_only=True)
+    if path.is_dir(): raise InputError("is a folder, not a checkpoint file", where=path, expected="a .pt file written by mlrg")
+    try: ck = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        found = re.search(r"GLOBAL ([\w.]+)", str(e))
+        if found is None and "Unsupported global" not in str(e):        # not a pickle of objects: garbage or a damaged file
+            raise InputError("cannot be read as a checkpoint (not a file torch.save wrote)", where=path,
+                             expected="a complete checkpoint written by mlrg (this one may be corrupt)") from None
+        raise InputError("holds Python objects besides tensors and plain values" + (f" ({found.group(1)})" if found else "")
+                         + "; mlrg never unpickles them, since a file from an untrusted source could run code", where=path,
+                         expected="a checkpoint written by mlrg (tensors, numbers, strings, lists and dicts only)") from None
+    except (RuntimeError, EOFError, OSError, ValueError) as e:
+        why = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise InputError(f"cannot be read as a checkpoint ({why[:200]})", where=path,
+                         expected="a complete checkpoint written by mlrg (this one may be truncated or corrupt)") from None
+    if training and not (isinstance(ck, dict) and ck.get("format") == CHECKPOINT_FORMAT):
+        found = ck.get("format") if isinstance(ck, dict) else type(ck).__name__
+        raise InputError(f"is not a training checkpoint of mlrg (format {found!r})", where=path,
+                         expected=f"a checkpoint written by mlrg.engine.fit (format {CHECKPOINT_FORMAT!r})")
+    return ck
 
 # %% ../nbs/00a_engine.ipynb #f0cf6d94
 class NonFiniteLoss(FloatingPointError):
@@ -452,6 +477,29 @@ def select_and_stop(st: TrainState, metrics: dict, cfg, step: int, scheduler) ->
     improved = st.judge(value, step, cfg.select_mode)
     return improved, bool(cfg.early_stopping_patience and st.bad_evals >= cfg.early_stopping_patience)
 
+# %% ../nbs/00a_engine.ipynb #d544e4a2
+def continue_or_start(out, config: dict, overwrite=False, log=None):
+    "The checkpoint a run into `out` continues from (a run with the same settings is there), or None (start afresh)."
+    out, log = Path(out), log or get_logger()
+    params, last = out / "params.json", out / "last.pt"
+    if not params.exists() and not last.exists(): return None
+    old = load_json(params) if params.exists() else load_checkpoint(last, training=True)["config"]
+    diffs = compare_configs(old, config)
+    if diffs and not overwrite:
+        raise InputError(f"holds a run with other settings: {'; '.join(diffs)}", where=out,
+                         expected="the same settings (to continue that run), overwrite=True (to move it aside), or another output folder")
+    if diffs:
+        aside = out.with_name(f"{out.name}.replaced-{time.strftime('%Y%m%d-%H%M%S')}")
+        while aside.exists(): aside = aside.with_name(aside.name + "+")
+        os.replace(out, aside); out.mkdir(parents=True)
+        log.warning("moved the run with other settings in %s aside to %s (%s)", out, aside, "; ".join(diffs))
+        return None
+    if last.exists():
+        log.info("%s holds a run with these settings: continuing it from last.pt", out)
+        return last
+    log.info("%s holds a run with these settings but no checkpoint yet: starting it again", out)
+    return None
+
 # %% ../nbs/00a_engine.ipynb #77b25f20
 def _loss_of(outputs):
     import torch
@@ -466,6 +514,18 @@ def _scalar_terms(outputs):
             for k, v in outputs.items()
             if (isinstance(v, torch.Tensor) and v.numel() == 1) or (isinstance(v, (int, float)) and not isinstance(v, bool))}
 
+def _shared(decide, main: bool, world: int):
+    "`decide()` run on the main process only, its result (or its `InputError`) shared with every process."
+    if world == 1: return decide()
+    import torch.distributed as dist
+    box = [None]
+    if main:
+        try: box = [("ok", decide())]
+        except InputError as e: box = [("error", e)]
+    dist.broadcast_object_list(box, src=0)
+    if box[0][0] == "error": raise box[0][1]
+    return box[0][1]
+
 def _train_device(gpu_id):
     "The device of this process: under torchrun with CUDA, the local rank's GPU."
     import torch
@@ -474,21 +534,22 @@ def _train_device(gpu_id):
         return torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}")
     return get_device(gpu_id)
 
-def _restore(ck, cfg, config, vocab, arch_keys, world, rank, model, optimizer, scheduler, scaler, log):
-    "Load checkpoint `ck` into the model, optimizer, scheduler, scaler and generators; returns its `TrainState` and vocabulary."
-    main = rank == 0
+def _restore(ck, where, config, vocab, arch_keys, world, rank, model, optimizer, scheduler, scaler, log):
+    "Load checkpoint `ck` (from file `where`) into the model, optimizer, scheduler, scaler and generators; returns its `TrainState` and vocabulary."
+    main, seed = rank == 0, config["seed"]
     for line in compare_configs(ck["config"], config, arch_keys):
         if main: log.warning("resume: config changed since the checkpoint: %s", line)
     if vocab is not None and ck.get("vocab") is not None and list(ck["vocab"]) != vocab:
-        raise InputError("the vocabulary differs from the checkpoint's", where=cfg.resume_from, expected="the vocabulary the checkpoint was trained with")
+        raise InputError("the vocabulary differs from the checkpoint's", where=where, expected="the vocabulary the checkpoint was trained with")
     model.load_state_dict(ck["model"]); optimizer.load_state_dict(ck["optimizer"]); scheduler.load_state_dict(ck["scheduler"])
     if ck["scaler"]: scaler.load_state_dict(ck["scaler"])
     st = TrainState.from_checkpoint(ck)
     if len(ck["rng"]) == world: set_rng_states(ck["rng"][rank])
     else:
         log.warning("resume: the checkpoint has %d processes' RNG states, this run has %d: reseeding", len(ck["rng"]), world)
-        seed_everything(derive_seed(cfg.seed, "resume", st.global_step, rank))
-    if main: log.info("resumed from %s at step %d (epoch %d, batch %d)", cfg.resume_from, st.global_step, st.epoch, st.epoch_batches)
+        seed_everything(derive_seed(seed, "resume", st.global_step, rank))
+    if main: log.info("resumed from %s at step %d (epoch %d, batch %d)%s", where, st.global_step, st.epoch, st.epoch_batches,
+                      f"; the run had stopped ({st.stopped})" if st.stopped else "")
     return st, (vocab if vocab is not None else ck.get("vocab"))
 
 # %% ../nbs/00a_engine.ipynb #23a6bfbc
@@ -507,14 +568,16 @@ def fit(model, train_dataset, collate_fn, config, evaluate=None, vocab=None, arc
                          expected="an evaluate(model, ctx) -> dict callable")
     vocab = None if vocab is None else [str(t) for t in vocab]
 
-    # --- set up: processes, device, precision ---
+    # --- set up: processes, device, precision, the output folder ---
     device = _train_device(cfg.gpu_id)
     amp = resolve_amp(cfg.amp, cfg.use_amp, device)
+    out = ensure_writable(cfg.out_dir)                # before any work: an unwritable folder fails now, not at the first save
     info = init_distributed("nccl" if device.type == "cuda" else "gloo")
     rank, world, main = info.rank, info.world_size, info.rank == 0
-    out = Path(cfg.out_dir)
     paths = {"last": out / "last.pt", "best": out / "best.pt", "metrics": out / "metrics.jsonl", "params": out / "params.json"}
     try:
+        resume_from = cfg.resume_from or _shared(lambda: continue_or_start(out, config, cfg.overwrite, log), main, world)
+        if main: remove_stale_temps(out)
         # --- data: a seeded, rank-sharded, resumable batch order ---
         sampler = ResumableBatchSampler(len(train_dataset), cfg.batch_size, cfg.seed, rank, world, drop_last=cfg.drop_last)
         if sampler.num_batches == 0:
@@ -531,9 +594,10 @@ def fit(model, train_dataset, collate_fn, config, evaluate=None, vocab=None, arc
         scaler = torch.amp.GradScaler(device.type, enabled=amp == "fp16")
 
         # --- resume, or start from the seed ---
-        if cfg.resume_from:
-            st, vocab = _restore(load_checkpoint(cfg.resume_from), cfg, config, vocab, arch_keys, world, rank,
+        if resume_from:
+            st, vocab = _restore(load_checkpoint(resume_from, training=True), resume_from, config, vocab, arch_keys, world, rank,
                                  model, optimizer, scheduler, scaler, log)
+            if cfg.resume_from: st.stopped = None     # asked to continue explicitly (e.g. with more epochs): train on
         else:
             st = TrainState()
             seed_everything(cfg.seed if rank == 0 else derive_seed(cfg.seed, "rank", rank))
@@ -567,7 +631,7 @@ def fit(model, train_dataset, collate_fn, config, evaluate=None, vocab=None, arc
         net.train(); optimizer.zero_grad(set_to_none=True)
         stopped, t_prev = None, time.perf_counter()
         try:
-            while stopped is None and st.global_step < total_steps:
+            while stopped is None and st.stopped is None and st.global_step < total_steps:
                 epoch = st.epoch
                 sampler.set_epoch(epoch, skip=st.epoch_batches)
                 if hasattr(train_dataset, "set_epoch"): train_dataset.set_epoch(epoch)   # e.g. per-epoch augmentation
@@ -615,6 +679,7 @@ def fit(model, train_dataset, collate_fn, config, evaluate=None, vocab=None, arc
                         record({"kind": "eval", "step": step, "epoch": epoch, **metrics, "best_metric": st.best_metric, "seconds": round(st.seconds, 3)})
                     if stop_early: stopped = "early_stopping"
                     elif step >= total_steps: stopped = "finished"
+                    st.stopped = stopped
 
                     # checkpoint: numbered when due, last.pt at epoch ends and at the end, best.pt when improved
                     names = writer.names(step, epoch, bool(cfg.save_steps and step % cfg.save_steps == 0), epoch_end, bool(stopped), improved)
@@ -632,7 +697,7 @@ def fit(model, train_dataset, collate_fn, config, evaluate=None, vocab=None, arc
                      st.global_step, cfg.select_metric, st.bad_evals, st.best_metric, st.best_step)
         if world > 1: dist.barrier()
         return {"best_metric": st.best_metric, "best_step": st.best_step, "global_step": st.global_step,
-                "epoch": st.epoch, "stopped": stopped or "finished", "seconds": st.seconds,
+                "epoch": st.epoch, "stopped": stopped or st.stopped or "finished", "seconds": st.seconds,
                 "paths": {k: (str(p) if k != "best" or p.exists() else None) for k, p in paths.items()},
                 "history": st.history}
     finally:

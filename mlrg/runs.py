@@ -15,7 +15,7 @@ from pathlib import Path
 from .core import InputError, append_jsonl, read_jsonl
 
 # %% auto #0
-__all__ = ['STAGES', 'SUBCOMMANDS', 'repo_root', 'outputs_root', 'RunFolder', 'Stage', 'main']
+__all__ = ['STAGES', 'SUBCOMMANDS', 'repo_root', 'outputs_root', 'RunFolder', 'Stage', 'main', 'os_error_line']
 
 # %% ../nbs/00b_runs.ipynb #a708a2d7
 def repo_root():
@@ -124,3 +124,11 @@ def main(argv=None):
     except InputError as e:
         print(f"mlrg {argv[0]}: error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:                      # permission, missing folder, disk full: one line naming the path
+        print(f"mlrg {argv[0]}: error: {os_error_line(e)}", file=sys.stderr)
+        return 2
+
+def os_error_line(e: OSError) -> str:
+    "An `OSError` as one line: the path(s) it concerns, then what went wrong."
+    paths = " -> ".join(str(p) for p in (e.filename, e.filename2) if p is not None)
+    return f"{paths}: {e.strerror or e}" if paths else str(e.strerror or e)

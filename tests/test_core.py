@@ -50,8 +50,9 @@ def test_load_checkpoint_refuses_pickled_objects(tmp_path):
         def __reduce__(self): return (os.system, ("echo pwned",))
     p = tmp_path / "evil.pt"
     p.write_bytes(pickle.dumps({"model": Evil()}, protocol=2))
-    with pytest.raises(pickle.UnpicklingError):
+    with pytest.raises(InputError, match="evil.pt: holds Python objects") as e:     # an error naming the file (issue 8)
         load_checkpoint(p)
+    assert "weights_only=False" not in str(e.value)                                   # nothing suggests loading it unsafely
     with pytest.raises(InputError, match="checkpoint not found"):
         load_checkpoint(tmp_path / "missing.pt")
 

@@ -1,0 +1,153 @@
+"""Nothing lost, nothing cryptic (issue 8), for the training engine every stage uses: a run killed at any point, even in
+the middle of writing a checkpoint, and started again with the same command ends with the same weights as a run that
+was never interrupted; a run into a folder holding another run stops (or, asked to, moves the old run aside); a write
+that fails half-way leaves the previous files; unreadable, unsafe or foreign checkpoints and unusable output folders are
+one clear error naming the file."""
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from mlrg import core
+from mlrg.core import InputError, read_jsonl, save_json, seed_everything, write_set
+from mlrg.engine import continue_or_start, fit, load_checkpoint, save_checkpoint, train_config
+
+from test_engine import BASE, TOY, _env, _weights
+
+CONF = {**BASE, "num_epochs": 2, "save_steps": 3, "eval_steps": 4}     # 7 batches an epoch, 14 steps
+
+
+@pytest.fixture
+def toy(tmp_path):
+    import importlib.util
+    (tmp_path / "toy.py").write_text(TOY)
+    spec = importlib.util.spec_from_file_location("toy", tmp_path / "toy.py")
+    mod = importlib.util.module_from_spec(spec); spec.loader.exec_module(mod)
+    return mod
+
+
+RUN = """
+import json, os, signal, sys; sys.path.insert(0, {toy_dir!r})
+import toy
+from mlrg import engine
+from mlrg.core import seed_everything
+conf, out, kill_at, kill_in_write = json.loads(sys.argv[1]), sys.argv[2], json.loads(sys.argv[3]), json.loads(sys.argv[4])
+if kill_in_write:                        # die half-way through writing the kill_in_write-th checkpoint file
+    real, count = engine.atomic_write, [0]
+    def dying_write(path, data, *a, **k):
+        count[0] += 1
+        if count[0] == kill_in_write:
+            with open(os.path.join(os.path.dirname(path), "." + os.path.basename(path) + ".x7k2.tmp"), "wb") as f:
+                f.write(data[: len(data) // 2]); f.flush(); os.fsync(f.fileno())
+            os.kill(os.getpid(), signal.SIGKILL)
+        return real(path, data, *a, **k)
+    engine.atomic_write = dying_write
+seed_everything(0)
+res = engine.fit(toy.MLP(kill_at=kill_at), toy.Data(), toy.collate, {{**conf, "out_dir": out}}, evaluate=toy.evaluate)
+print(json.dumps({{"global_step": res["global_step"], "stopped": res["stopped"]}}))
+"""
+
+
+def _run(tmp_path, out, kill_at=None, kill_in_write=None):
+    script = tmp_path / "run.py"
+    script.write_text(RUN.format(toy_dir=str(tmp_path)))
+    return subprocess.run([sys.executable, str(script), json.dumps(CONF), str(out), json.dumps(kill_at), json.dumps(kill_in_write)],
+                          env=_env(), capture_output=True, text=True, timeout=180)
+
+
+@pytest.mark.parametrize("kill_at,kill_in_write", [(2, None), (13, None), (None, 3)],
+                         ids=["before-the-first-checkpoint", "mid-epoch", "while-writing-a-checkpoint"])
+def test_killed_then_same_command_gives_the_uninterrupted_weights(toy, tmp_path, kill_at, kill_in_write):
+    seed_everything(0); straight = toy.MLP()
+    fit(straight, toy.Data(), toy.collate, {**CONF, "out_dir": str(tmp_path / "straight")}, evaluate=toy.evaluate)
+
+    out = tmp_path / "run"
+    killed = _run(tmp_path, out, kill_at, kill_in_write)
+    assert killed.returncode == -9, killed.stderr
+    if kill_in_write: assert list(out.glob(".*.tmp")), "the simulated crash left no partial file"
+    again = _run(tmp_path, out)                                   # the same command, run again
+    assert again.returncode == 0, again.stderr
+    assert json.loads(again.stdout.strip().splitlines()[-1]) == {"global_step": 14, "stopped": "finished"}
+    assert not list(out.glob(".*.tmp"))                           # the interrupted write's leftover is gone
+    if kill_at != 2: assert "continuing it from last.pt" in again.stderr
+    final = toy.MLP(); final.load_state_dict(load_checkpoint(out / "last.pt")["model"])
+    torch.testing.assert_close(_weights(final), _weights(straight), rtol=0, atol=1e-6)
+
+
+def test_a_finished_run_is_not_trained_again(toy, tmp_path):
+    out = tmp_path / "run"
+    seed_everything(0); first = fit(toy.MLP(), toy.Data(), toy.collate, {**CONF, "out_dir": str(out)}, evaluate=toy.evaluate)
+    before = (out / "best.pt").read_bytes()
+    model = toy.MLP()
+    again = fit(model, toy.Data(), toy.collate, {**CONF, "out_dir": str(out)}, evaluate=toy.evaluate)
+    assert (again["global_step"], again["stopped"], again["best_step"]) == (first["global_step"], "finished", first["best_step"])
+    assert (out / "best.pt").read_bytes() == before
+    assert len(read_jsonl(out / "metrics.jsonl")) == len(first["history"])
+
+
+def test_other_settings_stop_or_move_the_old_run_aside(toy, tmp_path):
+    out = tmp_path / "run"
+    seed_everything(0); fit(toy.MLP(), toy.Data(), toy.collate, {**CONF, "out_dir": str(out)}, evaluate=toy.evaluate)
+    best = (out / "best.pt").read_bytes()
+    with pytest.raises(InputError, match=r"run: holds a run with other settings: lr: 0.01 -> 0.02"):
+        fit(toy.MLP(), toy.Data(), toy.collate, {**CONF, "lr": 0.02, "out_dir": str(out)}, evaluate=toy.evaluate)
+    assert (out / "best.pt").read_bytes() == best                 # the finished run's best.pt is untouched
+    fit(toy.MLP(), toy.Data(), toy.collate, {**CONF, "lr": 0.02, "out_dir": str(out), "overwrite": True}, evaluate=toy.evaluate)
+    aside = [p for p in tmp_path.iterdir() if p.name.startswith("run.replaced-")]
+    assert len(aside) == 1 and (aside[0] / "best.pt").read_bytes() == best          # moved aside, never deleted
+    assert json.loads((out / "params.json").read_text())["lr"] == 0.02
+
+
+def test_output_folder_problems_are_clear_before_any_work(toy, tmp_path):
+    (tmp_path / "a_file").write_text("")
+    for bad, says in [(tmp_path / "a_file", "the output folder is a file"),
+                      (tmp_path / "a_file" / "sub", "cannot write to the output folder")]:
+        with pytest.raises(InputError, match=says):
+            fit(toy.MLP(), toy.Data(), toy.collate, {**CONF, "out_dir": str(bad)}, evaluate=toy.evaluate)
+    for bad in (float("nan"), float("inf"), "nan"):
+        with pytest.raises(InputError, match="parameter 'lr'.*finite"):
+            train_config({"lr": bad})
+
+
+def test_bad_checkpoints_are_errors_naming_the_file(toy, tmp_path):
+    good = save_checkpoint({"format": "mlrg.fit/1", "model": toy.MLP().state_dict()}, tmp_path / "good.pt")
+    (tmp_path / "cut.pt").write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    (tmp_path / "empty.pt").write_bytes(b"")
+    (tmp_path / "text.pt").write_text("not a checkpoint")
+    torch.save({"model": {}, "path": Path("x")}, tmp_path / "unsafe.pt")
+    torch.save({"state_dict": {}}, tmp_path / "foreign.pt")
+    cases = {"cut.pt": "cannot be read as a checkpoint", "empty.pt": "cannot be read as a checkpoint",
+             "text.pt": "cannot be read as a checkpoint", "unsafe.pt": "holds Python objects",
+             "foreign.pt": "is not a training checkpoint of mlrg", "missing.pt": "checkpoint not found"}
+    for name, says in cases.items():
+        with pytest.raises(InputError, match=f"{name}: {says}") as e:
+            fit(toy.MLP(), toy.Data(), toy.collate, {**CONF, "out_dir": str(tmp_path / "out"), "resume_from": str(tmp_path / name)})
+        assert "weights_only=False" not in str(e.value)
+
+
+def test_a_write_that_fails_half_way_keeps_the_old_files(tmp_path, monkeypatch):
+    files = {tmp_path / "annotation.json": "old annotation", tmp_path / "vocab.json": "old vocab", tmp_path / "summary.json": "old"}
+    write_set(files)
+    real, calls = core._write_temp, []
+    def disk_full_on_the_second(path, data, fsync=True):
+        calls.append(path)
+        if len(calls) == 2: raise OSError(28, "No space left on device", str(path))
+        return real(path, data, fsync)
+    monkeypatch.setattr(core, "_write_temp", disk_full_on_the_second)
+    with pytest.raises(OSError, match="No space left"):
+        write_set({p: "new " + v for p, v in files.items()})
+    assert {p: p.read_text() for p in files} == files                       # all old, none new
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(p.name for p in files)   # no temporary file left
+
+
+def test_continue_or_start_reads_a_checkpoint_when_params_json_is_gone(tmp_path):
+    out = tmp_path / "run"
+    save_checkpoint({"format": "mlrg.fit/1", "config": {"lr": 0.1}}, out / "last.pt")
+    assert continue_or_start(out, {"lr": 0.1}) == out / "last.pt"
+    with pytest.raises(InputError, match="lr: 0.1 -> 0.3"):
+        continue_or_start(out, {"lr": 0.3})
