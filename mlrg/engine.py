@@ -345,6 +345,7 @@ class CheckpointWriter:
         numbered = sorted((int(p.stem[len(prefix):]), p) for p in self.out_dir.glob(f"{prefix}*.pt") if p.stem[len(prefix):].isdigit())
         for _, p in numbered[:max(0, len(numbered) - self.keep_last)]: p.unlink(missing_ok=True)
 
+# %% ../nbs/00a_engine.ipynb #2cf9f6e0
 def gathered_rng_states(world: int = 1) -> list | None:
     "Every process's generator states (`rng_states`) in rank order, on the main process; None on the others."
     if world == 1: return [rng_states()]
@@ -441,6 +442,7 @@ class EvalContext:
         if not self.main: return None
         return save_jsonl(records, self.out_dir / "evals" / f"{name}_step_{self.step}.jsonl")
 
+# %% ../nbs/00a_engine.ipynb #ccac2e2e
 def eval_due(step: int, eval_steps=None, epoch_end=False, last=False) -> bool:
     "True when optimizer step `step` is followed by an evaluation."
     return bool((eval_steps and step % eval_steps == 0) or epoch_end or last)
