@@ -69,7 +69,7 @@ def seed_everything(seed: int) -> int:
     seed = int(seed)
     random.seed(seed)
     np.random.seed(seed % 2**32)
-    os.environ["PYTHONHASHSEED"] = str(seed)
+    os.environ["PYTHONHASHSEED"] = str(seed % 2**32)    # what subprocesses accept (0..4294967295)
     if "torch" in sys.modules or importlib.util.find_spec("torch"):
         import torch
         torch.manual_seed(seed)
