@@ -1,19 +1,14 @@
-"Tests of benchmarks/phantom_learnability.py that need no training: the AUC, the change targets, the split, the truth reader."
-import importlib.util
+"Tests of mlrg.learnability that need no (or hardly any) training: the AUC, the change targets, the split, the truth reader, lockstep training."
 import itertools
 import json
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
 
+import mlrg.learnability as pl
 from mlrg.core import InputError
-
-_PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "phantom_learnability.py"
-_spec = importlib.util.spec_from_file_location("phantom_learnability", _PATH)
-pl = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(pl)
+from mlrg.metrics import balanced_accuracy, roc_auc
 
 
 def _pairwise_auc(y, s):
@@ -23,14 +18,14 @@ def _pairwise_auc(y, s):
 
 
 def test_auc_hand_computed_cases():
-    assert pl.roc_auc([0, 0, 1, 1], [0.1, 0.2, 0.3, 0.4]) == 1.0
-    assert pl.roc_auc([1, 1, 0, 0], [0.1, 0.2, 0.3, 0.4]) == 0.0
+    assert roc_auc([0, 0, 1, 1], [0.1, 0.2, 0.3, 0.4]) == 1.0
+    assert roc_auc([1, 1, 0, 0], [0.1, 0.2, 0.3, 0.4]) == 0.0
     # pairs (pos, neg): (.35,.1) win, (.35,.4) loss, (.8,.1) win, (.8,.4) win -> 3/4
-    assert pl.roc_auc([0, 0, 1, 1], [0.1, 0.4, 0.35, 0.8]) == pytest.approx(0.75)
+    assert roc_auc([0, 0, 1, 1], [0.1, 0.4, 0.35, 0.8]) == pytest.approx(0.75)
     # ties: (.5 vs .5) counts 1/2, (.5 vs .2) 1, (.9 vs .5) 1, (.9 vs .2) 1 -> 3.5/4
-    assert pl.roc_auc([0, 1, 0, 1], [0.5, 0.5, 0.2, 0.9]) == pytest.approx(0.875)
-    assert pl.roc_auc([0, 1, 0, 1, 1], [3, 3, 3, 3, 3]) == pytest.approx(0.5)   # all tied
-    assert pl.roc_auc(np.array([True, False, True]), np.array([2.0, 1.0, 1.0])) == pytest.approx(0.75)
+    assert roc_auc([0, 1, 0, 1], [0.5, 0.5, 0.2, 0.9]) == pytest.approx(0.875)
+    assert roc_auc([0, 1, 0, 1, 1], [3, 3, 3, 3, 3]) == pytest.approx(0.5)   # all tied
+    assert roc_auc(np.array([True, False, True]), np.array([2.0, 1.0, 1.0])) == pytest.approx(0.75)
 
 
 def test_auc_matches_pairwise_count_with_many_ties():
@@ -39,20 +34,20 @@ def test_auc_matches_pairwise_count_with_many_ties():
         y = rng.random(40) < 0.3
         y[0], y[1] = True, False
         s = np.round(rng.normal(size=40) + y, 1)            # rounding makes ties
-        assert pl.roc_auc(y, s) == pytest.approx(_pairwise_auc(y, s))
+        assert roc_auc(y, s) == pytest.approx(_pairwise_auc(y, s))
 
 
 def test_auc_undefined_without_both_classes_and_shape_checked():
-    assert math.isnan(pl.roc_auc([1, 1, 1], [0.1, 0.2, 0.3]))
-    assert math.isnan(pl.roc_auc([0, 0], [0.1, 0.2]))
+    assert math.isnan(roc_auc([1, 1, 1], [0.1, 0.2, 0.3]))
+    assert math.isnan(roc_auc([0, 0], [0.1, 0.2]))
     with pytest.raises(InputError):
-        pl.roc_auc([0, 1, 1], [0.1, 0.2])
+        roc_auc([0, 1, 1], [0.1, 0.2])
 
 
 def test_balanced_accuracy():
     # class 0 recall 2/3, class 2 recall 1/1 -> 5/6 (class 1 absent from the truth: not averaged)
-    assert pl.balanced_accuracy([0, 0, 0, 2], [0, 0, 1, 2]) == pytest.approx(5 / 6)
-    assert pl.balanced_accuracy([1, 1, 0], [1, 1, 1]) == pytest.approx(0.5)
+    assert balanced_accuracy([0, 0, 0, 2], [0, 0, 1, 2]) == pytest.approx(5 / 6)
+    assert balanced_accuracy([1, 1, 0], [1, 1, 1]) == pytest.approx(0.5)
 
 
 def _finding(grade, views=("frontal", "lateral")):
@@ -193,3 +188,17 @@ def test_prior_experiment_excludes_one_class_observations_and_reports_baselines(
     assert res["training"]["prior/with_prior"]["epochs"] == res["training"]["prior/without_prior"]["epochs"] == 1.0
     present = sum(c > 0 for c in res["change_class_counts_test"].values())
     assert present >= 2 and res["change_majority_balanced_accuracy"] == pytest.approx(1 / present)   # a constant guess: one class right
+
+
+def test_benchmark_script_is_a_thin_command_line(tmp_path):
+    "benchmarks/phantom_learnability.py keeps its command line; a missing phantom folder is an error naming it (exit 2)."
+    import os, subprocess, sys
+    from pathlib import Path
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "phantom_learnability.py"
+    # mlrg.core.seed_everything (run by earlier tests) leaves PYTHONHASHSEED at a 63-bit seed, which a new Python refuses
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONHASHSEED"}
+    r = subprocess.run([sys.executable, str(script), "--help"], capture_output=True, text=True, env=env)
+    assert r.returncode == 0 and all(f in r.stdout for f in ("--root", "--budget-seconds", "--size", "--seed", "--out")), r.stderr
+    r = subprocess.run([sys.executable, str(script), "--root", str(tmp_path / "nowhere"), "--out", str(tmp_path / "r.json")],
+                       capture_output=True, text=True, env=env)
+    assert r.returncode == 2 and "not found" in r.stderr and not (tmp_path / "r.json").exists(), r.stderr

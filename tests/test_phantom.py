@@ -239,7 +239,23 @@ def test_cli_and_bad_input(tmp_path, capsys):
     assert main(["phantom", "--out", str(tmp_path / "cli2"), "--patients", "2", "--size", "40", "--quiet"]) == 0
     with pytest.raises(InputError, match="size"): write_phantom(tmp_path / "bad", patients=2, size=0, progress=False)
     with pytest.raises(InputError, match="preset"): write_phantom(tmp_path / "bad", preset="huge", progress=False)
-    with pytest.raises(SystemExit): phantom_cli(["--out", str(tmp_path / "z"), "--preset", "huge"])
+    with pytest.raises(InputError, match="parameter 'preset'"): phantom_cli(["--out", str(tmp_path / "z"), "--preset", "huge"])
+    assert main(["phantom", "--out", str(tmp_path / "z"), "--preset", "huge"]) == 2 and not (tmp_path / "z").exists()
+    with pytest.raises(InputError, match="did you mean 'patients'"): phantom_cli(["--out", str(tmp_path / "z"), "--patiens", "3"])
+    with pytest.raises(InputError, match="parameter 'size'"): phantom_cli(["--out", str(tmp_path / "z"), "--size", "8"])
+    with pytest.raises(SystemExit): phantom_cli(["--preset", "tiny"])            # --out is required
+
+
+def test_parameters_declared_once():
+    "The notebook's papermill parameters cell is PHANTOM's, and the command line offers its parameters (--out for out_dir)."
+    from mlrg.phantom import PHANTOM
+    nb = json.loads((Path(__file__).resolve().parents[1] / "nbs" / "01a_phantom.ipynb").read_text())
+    cells = [c for c in nb["cells"] if "parameters" in c.get("metadata", {}).get("tags", [])]
+    assert len(cells) == 1 and "".join(cells[0]["source"]).strip() == PHANTOM.parameters_cell().strip()
+    p = PHANTOM.cli(["--out", "d", "--preset", "demo", "--patients", "5", "--size", "64", "--seed", "2", "--workers", "1", "--quiet"])
+    assert p == {**PHANTOM.defaults(), "out_dir": "d", "preset": "demo", "patients": 5, "size": 64, "seed": 2, "workers": 1, "quiet": True}
+    with pytest.raises(InputError, match="did you mean 'learnability_seconds'|unknown parameter"):
+        PHANTOM.cli(["--out", "d", "--learnability_seconds", "3"])                 # notebook-only
 
 
 def _plain_state(**findings):
