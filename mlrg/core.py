@@ -27,8 +27,8 @@ import numpy as np
 # %% auto #0
 __all__ = ['OBSERVATIONS', 'study_dir', 'image_relpath', 'report_relpath', 'InputError', 'derive_seed', 'seed_everything',
            'rng_states', 'set_rng_states', 'get_logger', 'write_set', 'atomic_write', 'remove_stale_temps',
-           'ensure_writable', 'save_json', 'load_json', 'append_jsonl', 'save_jsonl', 'read_jsonl', 'peak_rss_mb',
-           'measure', 'Param', 'coerce', 'Params', 'to_plain']
+           'ensure_writable', 'move_aside', 'save_json', 'load_json', 'append_jsonl', 'jsonl_text', 'save_jsonl',
+           'read_jsonl', 'peak_rss_mb', 'measure', 'Param', 'coerce', 'Params', 'to_plain']
 
 # %% ../nbs/00_core.ipynb #0ca8bb85
 OBSERVATIONS = ["Atelectasis", "Cardiomegaly", "Consolidation", "Edema", "Enlarged Cardiomediastinum", "Fracture",
@@ -169,6 +169,15 @@ def ensure_writable(folder, what="output folder") -> Path:
         raise InputError(f"cannot write to the {what}: {e.strerror or e}", where=folder, expected="a folder this user can write to") from None
     return folder
 
+# %% ../nbs/00_core.ipynb #da0b6932
+def move_aside(folder) -> Path:
+    "Rename `folder` to `<folder>.replaced-<date-time>` (a free name) and return the new path; nothing is deleted."
+    folder = Path(folder)
+    aside = folder.with_name(f"{folder.name}.replaced-{time.strftime('%Y%m%d-%H%M%S')}")
+    while aside.exists(): aside = aside.with_name(aside.name + "+")
+    os.replace(folder, aside)
+    return aside
+
 # %% ../nbs/00_core.ipynb #276358f8
 def _json_default(o):
     if isinstance(o, (np.integer,)): return int(o)
@@ -196,9 +205,13 @@ def append_jsonl(path, record):
         f.write(json.dumps(record, default=_json_default) + "\n")
         f.flush(); os.fsync(f.fileno())
 
+def jsonl_text(records) -> str:
+    "`records` as JSON-lines text (one JSON object a line)."
+    return "".join(json.dumps(r, default=_json_default) + "\n" for r in records)
+
 def save_jsonl(records, path, fsync=True):
     "Write `records` as JSON lines to `path` atomically."
-    return atomic_write(path, "".join(json.dumps(r, default=_json_default) + "\n" for r in records), fsync=fsync)
+    return atomic_write(path, jsonl_text(records), fsync=fsync)
 
 def read_jsonl(path):
     "All records of a JSON-lines file; a bad line is an error naming the file and the line."

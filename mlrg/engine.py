@@ -21,7 +21,8 @@ from types import SimpleNamespace
 import numpy as np
 
 from .core import (InputError, Param, Params, append_jsonl, atomic_write, derive_seed, ensure_writable, get_logger, load_json,
-                       read_jsonl, remove_stale_temps, rng_states, save_json, save_jsonl, seed_everything, set_rng_states, to_plain)
+                       move_aside, read_jsonl, remove_stale_temps, rng_states, save_json, save_jsonl, seed_everything,
+                       set_rng_states, to_plain)
 
 # %% auto #0
 __all__ = ['SCHEDULERS', 'AMP_MODES', 'TRAIN', 'RUN_ONLY_KEYS', 'CHECKPOINT_FORMAT', 'get_device', 'train_config', 'to_device',
@@ -491,9 +492,7 @@ def continue_or_start(out, config: dict, overwrite=False, log=None):
         raise InputError(f"holds a run with other settings: {'; '.join(diffs)}", where=out,
                          expected="the same settings (to continue that run), overwrite=True (to move it aside), or another output folder")
     if diffs:
-        aside = out.with_name(f"{out.name}.replaced-{time.strftime('%Y%m%d-%H%M%S')}")
-        while aside.exists(): aside = aside.with_name(aside.name + "+")
-        os.replace(out, aside); out.mkdir(parents=True)
+        aside = move_aside(out); out.mkdir(parents=True)
         log.warning("moved the run with other settings in %s aside to %s (%s)", out, aside, "; ".join(diffs))
         return None
     if last.exists():

@@ -19,14 +19,16 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm  # text bars: they render in terminals, JupyterLab and executed reports alike
 
-from .core import (OBSERVATIONS, InputError, Param, Params, atomic_write, derive_seed, read_jsonl, report_relpath, save_json,
-                       save_jsonl, study_dir)
+from .core import (OBSERVATIONS, InputError, Param, Params, atomic_write, derive_seed, ensure_writable, get_logger, jsonl_text,
+                       load_json, move_aside, read_jsonl, remove_stale_temps, report_relpath, save_json, save_jsonl, study_dir,
+                       write_set)
 
 # %% auto #0
 __all__ = ['TRUTH_FILE', 'METADATA_COLUMNS', 'PRESETS', 'DEVICES', 'CHANGES', 'SEVERITY_WORDS', 'STATED', 'PHANTOM', 'PROFILES',
-           'LOBES', 'BOTH', 'REASONS', 'initial_state', 'evolve_state', 'visible_views', 'findings_of', 'change_of',
-           'compose_report', 'write_report', 'findings_text', 'image_geometry', 'render_image', 'n_studies',
-           'assign_ids', 'simulate_patient', 'write_phantom', 'read_truth', 'phantom_cli']
+           'LOBES', 'BOTH', 'REASONS', 'INFO_FILE', 'initial_state', 'evolve_state', 'visible_views', 'findings_of',
+           'change_of', 'compose_report', 'write_report', 'findings_text', 'image_geometry', 'render_image',
+           'n_studies', 'assign_ids', 'simulate_patient', 'phantom_folder', 'write_phantom', 'read_truth',
+           'phantom_cli']
 
 # %% ../nbs/01a_phantom.ipynb #ae9548f5
 TRUTH_FILE = "phantom-truth.jsonl"   # the ground truth the real dataset lacks
@@ -59,6 +61,7 @@ PHANTOM = Params("phantom", "Write the MIMIC-CXR-JPG-shaped phantom dataset.", d
     workers=Param(None, "processes (None: 1 for fewer than 64 patients, else 2)", kind=int, low=1),
     learnability_seconds=Param(20, "training budget of the learnability check at the end, in seconds (0: skip it)", kind=float,
                                low=0, cli=False),
+    overwrite=Param(False, "a folder holding other data is moved aside (to <folder>.replaced-<time>) instead of refused"),
     quiet=Param(False, "no progress bar", notebook=False),
 ))
 
@@ -1120,7 +1123,28 @@ def _tune_malloc():
     except (OSError, AttributeError): pass
 
 # %% ../nbs/01a_phantom.ipynb #e5fda848
-def write_phantom(out_dir, patients=None, seed=0, size=None, workers=None, progress=True, preset=None):
+INFO_FILE = "phantom-info.json"
+
+def phantom_folder(out, parameters: dict, overwrite=False) -> str:
+    "What writing the phantom `parameters` into folder `out` means: 'write', 'rewrite' (an interrupted one) or 'done'."
+    out = Path(out)
+    if out.exists() and not out.is_dir(): raise InputError("is a file", where=out, expected="a folder for the phantom")
+    if not out.exists() or not any(out.iterdir()): return "write"
+    info = load_json(out / INFO_FILE) if (out / INFO_FILE).is_file() else None
+    old = (info or {}).get("parameters", {})
+    keys = ("patients", "seed", "size")
+    if info is not None and all(old.get(k) == parameters[k] for k in keys):
+        return "done" if info.get("complete", True) else "rewrite"
+    what = (f"a phantom with other parameters ({', '.join(f'{k} {old.get(k)} -> {parameters[k]}' for k in keys if old.get(k) != parameters[k])})"
+            if info is not None else f"files the phantom did not write ({', '.join(sorted(p.name for p in out.iterdir())[:4])}, ...)")
+    if not overwrite:
+        raise InputError(f"holds {what}", where=out, expected="an empty or new folder, the same phantom parameters, or overwrite=True to move it aside")
+    aside = move_aside(out)
+    get_logger().warning("moved %s aside to %s", out, aside)
+    return "write"
+
+# %% ../nbs/01a_phantom.ipynb #9031f54b
+def write_phantom(out_dir, patients=None, seed=0, size=None, workers=None, progress=True, preset=None, overwrite=False):
     "Write the phantom MIMIC-CXR-JPG + MIMIC-CXR dataset into `out_dir`; returns the info dict (also in `phantom-info.json`)."
     if preset is not None and preset not in PRESETS:
         raise InputError(f"unknown preset {preset!r}", where="preset", expected=" or ".join(PRESETS))
@@ -1132,7 +1156,13 @@ def write_phantom(out_dir, patients=None, seed=0, size=None, workers=None, progr
             raise InputError(f"{name}={val!r}", where=name, expected=f"an integer >= {lo}")
     if patients > 1_000_000: raise InputError(f"patients={patients}", where="patients", expected="at most 1,000,000")
     patients, size, seed = int(patients), int(size), int(seed)
-    out = Path(out_dir); out.mkdir(parents=True, exist_ok=True)
+    out, parameters = Path(out_dir), {"patients": patients, "seed": seed, "size": size, "preset": preset or "tiny"}
+    todo = phantom_folder(out, parameters, overwrite)
+    if todo == "done":
+        get_logger().info("%s already holds this phantom (patients %d, seed %d, size %d): kept as it is", out, patients, seed, size)
+        return load_json(out / INFO_FILE)
+    ensure_writable(out, "phantom folder"); remove_stale_temps(out)
+    save_json({"parameters": parameters, "complete": False}, out / INFO_FILE)
     t0 = time.perf_counter()
     subj, sids = assign_ids(seed, patients)
     jobs = [(seed, i, subj[i], sids[i], size, str(out)) for i in range(patients)]
@@ -1153,17 +1183,16 @@ def write_phantom(out_dir, patients=None, seed=0, size=None, workers=None, progr
     split = _split_of(seed, patients)
     sp_of = {s: split[i] for i, s in enumerate(subj)}
     meta.sort(key=lambda r: (r[1], r[2], r[0])); chex.sort(key=lambda r: (r[0], r[1]))
-    atomic_write(out / "mimic-cxr-2.0.0-metadata.csv", _csv(meta, METADATA_COLUMNS), mode="w")
-    atomic_write(out / "mimic-cxr-2.0.0-split.csv", _csv([[m[0], m[2], m[1], sp_of[m[1]]] for m in meta],
-                                                         ["dicom_id", "study_id", "subject_id", "split"]), mode="w")
-    atomic_write(out / "mimic-cxr-2.0.0-chexpert.csv", _csv(chex, ["subject_id", "study_id", *OBSERVATIONS]), mode="w")
-    save_jsonl(truth, out / TRUTH_FILE)
-    info = {"parameters": {"patients": patients, "seed": seed, "size": size, "preset": preset},
+    write_set({out / "mimic-cxr-2.0.0-metadata.csv": _csv(meta, METADATA_COLUMNS),
+               out / "mimic-cxr-2.0.0-split.csv": _csv([[m[0], m[2], m[1], sp_of[m[1]]] for m in meta], ["dicom_id", "study_id", "subject_id", "split"]),
+               out / "mimic-cxr-2.0.0-chexpert.csv": _csv(chex, ["subject_id", "study_id", *OBSERVATIONS]),
+               out / TRUTH_FILE: jsonl_text(truth)})
+    info = {"parameters": parameters, "complete": True,
             "counts": {"patients": patients, "studies": len(truth), "images": len(meta),
                        "reports_without_findings": sum(not r["has_findings_section"] for r in truth),
                        "split_patients": {s: split.count(s) for s in ("train", "validate", "test")}},
             "seconds": round(time.perf_counter() - t0, 2), "mlrg_version": _version()}
-    save_json(info, out / "phantom-info.json")
+    save_json(info, out / INFO_FILE)
     return info
 
 def _version():
@@ -1183,7 +1212,7 @@ def phantom_cli(argv=None):
     "The `mlrg phantom` command: write a phantom dataset as `argv` (see `PHANTOM`) asks, print a summary line, return 0."
     p = PHANTOM.cli(argv, prog="mlrg phantom")
     info = write_phantom(p["out_dir"], patients=p["patients"], seed=p["seed"], size=p["size"], workers=p["workers"],
-                         progress=not p["quiet"], preset=p["preset"])
+                         progress=not p["quiet"], preset=p["preset"], overwrite=p["overwrite"])
     c = info["counts"]
     print(f"phantom: {c['patients']} patients, {c['studies']} studies, {c['images']} images "
           f"({c['reports_without_findings']} reports without FINDINGS) in {info['seconds']:.1f} s -> {p['out_dir']}")

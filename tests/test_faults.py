@@ -151,3 +151,41 @@ def test_continue_or_start_reads_a_checkpoint_when_params_json_is_gone(tmp_path)
     assert continue_or_start(out, {"lr": 0.1}) == out / "last.pt"
     with pytest.raises(InputError, match="lr: 0.1 -> 0.3"):
         continue_or_start(out, {"lr": 0.3})
+
+
+# ---------------------------------------------------------------- the phantom's folder
+def test_phantom_refuses_a_folder_it_did_not_write(tmp_path, capsys):
+    from mlrg.phantom import write_phantom
+    from mlrg.runs import main
+    root = tmp_path / "mimic"; (root / "files").mkdir(parents=True)
+    (root / "mimic-cxr-2.0.0-metadata.csv").write_text("the user's real metadata")
+    assert main(["phantom", "--out", str(root), "--patients", "3", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"{root}: holds files the phantom did not write" in err
+    assert (root / "mimic-cxr-2.0.0-metadata.csv").read_text() == "the user's real metadata"
+    assert sorted(p.name for p in root.iterdir()) == ["files", "mimic-cxr-2.0.0-metadata.csv"]
+
+
+def test_phantom_same_parameters_keep_other_parameters_stop(tmp_path):
+    from mlrg.phantom import write_phantom
+    out = tmp_path / "ph"
+    first = write_phantom(out, patients=3, seed=1, size=40, progress=False)
+    stamp = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()}
+    again = write_phantom(out, patients=3, seed=1, size=40, progress=False)      # kept as it is
+    assert again == first and {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()} == stamp
+    with pytest.raises(InputError, match=r"ph: holds a phantom with other parameters \(patients 3 -> 4\)"):
+        write_phantom(out, patients=4, seed=1, size=40, progress=False)
+    write_phantom(out, patients=4, seed=1, size=40, progress=False, overwrite=True)
+    aside = [p for p in tmp_path.iterdir() if p.name.startswith("ph.replaced-")]
+    assert len(aside) == 1 and json.loads((aside[0] / "phantom-info.json").read_text())["parameters"]["patients"] == 3
+
+
+def test_phantom_interrupted_is_written_again(tmp_path):
+    from mlrg.phantom import write_phantom
+    ref = write_phantom(tmp_path / "ref", patients=3, seed=2, size=40, progress=False)
+    out = tmp_path / "ph"
+    save_json({"parameters": {**ref["parameters"]}, "complete": False}, out / "phantom-info.json")   # as a killed run leaves it
+    (out / ".mimic-cxr-2.0.0-metadata.csv.k3j2.tmp").write_text("half")
+    info = write_phantom(out, patients=3, seed=2, size=40, progress=False)
+    assert info["complete"] and not list(out.glob(".*.tmp"))
+    assert (out / "mimic-cxr-2.0.0-metadata.csv").read_bytes() == (tmp_path / "ref" / "mimic-cxr-2.0.0-metadata.csv").read_bytes()
