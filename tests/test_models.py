@@ -1,4 +1,5 @@
-"Tests of mlrg.models: encoders, fusion, losses (against hand computations) and the stage-1 model's ablation flags."
+"""Tests of mlrg.models: encoders, fusion, losses (against hand computations), the stage-1 model's ablation flags, and
+the visual encoder loaded from a stage-1 checkpoint."""
 import math
 import sys
 
@@ -8,9 +9,11 @@ import torch
 import torch.nn.functional as F
 
 from mlrg.core import InputError, seed_everything
-from mlrg.models import (CLIP_SCALE_INIT, LongitudinalFusion, MLRGPretrainModel, build_image_encoder, build_text_encoder,
-                         clip_loss, dummy_batch, list_image_encoders, load_weights_file, multi_positive_contrastive,
-                         pretrain_config, soft_infonce, study_groups)
+from mlrg.engine import save_checkpoint
+from mlrg.models import (CLIP_SCALE_INIT, MODELS, VISUAL_KEYS, LongitudinalFusion, MLRGPretrainModel, VisualEncoder,
+                         build_image_encoder, build_text_encoder, clip_loss, dummy_batch, list_image_encoders,
+                         load_visual_state, load_weights_file, multi_positive_contrastive, pretrain_config, soft_infonce,
+                         study_groups, visual_config)
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
 VOCAB = 60
@@ -166,11 +169,11 @@ def test_freeze():
     assert not t.requires_grad
     seed_everything(0)
     m = MLRGPretrainModel(dict(vocab_size=VOCAB, image_size=64, freeze_image_encoder=True)).train()
-    assert not m.image_encoder.training
+    assert not m.visual.image_encoder.training
     m(dummy_batch(4, 64, vocab_size=VOCAB))["loss"].backward()
-    assert all(p.grad is None for p in m.image_encoder.parameters())
-    assert m.image_proj.weight.grad is not None
-    bn = next(x for x in m.image_encoder.modules() if isinstance(x, torch.nn.BatchNorm2d))
+    assert all(p.grad is None for p in m.visual.image_encoder.parameters())
+    assert m.visual.image_proj.weight.grad is not None
+    bn = next(x for x in m.visual.image_encoder.modules() if isinstance(x, torch.nn.BatchNorm2d))
     assert torch.equal(bn.running_mean, torch.zeros_like(bn.running_mean))  # statistics untouched in train mode
 
 
@@ -349,3 +352,78 @@ def test_config_errors_and_groups():
     b = _batch()
     b["image_mask"][1, 0] = False
     with pytest.raises(InputError, match="anchor"): _model()(b)
+
+
+# ---------------------------------------------------------------- the visual encoder and stage-1 checkpoints
+
+def test_visual_encoder_is_the_models_visual_half():
+    m = _model().eval()
+    assert isinstance(m.visual, VisualEncoder) and m.visual.config == visual_config(m.config)
+    assert set(m.visual.config) == set(VISUAL_KEYS) and "vocab_size" not in m.visual.config
+    b = _batch()
+    with torch.no_grad():
+        vis = m.encode_visual(b)
+        assert torch.equal(m.visual.global_embedding(vis), vis["fused_global"])
+        tokens, used = m.visual.encode_slots(b)
+        emb = m.visual.embed_slots(tokens, b)
+        assert torch.equal(m.visual.fuse(emb, used), vis["fused_tokens"]) and torch.equal(emb[:, 0], vis["anchor_tokens"])
+    assert vis["fused_tokens"].shape == (4, m.visual.n_tokens, m.visual.dim)
+    assert not any(n.startswith(("image_encoder.", "fusion.", "image_proj.")) for n in m.state_dict())  # all under visual.
+    mc = _model(mode="medclip")
+    assert not hasattr(mc.visual, "fusion") and "fused_tokens" not in mc.visual(b)
+    with pytest.raises(InputError, match="medclip"): VisualEncoder(mode="medclip", is_prior_scan=True)
+
+
+def test_load_visual_state_from_a_saved_stage1_checkpoint(tmp_path):
+    seed_everything(0)
+    trained = MLRGPretrainModel(dict(vocab_size=VOCAB, image_size=32)).train()
+    opt = torch.optim.AdamW(trained.parameters(), lr=1e-2)
+    for s in range(2):
+        opt.zero_grad(); trained(dummy_batch(4, 32, vocab_size=VOCAB, seed=s))["loss"].backward(); opt.step()
+    save_checkpoint({"model": trained.state_dict(), "config": {"model": trained.config}, "vocab": ["x"] * VOCAB}, tmp_path / "best.pt")
+    seed_everything(1)
+    fresh = VisualEncoder(trained.config)
+    lines = []
+    table = load_visual_state(fresh, tmp_path / "best.pt", print_fn=lines.append)
+    assert set(table.status) == {"loaded"} and len(table) == len(fresh.state_dict())
+    assert lines and "0 of" not in lines[0]
+    want = {k[len("visual."):]: v for k, v in trained.state_dict().items() if k.startswith("visual.")}
+    got = fresh.state_dict()
+    assert set(got) == set(want)
+    for k, v in got.items(): assert torch.equal(v, want[k]), k
+    b = dummy_batch(4, 32, vocab_size=VOCAB, seed=5)
+    fresh.eval(); trained.eval()
+    with torch.no_grad():
+        mine, theirs = fresh(b), trained.visual(b)
+    assert mine.keys() == theirs.keys()
+    for k in mine: assert torch.equal(mine[k], theirs[k]), k
+
+
+def test_load_visual_state_reports_what_does_not_fit():
+    seed_everything(0)
+    src = MLRGPretrainModel(dict(vocab_size=VOCAB, image_size=32))
+    narrow = VisualEncoder(src.config, d_model=64)
+    before = {k: v.clone() for k, v in narrow.state_dict().items()}
+    with pytest.raises(InputError, match="shape mismatch"): load_visual_state(narrow, src, strict=True)
+    assert all(torch.equal(v, before[k]) for k, v in narrow.state_dict().items())     # strict: nothing copied
+    lines = []
+    t = load_visual_state(narrow, src.state_dict(), print_fn=lines.append)
+    status = dict(zip(t.name, t.status))
+    assert status["image_proj.weight"] == "shape mismatch" and status["fusion.null"] == "shape mismatch"
+    assert all(s == "loaded" for k, s in status.items() if k.startswith("image_encoder."))
+    assert torch.equal(narrow.image_proj.weight, before["image_proj.weight"])          # a mismatch keeps its fresh value
+    assert any("shape mismatch" in line for line in lines)                            # and is printed, not silent
+    med = VisualEncoder(src.config, mode="medclip", is_multiview_learning=False, is_prior_scan=False)
+    t2 = load_visual_state(med, {"model": src.state_dict()}, print_fn=None)
+    assert set(t2[t2.status == "unexpected"].name.str.split(".").str[0]) == {"view_embed", "temporal_embed", "fusion"}
+    sd = {k: v for k, v in src.state_dict().items() if k != "visual.image_proj.bias"}
+    assert dict(zip(*load_visual_state(VisualEncoder(src.config), sd, print_fn=None)[["name", "status"]].T.values))["image_proj.bias"] == "missing"
+    with pytest.raises(InputError, match="no tensor name starts with"): load_visual_state(narrow, src, prefix="vision.")
+    with pytest.raises(InputError, match="cannot read weights"): load_visual_state(narrow, 3)
+
+
+def test_models_notebook_parameters():
+    assert MODELS.check(image_size="64")["image_size"] == 64
+    assert all(not p.cli for p in MODELS.params.values())
+    with pytest.raises(InputError, match="did you mean 'image_size'"): MODELS.check(image_sise=64)
+    with pytest.raises(InputError, match="parameter 'image_encoder'"): MODELS.check(image_encoder="resnet1")

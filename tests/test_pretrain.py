@@ -16,6 +16,7 @@ from mlrg.core import InputError, read_jsonl
 from mlrg.data import Vocab
 from mlrg.engine import load_checkpoint
 from mlrg.metrics import roc_auc
+from mlrg.models import VisualEncoder, load_visual_state
 from mlrg.pretrain import PRETRAIN, build_pretrain, linear_probe, load_pretrained, pretrain, pretrain_cli, recall_at_k, write_tiny_phantom
 
 PRETRAIN_DEFAULTS = PRETRAIN.defaults()
@@ -80,6 +81,25 @@ def test_mpc_flag_changes_the_loss_end_to_end(phantom, tmp_path):
     # the total is the text loss plus the mpc term (weights 1:1) when on, the text loss alone when off
     assert got[False][0]["train_loss"] == pytest.approx(got[False][0]["train_loss_text"], rel=1e-6)
     assert got[True][0]["train_loss"] == pytest.approx(got[True][0]["train_loss_text"] + got[True][0]["train_loss_mpc"], rel=1e-5)
+
+
+def test_visual_half_of_a_pretrain_checkpoint(phantom, tmp_path):
+    "Two steps of stage 1, then its best checkpoint's visual half in a fresh VisualEncoder: every tensor, the same outputs."
+    _, ann = phantom
+    out = tmp_path / "vis"
+    s = pretrain(data_path=str(ann), max_steps=2, linear_probe=False, model_save_path=str(out), **FAST)
+    ck = load_checkpoint(s["best_checkpoint"])
+    visual = VisualEncoder(ck["config"]["model"])
+    table = load_visual_state(visual, s["best_checkpoint"], print_fn=None)
+    assert set(table.status) == {"loaded"}
+    for k, v in visual.state_dict().items(): assert torch.equal(v, ck["model"]["visual." + k]), k
+    model, vocab, _ = load_pretrained(s["best_checkpoint"])                   # the whole model still loads
+    parts = build_pretrain(PRETRAIN.check(data_path=str(ann), linear_probe=False, **FAST))
+    batch = _batch_with(parts, need_aux=True, need_prior=True)
+    with torch.no_grad():
+        mine, theirs = visual.eval()(batch), model.visual(batch)
+    for k in theirs: assert torch.equal(mine[k], theirs[k]), k
+    with torch.no_grad(): assert torch.equal(model.image_embedding(mine), model.encode_images(batch))
 
 
 def test_medclip_mode_refuses_mlrg_flags_and_trains(phantom, tmp_path):
