@@ -27,8 +27,8 @@ import numpy as np
 # %% auto #0
 __all__ = ['OBSERVATIONS', 'study_dir', 'image_relpath', 'report_relpath', 'InputError', 'derive_seed', 'seed_everything',
            'rng_states', 'set_rng_states', 'get_logger', 'write_set', 'atomic_write', 'remove_stale_temps',
-           'ensure_writable', 'move_aside', 'save_json', 'load_json', 'append_jsonl', 'jsonl_text', 'save_jsonl',
-           'read_jsonl', 'peak_rss_mb', 'measure', 'Param', 'coerce', 'Params', 'to_plain']
+           'ensure_writable', 'move_aside', 'json_text', 'save_json', 'load_json', 'append_jsonl', 'jsonl_text',
+           'save_jsonl', 'read_jsonl', 'peak_rss_mb', 'measure', 'Param', 'coerce', 'Params', 'to_plain']
 
 # %% ../nbs/00_core.ipynb #0ca8bb85
 OBSERVATIONS = ["Atelectasis", "Cardiomegaly", "Consolidation", "Edema", "Enlarged Cardiomediastinum", "Fracture",
@@ -186,9 +186,13 @@ def _json_default(o):
     if isinstance(o, Path): return str(o)
     raise TypeError(f"{type(o).__name__} is not JSON serialisable")
 
+def json_text(obj, indent=2) -> str:
+    "`obj` as JSON text (NumPy scalars and arrays and paths converted), ending with a newline."
+    return json.dumps(obj, indent=indent, default=_json_default, ensure_ascii=False) + "\n"
+
 def save_json(obj, path, indent=2):
     "Write `obj` as JSON to `path` atomically (NumPy scalars and paths are converted)."
-    return atomic_write(path, json.dumps(obj, indent=indent, default=_json_default, ensure_ascii=False) + "\n")
+    return atomic_write(path, json_text(obj, indent))
 
 def load_json(path):
     "Read JSON from `path`, with an error naming the file if it is not valid JSON."

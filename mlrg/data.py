@@ -5,6 +5,7 @@
 # %% ../nbs/01_data.ipynb #188d2ba1
 from __future__ import annotations
 
+import csv
 import json
 import os
 import pickle
@@ -20,7 +21,8 @@ import pandas as pd
 import torch
 from PIL import Image
 
-from .core import OBSERVATIONS, InputError, Param, Params, atomic_write, image_relpath, report_relpath, study_dir, derive_seed, get_logger, load_json, save_json
+from .core import (OBSERVATIONS, InputError, Param, Params, atomic_write, derive_seed, ensure_writable, get_logger, image_relpath,
+                       json_text, load_json, remove_stale_temps, report_relpath, save_json, study_dir, write_set)
 
 # %% auto #0
 __all__ = ['IMAGE_CHECKS', 'PREPARE', 'METADATA_CSV', 'SPLIT_CSV', 'CHEXPERT_CSV', 'METADATA_REQUIRED', 'SPLIT_REQUIRED',
@@ -29,7 +31,7 @@ __all__ = ['IMAGE_CHECKS', 'PREPARE', 'METADATA_CSV', 'SPLIT_CSV', 'CHEXPERT_CSV
            'read_metadata', 'read_split', 'assign_priors', 'choose_prior_images', 'parse_report', 'normalize_text',
            'clean_indication', 'read_reports', 'check_image', 'check_images', 'tokenize', 'Vocab', 'prepare',
            'prepare_cli', 'validate_mlrg_item', 'read_mlrg_annotation', 'read_r2gen_annotation', 'read_medclip_pickle',
-           'read_annotation', 'view_id', 'load_image', 'MLRGDataset', 'collate']
+           'read_annotation', 'view_id', 'load_image', 'prior_findings', 'build_prompt', 'MLRGDataset', 'collate']
 
 # %% ../nbs/01_data.ipynb #a43be15a
 IMAGE_CHECKS = ("exists", "decode", "none")
@@ -41,7 +43,7 @@ PREPARE = Params("prepare", "Turn MIMIC-CXR(-JPG) files into MLRG's annotation J
     vocab=Param(None, "vocabulary JSON to write (default: vocab.json beside --out)", kind=str, notebook=False),
     run_dir=Param(None, "a run folder (name or path): read <run>/mimic, write <run>/prepared", kind=str, cli=False),
     sample_unit=Param("image", "image (MLRG: every image is an anchor) or study (one frontal anchor per study)", choices=("image", "study")),
-    image_check=Param("exists", "exists, decode every JPEG, or none", choices=lambda: IMAGE_CHECKS),
+    image_check=Param("exists", "exists (present, non-empty, a JPEG/PNG header), decode every image, or none", choices=lambda: IMAGE_CHECKS),
     min_freq=Param(3, "vocabulary: keep words seen at least this often in the train split", low=1),
     skip_bad=Param(False, "skip and count bad inputs instead of failing"),
     image_size=Param(224, "Dataset: images are padded to square, then resized to this", low=16, cli=False),
@@ -137,6 +139,27 @@ def _flag_rows(bad, reason, mask, path, describe, expected=None):
         bad(reason, describe(first), where=f"{path}, line {first + 2}", expected=expected, n=int(mask.sum()))
     return mask
 
+# %% ../nbs/01_data.ipynb #807b706e
+def _valid_dates(s: pd.Series) -> pd.Series:
+    "True where `s` holds a calendar date YYYYMMDD."
+    s = s.astype(str).str.strip()
+    return s.str.fullmatch(r"\d{8}") & pd.to_datetime(s, format="%Y%m%d", errors="coerce").notna()
+
+def _valid_times(s: pd.Series) -> pd.Series:
+    "True where `s` holds a time of day HHMMSS(.fff), leading zeros optional."
+    whole = s.astype(str).str.strip().str.extract(r"^(\d{1,6})(?:\.\d*)?$")[0]
+    t = pd.to_numeric(whole, errors="coerce")
+    return t.notna() & (t // 10000 < 24) & (t // 100 % 100 < 60) & (t % 100 < 60)
+
+def _short_rows(path) -> np.ndarray:
+    "For each data row of the CSV at `path` (.csv or .csv.gz; blank lines skipped, as pandas does): True if it has fewer fields than the header."
+    import gzip
+    opener = gzip.open if str(path).endswith(".gz") else open
+    with opener(path, "rt", encoding="utf-8", newline="") as f:
+        rows = (r for r in csv.reader(f) if r)
+        n = len(next(rows, []))
+        return np.array([len(r) < n for r in rows], dtype=bool)
+
 # %% ../nbs/01_data.ipynb #826f2143
 def read_metadata(mimic_root, bad=None):
     "The metadata table: dicom_id, subject_id, study_id, view, study_date, study_time (one row per image)."
@@ -150,10 +173,18 @@ def read_metadata(mimic_root, bad=None):
     uniq = {v: normalize_view(v) for v in views.unique()}
     out["view"] = views.map(uniq)
     num = ["subject_id", "study_id", "study_date", "study_time"]
-    ok = out[num].notna().all(axis=1) & (out["dicom_id"] != "")
-    _flag_rows(bad, "metadata_bad_row", ~ok, path,
+    short = pd.Series(_short_rows(path), index=df.index)
+    _flag_rows(bad, "metadata_short_row", short, path, lambda i: f"dicom_id={out['dicom_id'].iat[i]!r}: the row has fewer fields than the header",
+               expected="a complete row (was the file cut short?)")
+    ok = ~short & out[num].notna().all(axis=1) & (out["dicom_id"] != "")
+    _flag_rows(bad, "metadata_bad_row", ~short & ~ok, path,
                lambda i: f"dicom_id={out['dicom_id'].iat[i]!r} has an empty or non-numeric subject_id, study_id, StudyDate or StudyTime",
                expected="numeric ids, StudyDate YYYYMMDD and StudyTime HHMMSS.fff")
+    for reason, valid, col, form in (("metadata_bad_date", _valid_dates(df["StudyDate"]), "StudyDate", "a date YYYYMMDD"),
+                                     ("metadata_bad_time", _valid_times(df["StudyTime"]), "StudyTime", "a time of day HHMMSS or HHMMSS.fff")):
+        _flag_rows(bad, reason, ok & ~valid, path, lambda i, col=col: f"{col}={df[col].iat[i]!r} for dicom_id={out['dicom_id'].iat[i]!r}",
+                   expected=form)
+        ok &= valid
     dup = out["dicom_id"].duplicated(keep="first") & ok
     _flag_rows(bad, "metadata_duplicate_dicom", dup, path, lambda i: f"dicom_id={out['dicom_id'].iat[i]!r} appears more than once")
     out = out[ok & ~dup].copy()
@@ -304,8 +335,14 @@ def read_reports(files_dir, studies: pd.DataFrame, bad=None, progress=True) -> d
 def check_image(path, decode=False):
     "None if the image at `path` is usable, else ('image_missing' | 'image_corrupt', message)."
     path = Path(path)
-    if not decode:
-        return None if path.is_file() else ("image_missing", "image file not found")
+    if not decode:                                         # cheap: the file's size and first bytes, no pixels
+        try:
+            with open(path, "rb") as f: head = f.read(8)
+        except FileNotFoundError: return ("image_missing", "image file not found")
+        except OSError as e: return ("image_corrupt", f"cannot read the file ({e.strerror or e})")
+        if not head: return ("image_corrupt", "empty file (0 bytes)")
+        if not head.startswith((b"\xff\xd8\xff", b"\x89PNG")): return ("image_corrupt", f"not a JPEG or PNG file (it starts with {head[:4]!r})")
+        return None
     try:
         with Image.open(path) as im:
             im.draft("L", (max(1, im.width // 8), max(1, im.height // 8)))
@@ -381,10 +418,14 @@ class Vocab:
             out.append(tok)
         return " ".join(out)
 
+    def as_json(self) -> dict:
+        "The vocabulary as the JSON object `save` writes."
+        return {"format": "mlrg-vocab", "version": 1, "min_freq": self.min_freq, "special_tokens": list(SPECIAL_TOKENS),
+                "itos": self.itos, "counts": self.counts}
+
     def save(self, path):
         "Write the vocabulary as JSON, atomically."
-        return save_json({"format": "mlrg-vocab", "version": 1, "min_freq": self.min_freq,
-                          "special_tokens": list(SPECIAL_TOKENS), "itos": self.itos, "counts": self.counts}, path, indent=1)
+        return save_json(self.as_json(), path, indent=1)
 
     @classmethod
     def load(cls, path):
@@ -571,6 +612,8 @@ def prepare(mimic_root, out, sample_unit="image", skip_bad=False, image_check="e
     t0 = time.perf_counter()
     log = get_logger()
     root, out = _check_prepare_args(mimic_root, out, sample_unit, image_check, min_freq)
+    vocab_path = Path(vocab_path) if vocab_path else _default_vocab_path(out)
+    for folder in {out.parent, vocab_path.parent}: ensure_writable(folder); remove_stale_temps(folder)   # before any work
     files_dir = root / "files"
     bad = BadInputs(skip_bad)
     meta, studies, imgs, n_not_in_split, n_time_inconsistent = _image_table(root, bad)                # 1. tables
@@ -584,9 +627,6 @@ def prepare(mimic_root, out, sample_unit="image", skip_bad=False, image_check="e
     anchors, n_no_findings_images, n_no_report_images = _anchors(imgs, text, pri, sample_unit)
     ann, status_count = _annotation(anchors, imgs, studies, text, chexpert)
     vocab = _train_vocab(ann, text, min_freq)
-    vocab_path = Path(vocab_path) if vocab_path else _default_vocab_path(out)
-    atomic_write(out, json.dumps(ann, ensure_ascii=False, separators=(",", ":")), mode="w")
-    vocab.save(vocab_path)
     summary = {
         "mimic_root": str(root.resolve()), "annotation": str(out.resolve()), "vocab": str(vocab_path.resolve()),
         "sample_unit": sample_unit, "image_check": image_check, "skip_bad": bool(skip_bad), "min_freq": int(min_freq),
@@ -606,7 +646,8 @@ def prepare(mimic_root, out, sample_unit="image", skip_bad=False, image_check="e
         "chexpert_labels": list(CHEXPERT_LABELS) if chexpert is not None else None,
         "seconds": round(time.perf_counter() - t0, 2),
     }
-    save_json(summary, _summary_path(out))
+    write_set({out: json.dumps(ann, ensure_ascii=False, separators=(",", ":")), vocab_path: json_text(vocab.as_json(), indent=1),
+               _summary_path(out): json_text(summary)})                   # all three new, or all three as they were
     log.info("prepared %s: %s samples (%s)", out, summary["samples"], sample_unit)
     return summary
 
@@ -771,6 +812,24 @@ def load_image(path, image_size=224):
     if side != image_size: im = im.resize((image_size, image_size), Image.BILINEAR)
     return np.asarray(im, dtype=np.uint8)
 
+# %% ../nbs/01_data.ipynb #ac3e3d2e
+def prior_findings(item) -> str | None:
+    "The findings of an annotation item's prior study (None when it has none)."
+    prior = item.get("prior_study")
+    return (prior.get("latest_study") or {}).get("findings") if isinstance(prior, dict) else None
+
+def build_prompt(vocab, indication, prior_text, max_length=200) -> tuple:
+    "(ids, segment ids) of the prompt `[CLS] indication [SEP] prior findings [SEP]`, at most `max_length` tokens."
+    if max_length < 6: raise InputError(f"max_prompt_length={max_length}", where="max_prompt_length", expected="at least 6 tokens")
+    ind = [t for t in vocab.encode(indication or "") if t != vocab.unk_id] and vocab.encode(indication or "")
+    pri = [t for t in vocab.encode(prior_text or "") if t != vocab.unk_id] and vocab.encode(prior_text or "")
+    ind, pri = ind or [vocab.nhi_id], pri or [vocab.nhpr_id]
+    while len(ind) + len(pri) + 3 > max_length:            # longest first, from the end
+        if len(ind) >= len(pri): ind = ind[:-1]
+        else: pri = pri[:-1]
+    ids = [vocab.cls_id] + ind + [vocab.sep_id] + pri + [vocab.sep_id]
+    return ids, [0] * (len(ind) + 2) + [1] * (len(pri) + 1)
+
 # %% ../nbs/01_data.ipynb #6b3f62ee
 def _augment(x, rng):
     "Light augmentation of a (1, H, W) float tensor in [0, 1]: small affine, brightness, contrast. No flip."
@@ -783,7 +842,7 @@ def _augment(x, rng):
 
 class MLRGDataset(torch.utils.data.Dataset):
     "Items in MLRG's form -> anchor + auxiliary views + prior image, prompt and target ids."
-    def __init__(self, items, image_root, vocab, image_size=224, max_views=3, max_length=100, max_prompt_length=128,
+    def __init__(self, items, image_root, vocab, image_size=224, max_views=3, max_length=100, max_prompt_length=200,
                  augment=False, seed=0, mean=CXR_MEAN, std=CXR_STD):
         if max_views < 1: raise InputError(f"max_views={max_views}", where="max_views", expected=">= 1")
         self.items, self.image_root, self.vocab = list(items), Path(image_root), vocab
@@ -801,14 +860,9 @@ class MLRGDataset(torch.utils.data.Dataset):
         if rng is not None: x = _augment(x, rng)
         return (x - self.mean) / self.std
 
-    def prompt(self, it) -> list:
-        "Prompt ids: [CLS] indication [SEP] prior findings, with [NHI] / [NHPR] placeholders."
-        v = self.vocab
-        ind = v.encode(it.get("indication_pure") or "")
-        prior = it.get("prior_study")
-        pf = v.encode(prior["latest_study"].get("findings") or "") if prior else []
-        ids = [v.cls_id] + (ind or [v.nhi_id]) + [v.sep_id] + (pf or [v.nhpr_id])
-        return ids[:self.max_prompt_length]
+    def prompt(self, it) -> tuple:
+        "Prompt ids and segment ids: `[CLS] indication [SEP]` (0) and `prior findings [SEP]` (1), [NHI] / [NHPR] when absent."
+        return build_prompt(self.vocab, it.get("indication_pure"), prior_findings(it), self.max_prompt_length)
 
     def __getitem__(self, i):
         it = self.items[i]
@@ -828,7 +882,8 @@ class MLRGDataset(torch.utils.data.Dataset):
             images[V], mask[V], views[V], temporal[V] = self.image(ls["image_path"], rng), True, view_id(ls.get("view_position")), 1
         target = self.vocab.encode(it["findings"], bos_eos=True, max_length=self.max_length)
         return {"images": images, "image_mask": mask, "view_ids": views, "temporal_ids": temporal,
-                "has_prior": bool(prior), "prompt_ids": torch.tensor(self.prompt(it)), "target_ids": torch.tensor(target),
+                "has_prior": bool(prior), **dict(zip(("prompt_ids", "prompt_segments"), map(torch.tensor, self.prompt(it)))),
+                "target_ids": torch.tensor(target),
                 "id": it["id"], "study_id": it.get("study_id"), "findings": it["findings"]}
 
 # %% ../nbs/01_data.ipynb #d4b5c819
@@ -843,5 +898,9 @@ def collate(batch, pad_id=0):
         for i, b in enumerate(batch):
             n = len(b[f"{k}_ids"]); ids[i, :n] = b[f"{k}_ids"]; m[i, :n] = True
         out[f"{k}_ids"], out[f"{k}_mask"] = ids, m
+    seg = torch.zeros_like(out["prompt_ids"])
+    for i, b in enumerate(batch):
+        if "prompt_segments" in b: seg[i, :len(b["prompt_segments"])] = b["prompt_segments"]
+    out["prompt_segments"] = seg
     for k in ("id", "study_id", "findings"): out[k] = [b[k] for b in batch]
     return out

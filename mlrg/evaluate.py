@@ -425,6 +425,9 @@ def read_texts(path, role="pred", split="test", id_col=None, text_col=None):
     except json.JSONDecodeError as e:
         raise InputError(f"not valid JSON ({e.msg} at line {e.lineno}, column {e.colno})", where=path, expected="JSON, JSON lines (.jsonl) or CSV (.csv)") from None
     if isinstance(data, dict) and any(k in data for k in ("train", "val", "validate", "test")):
+        if role == "pred":
+            raise InputError("is an MLRG annotation (references, images, priors), given as the predictions (--pred)", where=path,
+                             expected="the generated reports as --pred, and this annotation as --gt (references) or --annotation")
         key = split if split in data else ("validate" if split == "val" and "validate" in data else None)
         if key is None: raise InputError(f"no split {split!r}", where=path, expected=f"one of {list(data)}")
         items = data[key]

@@ -295,10 +295,12 @@ def test_dataset_and_collate_shapes_and_masks(tree, tmp_path):
     assert b["view_ids"][0, 2].item() == 0 and (b["images"][0, 2] == 0).all()
     assert b["target_ids"].shape[1] == 6 and b["target_ids"][0, 0].item() == v.bos_id
     assert (b["target_ids"][b["target_mask"]] != v.pad_id).all()
-    assert v.decode(b["prompt_ids"][0], skip_special=False).endswith("[SEP] [NHPR]")
+    assert v.decode(b["prompt_ids"][0], skip_special=False).endswith("[SEP] [NHPR] [SEP]")      # MLRG's pair of segments
+    n0 = int(b["prompt_mask"][0].sum())
+    assert b["prompt_segments"][0, :n0].tolist() == [0] * (n0 - 2) + [1, 1] and b["prompt_segments"][0, n0:].sum() == 0
     assert v.decode(b["prompt_ids"][1], skip_special=False).startswith("[CLS] m with cough [SEP] new small")
     no_ind = {**first, "indication_pure": ""}
-    assert MLRGDataset([no_ind], tree / "files", v).prompt(no_ind)[:3] == [v.cls_id, v.nhi_id, v.sep_id]
+    assert MLRGDataset([no_ind], tree / "files", v).prompt(no_ind)[0][:3] == [v.cls_id, v.nhi_id, v.sep_id]
     x = b["images"][0, 0]
     assert abs(x.mean().item()) < 5 and x.dtype == torch.float32
 

@@ -189,3 +189,75 @@ def test_phantom_interrupted_is_written_again(tmp_path):
     info = write_phantom(out, patients=3, seed=2, size=40, progress=False)
     assert info["complete"] and not list(out.glob(".*.tmp"))
     assert (out / "mimic-cxr-2.0.0-metadata.csv").read_bytes() == (tmp_path / "ref" / "mimic-cxr-2.0.0-metadata.csv").read_bytes()
+
+
+# ---------------------------------------------------------------- prepare: inputs and its set of outputs
+@pytest.fixture(scope="module")
+def small_phantom(tmp_path_factory):
+    from mlrg.phantom import write_phantom
+    root = tmp_path_factory.mktemp("faults") / "mimic"
+    write_phantom(root, patients=6, seed=4, size=40, progress=False)
+    return root
+
+
+def _copy(root, tmp_path):
+    import shutil
+    return Path(shutil.copytree(root, tmp_path / "mimic"))
+
+
+def test_prepare_catches_empty_and_non_image_files_without_decoding(small_phantom, tmp_path):
+    from mlrg.data import prepare
+    root = _copy(small_phantom, tmp_path)
+    jpgs = sorted((root / "files").rglob("*.jpg"))
+    jpgs[0].write_bytes(b""); jpgs[1].write_text("<html>not an image</html>")
+    with pytest.raises(InputError, match=rf"{jpgs[0].name}: empty file \(0 bytes\)"):
+        prepare(root, tmp_path / "p1" / "annotation.json", progress=False)
+    s = prepare(root, tmp_path / "p2" / "annotation.json", skip_bad=True, progress=False)
+    assert s["skipped"]["image_corrupt"] == 2
+
+
+def test_prepare_names_the_metadata_row_cut_short_or_badly_dated(small_phantom, tmp_path):
+    from mlrg.data import prepare
+    root = _copy(small_phantom, tmp_path)
+    meta = root / "mimic-cxr-2.0.0-metadata.csv"
+    lines = meta.read_text().splitlines()
+    header = lines[0].split(",")
+    t = header.index("StudyTime")
+    cut = lines[3].split(",")[: t + 1]; cut[t] = cut[t][:3]            # the row ends in the middle of StudyTime
+    date = lines[5].split(","); date[header.index("StudyDate")] = "2150131"
+    meta.write_text("\n".join(lines[:3] + [",".join(cut), lines[4], ",".join(date)] + lines[6:]) + "\n")
+    with pytest.raises(InputError, match=r"metadata.csv, line 4: .*fewer fields than the header"):
+        prepare(root, tmp_path / "p" / "annotation.json", progress=False)
+    s = prepare(root, tmp_path / "p" / "annotation.json", skip_bad=True, progress=False)
+    assert s["skipped"]["metadata_short_row"] == 1 and s["skipped"]["metadata_bad_date"] == 1
+
+
+def test_prepare_writes_its_files_as_a_set_and_checks_the_folder_first(small_phantom, tmp_path, monkeypatch):
+    from mlrg.data import prepare
+    out = tmp_path / "prep" / "annotation.json"
+    prepare(small_phantom, out, progress=False)
+    before = {p.name: p.read_bytes() for p in out.parent.iterdir()}
+    real = core._write_temp
+    def full_disk_on_the_vocabulary(path, data, fsync=True):
+        if Path(path).name == "vocab.json": raise OSError(28, "No space left on device", str(path))
+        return real(path, data, fsync)
+    monkeypatch.setattr(core, "_write_temp", full_disk_on_the_vocabulary)
+    with pytest.raises(OSError):
+        prepare(small_phantom, out, min_freq=1, progress=False)
+    assert {p.name: p.read_bytes() for p in out.parent.iterdir()} == before          # all three as they were
+    monkeypatch.setattr(core, "_write_temp", real)
+    (tmp_path / "a_file").write_text("")
+    with pytest.raises(InputError, match="a_file: the output folder is a file"):
+        prepare(small_phantom, tmp_path / "a_file" / "annotation.json", progress=False)
+
+
+# ---------------------------------------------------------------- evaluate: which file plays which role
+def test_evaluate_refuses_an_annotation_as_predictions(tmp_path, capsys):
+    from mlrg.runs import main
+    ann = tmp_path / "annotation.json"
+    ann.write_text(json.dumps({"train": [], "val": [], "test": [{"id": "a", "findings": "no effusion."}]}))
+    pred = tmp_path / "pred.json"; pred.write_text(json.dumps({"a": "small effusion."}))
+    assert main(["evaluate", "--pred", str(ann), "--gt", str(pred), "--no-meteor"]) == 2
+    err = capsys.readouterr().err
+    assert "annotation.json: is an MLRG annotation" in err and "given as the predictions (--pred)" in err and "as --gt" in err
+    assert main(["evaluate", "--pred", str(pred), "--gt", str(ann), "--no-meteor"]) == 0          # the right way round
