@@ -18,11 +18,11 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
-from .core import InputError, Param, Params, derive_seed, get_logger, read_jsonl, save_json, seed_everything
+from .core import InputError, Param, Params, derive_seed, ensure_writable, get_logger, read_jsonl, save_json, seed_everything
 from .data import CHEXPERT_LABELS, SPECIAL_TOKENS, MLRGDataset, Vocab, collate, prepare, read_annotation
 from .engine import TRAIN, fit, is_main_process, load_checkpoint, to_device
 from .metrics import roc_auc
-from .runs import RunFolder, outputs_root
+from .runs import RunFolder, os_error_line, outputs_root
 from .models import MLRGPretrainModel, list_image_encoders, pretrain_config
 
 # %% auto #0
@@ -42,7 +42,8 @@ def _check_recall_ks(p):
 _TRAINING = TRAIN.subset(["batch_size", "num_epochs", "max_steps", "lr", "weight_decay", "warmup", "scheduler", "grad_accum",
                           "grad_clip", "use_amp", "amp", "early_stopping_patience", "seed"],
                          batch_size=16, num_epochs=2, lr=5e-4)
-_OUTPUT = TRAIN.subset(["eval_steps", "save_steps", "keep_last", "log_steps", "resume_from", "num_workers", "gpu_id", "progress"])
+_OUTPUT = TRAIN.subset(["eval_steps", "save_steps", "keep_last", "log_steps", "resume_from", "overwrite", "num_workers", "gpu_id",
+                        "progress"])
 
 PRETRAIN = Params("pretrain", "MLRG stage 1: multi-view longitudinal contrastive (or MedCLIP-style) pretraining.", dict(
     # --- data ---
@@ -461,6 +462,8 @@ def pretrain(params: dict | None = None, **overrides) -> dict:
     p = PRETRAIN.check(params, **overrides)
     log = get_logger()
     if p["num_threads"]: torch.set_num_threads(p["num_threads"])
+    if p["model_save_path"] is not None: ensure_writable(p["model_save_path"], "model_save_path folder")   # before any work
+    elif p["run_dir"] is not None: ensure_writable(RunFolder.create(p["run_dir"]).pretrain, "run folder")
     parts = build_pretrain(p)
     out_dir = _out_dir(p, parts["data"])
     if p["debug"]: debug_report(parts, p, print_fn=print if is_main_process() else (lambda *a: None))
@@ -491,6 +494,9 @@ def pretrain_cli(argv=None) -> int:
         s = pretrain(p)
     except InputError as e:
         print(f"mlrg.pretrain: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:                      # permission, missing folder, disk full: one line naming the path
+        print(f"mlrg.pretrain: error: {os_error_line(e)}", file=sys.stderr)
         return 2
     if is_main_process():
         b = s["best"]

@@ -261,3 +261,13 @@ def test_evaluate_refuses_an_annotation_as_predictions(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "annotation.json: is an MLRG annotation" in err and "given as the predictions (--pred)" in err and "as --gt" in err
     assert main(["evaluate", "--pred", str(pred), "--gt", str(ann), "--no-meteor"]) == 0          # the right way round
+
+
+def test_pretrain_checks_its_output_folder_before_any_work(tmp_path, capsys):
+    from mlrg.pretrain import pretrain_cli
+    (tmp_path / "a_file").write_text("")
+    assert pretrain_cli(["--model_save_path", str(tmp_path / "a_file"), "--num_threads", "1", "--progress", "false"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "a_file: the model_save_path folder is a file" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file"]                # no phantom, no data written
+    assert pretrain_cli(["--lr", "nan"]) == 2 and "parameter 'lr'" in capsys.readouterr().err
