@@ -25,12 +25,13 @@ from .runs import RunFolder
 from .labeler import OBSERVATIONS, POLICIES, apply_policy, extract_changes, label_reports
 
 # %% auto #0
-__all__ = ['EVALUATE', 'JAVA_FIX', 'NLG_KEYS', 'LABELER_NAME', 'CE5', 'CHANGE_CLASSES', 'CHANGE_OBSERVATIONS', 'ADAPTERS',
-           'ID_COLS', 'TEXT_COLS', 'TABLE_COLUMNS', 'prepare_text', 'truncate_tokens', 'sanitize_meteor', 'MissingJava',
-           'check_java', 'MeteorScorer', 'nlg_scores', 'ce_table', 'ce_summary', 'change_scores', 'resolve_weights',
-           'run_adapter', 'read_texts', 'match_ids', 'evaluate', 'summary_row', 'format_result', 'load_truth',
-           'truth_changes', 'image_embedding', 'most_frequent_baseline', 'nearest_neighbour_baseline',
-           'oracle_baseline', 'split_items', 'evaluate_files', 'evaluate_cli']
+__all__ = ['EVALUATE', 'JAVA_FIX', 'NLG_KEYS', 'LABELER_NAME', 'CE5', 'CHANGE_CLASSES', 'CHANGE_OBSERVATIONS', 'TEMPORAL_WORDS',
+           'ADAPTERS', 'ID_COLS', 'TEXT_COLS', 'TABLE_COLUMNS', 'prepare_text', 'truncate_tokens', 'sanitize_meteor',
+           'MissingJava', 'check_java', 'MeteorScorer', 'nlg_scores', 'ce_table', 'ce_summary', 'change_scores',
+           'temporal_entities', 'temporal_entity_f1', 'resolve_weights', 'run_adapter', 'read_texts', 'match_ids',
+           'evaluate', 'summary_row', 'format_result', 'load_truth', 'truth_changes', 'image_embedding',
+           'most_frequent_baseline', 'nearest_neighbour_baseline', 'copy_prior_baseline', 'oracle_baseline',
+           'split_items', 'evaluate_files', 'evaluate_cli']
 
 # %% ../nbs/05_evaluate.ipynb #6f60ab3f
 EVALUATE = Params("evaluate", "Score generated reports against references: BLEU-1..4, METEOR, ROUGE-L, CIDEr (pycocoevalcap), "
@@ -305,6 +306,27 @@ def change_scores(ref_changes, gen_changes, mask=None) -> dict:
             "macro_f1": float(np.mean([per[c]["f1"] for c in seen])) if seen else None,
             "per_class": per, "confusion": conf.to_dict(orient="index")}
 
+# %% ../nbs/05_evaluate.ipynb #33acf693
+TEMPORAL_WORDS = frozenset(
+    "bigger change cleared constant decrease decreased decreasing elevated elevation enlarged enlargement enlarging expanded "
+    "greater growing improved improvement improving increase increased increasing larger new persistence persistent "
+    "persisting progression progressive reduced removal resolution resolved resolving smaller stability stable stably "
+    "unaltered unchanged unfolded worse worsen worsened worsening".split())
+_TEMPORAL_RE = re.compile(r"\b(" + "|".join(sorted(TEMPORAL_WORDS, key=len, reverse=True)) + r")\b")
+
+def temporal_entities(text) -> set:
+    "The change words of `TEMPORAL_WORDS` in `text` (whole words, case-insensitive, hyphens and underscores as spaces)."
+    return set(_TEMPORAL_RE.findall(re.sub(r"[_-]+", " ", str(text or "").lower())))
+
+def temporal_entity_f1(refs, hyps) -> dict:
+    "Libra's temporal entity score: the mean over report pairs of the F1 of their change-word sets, and the per-pair scores."
+    per = []
+    for r, h in zip(refs, hyps):
+        R, H = temporal_entities(r), temporal_entities(h)
+        if not R: per.append(1.0 if not H else 0.0)
+        else: tp = len(R & H); per.append(2 * tp / (len(R) + len(H)))
+    return {"f1": float(np.mean(per)) if per else float("nan"), "pairs": len(per), "per_sample": per}
+
 # %% ../nbs/05_evaluate.ipynb #9034f578
 ADAPTERS = {"chexbert": {"package": "f1chexbert", "env": "MLRG_CHEXBERT_WEIGHTS", "file": "chexbert.pth"},
             "radgraph": {"package": "radgraph", "env": "MLRG_RADGRAPH_WEIGHTS", "file": "radgraph.tar.gz"}}
@@ -510,6 +532,7 @@ def evaluate(refs, hyps, ids=None, meteor=True, truncate_ref=None, uncertain_pol
         secs["CE"] = time.perf_counter() - t0
         t0 = time.perf_counter()
         longi, lt = _longitudinal(refs, hyps, ids, has_prior, truth_changes)
+        tem = temporal_entity_f1(refs, hyps)
         secs["longitudinal"] = time.perf_counter() - t0
     finally:
         m = job.result() if job is not None else None
@@ -525,17 +548,18 @@ def evaluate(refs, hyps, ids=None, meteor=True, truncate_ref=None, uncertain_pol
         "n": len(refs),
         "settings": _settings(truncate_ref, meteor, uncertain_policy),
         "nlg": nlg["scores"], "ce": ce_summary(table), "ce_per_observation": table.to_dict(orient="records"),
-        "longitudinal": longi, "longitudinal_vs_truth": lt, "adapters": adapters,
+        "longitudinal": longi, "longitudinal_vs_truth": lt, "temporal_entity_f1": {k: tem[k] for k in ("f1", "pairs")},
+        "adapters": adapters,
         "empty_texts": {"references": sum(not r.strip() for r in refs), "hypotheses": sum(not h.strip() for h in hyps)},
         "meteor_sanitised": {"references": sum(sanitize_meteor(r) != _WS.sub(" ", r).strip() for r in refs),
                              "hypotheses": sum(sanitize_meteor(h) != _WS.sub(" ", h).strip() for h in hyps)} if meteor else None,
         "seconds": {k: round(v, 3) for k, v in secs.items()},
-        "per_sample": {"id": ids, **nlg["per_sample"]},
+        "per_sample": {"id": ids, **nlg["per_sample"], "temporal_entity_f1": tem["per_sample"]},
     }
 
 # %% ../nbs/05_evaluate.ipynb #f089d48c
 TABLE_COLUMNS = ["B-1", "B-2", "B-3", "B-4", "METEOR", "ROUGE-L", "CIDEr", "CE14 mi-P", "CE14 mi-R", "CE14 mi-F1",
-                 "CE14 ma-P", "CE14 ma-R", "CE14 ma-F1", "CE5 mi-F1", "CE5 ma-F1", "Long. acc", "Long. vs truth"]
+                 "CE14 ma-P", "CE14 ma-R", "CE14 ma-F1", "CE5 mi-F1", "CE5 ma-F1", "Long. acc", "Long. vs truth", "Temporal F1"]
 
 def summary_row(result) -> dict:
     "One row of the comparison table (columns `TABLE_COLUMNS`; NaN where not computed)."
@@ -543,7 +567,8 @@ def summary_row(result) -> dict:
     lt = result.get("longitudinal_vs_truth")
     vals = [n.get(f"BLEU-{k}") for k in range(1, 5)] + [n.get("METEOR"), n.get("ROUGE-L"), n.get("CIDEr")]
     vals += [c["CE-14"]["micro"][k] for k in ("precision", "recall", "f1")] + [c["CE-14"]["macro"][k] for k in ("precision", "recall", "f1")]
-    vals += [c["CE-5"]["micro"]["f1"], c["CE-5"]["macro"]["f1"], result["longitudinal"]["accuracy"], lt["accuracy"] if lt else None]
+    vals += [c["CE-5"]["micro"]["f1"], c["CE-5"]["macro"]["f1"], result["longitudinal"]["accuracy"], lt["accuracy"] if lt else None,
+             (result.get("temporal_entity_f1") or {}).get("f1")]
     return {k: (float("nan") if v is None else float(v)) for k, v in zip(TABLE_COLUMNS, vals)}
 
 # %% ../nbs/05_evaluate.ipynb #8b7e5aa8
@@ -573,6 +598,8 @@ def format_result(result, name="predictions") -> str:
     if lt and lt["accuracy"] is not None:
         lines.append(f"longitudinal vs phantom truth: accuracy {lt['accuracy']:.4f} over {lt['scored_cells']} cells "
                      f"(the references themselves: {lt['reference_vs_truth']:.4f})")
+    te = result.get("temporal_entity_f1")
+    if te: lines.append(f"temporal entity F1 (Libra's 44 change words): {te['f1']:.4f} over {te['pairs']} pairs")
     for a in result["adapters"].values(): lines.append(a["message"] + (f": {a['scores']}" if a["status"] == "ok" else ""))
     return "\n".join(lines)
 
@@ -621,6 +648,15 @@ def nearest_neighbour_baseline(train_items, items, image_root, size=32, progress
     te = image_embedding([anchor(it) for it in items], size, progress)
     best = np.argmax(te @ tr.T, axis=1) if len(items) else []
     return {str(it["id"]): train[j]["findings"] for it, j in zip(items, best)}
+
+# %% ../nbs/05_evaluate.ipynb #0399440e
+def copy_prior_baseline(train_items, items, image_root, size=32, progress=False) -> dict:
+    "{id: the prior study's findings where the item has a prior with findings, else the nearest training neighbour's}."
+    from mlrg.data import prior_findings
+    out = {str(it["id"]): prior_findings(it) for it in items if prior_findings(it)}
+    rest = [it for it in items if str(it["id"]) not in out]
+    out.update(nearest_neighbour_baseline(train_items, rest, image_root, size, progress) if rest else {})
+    return {str(it["id"]): out[str(it["id"])] for it in items}
 
 # %% ../nbs/05_evaluate.ipynb #1384c3a5
 def oracle_baseline(items, truth, seed=0) -> dict:

@@ -270,3 +270,16 @@ def test_annotation_as_references(tiny, tmp_path):
     assert m["nlg"]["BLEU-4"] == pytest.approx(1.0) and m["ce"]["CE-14"]["micro"]["f1"] == pytest.approx(1.0)
     assert m["longitudinal"]["prior_information"] == "given"
     assert m["longitudinal"]["pairs"] == sum(it["prior_study"] is not None for it in ann["test"])
+
+
+def test_temporal_entity_f1_and_copy_prior_baseline(tmp_path):
+    from mlrg.evaluate import TEMPORAL_WORDS, copy_prior_baseline, temporal_entities, temporal_entity_f1
+    assert len(TEMPORAL_WORDS) == 44 and {"new", "resolved", "unchanged", "worsening", "unaltered"} <= TEMPORAL_WORDS
+    assert temporal_entities("Newly seen, renewed: not counted. Stable-appearing.") == {"stable"}    # whole words only
+    te = temporal_entity_f1(["increased effusion, new opacity", "", "stable"], ["new opacity", "", ""])
+    assert te["per_sample"] == pytest.approx([2 * 1 / 3, 1.0, 0.0]) and te["f1"] == pytest.approx((2 / 3 + 1) / 3)
+    r = evaluate(["Effusion has increased."], ["Effusion is unchanged."], meteor=False)
+    assert r["temporal_entity_f1"] == {"f1": 0.0, "pairs": 1} and r["per_sample"]["temporal_entity_f1"] == [0.0]
+    # copying the prior report: the prior's findings where there is one
+    items = [{"id": "a", "findings": "now", "prior_study": {"latest_study": {"findings": "before", "image_path": "x"}}}]
+    assert copy_prior_baseline([], items, tmp_path) == {"a": "before"}
