@@ -22,7 +22,7 @@ from .core import InputError, Param, Params, derive_seed, ensure_writable, get_l
 from .data import CHEXPERT_LABELS, SPECIAL_TOKENS, MLRGDataset, Vocab, collate, prepare, read_annotation
 from .engine import TRAIN, fit, is_main_process, load_checkpoint, to_device
 from .metrics import roc_auc
-from .runs import RunFolder, os_error_line, outputs_root
+from .runs import RunFolder, one_line_errors, outputs_root
 from .models import MLRGPretrainModel, list_image_encoders, pretrain_config
 
 # %% auto #0
@@ -489,15 +489,9 @@ def pretrain(params: dict | None = None, **overrides) -> dict:
 # %% ../nbs/03_pretrain.ipynb #2d4c2103
 def pretrain_cli(argv=None) -> int:
     "`python -m mlrg.pretrain [--name value ...]`."
-    try:
-        p = PRETRAIN.cli(argv, prog="python -m mlrg.pretrain")
-        s = pretrain(p)
-    except InputError as e:
-        print(f"mlrg.pretrain: error: {e}", file=sys.stderr)
-        return 2
-    except OSError as e:                      # permission, missing folder, disk full: one line naming the path
-        print(f"mlrg.pretrain: error: {os_error_line(e)}", file=sys.stderr)
-        return 2
+    status, s = one_line_errors("mlrg.pretrain", lambda: pretrain(PRETRAIN.cli(argv, prog="python -m mlrg.pretrain")))
+    if status: return status
+    p = s["params"]
     if is_main_process():
         b = s["best"]
         print(f"pretrain: best step {s['best_step']} (val_loss {s['best_val_loss'] if s['best_val_loss'] is None else round(s['best_val_loss'], 4)}); "

@@ -15,7 +15,7 @@ from pathlib import Path
 from .core import InputError, append_jsonl, read_jsonl
 
 # %% auto #0
-__all__ = ['STAGES', 'SUBCOMMANDS', 'repo_root', 'outputs_root', 'RunFolder', 'Stage', 'main', 'os_error_line']
+__all__ = ['STAGES', 'SUBCOMMANDS', 'repo_root', 'outputs_root', 'RunFolder', 'Stage', 'main', 'os_error_line', 'one_line_errors']
 
 # %% ../nbs/00b_runs.ipynb #a708a2d7
 def repo_root():
@@ -119,16 +119,17 @@ def main(argv=None):
         if argv and argv[0] not in ("-h", "--help"): print(f"mlrg: unknown command {argv[0]!r}", file=sys.stderr)
         return 0 if argv[:1] in (["-h"], ["--help"]) else 2
     module, func, _ = SUBCOMMANDS[argv[0]]
-    try:
-        return getattr(importlib.import_module(module), func)(argv[1:]) or 0
-    except InputError as e:
-        print(f"mlrg {argv[0]}: error: {e}", file=sys.stderr)
-        return 2
-    except OSError as e:                      # permission, missing folder, disk full: one line naming the path
-        print(f"mlrg {argv[0]}: error: {os_error_line(e)}", file=sys.stderr)
-        return 2
+    status, out = one_line_errors(f"mlrg {argv[0]}", lambda: getattr(importlib.import_module(module), func)(argv[1:]))
+    return status or out or 0
 
 def os_error_line(e: OSError) -> str:
     "An `OSError` as one line: the path(s) it concerns, then what went wrong."
     paths = " -> ".join(str(p) for p in (e.filename, e.filename2) if p is not None)
     return f"{paths}: {e.strerror or e}" if paths else str(e.strerror or e)
+
+def one_line_errors(prog: str, work) -> tuple:
+    "(0, `work()`), or (2, None) after printing an `InputError` or `OSError` (permission, missing folder, disk full) as one line."
+    try: return 0, work()
+    except InputError as e: print(f"{prog}: error: {e}", file=sys.stderr)
+    except OSError as e: print(f"{prog}: error: {os_error_line(e)}", file=sys.stderr)
+    return 2, None

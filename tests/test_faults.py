@@ -17,18 +17,9 @@ from mlrg import core
 from mlrg.core import InputError, read_jsonl, save_json, seed_everything, write_set
 from mlrg.engine import continue_or_start, fit, load_checkpoint, save_checkpoint, train_config
 
-from test_engine import BASE, TOY, _env, _weights
+from test_engine import BASE, _env, _weights, toy     # toy: the engine tests' fixture (a toy model and data)
 
 CONF = {**BASE, "num_epochs": 2, "save_steps": 3, "eval_steps": 4}     # 7 batches an epoch, 14 steps
-
-
-@pytest.fixture
-def toy(tmp_path):
-    import importlib.util
-    (tmp_path / "toy.py").write_text(TOY)
-    spec = importlib.util.spec_from_file_location("toy", tmp_path / "toy.py")
-    mod = importlib.util.module_from_spec(spec); spec.loader.exec_module(mod)
-    return mod
 
 
 RUN = """
