@@ -262,3 +262,13 @@ def test_pretrain_checks_its_output_folder_before_any_work(tmp_path, capsys):
     assert err.count("\n") == 1 and "a_file: the model_save_path folder is a file" in err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file"]                # no phantom, no data written
     assert pretrain_cli(["--lr", "nan"]) == 2 and "parameter 'lr'" in capsys.readouterr().err
+
+
+def test_os_errors_are_one_line_naming_the_path(tmp_path, capsys):
+    from mlrg.runs import main
+    reports = tmp_path / "reports.csv"; reports.write_text("Report\nNo effusion.\n")
+    (tmp_path / "a_file").write_text("")
+    assert main(["label", "--in", str(reports), "--out", str(tmp_path / "a_file" / "labels.csv")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("mlrg label: error: ") and str(tmp_path / "a_file") in err
+    assert "Traceback" not in err
