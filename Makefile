@@ -37,7 +37,7 @@ demo: setup
 	$(PM) nbs/03_pretrain.ipynb $(RUNDIR)/reports/03_pretrain.ipynb -p run_dir $(RUNDIR) $(PRETRAIN_ARGS)
 	$(PM) nbs/05_evaluate.ipynb $(RUNDIR)/reports/05_evaluate.ipynb -p run_dir $(RUNDIR)
 	$(BIN)/jupyter nbconvert --log-level WARN --to html $(RUNDIR)/reports/*.ipynb
-	@$(BIN)/python -c 'from mlrg.core import RunFolder; print("\nmlrg demo: " + RunFolder.create("$(RUNDIR)").describe())'
+	@$(BIN)/python -c 'from mlrg.runs import RunFolder; print("\nmlrg demo: " + RunFolder.create("$(RUNDIR)").describe())'
 
 test: setup check-sync nbtest pytest
 
