@@ -10,7 +10,7 @@ mlrg mode with all three ablation flags on), a batch shaped like `mlrg.data.coll
 - achieved FLOP/s = FLOPs per sample x samples/s, as a share of a matmul peak measured in the same run and on the same
   threads (the best of several n x n fp32 matmuls, 2 n^3 FLOPs each);
 - with --data_path: also the samples/s of `mlrg.pretrain.pretrain` itself (JPEG decoding and batching included) over
-  --fit-steps steps, as `mlrg.core.fit` logs it.
+  --fit-steps steps, as `mlrg.engine.fit` logs it.
 
 --device cuda: MIMIC-scale settings (518 px, a ViT-B/14-sized encoder: patch 14, width 768, depth 12, heads 12, frozen
 as MLRG freezes RAD-DINO; fusion width 768; a 6-layer width-768 text encoder; batch 32; bf16 autocast): samples/s,
