@@ -730,7 +730,7 @@ def evaluate_cli(argv=None) -> int:
     per = res.pop("per_sample")
     if a["per_sample"]:
         import pandas as pd
-        atomic_write(a["per_sample"], pd.DataFrame(per).to_csv(index=False), mode="w")
+        atomic_write(a["per_sample"], pd.DataFrame(per).to_csv(index=False))
     if a["out"]:
         save_json(res, a["out"])
         print(f"metrics -> {a['out']}")

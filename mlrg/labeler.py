@@ -337,7 +337,7 @@ def read_reports_csv(path, text_col="Report"):
 # %% ../nbs/05a_labeler.ipynb #f75fbc43
 def write_labels_csv(df, path):
     "Write a labelled frame as CSV atomically: 1.0 / 0.0 / -1.0, blank when not mentioned."
-    return atomic_write(path, df.to_csv(index=False, na_rep="", float_format="%.1f"), mode="w")
+    return atomic_write(path, df.to_csv(index=False, na_rep="", float_format="%.1f"))
 
 # %% ../nbs/05a_labeler.ipynb #c51fbc5b
 def label_cli(argv=None):
