@@ -97,6 +97,7 @@ STAGES = [Stage("phantom", "01a_phantom.ipynb", "mlrg.phantom", "PHANTOM"),
           Stage("prepare", "01_data.ipynb", "mlrg.data", "PREPARE"),
           Stage("label", "05a_labeler.ipynb", "mlrg.labeler", "LABEL"),
           Stage("pretrain", "03_pretrain.ipynb", "mlrg.pretrain", "PRETRAIN"),
+          Stage("finetune", "04_finetune.ipynb", "mlrg.finetune", "FINETUNE"),
           Stage("evaluate", "05_evaluate.ipynb", "mlrg.evaluate", "EVALUATE")]
 
 # %% ../nbs/00b_runs.ipynb #8be3639a
@@ -105,6 +106,8 @@ SUBCOMMANDS = {
     "prepare": ("mlrg.data", "prepare_cli", "turn MIMIC-CXR(-JPG) files into MLRG's annotation JSON + vocabulary"),
     "label": ("mlrg.labeler", "label_cli", "rule-based CheXpert-style labels (1/0/-1/blank) for a CSV of reports"),
     "pretrain": ("mlrg.pretrain", "pretrain_cli", "stage 1: multi-view longitudinal contrastive (or MedCLIP-style) pretraining"),
+    "finetune": ("mlrg.finetune", "finetune_cli", "stage 2: report generation from the current views, the prior study and the indication"),
+    "generate": ("mlrg.finetune", "generate_cli", "write reports with a trained stage-2 checkpoint for a split of any prepared data"),
     "evaluate": ("mlrg.evaluate", "evaluate_cli", "NLG, clinical (CE) and longitudinal scores of generated reports"),
 }
 

@@ -17,7 +17,7 @@ REPO = Path(__file__).resolve().parents[1]
 NOTEBOOKS = STAGES + [Stage("models", "02_models.ipynb", "mlrg.models", "MODELS")]
 # one misspelling per notebook, and the name it must suggest
 TYPOS = {"phantom": ("patiens", "patients"), "prepare": ("min_frq", "min_freq"), "label": ("text_colum", "text_column"),
-         "pretrain": ("bach_size", "batch_size"), "evaluate": ("uncertain_polcy", "uncertain_policy"),
+         "pretrain": ("bach_size", "batch_size"), "finetune": ("ft_lrr", "ft_lr"), "evaluate": ("uncertain_polcy", "uncertain_policy"),
          "models": ("image_sise", "image_size")}
 
 

@@ -1,0 +1,276 @@
+"""Tests of stage 2 (mlrg.finetune): a reloaded checkpoint writes the same reports, the stage-1 weights load by name
+and shape with two learning rates, each ablation flag changes only what it names, empty / garbage / over-long prompt
+parts are handled, cached features equal pixels, a run killed by SIGKILL and started again ends with the weights of an
+uninterrupted run, a 2-process gloo run generates every val sample exactly once, and `mlrg generate` end to end."""
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from mlrg.core import InputError, read_jsonl
+from mlrg.data import Vocab
+from mlrg.engine import load_checkpoint
+from mlrg.evaluate import evaluate_files
+from mlrg.finetune import (FINETUNE, GENERATE, FeatureCache, build_finetune, dataset_for, finetune, generate_cli, load_finetune_data,
+                           load_report_model, report_collate)
+from mlrg.pretrain import pretrain, write_tiny_phantom
+
+REPO = Path(__file__).resolve().parents[1]
+FAST = dict(batch_size=4, eval_batch_size=16, progress=False, num_threads=1, meteor=False, decoder_layers=1, max_length=48, num_beams=2)
+
+
+def _env():
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    "A run folder: a tiny prepared phantom (mimic/, prepared/) and one step of stage 1 at 32 px (pretrain/best.pt)."
+    root = tmp_path_factory.mktemp("ft")
+    ann = write_tiny_phantom(root, patients=16, seed=3)
+    pretrain(run_dir=str(root), image_size=32, max_steps=1, batch_size=4, eval_batch_size=16, linear_probe=False, progress=False, num_threads=1)
+    assert (root / "pretrain" / "best.pt").is_file()
+    return root, ann
+
+
+@pytest.fixture(scope="module")
+def trained(run):
+    "Two steps of stage 2 in the run folder (stage-1 initialisation), with the test split written."
+    root, ann = run
+    return finetune(run_dir=str(root), max_steps=2, **FAST)
+
+
+def _parts(root, data=None, **kw):
+    return build_finetune(FINETUNE.check(run_dir=str(root), **{**FAST, **kw}), data=data)
+
+
+def test_reloaded_checkpoint_writes_the_same_reports(run, trained):
+    root, ann = run
+    assert Path(trained["out_dir"]) == root / "finetune"
+    model, vocab, ck = load_report_model(trained["best_checkpoint"])
+    assert ck["vocab"] == load_checkpoint(root / "pretrain" / "best.pt")["vocab"] == vocab.itos     # stage 1's vocabulary, carried
+    preds = json.loads((root / "finetune" / "test_predictions.json").read_text())
+    items = json.loads(ann.read_text())["test"]
+    assert [p["id"] for p in preds] == [it["id"] for it in items]
+    assert set(preds[0]) == {"id", "study", "reference", "generated", "prompt", "has_prior"}
+    ds = dataset_for(ck, items, root / "mimic" / "files")
+    batch = report_collate([ds[i] for i in range(len(ds))])
+    ids = model.generate(batch, **ck["config"]["generation"])
+    assert [vocab.decode(s) for s in ids] == [p["generated"] for p in preds]                     # reloaded model = the run's
+    again, _, _ = load_report_model(trained["best_checkpoint"])
+    assert again.generate(batch, **ck["config"]["generation"]) == ids
+    rows = list(csv.DictReader(open(root / "finetune" / "test_predictions.csv", encoding="utf-8")))
+    assert [r["dicom_id"] for r in rows] == [p["id"] for p in preds] and rows[0]["labels"] == preds[0]["reference"]
+    assert read_jsonl(root / "results.jsonl")[-1]["stage"] == "finetune"
+
+
+def test_stage1_weights_load_by_name_with_two_learning_rates(run):
+    root, _ = run
+    parts = _parts(root, cache_features=False)
+    t, model = parts["init_table"], parts["model"]
+    ck = load_checkpoint(root / "pretrain" / "best.pt")["model"]
+    loaded = set(t[t.status == "loaded"].name)
+    assert {n.split(".")[0] for n in loaded} == {"visual", "text_encoder"}
+    assert set(t[t.status == "skipped"].name) == {k for k in ck if k.split(".")[0] in ("image_head", "text_head", "mpc_head")}
+    assert {n.split(".")[0] for n in t[t.status == "new"].name} >= {"decoder", "prompt_fusion", "type_embed", "segment_embed"}
+    sd = model.state_dict()
+    for n in loaded: assert torch.equal(sd[n], ck[n]), n
+    groups = parts["param_groups"]
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    covered = {n for n in trainable if any(n.startswith(k) for k in groups)}
+    assert covered == loaded & trainable and set(groups.values()) == {FINETUNE.check()["pt_lr"]}
+    assert not any(n.startswith("visual.image_encoder.") for n in trainable)            # frozen, as MLRG
+    # the ablation: no stage-1 weights, one learning rate, and the new weights are those of the same seed
+    off = _parts(root, data=parts["data"], stage1_init=False, cache_features=False)
+    assert off["init_table"] is None and off["param_groups"] is None and off["model_config"] == parts["model_config"]
+    sd_off = off["model"].state_dict()
+    for n in sd:
+        if n not in loaded: assert torch.equal(sd[n], sd_off[n]), n
+
+
+def _same(a, b):
+    if torch.is_tensor(a): return torch.equal(a, b)
+    return a == b
+
+
+def _changed_keys(ds_on, ds_off, n=12):
+    "The item keys whose values differ between two datasets over the first `n` samples."
+    out = set()
+    for i in range(min(n, len(ds_on))):
+        a, b = ds_on[i], ds_off[i]
+        out |= {k for k in a if not _same(a[k], b[k])}
+    return out
+
+
+@pytest.mark.parametrize("flag,segment", [("use_indication", 0), ("use_prior_report", 1)])
+def test_prompt_ablation_changes_only_its_part_of_the_prompt(run, flag, segment):
+    root, _ = run
+    on = _parts(root)
+    off = _parts(root, data=on["data"], **{flag: False})
+    assert on["model_config"] == off["model_config"]
+    assert _changed_keys(on["train_ds"], off["train_ds"]) <= {"prompt_ids", "prompt_segments"}
+    vocab = on["vocab"]
+    want = "[CLS] [NHI] [SEP]" if segment == 0 else "[NHPR] [SEP]"
+    for i in range(len(on["train_ds"])):
+        a, b = on["train_ds"][i], off["train_ds"][i]
+        keep = 1 - segment
+        assert a["prompt_ids"][a["prompt_segments"] == keep].tolist() == b["prompt_ids"][b["prompt_segments"] == keep].tolist()
+        assert vocab.decode(b["prompt_ids"][b["prompt_segments"] == segment], skip_special=False) == want
+    assert any(not torch.equal(on["train_ds"][i]["prompt_ids"], off["train_ds"][i]["prompt_ids"]) for i in range(len(on["train_ds"])))
+
+
+@pytest.mark.parametrize("flag,key", [("use_prior_scan", "is_prior_scan"), ("use_auxiliary_views", "is_multiview_learning")])
+def test_image_ablation_hides_only_its_slots(run, flag, key):
+    root, _ = run
+    on = _parts(root)
+    off = _parts(root, data=on["data"], **{flag: False})
+    diff = {k for k in on["model_config"]["visual"] if on["model_config"]["visual"][k] != off["model_config"]["visual"][k]}
+    assert diff == {key} and {k for k in on["model_config"] if on["model_config"][k] != off["model_config"][k]} == {"visual"}
+    assert _changed_keys(on["train_ds"], off["train_ds"]) == set()                     # the data are the same
+    ds = on["train_ds"]
+    idx = [i for i, it in enumerate(ds.items) if it["prior_study"] and it["auxiliary_references"]["image_path"]][:3]
+    batch = report_collate([ds[i] for i in idx])
+    V = batch["features"].shape[1] - 1
+    mine, other = (slice(V, V + 1), slice(1, V)) if flag == "use_prior_scan" else (slice(1, V), slice(V, V + 1))
+    def memory_change(model, sl):
+        noisy = {**batch, "features": batch["features"].clone()}
+        noisy["features"][:, sl] += torch.randn_like(noisy["features"][:, sl]) * 3
+        with torch.no_grad(): return float((model.eval().memory(noisy) - model.memory(batch)).abs().max())
+    assert memory_change(on["model"], mine) > 1e-3                                      # the flag on: those images are seen
+    assert memory_change(off["model"], mine) == 0.0                                     # off: never looked at
+    assert memory_change(off["model"], other) > 1e-3                                    # ... and the other slots still are
+
+
+@pytest.mark.parametrize("text", ["", "   ", "@@@ ### $$$", "zzqx wwvq kkpl", " ".join(["effusion"] * 5000), None])
+def test_empty_garbage_or_long_prompt_parts(trained, run, text):
+    root, ann = run
+    model, vocab, ck = load_report_model(trained["best_checkpoint"])
+    items = json.loads(ann.read_text())["val"]
+    it = next(i for i in items if i["prior_study"])
+    bad = {**it, "indication_pure": text, "prior_study": {"latest_study": {**it["prior_study"]["latest_study"], "findings": text}}}
+    ds = dataset_for(ck, [bad, it], root / "mimic" / "files")
+    s = ds[0]
+    words = vocab.decode(s["prompt_ids"], skip_special=False).split()
+    assert len(s["prompt_ids"]) <= ck["config"]["data"]["max_prompt_length"] and words[0] == "[CLS]" and words.count("[SEP]") == 2
+    if text is None or not text.strip() or text.startswith(("@", "zz")):
+        assert words == ["[CLS]", "[NHI]", "[SEP]", "[NHPR]", "[SEP]"]
+    batch = report_collate([ds[0], ds[1]])
+    out = model.generate(batch, num_beams=2, max_length=12)
+    assert len(out) == 2 and torch.isfinite(model(batch)["loss"])
+
+
+def test_cached_features_equal_pixels(run, trained):
+    root, ann = run
+    model, vocab, ck = load_report_model(trained["best_checkpoint"])
+    items = json.loads(ann.read_text())["val"][:4]
+    ds = dataset_for(ck, items, root / "mimic" / "files")
+    cache = FeatureCache.compute(model.visual.image_encoder, [p for it in items for _, p, _, _ in ds.slots(it)], ds.image, progress=False)
+    ds.features = cache
+    pix = report_collate([dataset_for(ck, items, root / "mimic" / "files")[i] for i in range(len(items))])
+    feat = report_collate([ds[i] for i in range(len(items))])
+    assert "features" in feat and "features" not in pix
+    with torch.no_grad():
+        torch.testing.assert_close(model.memory(feat), model.memory(pix), atol=1e-4, rtol=1e-4)
+
+
+KILL = """
+import os, signal, sys
+from mlrg import finetune as ft
+real, calls = ft.MLRGReportModel.forward, [0]
+def dying(self, batch):
+    if self.training:
+        calls[0] += 1
+        if calls[0] == int(os.environ["KILL_AT"]): os.kill(os.getpid(), signal.SIGKILL)
+    return real(self, batch)
+ft.MLRGReportModel.forward = dying
+sys.exit(ft.finetune_cli(sys.argv[1:]))
+"""
+
+
+def _args(d):
+    return [x for k, v in d.items() for x in (f"--{k}", json.dumps(v) if isinstance(v, (dict, list)) else str(v))]
+
+
+def test_killed_then_same_command_gives_the_uninterrupted_weights(run, tmp_path):
+    root, ann = run
+    conf = dict(data_path=str(ann), max_steps=4, save_steps=2, stage1_init=False, test=False, **FAST)
+    straight = finetune(**conf, model_save_path=str(tmp_path / "straight"))
+    script = tmp_path / "kill.py"
+    script.write_text(KILL)
+    out = tmp_path / "run"
+    cmd = [sys.executable, str(script), *_args({**conf, "model_save_path": str(out)})]
+    killed = subprocess.run(cmd, env={**_env(), "KILL_AT": "3"}, capture_output=True, text=True, timeout=180)
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    assert load_checkpoint(out / "last.pt")["global_step"] == 2
+    again = subprocess.run(cmd, env={**_env(), "KILL_AT": "0"}, capture_output=True, text=True, timeout=180)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert "continuing it from last.pt" in again.stderr
+    a, b = load_checkpoint(out / "last.pt"), load_checkpoint(Path(straight["out_dir"]) / "last.pt")
+    assert a["global_step"] == b["global_step"] == 4
+    for k in b["model"]: torch.testing.assert_close(a["model"][k], b["model"][k], rtol=0, atol=1e-6)
+    assert a["best_metric"] == pytest.approx(b["best_metric"])
+
+
+def test_ddp_two_processes_generate_every_val_sample_once(run, tmp_path):
+    root, ann = run
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone", "-m", "mlrg.finetune",
+           *_args(dict(data_path=str(ann), max_steps=2, eval_steps=1, stage1_init=False, model_save_path=str(out), **FAST))]
+    p = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=240, cwd=tmp_path)
+    assert p.returncode == 0, p.stderr[-3000:]
+    ck = load_checkpoint(out / "last.pt")
+    assert ck["world_size"] == 2 and ck["global_step"] == 2
+    val_ids = sorted(it["id"] for it in json.loads(ann.read_text())["val"])
+    assert len(val_ids) % 2 == 1 or len(val_ids) > 2                                   # shards of unequal or equal size, both fine
+    for step in (1, 2):
+        got = [r["id"] for r in read_jsonl(out / "evals" / f"val_step_{step}.jsonl")]
+        assert sorted(got) == val_ids                                                   # every val sample, exactly once
+    evals = [r for r in read_jsonl(out / "metrics.jsonl") if r["kind"] == "eval"]
+    assert [r["val_n"] for r in evals] == [len(val_ids)] * 2 and all("val_bleu4+ce14" in r for r in evals)
+    assert p.stdout.count("finetune: best step") == 1                                  # the summary printed once
+    assert len(json.loads((out / "test_predictions.json").read_text())) == len(json.loads(ann.read_text())["test"])
+
+
+def test_mlrg_generate_end_to_end(run, trained, tmp_path, capsys):
+    root, ann = run
+    best = trained["best_checkpoint"]
+    assert generate_cli(["--checkpoint", best, "--annotation", str(ann), "--split", "test", "--out", str(tmp_path / "p.csv"),
+                         "--quiet", "--num_beams", "1"]) == 0
+    assert "generate:" in capsys.readouterr().out
+    res = evaluate_files(tmp_path / "p.csv", meteor=False, annotation=ann)
+    assert res["n"] == len(json.loads(ann.read_text())["test"])
+    assert generate_cli(["--checkpoint", best, "--annotation", str(ann), "--split", "val", "--out", str(tmp_path / "p.json"), "--quiet",
+                         "--limit", "2"]) == 0
+    assert len(json.loads((tmp_path / "p.json").read_text())) == 2
+    # bad input: one line naming the file, status 2
+    for argv, says in [(["--checkpoint", str(tmp_path / "no.pt")], "checkpoint not found"),
+                       (["--checkpoint", str(root / "pretrain" / "best.pt")], "not a stage-2 checkpoint"),
+                       (["--checkpoint", best, "--out", str(tmp_path / "p.txt")], "unknown output format")]:
+        base = {"--annotation": str(ann), "--out": str(tmp_path / "q.json")}
+        full = argv + [x for k, v in base.items() if k not in argv for x in (k, v)]
+        assert generate_cli(full) == 2
+        assert says in capsys.readouterr().err
+    from mlrg.runs import SUBCOMMANDS, main
+    if "generate" in SUBCOMMANDS:
+        assert main(["generate", "--checkpoint", best, "--annotation", str(ann), "--out", str(tmp_path / "m.json"), "--quiet"]) == 0
+
+
+def test_parameter_checks(tmp_path):
+    assert FINETUNE.check(pt_lr=1)["pt_lr"] == 1.0
+    with pytest.raises(InputError, match="did you mean 'batch_size'"):
+        FINETUNE.check(bach_size=4)
+    with pytest.raises(InputError, match="parameter 'select_metric'"):
+        FINETUNE.check(select_metric="rcb")
+    with pytest.raises(InputError, match="freeze_image_encoder"):
+        FINETUNE.check(cache_features=True, freeze_image_encoder=False)
+    p = FINETUNE.cli(["--use_prior_report", "false", "--num_beams", "1", "--model_config", '{"fusion_depth": 2}'])
+    assert p["use_prior_report"] is False and p["num_beams"] == 1 and p["model_config"] == {"fusion_depth": 2}
+    with pytest.raises(InputError, match="did you mean 'num_beams'"):
+        GENERATE.cli(["--checkpoint", "a", "--annotation", "b", "--out", "c", "--num_beam", "2"])
+    with pytest.raises(InputError, match="no stage-1 checkpoint in the run folder"):
+        build_finetune(FINETUNE.check(run_dir=str(tmp_path / "run")))
