@@ -25,8 +25,8 @@ from .core import (InputError, Param, Params, append_jsonl, atomic_write, derive
                        set_rng_states, to_plain)
 
 # %% auto #0
-__all__ = ['SCHEDULERS', 'AMP_MODES', 'TRAIN', 'RUN_ONLY_KEYS', 'CHECKPOINT_FORMAT', 'get_device', 'train_config', 'to_device',
-           'DistInfo', 'init_distributed', 'is_main_process', 'ResumableBatchSampler', 'epoch_loader',
+__all__ = ['SCHEDULERS', 'AMP_MODES', 'TRAIN', 'TRAIN_OUTPUT', 'RUN_ONLY_KEYS', 'CHECKPOINT_FORMAT', 'get_device', 'train_config',
+           'to_device', 'DistInfo', 'init_distributed', 'is_main_process', 'ResumableBatchSampler', 'epoch_loader',
            'build_optimizer', 'warmup_steps', 'build_scheduler', 'resolve_amp', 'compare_configs', 'TrainState',
            'CheckpointWriter', 'gathered_rng_states', 'save_checkpoint', 'load_checkpoint', 'NonFiniteLoss',
            'mean_terms', 'optimizer_step', 'EvalContext', 'eval_due', 'run_evaluate', 'select_and_stop',
@@ -60,7 +60,7 @@ TRAIN = Params("train", "the training engine's settings", dict(
     lr=Param(5e-5, "learning rate", low=0),
     weight_decay=Param(1e-4, "AdamW weight decay (not applied to biases, norms and embeddings)", low=0),
     param_groups=Param(None, 'learning rates by parameter-name prefix, e.g. {"encoder.": 5e-6}', kind=dict),
-    warmup=Param(0.1, "< 1: fraction of the steps; >= 1: steps (cosine and constant schedules)", low=0),
+    warmup=Param(0.1, "a fraction of the steps when below 1, else a number of steps (cosine and constant schedules)", low=0),
     scheduler=Param("cosine", "cosine or constant (per step), plateau (per evaluation)", choices=SCHEDULERS),
     plateau_factor=Param(0.1, "plateau schedule: the factor the lr is multiplied by", low=0, high=1),
     plateau_patience=Param(5, "plateau schedule: evaluations without improvement before the lr drops", low=1),
@@ -85,6 +85,10 @@ TRAIN = Params("train", "the training engine's settings", dict(
     progress=Param(True, "tqdm progress bars"),
     find_unused_parameters=Param(False, "passed to DistributedDataParallel"),
 ))
+
+# The engine settings every stage offers as they are: evaluation, checkpoints, logging, resume and system.
+TRAIN_OUTPUT = TRAIN.subset(["eval_steps", "save_steps", "keep_last", "log_steps", "resume_from", "overwrite", "num_workers", "gpu_id",
+                             "progress"])
 
 def train_config(config: dict) -> tuple:
     "The checked engine settings (attribute access) and the full config as a plain dict (engine settings + any other keys)."

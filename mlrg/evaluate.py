@@ -39,7 +39,8 @@ EVALUATE = Params("evaluate", "Score generated reports against references: BLEU-
     pred_path=Param(None, "predictions: CSV / JSON / JSONL keyed by id, or MLRG's CSV (dicom_id,labels,report)", kind=str,
                     flag="--pred", required=True),
     gt_path=Param(None, "references (same forms, or an MLRG annotation JSON with split); optional for MLRG's CSV", kind=str, flag="--gt"),
-    run_dir=Param(None, "a run folder: its annotation and phantom for the baselines, results to <run>/evaluate", kind=str, cli=False),
+    run_dir=Param(None, "a run folder: its annotation and phantom for the baselines, stage 2's test predictions when pred_path is None, "
+                  "results to <run>/evaluate", kind=str, cli=False),
     split=Param("test", "split of an MLRG annotation given as references"),
     uncertain_policy=Param("positive", "how uncertain labels count in CE (positive: as MLRG)", choices=lambda: tuple(POLICIES)),
     truncate_ref=Param(None, "truncate references to N tokens (None: off)", kind=int, low=1),

@@ -26,12 +26,12 @@ from .core import (OBSERVATIONS, InputError, Param, Params, derive_seed, ensure_
                        seed_everything, write_set)
 from .data import SPECIAL_TOKENS, MLRGDataset, Vocab, build_prompt, collate, load_image, prior_findings, read_annotation, view_id
 from .decoder import ReportDecoder, beam_search, decoder_config, greedy
-from .engine import TRAIN, EvalContext, fit, get_device, is_main_process, load_checkpoint, to_device
+from .engine import TRAIN, TRAIN_OUTPUT, EvalContext, fit, get_device, is_main_process, load_checkpoint, to_device
 from .evaluate import ce_summary, ce_table, check_java, evaluate, load_truth, truth_changes
 from .labeler import label_reports
 from .models import SmallTextEncoder, VisualEncoder, list_image_encoders, load_visual_state, visual_config
 from .phantom import TRUTH_FILE
-from .pretrain import _image_root_for, check_image_files, load_pretrain_data
+from .pretrain import PRETRAIN, check_image_files, image_root_for, load_pretrain_data
 from .runs import RunFolder, os_error_line, outputs_root
 
 # %% auto #0
@@ -60,21 +60,13 @@ def _check_finetune(p):
 _TRAINING = TRAIN.subset(["batch_size", "num_epochs", "max_steps", "weight_decay", "scheduler", "plateau_factor", "plateau_patience",
                           "warmup", "grad_accum", "grad_clip", "use_amp", "amp", "early_stopping_patience", "seed"],
                          batch_size=8, num_epochs=2, scheduler="plateau", grad_clip=1.0)
-_OUTPUT = TRAIN.subset(["eval_steps", "save_steps", "keep_last", "log_steps", "resume_from", "overwrite", "num_workers", "gpu_id",
-                        "progress"])
 
 FINETUNE = Params("finetune", "MLRG stage 2: report generation from the current views, the prior image, the indication and the prior report.", dict(
-    # --- data ---
-    data_path=Param(None, "MLRG annotation JSON, R2Gen annotation.json or MedCLIP datasets.pkl; None: the tiny phantom", kind=str),
-    image_root=Param(None, "the folder image paths are relative to (MIMIC-CXR-JPG files/); None: found beside the annotation", kind=str),
-    trust_pickle=Param(False, "allow reading a .pkl annotation (unpickling runs whatever code the file holds)"),
+    # --- data (as stage 1's) ---
+    **PRETRAIN.subset(["data_path", "image_root", "trust_pickle", "sample_unit", "max_views", "augment", "phantom_patients"]).params,
     run_dir=Param(None, "a run folder: data from <run>/prepared and <run>/mimic, stage 1 from <run>/pretrain, outputs to <run>/finetune", kind=str),
-    sample_unit=Param("image", "image: every image is an anchor (MLRG); study: one anchor per study", choices=("image", "study")),
-    max_views=Param(3, "current images per sample: the anchor and up to max_views-1 auxiliary views", low=1),
     max_length=Param(100, "report tokens, [BOS] and [EOS] included, in training and generation (MLRG: 100)", low=3),
     max_prompt_length=Param(200, "prompt tokens (MLRG: 200)", low=6),
-    augment=Param(False, "light affine / brightness / contrast jitter of training images (never a horizontal flip)"),
-    phantom_patients=Param(24, "patients in the phantom written when data_path and run_dir are None", low=4),
     # --- initialisation and MLRG's ablations ---
     pretrained_path=Param(None, "stage-1 checkpoint (mlrg.pretrain's best.pt); None: <run>/pretrain/best.pt with run_dir, else none", kind=str),
     stage1_init=Param(True, "ablation: copy stage-1 weights by name and shape (False: every weight new)"),
@@ -115,7 +107,7 @@ FINETUNE = Params("finetune", "MLRG stage 2: report generation from the current 
     test=Param(True, "after training, generate and score the test split with best.pt"),
     meteor=Param(True, "METEOR in the test scores (needs Java; val scores never run it)"),
     # --- output and system ---
-    **_OUTPUT.params,
+    **TRAIN_OUTPUT.params,
     model_save_path=Param(None, "output folder; None: <run>/finetune, or a new folder (temp for the phantom, else outputs/)", kind=str),
     num_threads=Param(None, "torch CPU threads (None: torch's default)", kind=int, low=1),
 ), rule=_check_finetune)
@@ -269,15 +261,10 @@ def _visual_memory(self, batch) -> torch.Tensor:
     return self.memory_norm(torch.cat([anchor + t[0], fused + t[1]], 1))
 
 def _encode_prompt(self, batch) -> torch.Tensor:
-    "The prompt's tokens (B, L, d): stage 1's text encoder with a segment embedding (indication 0, prior report 1)."
-    te, ids, mask = self.text_encoder, batch["prompt_ids"], batch["prompt_mask"].bool()
-    if ids.shape[1] > te.max_len: raise InputError(f"{ids.shape[1]} prompt tokens but the text encoder holds {te.max_len}", where="max_prompt_length")
-    if int(ids.max()) >= te.vocab_size or int(ids.min()) < 0:
-        raise InputError(f"prompt token id {int(ids.max())} outside the vocabulary of {te.vocab_size}", where="prompt_ids",
-                         expected="the vocabulary the model was built with")
-    seg = batch.get("prompt_segments")
-    x = te.embed(ids) + te.pos[:, :ids.shape[1]] + self.segment_embed(torch.zeros_like(ids) if seg is None else seg.clamp(0, 1))
-    return self.prompt_proj(te.norm(te.blocks(x, src_key_padding_mask=~mask)))
+    "The prompt's tokens (B, L, d): stage 1's text encoder with a segment embedding added (indication 0, prior report 1)."
+    ids, seg = batch["prompt_ids"], batch.get("prompt_segments")
+    segments = self.segment_embed(torch.zeros_like(ids) if seg is None else seg.clamp(0, 1))
+    return self.prompt_proj(self.text_encoder(ids, batch["prompt_mask"], added=segments, where="prompt_ids")[0])
 
 def _memory(self, batch) -> torch.Tensor:
     "The decoder's memory (B, 2N, D): the visual memory after attending to the prompt (then the prompt's tokens, with `prompt_memory`)."
@@ -655,8 +642,12 @@ def finetune(params: dict | None = None, **overrides) -> dict:
     result = fit(parts["model"], parts["train_ds"], parts["collate_fn"], fit_config(p, parts, out_dir), evaluate=parts["evaluator"],
                  vocab=parts["vocab"].itos, arch_keys=("model",), log=log)
     test = None
-    if is_main_process():
-        if p["test"]: test = run_test(parts["model"], parts, p, out_dir, result["paths"].get("best") or result["paths"]["last"], log)
+    if is_main_process() and p["test"]:
+        ck = result["paths"].get("best")
+        if ck is None:      # e.g. resumed from another folder's checkpoint and never improved on its best since
+            log.warning("no best.pt in %s (best step %s was not written here): the test split is written with last.pt", out_dir, result["best_step"])
+            ck = result["paths"]["last"]
+        test = run_test(parts["model"], parts, p, out_dir, ck, log)
     summary = summarize(result, p, parts, out_dir, test)
     if is_main_process():
         save_json(summary, Path(out_dir) / "finetune_summary.json")
@@ -720,7 +711,7 @@ def generate_reports(checkpoint, annotation, split="test", out=None, image_root=
     items = read_annotation(annotation, trust_pickle=trust_pickle)
     if split not in items or not items[split]: raise InputError(f"the {split} split is empty", where=annotation)
     todo = items[split][:limit] if limit else items[split]
-    root = _image_root_for(Path(annotation), image_root)
+    root = image_root_for(Path(annotation), image_root)
     check_image_files({split: todo}, root, splits=(split,))
     gen = {**ck["config"]["generation"], **{k: v for k, v in generation.items() if v is not None}}
     recs = generate_records(model.to(get_device(gpu_id)), dataset_for(ck, todo, root, vocab), None, batch_size, gen, with_loss=False,

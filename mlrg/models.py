@@ -381,14 +381,16 @@ class SmallTextEncoder(nn.Module):
         self.blocks = nn.TransformerEncoder(layer, depth, enable_nested_tensor=False)
         self.norm = nn.LayerNorm(dim)
 
-    def forward(self, ids, mask=None):
-        if ids.ndim != 2: raise InputError(f"token ids of shape {tuple(ids.shape)}", where="target_ids", expected="(B, L)")
+    def forward(self, ids, mask=None, added=None, where="target_ids"):
+        "`ids` (B, L) -> (tokens, pooled); `added` (B, L, D): embeddings added to the input (stage 2's segment embedding)."
+        if ids.ndim != 2: raise InputError(f"token ids of shape {tuple(ids.shape)}", where=where, expected="(B, L)")
         if ids.shape[1] > self.max_len:
-            raise InputError(f"{ids.shape[1]} tokens but the text encoder holds {self.max_len} positions", where="text_max_len")
+            raise InputError(f"{ids.shape[1]} tokens but the text encoder holds {self.max_len} positions", where=f"{where} (text_max_len)")
         if ids.numel() and (int(ids.max()) >= self.vocab_size or int(ids.min()) < 0):
-            raise InputError(f"token id {int(ids.max())} outside the vocabulary of {self.vocab_size}", where="target_ids", expected="the vocabulary the model was built with")
+            raise InputError(f"token id {int(ids.max())} outside the vocabulary of {self.vocab_size}", where=where, expected="the vocabulary the model was built with")
         mask = (ids != self.pad_id) if mask is None else mask.bool()
-        x = self.norm(self.blocks(self.embed(ids) + self.pos[:, :ids.shape[1]], src_key_padding_mask=~mask))
+        x = self.embed(ids) + self.pos[:, :ids.shape[1]]
+        x = self.norm(self.blocks(x if added is None else x + added, src_key_padding_mask=~mask))
         if self.pooling == "first": return x, x[:, 0]
         m = mask.unsqueeze(-1).to(x.dtype)
         return x, (x * m).sum(1) / m.sum(1).clamp(min=1)

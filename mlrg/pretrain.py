@@ -20,15 +20,15 @@ import torch.nn.functional as F
 
 from .core import InputError, Param, Params, derive_seed, ensure_writable, get_logger, read_jsonl, save_json, seed_everything
 from .data import CHEXPERT_LABELS, SPECIAL_TOKENS, MLRGDataset, Vocab, collate, prepare, read_annotation
-from .engine import TRAIN, fit, is_main_process, load_checkpoint, to_device
+from .engine import TRAIN, TRAIN_OUTPUT, fit, is_main_process, load_checkpoint, to_device
 from .metrics import roc_auc
 from .runs import RunFolder, one_line_errors, outputs_root
 from .models import MLRGPretrainModel, list_image_encoders, pretrain_config
 
 # %% auto #0
-__all__ = ['PRETRAIN', 'write_tiny_phantom', 'check_image_files', 'by_study', 'load_pretrain_data', 'recall_at_k', 'probe_labels',
-           'fit_logistic', 'linear_probe', 'PretrainEvaluator', 'model_config_for', 'build_pretrain', 'debug_report',
-           'load_pretrained', 'plot_history', 'summarize', 'pretrain', 'pretrain_cli']
+__all__ = ['PRETRAIN', 'write_tiny_phantom', 'image_root_for', 'check_image_files', 'by_study', 'load_pretrain_data',
+           'recall_at_k', 'probe_labels', 'fit_logistic', 'linear_probe', 'PretrainEvaluator', 'model_config_for',
+           'build_pretrain', 'debug_report', 'load_pretrained', 'plot_history', 'summarize', 'pretrain', 'pretrain_cli']
 
 # %% ../nbs/03_pretrain.ipynb #5a2a6d5f
 def _check_recall_ks(p):
@@ -42,8 +42,6 @@ def _check_recall_ks(p):
 _TRAINING = TRAIN.subset(["batch_size", "num_epochs", "max_steps", "lr", "weight_decay", "warmup", "scheduler", "grad_accum",
                           "grad_clip", "use_amp", "amp", "early_stopping_patience", "seed"],
                          batch_size=16, num_epochs=2, lr=5e-4)
-_OUTPUT = TRAIN.subset(["eval_steps", "save_steps", "keep_last", "log_steps", "resume_from", "overwrite", "num_workers", "gpu_id",
-                        "progress"])
 
 PRETRAIN = Params("pretrain", "MLRG stage 1: multi-view longitudinal contrastive (or MedCLIP-style) pretraining.", dict(
     # --- data ---
@@ -78,7 +76,7 @@ PRETRAIN = Params("pretrain", "MLRG stage 1: multi-view longitudinal contrastive
     probe_max_train=Param(2000, "train-split samples embedded for the probe (a seeded subset when there are more)", low=2),
     probe_l2=Param(1e-3, "L2 penalty of the probe's logistic regressions (on standardised features)", low=0),
     # --- output and system ---
-    **_OUTPUT.params,
+    **TRAIN_OUTPUT.params,
     model_save_path=Param(None, "checkpoint folder; None: <run>/pretrain, or a new folder (temp for the phantom, else outputs/)", kind=str),
     num_threads=Param(None, "torch CPU threads (None: torch's default); 1 helps on a busy, shared machine", kind=int, low=1),
     debug=Param(False, "a few batches only: print shapes and timings, then train debug_batches steps"),
@@ -96,7 +94,7 @@ def write_tiny_phantom(folder, patients=40, seed=0, sample_unit="image") -> Path
     return ann
 
 # %% ../nbs/03_pretrain.ipynb #c66b27fa
-def _image_root_for(ann: Path, image_root=None) -> Path:
+def image_root_for(ann: Path, image_root=None) -> Path:
     "The folder `ann`'s relative image paths start from: `image_root`, else the one `mlrg prepare` recorded, else a usual place."
     if image_root is not None:
         root = Path(image_root)
@@ -165,7 +163,7 @@ def load_pretrain_data(p: dict, log=None) -> dict:
     items = read_annotation(ann, trust_pickle=p["trust_pickle"])
     if src == "run_dir" and p["image_root"] is None: image_root = RunFolder.create(p["run_dir"]).mimic / "files"
     elif ann.suffix in (".pkl", ".pickle") and p["image_root"] is None: image_root = ann.parent
-    else: image_root = _image_root_for(ann, p["image_root"])
+    else: image_root = image_root_for(ann, p["image_root"])
     n_images = {s: len(items[s]) for s in items}
     if p["sample_unit"] == "study": items = {s: by_study(v) for s, v in items.items()}
     for s in ("train", "val"):
