@@ -24,17 +24,20 @@ $(STAMP): settings.ini setup.py
 setup: $(STAMP)
 
 # The main job. Until the study runner lands, the study is: the demo phantom, its preparation, the labeler's
-# validation, stage 1 pretraining and the evaluation of the baselines, each executed as a notebook report
-# (executed .ipynb + HTML) in outputs/$(RUN)/reports/, all sharing the run folder outputs/$(RUN)/.
+# validation, stage 1 pretraining, stage 2 report generation and the evaluation of its test predictions next to the
+# baselines, each executed as a notebook report (executed .ipynb + HTML) in outputs/$(RUN)/reports/, all sharing the
+# run folder outputs/$(RUN)/. The phantom's learnability check is a benchmark (benchmarks/phantom_learnability.py).
 RUNDIR := $(abspath outputs/$(RUN))
 PM := $(BIN)/papermill --cwd nbs --log-level WARNING
-PRETRAIN_ARGS ?= -p image_size 128 -p num_epochs 3 -p batch_size 16
+PRETRAIN_ARGS ?= -p image_size 128 -p num_epochs 1 -p batch_size 16
+FINETUNE_ARGS ?= -p batch_size 32 -p num_epochs 100 -p max_steps 400 -p eval_steps 200 -p val_max_samples 200 -p val_num_beams 1
 demo: setup
 	@mkdir -p $(RUNDIR)/reports
-	$(PM) nbs/01a_phantom.ipynb $(RUNDIR)/reports/01a_phantom.ipynb -p run_dir $(RUNDIR) -p preset demo -p learnability_seconds 120
+	$(PM) nbs/01a_phantom.ipynb $(RUNDIR)/reports/01a_phantom.ipynb -p run_dir $(RUNDIR) -p preset demo -p learnability_seconds 0
 	$(PM) nbs/01_data.ipynb $(RUNDIR)/reports/01_data.ipynb -p run_dir $(RUNDIR)
 	$(PM) nbs/05a_labeler.ipynb $(RUNDIR)/reports/05a_labeler.ipynb -p run_dir $(RUNDIR) -p phantom_root $(RUNDIR)/mimic
 	$(PM) nbs/03_pretrain.ipynb $(RUNDIR)/reports/03_pretrain.ipynb -p run_dir $(RUNDIR) $(PRETRAIN_ARGS)
+	$(PM) nbs/04_finetune.ipynb $(RUNDIR)/reports/04_finetune.ipynb -p run_dir $(RUNDIR) $(FINETUNE_ARGS)
 	$(PM) nbs/05_evaluate.ipynb $(RUNDIR)/reports/05_evaluate.ipynb -p run_dir $(RUNDIR)
 	$(BIN)/jupyter nbconvert --log-level WARN --to html $(RUNDIR)/reports/*.ipynb
 	@$(BIN)/python -c 'from mlrg.runs import RunFolder; print("\nmlrg demo: " + RunFolder.create("$(RUNDIR)").describe())'
