@@ -32,7 +32,7 @@ from .labeler import label_reports
 from .models import SmallTextEncoder, VisualEncoder, list_image_encoders, load_visual_state, visual_config
 from .phantom import TRUTH_FILE
 from .pretrain import PRETRAIN, check_image_files, image_root_for, load_pretrain_data
-from .runs import RunFolder, os_error_line, outputs_root
+from .runs import RunFolder, in_ipython, one_line_errors, outputs_root
 
 # %% auto #0
 __all__ = ['SELECT_METRICS', 'FINETUNE', 'STAGE2_VISUAL_DEFAULTS', 'PREDICTION_KEYS', 'GENERATE', 'ReportDataset', 'FeatureCache',
@@ -722,38 +722,30 @@ def generate_reports(checkpoint, annotation, split="test", out=None, image_root=
     return recs
 
 # %% ../nbs/04_finetune.ipynb #4ec12417
-def _print_err(prog, e):
-    print(f"{prog}: error: {e if isinstance(e, InputError) else os_error_line(e)}", file=sys.stderr)
-    return 2
-
 def finetune_cli(argv=None) -> int:
     "`python -m mlrg.finetune [--name value ...]`."
-    try: s = finetune(FINETUNE.cli(argv, prog="python -m mlrg.finetune"))
-    except (InputError, OSError) as e: return _print_err("mlrg.finetune", e)
+    status, s = one_line_errors("mlrg.finetune", lambda: finetune(FINETUNE.cli(argv, prog="python -m mlrg.finetune")))
+    if status: return status
     if is_main_process():
         t = (s["test"] or {}).get("scores") or {}
         print(f"finetune: best step {s['best_step']} (val {s['select_metric']} {s['best_val_score']})"
               + ("; test " + ", ".join(f"{k} {v:.3f}" for k, v in t.items()) if t else "") + f"\ncheckpoints, predictions and metrics: {s['out_dir']}")
     return 0
 
+def _generate_from_cli(argv):
+    a = GENERATE.cli(argv, prog="mlrg generate")
+    gen = {k: a[k] for k in ("num_beams", "max_length", "min_length", "no_repeat_ngram_size", "repetition_penalty", "length_penalty")}
+    recs = generate_reports(a["checkpoint"], a["annotation"], a["split"], a["out"], a["image_root"], a["batch_size"], a["limit"],
+                            a["trust_pickle"], a["gpu_id"], not a["quiet"], **gen)
+    return f"generate: {len(recs)} reports of split {a['split']} -> {a['out']}"
+
 def generate_cli(argv=None) -> int:
     "`mlrg generate --checkpoint C --annotation A [--split test] --out P`."
-    try:
-        a = GENERATE.cli(argv, prog="mlrg generate")
-        gen = {k: a[k] for k in ("num_beams", "max_length", "min_length", "no_repeat_ngram_size", "repetition_penalty", "length_penalty")}
-        recs = generate_reports(a["checkpoint"], a["annotation"], a["split"], a["out"], a["image_root"], a["batch_size"], a["limit"],
-                                a["trust_pickle"], a["gpu_id"], not a["quiet"], **gen)
-    except (InputError, OSError) as e: return _print_err("mlrg generate", e)
-    print(f"generate: {len(recs)} reports of split {a['split']} -> {a['out']}")
-    return 0
+    status, line = one_line_errors("mlrg generate", lambda: _generate_from_cli(argv))
+    if not status: print(line)
+    return status
 
-def _in_ipython() -> bool:
-    "Whether this runs inside IPython (a notebook), where the command line must not start."
-    try: from IPython import get_ipython
-    except ImportError: return False
-    return get_ipython() is not None
-
-if __name__ == "__main__" and not _in_ipython():
+if __name__ == "__main__" and not in_ipython():
     from mlrg.finetune import finetune_cli as _cli      # the importable module's copy, not this __main__ one
     sys.exit(_cli())
 

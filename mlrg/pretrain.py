@@ -22,7 +22,7 @@ from .core import InputError, Param, Params, derive_seed, ensure_writable, get_l
 from .data import CHEXPERT_LABELS, SPECIAL_TOKENS, MLRGDataset, Vocab, collate, prepare, read_annotation
 from .engine import TRAIN, TRAIN_OUTPUT, fit, is_main_process, load_checkpoint, to_device
 from .metrics import roc_auc
-from .runs import RunFolder, one_line_errors, outputs_root
+from .runs import RunFolder, in_ipython, one_line_errors, outputs_root
 from .models import MLRGPretrainModel, list_image_encoders, pretrain_config
 
 # %% auto #0
@@ -498,12 +498,6 @@ def pretrain_cli(argv=None) -> int:
               + f"\ncheckpoints and metrics: {s['out_dir']}")
     return 0
 
-def _in_ipython() -> bool:
-    "Whether this runs inside IPython (a notebook), where the command line must not start."
-    try: from IPython import get_ipython
-    except ImportError: return False
-    return get_ipython() is not None
-
-if __name__ == "__main__" and not _in_ipython():
+if __name__ == "__main__" and not in_ipython():
     from mlrg.pretrain import pretrain_cli as _cli      # the importable module's copy, not this __main__ one
     sys.exit(_cli())

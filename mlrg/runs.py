@@ -15,7 +15,8 @@ from pathlib import Path
 from .core import InputError, append_jsonl, read_jsonl
 
 # %% auto #0
-__all__ = ['STAGES', 'SUBCOMMANDS', 'repo_root', 'outputs_root', 'RunFolder', 'Stage', 'main', 'os_error_line', 'one_line_errors']
+__all__ = ['STAGES', 'SUBCOMMANDS', 'repo_root', 'outputs_root', 'RunFolder', 'Stage', 'main', 'os_error_line', 'one_line_errors',
+           'in_ipython']
 
 # %% ../nbs/00b_runs.ipynb #a708a2d7
 def repo_root():
@@ -136,3 +137,9 @@ def one_line_errors(prog: str, work) -> tuple:
     except InputError as e: print(f"{prog}: error: {e}", file=sys.stderr)
     except OSError as e: print(f"{prog}: error: {os_error_line(e)}", file=sys.stderr)
     return 2, None
+
+def in_ipython() -> bool:
+    "Whether this runs inside IPython (a notebook), where a module's command line must not start."
+    try: from IPython import get_ipython
+    except ImportError: return False
+    return get_ipython() is not None
