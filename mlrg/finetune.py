@@ -27,7 +27,7 @@ from .core import (OBSERVATIONS, InputError, Param, Params, derive_seed, ensure_
 from .data import SPECIAL_TOKENS, MLRGDataset, Vocab, build_prompt, collate, load_image, prior_findings, read_annotation, view_id
 from .decoder import ReportDecoder, beam_search, decoder_config, greedy
 from .engine import TRAIN, TRAIN_OUTPUT, EvalContext, fit, get_device, is_main_process, load_checkpoint, to_device
-from .evaluate import ce_summary, ce_table, check_java, evaluate, load_truth, truth_changes
+from .evaluate import ADAPTERS, ce_summary, ce_table, check_java, evaluate, load_truth, resolve_weights, run_adapter, truth_changes
 from .labeler import label_reports
 from .models import SmallTextEncoder, VisualEncoder, list_image_encoders, load_visual_state, visual_config
 from .phantom import TRUTH_FILE
@@ -35,20 +35,28 @@ from .pretrain import PRETRAIN, check_image_files, image_root_for, load_pretrain
 from .runs import RunFolder, in_ipython, one_line_errors, outputs_root
 
 # %% auto #0
-__all__ = ['SELECT_METRICS', 'FINETUNE', 'STAGE2_VISUAL_DEFAULTS', 'PREDICTION_KEYS', 'GENERATE', 'ReportDataset', 'FeatureCache',
-           'report_collate', 'PromptFusion', 'report_model_config', 'MLRGReportModel', 'load_stage1', 'summarize_init',
-           'lr_groups', 'stage1_checkpoint', 'load_finetune_data', 'model_config_for', 'build_finetune',
-           'generation_settings', 'generate_records', 'token_losses', 'truth_labels', 'ce_against_truth',
-           'score_records', 'ReportEvaluator', 'mlrg_csv_text', 'write_predictions', 'fit_config', 'run_test',
-           'plot_curves', 'summarize', 'finetune', 'load_report_model', 'dataset_for', 'generate_reports',
-           'finetune_cli', 'generate_cli', 'baseline_records', 'diff_html', 'case_images', 'attention_maps',
-           'plot_attention']
+__all__ = ['SELECT_METRICS', 'RCB_ADAPTERS', 'FINETUNE', 'STAGE2_VISUAL_DEFAULTS', 'PREDICTION_KEYS', 'GENERATE', 'ReportDataset',
+           'FeatureCache', 'report_collate', 'PromptFusion', 'report_model_config', 'MLRGReportModel', 'load_stage1',
+           'summarize_init', 'lr_groups', 'stage1_checkpoint', 'load_finetune_data', 'model_config_for',
+           'build_finetune', 'generation_settings', 'generate_records', 'token_losses', 'truth_labels',
+           'ce_against_truth', 'score_records', 'ReportEvaluator', 'adapter_status', 'rcb_scores', 'mlrg_csv_text',
+           'write_predictions', 'fit_config', 'run_test', 'plot_curves', 'summarize', 'finetune', 'load_report_model',
+           'dataset_for', 'generate_reports', 'finetune_cli', 'generate_cli', 'baseline_records', 'diff_html',
+           'case_images', 'attention_maps', 'plot_attention']
 
 # %% ../nbs/04_finetune.ipynb #16713529
-SELECT_METRICS = {"bleu4+ce14": "max", "bleu4": "max", "ce14": "max", "cider": "max", "rouge_l": "max", "loss": "min"}
+SELECT_METRICS = {"bleu4+ce14": "max", "rcb": "max", "bleu4": "max", "ce14": "max", "cider": "max", "rouge_l": "max", "loss": "min"}
+RCB_ADAPTERS = ("chexbert", "radgraph")      # RCB = RadGraph F1 (partial) + BLEU-4 + CheXbert-14 micro-F1, as MLRG selects
 
 def _check_finetune(p):
-    "Rules across parameters: the feature cache needs a frozen encoder and no augmentation."
+    "Rules across parameters: the feature cache needs a frozen encoder and no augmentation; RCB needs its two scorers."
+    if p["select_metric"] == "rcb":
+        missing = [a for a in RCB_ADAPTERS if adapter_status(a, p[f"{a}_weights"]) != "ready"]
+        if missing:
+            raise InputError(f"select_metric='rcb' but {' and '.join(missing)} cannot run here: "
+                             + "; ".join(adapter_status(a, p[f"{a}_weights"]) for a in missing), where="parameter 'select_metric'",
+                             expected="local weights (chexbert_weights / radgraph_weights, or MLRG_CHEXBERT_WEIGHTS / MLRG_RADGRAPH_WEIGHTS) "
+                                      "and the f1chexbert and radgraph packages; or select_metric='bleu4+ce14', the offline stand-in")
     if p["cache_features"] and not p["freeze_image_encoder"]:
         raise InputError("cache_features=True needs freeze_image_encoder=True (a trained encoder changes its features)",
                          where="parameter 'cache_features'", expected="freeze_image_encoder=True, or cache_features=False / None")
@@ -106,6 +114,8 @@ FINETUNE = Params("finetune", "MLRG stage 2: report generation from the current 
     eval_batch_size=Param(32, "samples per generation batch", low=1),
     test=Param(True, "after training, generate and score the test split with best.pt"),
     meteor=Param(True, "METEOR in the test scores (needs Java; val scores never run it)"),
+    chexbert_weights=Param(None, "local CheXbert weights for select_metric='rcb' (None: $MLRG_CHEXBERT_WEIGHTS)", kind=str),
+    radgraph_weights=Param(None, "local RadGraph weights for select_metric='rcb' (None: $MLRG_RADGRAPH_WEIGHTS)", kind=str),
     # --- output and system ---
     **TRAIN_OUTPUT.params,
     model_save_path=Param(None, "output folder; None: <run>/finetune, or a new folder (temp for the phantom, else outputs/)", kind=str),
@@ -434,7 +444,8 @@ def build_finetune(p: dict, data: dict | None = None, log=None) -> dict:
     test_ds = ReportDataset(items.get("test") or [], features=features, **ds_kw)
     generation = generation_settings(p)
     evaluator = ReportEvaluator(val_ds, vocab, p["eval_batch_size"], {**generation, "num_beams": p["val_num_beams"] or p["num_beams"]},
-                                data["truth_path"], p["progress"])
+                                data["truth_path"], p["progress"],
+                                rcb_weights={a: p[f"{a}_weights"] for a in RCB_ADAPTERS} if p["select_metric"] == "rcb" else None)
     return {"model": model, "model_config": mcfg, "init_table": table, "stage1_checkpoint": str(ck_path) if ck_path else None,
             "param_groups": lr_groups(model, loaded, p["pt_lr"]) or None, "features": features, "train_ds": train_ds,
             "val_ds": val_ds, "test_ds": test_ds, "collate_fn": functools.partial(report_collate, pad_id=vocab.pad_id),
@@ -511,10 +522,10 @@ def score_records(records, truth=None, meteor=False) -> tuple:
 # %% ../nbs/04_finetune.ipynb #e0f666a8
 class ReportEvaluator:
     "fit's `evaluate(model, ctx)`: generate the val split (sharded, gathered), save the records, score them."
-    def __init__(self, dataset, vocab, batch_size=32, generation=None, truth_path=None, progress=False, name="val"):
+    def __init__(self, dataset, vocab, batch_size=32, generation=None, truth_path=None, progress=False, name="val", rcb_weights=None):
         self.dataset, self.vocab, self.batch_size, self.generation = dataset, vocab, batch_size, dict(generation or {})
         self.truth = load_truth(truth_path) if truth_path is not None else None
-        self.progress, self.name = progress, name
+        self.progress, self.name, self.rcb_weights = progress, name, rcb_weights
 
     def __call__(self, model, ctx=None) -> dict:
         ctx = ctx or EvalContext(0, 0, Path(tempfile.mkdtemp(prefix="mlrg-eval-")))
@@ -525,8 +536,28 @@ class ReportEvaluator:
         recs.sort(key=lambda r: r["index"])
         ctx.save(recs, self.name)
         flat, _ = score_records(recs, self.truth)
+        if self.rcb_weights is not None: flat.update(rcb_scores(recs, flat["bleu4"], self.rcb_weights))
         loss = sum(r["loss_sum"] for r in recs) / max(1, sum(r["tokens"] for r in recs))
         return {f"{self.name}_loss": loss, **{f"{self.name}_{k}": v for k, v in flat.items()}, f"{self.name}_n": len(recs)}
+
+# %% ../nbs/04_finetune.ipynb #3a7516ba
+def adapter_status(name, path=None) -> str:
+    "'ready' when adapter `name` has local weights and its package, else why not (one line)."
+    import importlib.util
+    try: weights = resolve_weights(name, path)
+    except InputError as e: return str(e)
+    if weights is None: return f"no {name} weights ({name}_weights or ${ADAPTERS[name]['env']})"
+    if importlib.util.find_spec(ADAPTERS[name]["package"]) is None: return f"the {ADAPTERS[name]['package']} package is not installed"
+    return "ready"
+
+def rcb_scores(records, bleu4, weights) -> dict:
+    "RadGraph F1, CheXbert-14 micro-F1 and RCB of `records` (BLEU-4 given), with the adapters' `weights` {name: path}."
+    refs, hyps = [r["reference"] for r in records], [r["generated"] for r in records]
+    res = {a: run_adapter(a, refs, hyps, weights.get(a)) for a in RCB_ADAPTERS}
+    bad = [f"{a}: {r['message']}" for a, r in res.items() if r["status"] != "ok"]
+    if bad: raise InputError("; ".join(bad), where="select_metric='rcb'", expected="both scorers runnable")
+    rg, cb = res["radgraph"]["scores"]["RadGraph F1 (partial)"], res["chexbert"]["scores"]["CheXbert-14 micro F1"]
+    return {"radgraph_f1": rg, "chexbert14": cb, "rcb": rg + bleu4 + cb}
 
 # %% ../nbs/04_finetune.ipynb #c4c65031
 PREDICTION_KEYS = ("id", "study", "reference", "generated", "prompt", "has_prior")

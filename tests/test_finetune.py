@@ -274,3 +274,25 @@ def test_parameter_checks(tmp_path):
         GENERATE.cli(["--checkpoint", "a", "--annotation", "b", "--out", "c", "--num_beam", "2"])
     with pytest.raises(InputError, match="no stage-1 checkpoint in the run folder"):
         build_finetune(FINETUNE.check(run_dir=str(tmp_path / "run")))
+
+
+def test_rcb_selection_runs_both_scorers(monkeypatch):
+    import mlrg.finetune as ft
+    calls = []
+    def fake(name, refs, hyps, path=None):
+        calls.append((name, path, len(hyps)))
+        score = {"radgraph": {"RadGraph F1 (partial)": 0.25}, "chexbert": {"CheXbert-14 micro F1": 0.5}}[name]
+        return {"status": "ok", "message": name, "scores": score}
+    monkeypatch.setattr(ft, "run_adapter", fake)
+    recs = [{"reference": "a b", "generated": "a c"}] * 3
+    assert ft.rcb_scores(recs, 0.125, {"chexbert": "c.pth", "radgraph": None}) == {"radgraph_f1": 0.25, "chexbert14": 0.5, "rcb": 0.875}
+    assert sorted(calls) == [("chexbert", "c.pth", 3), ("radgraph", None, 3)]
+    monkeypatch.setattr(ft, "run_adapter", lambda *a, **k: {"status": "skipped", "message": "radgraph: skipped (no weights)"})
+    with pytest.raises(InputError, match="no weights"):
+        ft.rcb_scores(recs, 0.1, {})
+    # the parameter check refuses RCB before any work unless both scorers can run
+    monkeypatch.setattr(ft, "adapter_status", lambda name, path=None: "ready" if name == "chexbert" else "no radgraph weights")
+    with pytest.raises(InputError, match="radgraph cannot run here"):
+        FINETUNE.check(select_metric="rcb")
+    monkeypatch.setattr(ft, "adapter_status", lambda name, path=None: "ready")
+    assert FINETUNE.check(select_metric="rcb")["select_metric"] == "rcb"
