@@ -35,14 +35,33 @@ from .pretrain import PRETRAIN, check_image_files, image_root_for, load_pretrain
 from .runs import RunFolder, in_ipython, one_line_errors, outputs_root
 
 # %% auto #0
-__all__ = ['SELECT_METRICS', 'RCB_ADAPTERS', 'FINETUNE', 'STAGE2_VISUAL_DEFAULTS', 'PREDICTION_KEYS', 'GENERATE', 'ReportDataset',
-           'FeatureCache', 'report_collate', 'PromptFusion', 'report_model_config', 'MLRGReportModel', 'load_stage1',
-           'summarize_init', 'lr_groups', 'stage1_checkpoint', 'load_finetune_data', 'model_config_for',
-           'build_finetune', 'generation_settings', 'generate_records', 'token_losses', 'truth_labels',
-           'ce_against_truth', 'score_records', 'ReportEvaluator', 'adapter_status', 'rcb_scores', 'mlrg_csv_text',
+__all__ = ['SELECT_METRICS', 'RCB_ADAPTERS', 'FINETUNE', 'STAGE2_VISUAL_DEFAULTS', 'PREDICTION_KEYS', 'GENERATE',
+           'adapter_status', 'rcb_scores', 'ReportDataset', 'FeatureCache', 'report_collate', 'PromptFusion',
+           'report_model_config', 'MLRGReportModel', 'load_stage1', 'summarize_init', 'lr_groups', 'stage1_checkpoint',
+           'load_finetune_data', 'model_config_for', 'build_finetune', 'generation_settings', 'generate_records',
+           'token_losses', 'truth_labels', 'ce_against_truth', 'score_records', 'ReportEvaluator', 'mlrg_csv_text',
            'write_predictions', 'fit_config', 'run_test', 'plot_curves', 'summarize', 'finetune', 'load_report_model',
            'dataset_for', 'generate_reports', 'finetune_cli', 'generate_cli', 'baseline_records', 'diff_html',
            'case_images', 'attention_maps', 'plot_attention']
+
+# %% ../nbs/04_finetune.ipynb #3a7516ba
+def adapter_status(name, path=None) -> str:
+    "'ready' when adapter `name` has local weights and its package, else why not (one line)."
+    import importlib.util
+    try: weights = resolve_weights(name, path)
+    except InputError as e: return str(e)
+    if weights is None: return f"no {name} weights ({name}_weights or ${ADAPTERS[name]['env']})"
+    if importlib.util.find_spec(ADAPTERS[name]["package"]) is None: return f"the {ADAPTERS[name]['package']} package is not installed"
+    return "ready"
+
+def rcb_scores(records, bleu4, weights) -> dict:
+    "RadGraph F1, CheXbert-14 micro-F1 and RCB of `records` (BLEU-4 given), with the adapters' `weights` {name: path}."
+    refs, hyps = [r["reference"] for r in records], [r["generated"] for r in records]
+    res = {a: run_adapter(a, refs, hyps, weights.get(a)) for a in RCB_ADAPTERS}
+    bad = [f"{a}: {r['message']}" for a, r in res.items() if r["status"] != "ok"]
+    if bad: raise InputError("; ".join(bad), where="select_metric='rcb'", expected="both scorers runnable")
+    rg, cb = res["radgraph"]["scores"]["RadGraph F1 (partial)"], res["chexbert"]["scores"]["CheXbert-14 micro F1"]
+    return {"radgraph_f1": rg, "chexbert14": cb, "rcb": rg + bleu4 + cb}
 
 # %% ../nbs/04_finetune.ipynb #16713529
 SELECT_METRICS = {"bleu4+ce14": "max", "rcb": "max", "bleu4": "max", "ce14": "max", "cider": "max", "rouge_l": "max", "loss": "min"}
@@ -50,19 +69,19 @@ RCB_ADAPTERS = ("chexbert", "radgraph")      # RCB = RadGraph F1 (partial) + BLE
 
 def _check_finetune(p):
     "Rules across parameters: the feature cache needs a frozen encoder and no augmentation; RCB needs its two scorers."
-    if p["select_metric"] == "rcb":
-        missing = [a for a in RCB_ADAPTERS if adapter_status(a, p[f"{a}_weights"]) != "ready"]
-        if missing:
-            raise InputError(f"select_metric='rcb' but {' and '.join(missing)} cannot run here: "
-                             + "; ".join(adapter_status(a, p[f"{a}_weights"]) for a in missing), where="parameter 'select_metric'",
-                             expected="local weights (chexbert_weights / radgraph_weights, or MLRG_CHEXBERT_WEIGHTS / MLRG_RADGRAPH_WEIGHTS) "
-                                      "and the f1chexbert and radgraph packages; or select_metric='bleu4+ce14', the offline stand-in")
     if p["cache_features"] and not p["freeze_image_encoder"]:
         raise InputError("cache_features=True needs freeze_image_encoder=True (a trained encoder changes its features)",
                          where="parameter 'cache_features'", expected="freeze_image_encoder=True, or cache_features=False / None")
     if p["cache_features"] and p["augment"]:
         raise InputError("cache_features=True with augment=True (augmented images differ every epoch)",
                          where="parameter 'cache_features'", expected="augment=False, or cache_features=False / None")
+    if p.get("select_metric") == "rcb":
+        missing = [a for a in RCB_ADAPTERS if adapter_status(a, p[f"{a}_weights"]) != "ready"]
+        if missing:
+            raise InputError(f"select_metric='rcb' but {' and '.join(missing)} cannot run here: "
+                             + "; ".join(adapter_status(a, p[f"{a}_weights"]) for a in missing), where="parameter 'select_metric'",
+                             expected="local weights (chexbert_weights / radgraph_weights, or MLRG_CHEXBERT_WEIGHTS / MLRG_RADGRAPH_WEIGHTS) "
+                                      "and the f1chexbert and radgraph packages; or select_metric='bleu4+ce14', the offline stand-in")
 
 # %% ../nbs/04_finetune.ipynb #8c391709
 _TRAINING = TRAIN.subset(["batch_size", "num_epochs", "max_steps", "weight_decay", "scheduler", "plateau_factor", "plateau_patience",
@@ -539,25 +558,6 @@ class ReportEvaluator:
         if self.rcb_weights is not None: flat.update(rcb_scores(recs, flat["bleu4"], self.rcb_weights))
         loss = sum(r["loss_sum"] for r in recs) / max(1, sum(r["tokens"] for r in recs))
         return {f"{self.name}_loss": loss, **{f"{self.name}_{k}": v for k, v in flat.items()}, f"{self.name}_n": len(recs)}
-
-# %% ../nbs/04_finetune.ipynb #3a7516ba
-def adapter_status(name, path=None) -> str:
-    "'ready' when adapter `name` has local weights and its package, else why not (one line)."
-    import importlib.util
-    try: weights = resolve_weights(name, path)
-    except InputError as e: return str(e)
-    if weights is None: return f"no {name} weights ({name}_weights or ${ADAPTERS[name]['env']})"
-    if importlib.util.find_spec(ADAPTERS[name]["package"]) is None: return f"the {ADAPTERS[name]['package']} package is not installed"
-    return "ready"
-
-def rcb_scores(records, bleu4, weights) -> dict:
-    "RadGraph F1, CheXbert-14 micro-F1 and RCB of `records` (BLEU-4 given), with the adapters' `weights` {name: path}."
-    refs, hyps = [r["reference"] for r in records], [r["generated"] for r in records]
-    res = {a: run_adapter(a, refs, hyps, weights.get(a)) for a in RCB_ADAPTERS}
-    bad = [f"{a}: {r['message']}" for a, r in res.items() if r["status"] != "ok"]
-    if bad: raise InputError("; ".join(bad), where="select_metric='rcb'", expected="both scorers runnable")
-    rg, cb = res["radgraph"]["scores"]["RadGraph F1 (partial)"], res["chexbert"]["scores"]["CheXbert-14 micro F1"]
-    return {"radgraph_f1": rg, "chexbert14": cb, "rcb": rg + bleu4 + cb}
 
 # %% ../nbs/04_finetune.ipynb #c4c65031
 PREDICTION_KEYS = ("id", "study", "reference", "generated", "prompt", "has_prior")
