@@ -22,7 +22,7 @@ import pandas as pd
 import torch
 import torch.nn as nn
 
-from .core import (OBSERVATIONS, InputError, Param, Params, derive_seed, ensure_writable, get_logger, json_text, save_json,
+from .core import (OBSERVATIONS, InputError, Param, Params, derive_seed, get_logger, json_text, save_json,
                        seed_everything, write_set)
 from .data import SPECIAL_TOKENS, MLRGDataset, Vocab, build_prompt, collate, load_image, prior_findings, read_annotation, view_id
 from .decoder import ReportDecoder, beam_search, decoder_config, greedy
@@ -32,17 +32,17 @@ from .labeler import label_reports
 from .models import SmallTextEncoder, VisualEncoder, list_image_encoders, load_visual_state, visual_config
 from .phantom import TRUTH_FILE
 from .pretrain import PRETRAIN, check_image_files, image_root_for, load_pretrain_data
-from .runs import RunFolder, in_ipython, one_line_errors, outputs_root
+from .runs import RunFolder, check_output_folder, in_ipython, one_line_errors, output_folder
 
 # %% auto #0
-__all__ = ['SELECT_METRICS', 'RCB_ADAPTERS', 'FINETUNE', 'STAGE2_VISUAL_DEFAULTS', 'PREDICTION_KEYS', 'GENERATE',
-           'adapter_status', 'rcb_scores', 'ReportDataset', 'FeatureCache', 'report_collate', 'PromptFusion',
-           'report_model_config', 'MLRGReportModel', 'load_stage1', 'summarize_init', 'lr_groups', 'stage1_checkpoint',
-           'load_finetune_data', 'model_config_for', 'build_finetune', 'generation_settings', 'generate_records',
-           'token_losses', 'truth_labels', 'ce_against_truth', 'score_records', 'ReportEvaluator', 'mlrg_csv_text',
-           'write_predictions', 'fit_config', 'run_test', 'plot_curves', 'summarize', 'finetune', 'load_report_model',
-           'dataset_for', 'generate_reports', 'finetune_cli', 'generate_cli', 'baseline_records', 'diff_html',
-           'case_images', 'attention_maps', 'plot_attention']
+__all__ = ['SELECT_METRICS', 'RCB_ADAPTERS', 'FINETUNE', 'STAGE2_VISUAL_DEFAULTS', 'GENERATION_KEYS', 'PREDICTION_KEYS',
+           'GENERATE', 'adapter_status', 'rcb_scores', 'ReportDataset', 'FeatureCache', 'report_collate',
+           'PromptFusion', 'report_model_config', 'MLRGReportModel', 'load_stage1', 'summarize_init', 'lr_groups',
+           'stage1_checkpoint', 'load_finetune_data', 'model_config_for', 'build_finetune', 'generation_settings',
+           'generate_records', 'token_losses', 'truth_labels', 'ce_against_truth', 'score_records', 'ReportEvaluator',
+           'mlrg_csv_text', 'write_predictions', 'fit_config', 'run_test', 'plot_curves', 'summarize', 'finetune',
+           'load_report_model', 'dataset_for', 'generate_reports', 'finetune_cli', 'generate_cli', 'baseline_records',
+           'diff_html', 'case_images', 'attention_maps', 'plot_attention']
 
 # %% ../nbs/04_finetune.ipynb #3a7516ba
 def adapter_status(name, path=None) -> str:
@@ -471,9 +471,11 @@ def build_finetune(p: dict, data: dict | None = None, log=None) -> dict:
             "evaluator": evaluator, "generation": generation, "vocab": vocab, "data": data}
 
 # %% ../nbs/04_finetune.ipynb #4a30d562
+GENERATION_KEYS = ("num_beams", "max_length", "min_length", "no_repeat_ngram_size", "repetition_penalty", "length_penalty")
+
 def generation_settings(p) -> dict:
     "The generation keywords of `MLRGReportModel.generate` from parameters `p`."
-    return {k: p[k] for k in ("num_beams", "max_length", "min_length", "no_repeat_ngram_size", "repetition_penalty", "length_penalty")}
+    return {k: p[k] for k in GENERATION_KEYS}
 
 @torch.no_grad()
 def generate_records(model, dataset, indices=None, batch_size=32, generation=None, with_loss=True, progress=False, desc="generate") -> list:
@@ -581,11 +583,8 @@ _ENGINE_KEYS = [k for k in FINETUNE.params if k in TRAIN.params]
 _DATA_KEYS = ("sample_unit", "max_views", "max_length", "max_prompt_length", "augment", "use_indication", "use_prior_report")
 
 def _out_dir(p, data) -> Path:
-    "The folder a run with parameters `p` on `data` writes to."
-    if p["model_save_path"] is not None: return Path(p["model_save_path"])
-    if p["run_dir"] is not None: return RunFolder.create(p["run_dir"]).finetune
-    if data["info"]["temp_dir"]: return Path(data["info"]["temp_dir"]) / "finetune"
-    return outputs_root() / time.strftime("finetune-%Y%m%d-%H%M%S")
+    "The folder a run with parameters `p` on `data` writes to (`mlrg.runs.output_folder`)."
+    return output_folder(p, "finetune", data["info"]["temp_dir"])
 
 def fit_config(p, parts, out_dir) -> dict:
     "The config `fit` trains with (engine settings + model, data, generation and initialisation)."
@@ -607,7 +606,7 @@ def run_test(model, parts, p, out_dir, checkpoint=None, log=None) -> dict:
     recs = generate_records(model, ds, None, p["eval_batch_size"], parts["generation"], with_loss=False, progress=p["progress"], desc="test")
     out_dir = Path(out_dir)
     write_predictions(recs, out_dir / "test_predictions.json", out_dir / "test_predictions.csv")
-    truth = load_truth(parts["data"]["truth_path"]) if parts["data"]["truth_path"] is not None else None
+    truth = parts["evaluator"].truth          # read once, by the val evaluator
     flat, res = score_records(recs, truth, meteor=p["meteor"])
     with_prior = [r for r in recs if r["has_prior"]]
     prior_flat = score_records(with_prior, truth)[0] if with_prior else {}
@@ -663,8 +662,7 @@ def finetune(params: dict | None = None, **overrides) -> dict:
     p = FINETUNE.check(params, **overrides)
     log = get_logger()
     if p["num_threads"]: torch.set_num_threads(p["num_threads"])
-    if p["model_save_path"] is not None: ensure_writable(p["model_save_path"], "model_save_path folder")   # before any work
-    elif p["run_dir"] is not None: ensure_writable(RunFolder.create(p["run_dir"]).finetune, "run folder")
+    check_output_folder(p, "finetune")   # before any work
     if p["test"] and p["meteor"]: check_java()
     parts = build_finetune(p, log=log)
     out_dir = _out_dir(p, parts["data"])
@@ -765,7 +763,7 @@ def finetune_cli(argv=None) -> int:
 
 def _generate_from_cli(argv):
     a = GENERATE.cli(argv, prog="mlrg generate")
-    gen = {k: a[k] for k in ("num_beams", "max_length", "min_length", "no_repeat_ngram_size", "repetition_penalty", "length_penalty")}
+    gen = {k: a[k] for k in GENERATION_KEYS}
     recs = generate_reports(a["checkpoint"], a["annotation"], a["split"], a["out"], a["image_root"], a["batch_size"], a["limit"],
                             a["trust_pickle"], a["gpu_id"], not a["quiet"], **gen)
     return f"generate: {len(recs)} reports of split {a['split']} -> {a['out']}"

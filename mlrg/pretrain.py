@@ -18,11 +18,11 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
-from .core import InputError, Param, Params, derive_seed, ensure_writable, get_logger, read_jsonl, save_json, seed_everything
+from .core import InputError, Param, Params, derive_seed, get_logger, read_jsonl, save_json, seed_everything
 from .data import CHEXPERT_LABELS, SPECIAL_TOKENS, MLRGDataset, Vocab, collate, prepare, read_annotation
 from .engine import TRAIN, TRAIN_OUTPUT, fit, is_main_process, load_checkpoint, to_device
 from .metrics import roc_auc
-from .runs import RunFolder, in_ipython, one_line_errors, outputs_root
+from .runs import RunFolder, check_output_folder, in_ipython, one_line_errors, output_folder
 from .models import MLRGPretrainModel, list_image_encoders, pretrain_config
 
 # %% auto #0
@@ -402,11 +402,8 @@ def load_pretrained(path, map_location="cpu"):
 _ENGINE_KEYS = [k for k in PRETRAIN.params if k in TRAIN.params]    # the settings passed to the engine as they are
 
 def _out_dir(p, data):
-    "The folder a run with parameters `p` on `data` writes its checkpoints, metrics and summary to."
-    if p["model_save_path"] is not None: return Path(p["model_save_path"])
-    if p["run_dir"] is not None: return RunFolder.create(p["run_dir"]).pretrain
-    if data["info"]["temp_dir"]: return Path(data["info"]["temp_dir"]) / "pretrain"
-    return outputs_root() / time.strftime("pretrain-%Y%m%d-%H%M%S")
+    "The folder a run with parameters `p` on `data` writes its checkpoints, metrics and summary to (`mlrg.runs.output_folder`)."
+    return output_folder(p, "pretrain", data["info"]["temp_dir"])
 
 # %% ../nbs/03_pretrain.ipynb #cbcc45bf
 def plot_history(history, ks=(1, 5, 10), fig=None):
@@ -460,8 +457,7 @@ def pretrain(params: dict | None = None, **overrides) -> dict:
     p = PRETRAIN.check(params, **overrides)
     log = get_logger()
     if p["num_threads"]: torch.set_num_threads(p["num_threads"])
-    if p["model_save_path"] is not None: ensure_writable(p["model_save_path"], "model_save_path folder")   # before any work
-    elif p["run_dir"] is not None: ensure_writable(RunFolder.create(p["run_dir"]).pretrain, "run folder")
+    check_output_folder(p, "pretrain")   # before any work
     parts = build_pretrain(p)
     out_dir = _out_dir(p, parts["data"])
     if p["debug"]: debug_report(parts, p, print_fn=print if is_main_process() else (lambda *a: None))

@@ -12,11 +12,11 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from .core import InputError, append_jsonl, read_jsonl
+from .core import InputError, append_jsonl, ensure_writable, read_jsonl
 
 # %% auto #0
-__all__ = ['STAGES', 'SUBCOMMANDS', 'repo_root', 'outputs_root', 'RunFolder', 'Stage', 'main', 'os_error_line', 'one_line_errors',
-           'in_ipython']
+__all__ = ['STAGES', 'SUBCOMMANDS', 'repo_root', 'outputs_root', 'RunFolder', 'check_output_folder', 'output_folder', 'Stage',
+           'main', 'os_error_line', 'one_line_errors', 'in_ipython']
 
 # %% ../nbs/00b_runs.ipynb #a708a2d7
 def repo_root():
@@ -80,6 +80,19 @@ class RunFolder:
                                  if k not in ("stage", "time") and not isinstance(v, (dict, list)))
                 lines.append(f"    {r['stage']}: {flat}"[:200])
         return "\n".join(lines)
+
+# %% ../nbs/00b_runs.ipynb #f987395a
+def check_output_folder(p, stage):
+    "Check, before any work, that the folder stage `stage` with parameters `p` writes to is writable (when the parameters name one)."
+    if p["model_save_path"] is not None: ensure_writable(p["model_save_path"], "model_save_path folder")
+    elif p["run_dir"] is not None: ensure_writable(getattr(RunFolder.create(p["run_dir"]), stage), "run folder")
+
+def output_folder(p, stage, temp_dir=None) -> Path:
+    "The folder stage `stage` with parameters `p` writes to (`temp_dir`: the folder of a phantom the stage wrote for itself)."
+    if p["model_save_path"] is not None: return Path(p["model_save_path"])
+    if p["run_dir"] is not None: return getattr(RunFolder.create(p["run_dir"]), stage)
+    if temp_dir: return Path(temp_dir) / stage
+    return outputs_root() / time.strftime(f"{stage}-%Y%m%d-%H%M%S")
 
 # %% ../nbs/00b_runs.ipynb #6e983737
 @dataclass(frozen=True)
