@@ -8,7 +8,7 @@ STAMP := $(VENV)/.mlrg-setup
 RUN ?= demo
 export PYTHONUNBUFFERED := 1
 
-.PHONY: setup demo test check-sync nbtest pytest reports clean-run help
+.PHONY: setup demo test check-sync nbtest pytest help
 
 help:
 	@echo "make demo   set up, then run the study on the built-in phantom (run folder outputs/$(RUN))"
@@ -23,24 +23,12 @@ $(STAMP): settings.ini setup.py
 
 setup: $(STAMP)
 
-# The main job. Until the study runner lands, the study is: the demo phantom, its preparation, the labeler's
-# validation, stage 1 pretraining, stage 2 report generation and the evaluation of its test predictions next to the
-# baselines, each executed as a notebook report (executed .ipynb + HTML) in outputs/$(RUN)/reports/, all sharing the
-# run folder outputs/$(RUN)/. The phantom's learnability check is a benchmark (benchmarks/phantom_learnability.py).
-RUNDIR := $(abspath outputs/$(RUN))
-PM := $(BIN)/papermill --cwd nbs --log-level WARNING
-PRETRAIN_ARGS ?= -p image_size 128 -p num_epochs 1 -p batch_size 16
-FINETUNE_ARGS ?= -p batch_size 32 -p num_epochs 100 -p max_steps 400 -p eval_steps 200 -p val_max_samples 200 -p val_num_beams 1
+# The main job: the study on the built-in phantom (mlrg.study, preset demo): every stage notebook executed with papermill
+# into outputs/$(RUN)/ (reports/: executed notebooks + HTML), then outputs/$(RUN)/index.html. Running it again skips the
+# finished stages; STUDY_ARGS adds options, e.g. STUDY_ARGS="--ablations --seeds 3" or STUDY_ARGS="-p finetune.max_steps 800".
+STUDY_ARGS ?=
 demo: setup
-	@mkdir -p $(RUNDIR)/reports
-	$(PM) nbs/01a_phantom.ipynb $(RUNDIR)/reports/01a_phantom.ipynb -p run_dir $(RUNDIR) -p preset demo -p learnability_seconds 0
-	$(PM) nbs/01_data.ipynb $(RUNDIR)/reports/01_data.ipynb -p run_dir $(RUNDIR)
-	$(PM) nbs/05a_labeler.ipynb $(RUNDIR)/reports/05a_labeler.ipynb -p run_dir $(RUNDIR) -p phantom_root $(RUNDIR)/mimic
-	$(PM) nbs/03_pretrain.ipynb $(RUNDIR)/reports/03_pretrain.ipynb -p run_dir $(RUNDIR) $(PRETRAIN_ARGS)
-	$(PM) nbs/04_finetune.ipynb $(RUNDIR)/reports/04_finetune.ipynb -p run_dir $(RUNDIR) $(FINETUNE_ARGS)
-	$(PM) nbs/05_evaluate.ipynb $(RUNDIR)/reports/05_evaluate.ipynb -p run_dir $(RUNDIR)
-	$(BIN)/jupyter nbconvert --log-level WARN --to html $(RUNDIR)/reports/*.ipynb
-	@$(BIN)/python -c 'from mlrg.runs import RunFolder; print("\nmlrg demo: " + RunFolder.create("$(RUNDIR)").describe())'
+	$(BIN)/mlrg study --preset demo --run $(RUN) $(STUDY_ARGS)
 
 test: setup check-sync nbtest pytest
 

@@ -28,7 +28,8 @@ import numpy as np
 __all__ = ['OBSERVATIONS', 'study_dir', 'image_relpath', 'report_relpath', 'InputError', 'derive_seed', 'seed_everything',
            'rng_states', 'set_rng_states', 'get_logger', 'write_set', 'atomic_write', 'remove_stale_temps',
            'ensure_writable', 'move_aside', 'json_text', 'save_json', 'load_json', 'append_jsonl', 'jsonl_text',
-           'save_jsonl', 'read_jsonl', 'peak_rss_mb', 'measure', 'Param', 'coerce', 'Params', 'to_plain']
+           'save_jsonl', 'read_jsonl', 'peak_rss_mb', 'measure', 'Param', 'coerce', 'Preset', 'Params', 'to_plain',
+           'require_package', 'hub_folder']
 
 # %% ../nbs/00_core.ipynb #0ca8bb85
 OBSERVATIONS = ["Atelectasis", "Cardiomegaly", "Consolidation", "Edema", "Enlarged Cardiomediastinum", "Fracture",
@@ -327,11 +328,45 @@ def _suggest(unknown, known) -> str:
         parts.append(f"{k!r}" + (f" (did you mean {' or '.join(repr(c) for c in close)}?)" if close else ""))
     return f"unknown parameter{'s' if len(unknown) > 1 else ''} " + ", ".join(parts)
 
+# %% ../nbs/00_core.ipynb #02cdd0c8
+def _alternatives(group) -> tuple:
+    "A required entry as a tuple of names (one of them must be set)."
+    return tuple(group) if isinstance(group, (tuple, list)) else (group,)
+
+@dataclass(frozen=True)
+class Preset:
+    "Named parameter values (`values`), the parameters a run of it must set (`required`) and what it is for (`help`)."
+    values: dict
+    required: tuple = ()
+    help: str = ""
+
+    def __or__(self, other):
+        "Both presets' values (`other` wins) and requirements."
+        return Preset({**self.values, **other.values}, tuple(dict.fromkeys((*self.required, *other.required))), self.help or other.help)
+
+    def only(self, names):
+        "This preset restricted to the parameters `names`."
+        names = set(names)
+        return Preset({k: v for k, v in self.values.items() if k in names},
+                      tuple(g for g in self.required if all(n in names for n in _alternatives(g))), self.help)
+
+    def check_required(self, p: dict, name=None):
+        "An `InputError` naming the first required parameter that `p` leaves unset."
+        for g in self.required:
+            if all(p.get(n) is None for n in _alternatives(g)):
+                names = " or ".join(map(repr, _alternatives(g)))
+                raise InputError(f"the {name or 'chosen'} preset needs parameter {names}", where=f"parameter {_alternatives(g)[0]!r}",
+                                 expected=(self.help + "; " if self.help else "") + f"set {names}")
+
 # %% ../nbs/00_core.ipynb #4c637f92
 class Params:
     "A stage's parameters, declared once: they check a notebook's parameters cell, a call's keywords and a command line."
-    def __init__(self, name: str, description: str, params: dict, rule=None):
+    def __init__(self, name: str, description: str, params: dict, rule=None, presets=None):
         self.name, self.description, self.params, self.rule = name, description, dict(params), rule
+        self.presets = dict(presets or {})
+        for pname, pr in self.presets.items():
+            unknown = [k for k in (*pr.values, *[n for g in pr.required for n in _alternatives(g)]) if k not in self.params]
+            if unknown: raise InputError(_suggest(unknown, self.params), where=f"{name} preset {pname!r}")
 
     @classmethod
     def infer(cls, defaults: dict, kinds: dict | None = None, name="params", description=""):
@@ -339,37 +374,50 @@ class Params:
         return cls(name, description, {k: Param(v, kind=(kinds or {}).get(k)) for k, v in defaults.items()})
 
     def __or__(self, other):
-        "The union of two declarations (`other` wins on shared names; both rules run)."
+        "The union of two declarations (`other` wins on shared names; both rules run; presets of the same name merge)."
         rules = [r for r in (self.rule, other.rule) if r]
+        presets = {n: self.presets[n] | other.presets[n] if n in self.presets and n in other.presets else self.presets.get(n) or other.presets[n]
+                   for n in {**self.presets, **other.presets}}
         return Params(self.name, self.description, {**self.params, **other.params},
-                      (lambda p: [r(p) for r in rules]) if rules else None)
+                      (lambda p: [r(p) for r in rules]) if rules else None, presets)
 
     def subset(self, names, **defaults):
         "The declaration of `names` only, with `defaults` replacing theirs (a stage's own defaults for shared parameters)."
         unknown = [k for k in defaults if k not in names]
         if unknown: raise InputError(_suggest(unknown, names), where=f"{self.name}.subset")
         return Params(self.name, self.description,
-                      {k: replace(self.params[k], default=defaults[k]) if k in defaults else self.params[k] for k in names})
+                      {k: replace(self.params[k], default=defaults[k]) if k in defaults else self.params[k] for k in names},
+                      presets={n: pr.only(names) for n, pr in self.presets.items()})
 
     def defaults(self, where="all") -> dict:
         "Each parameter's default ('notebook' or 'cli': only those offered there)."
         return {k: p.default for k, p in self.params.items() if where == "all" or getattr(p, where)}
 
     def check(self, given: dict | None = None, **overrides) -> dict:
-        "The full, checked parameter dict: the defaults updated with `given` and `overrides`."
+        "The full, checked parameter dict: the defaults, then the values of the `preset` named, then `given` and `overrides`."
         given = {**(given or {}), **overrides}
         unknown = [k for k in given if k not in self.params]
         if unknown: raise InputError(_suggest(unknown, self.params), where=f"{self.name} parameters",
                                      expected="one of " + ", ".join(self.params))
-        out = self.defaults()
+        out, preset = self.defaults(), self.preset_of(given) if self.presets else None
+        if preset is not None: given = {**preset.values, **given}
         for k, v in given.items():
             p, kind = self.params[k], self.params[k].type
             nullable = p.default is None or p.nullable
             if nullable and isinstance(v, str) and v.strip().lower() in _NONE_STRINGS: v = None   # papermill's "None"
             out[k] = v if v is None and nullable or kind is None else coerce(k, v, kind)
         for k, v in out.items(): self._check_value(k, v)
+        if preset is not None: preset.check_required(out, given.get("preset"))
         if self.rule: self.rule(out)
         return out
+
+    def preset_of(self, given: dict):
+        "The `Preset` that `given['preset']` names (None when none is named)."
+        name = given.get("preset")
+        if name is None or (isinstance(name, str) and name.strip().lower() in _NONE_STRINGS): return None
+        if name not in self.presets:
+            raise InputError(f"{name!r} is not a preset", where="parameter 'preset'", expected=" or ".join(map(repr, self.presets)) or "no preset")
+        return self.presets[name]
 
     def _check_value(self, k, v):
         p = self.params[k]
@@ -386,8 +434,16 @@ def _notebook_params(self, g: dict, names_before=()) -> dict:
     "The checked parameters of a notebook run from its globals `g`, failing on a name papermill added that is not declared."
     before = set(names_before)
     given = {k: g[k] for k, p in self.params.items() if p.notebook and k in g}
+    preset = self.preset_of(given) if self.presets else None
+    if preset is not None:   # the cell sets every parameter: one still at its default takes the preset's value
+        given = {k: v for k, v in given.items() if not (k in preset.values and _same(v, self.params[k].default))}
     extra = {k: g[k] for k in g if k not in self.params and k not in before and not k.startswith("_")}
     return self.check({**given, **extra})
+
+def _same(a, b) -> bool:
+    "Whether a notebook value equals a default (papermill's 'None' string counts as None)."
+    if isinstance(a, str) and a.strip().lower() in _NONE_STRINGS: a = None
+    return type(a) is type(b) and a == b
 
 def _parameters_cell(self) -> str:
     "The source of the notebook's papermill parameters cell: every notebook parameter at its default, with its help."
@@ -440,3 +496,27 @@ def to_plain(value, where="config"):
     if isinstance(value, (list, tuple)): return [to_plain(v, where) for v in value]
     if isinstance(value, dict): return {str(k): to_plain(v, f"{where}.{k}") for k, v in value.items()}
     raise InputError(f"{type(value).__name__} is not a plain value", where=where, expected="numbers, strings, lists or dicts")
+
+# %% ../nbs/00_core.ipynb #7af5d80c
+def require_package(name, why, install=None):
+    "Import optional package `name`, or an InputError saying what to install."
+    try: return importlib.import_module(name)
+    except ImportError:
+        raise InputError(f"{why} needs the optional package `{name}`, which is not installed", where=name,
+                         expected=f"pip install {install or name}") from None
+
+def hub_folder(path, what, param, kinds=None, hint="") -> tuple:
+    "(folder, its config.json as a dict) of local model folder `path` for `what` (parameter `param`); `kinds`: accepted `model_type`s."
+    where = f"parameter {param!r}"
+    if path is None: raise InputError(f"{what} needs a local folder and none was given", where=where,
+                                      expected=f"{param}=<folder> in the `save_pretrained` layout" + (f" ({hint})" if hint else ""))
+    p = Path(path).expanduser()
+    if not p.is_dir(): raise InputError(f"{what}: no such folder", where=p, expected=f"a local folder for {param} (mlrg never downloads weights)" + (f"; {hint}" if hint else ""))
+    cfg_path = p / "config.json"
+    if not cfg_path.is_file(): raise InputError(f"{what}: the folder has no config.json", where=p, expected="a folder written by `save_pretrained`" + (f" ({hint})" if hint else ""))
+    try: cfg = json.loads(cfg_path.read_text())
+    except json.JSONDecodeError as e: raise InputError(f"config.json is not JSON ({e})", where=cfg_path) from None
+    if kinds and cfg.get("model_type") not in kinds:
+        raise InputError(f"{what}: the folder holds a {cfg.get('model_type')!r} model", where=p,
+                         expected=f"model_type {' or '.join(map(repr, kinds))} in config.json (check {param})")
+    return p, cfg

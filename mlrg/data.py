@@ -26,12 +26,14 @@ from .core import (OBSERVATIONS, InputError, Param, Params, atomic_write, derive
 
 # %% auto #0
 __all__ = ['IMAGE_CHECKS', 'PREPARE', 'METADATA_CSV', 'SPLIT_CSV', 'CHEXPERT_CSV', 'METADATA_REQUIRED', 'SPLIT_REQUIRED',
-           'SPLIT_NAMES', 'SPLITS', 'CHEXPERT_LABELS', 'MLRG_ITEM_KEYS', 'SPECIAL_TOKENS', 'CXR_MEAN', 'CXR_STD',
-           'VIEW_POSITIONS', 'find_table', 'normalize_view', 'view_projection', 'view_rank', 'BadInputs',
-           'read_metadata', 'read_split', 'assign_priors', 'choose_prior_images', 'parse_report', 'normalize_text',
-           'clean_indication', 'read_reports', 'check_image', 'check_images', 'tokenize', 'Vocab', 'prepare',
-           'prepare_cli', 'validate_mlrg_item', 'read_mlrg_annotation', 'read_r2gen_annotation', 'read_medclip_pickle',
-           'read_annotation', 'view_id', 'load_image', 'prior_findings', 'build_prompt', 'MLRGDataset', 'collate']
+           'SPLIT_NAMES', 'SPLITS', 'CHEXPERT_LABELS', 'MLRG_ITEM_KEYS', 'SPECIAL_TOKENS', 'BPE_STATE_TAG',
+           'BPE_SPECIAL', 'BPE_ADDED', 'CXR_MEAN', 'CXR_STD', 'VIEW_POSITIONS', 'find_table', 'normalize_view',
+           'view_projection', 'view_rank', 'BadInputs', 'read_metadata', 'read_split', 'assign_priors',
+           'choose_prior_images', 'parse_report', 'normalize_text', 'clean_indication', 'read_reports', 'check_image',
+           'check_images', 'tokenize', 'Tokens', 'Vocab', 'clean_text', 'BPETokenizer', 'vocab_state',
+           'vocab_from_state', 'prepare', 'prepare_cli', 'validate_mlrg_item', 'read_mlrg_annotation',
+           'read_r2gen_annotation', 'read_medclip_pickle', 'read_annotation', 'view_id', 'load_image', 'prior_findings',
+           'build_prompt', 'MLRGDataset', 'collate']
 
 # %% ../nbs/01_data.ipynb #a43be15a
 IMAGE_CHECKS = ("exists", "decode", "none")
@@ -377,7 +379,28 @@ def tokenize(text) -> list:
     return _TOKEN_RE.findall(str(text or "").lower().replace("_", " "))
 
 # %% ../nbs/01_data.ipynb #f87ddd28
-class Vocab:
+class Tokens:
+    "What a vocabulary and a tokenizer share: text to ids within [BOS] ... [EOS], and ids back to text (`ids_of`, `is_special`, `text_of` differ)."
+    def encode(self, text, bos_eos=False, max_length=None) -> list:
+        "Token ids of `text`; with `bos_eos`, wrapped in [BOS] ... [EOS] within `max_length`."
+        ids = self.ids_of(text)
+        if bos_eos:
+            if max_length is not None: ids = ids[:max(0, max_length - 2)]
+            return [self.bos_id] + ids + [self.eos_id]
+        return ids[:max_length] if max_length is not None else ids
+
+    def decode(self, ids, skip_special=True) -> str:
+        "Text of `ids`, stopping at [EOS]; special tokens left out unless `skip_special=False` ([PAD] always is)."
+        out = []
+        for i in (ids.tolist() if hasattr(ids, "tolist") else ids):
+            i = int(i)
+            if i == self.pad_id: continue
+            if i == self.eos_id and skip_special: break
+            if skip_special and self.is_special(i): continue
+            out.append(i)
+        return self.text_of(out)
+
+class Vocab(Tokens):
     "A word-level vocabulary: special tokens, then words by frequency."
     def __init__(self, words=(), min_freq=None, counts=None):
         words = [w for w in words if w not in SPECIAL_TOKENS]
@@ -398,25 +421,11 @@ class Vocab:
     def __len__(self): return len(self.itos)
     def __repr__(self): return f"Vocab({len(self)} tokens, min_freq={self.min_freq})"
 
-    def encode(self, text, bos_eos=False, max_length=None) -> list:
-        "Token ids of `text` (`[UNK]` for unknown words); with `bos_eos`, wrapped in [BOS] ... [EOS]."
-        ids = [self.stoi.get(w, self.unk_id) for w in tokenize(text)]
-        if bos_eos:
-            if max_length is not None: ids = ids[:max(0, max_length - 2)]
-            return [self.bos_id] + ids + [self.eos_id]
-        return ids[:max_length] if max_length is not None else ids
-
-    def decode(self, ids, skip_special=True) -> str:
-        "Text of `ids`, stopping at [EOS]; special tokens left out unless `skip_special=False` ([PAD] always is)."
-        out = []
-        for i in (ids.tolist() if hasattr(ids, "tolist") else ids):
-            i = int(i)
-            if i == self.pad_id: continue
-            if i == self.eos_id and skip_special: break
-            tok = self.itos[i] if 0 <= i < len(self.itos) else "[UNK]"
-            if skip_special and tok in SPECIAL_TOKENS: continue
-            out.append(tok)
-        return " ".join(out)
+    def ids_of(self, text) -> list:
+        "The ids of `text`'s words (`[UNK]` for unknown ones)."
+        return [self.stoi.get(w, self.unk_id) for w in tokenize(text)]
+    def is_special(self, i) -> bool: return not 0 <= i < len(self.itos) or self.itos[i] in SPECIAL_TOKENS
+    def text_of(self, ids) -> str: return " ".join(self.itos[i] if 0 <= i < len(self.itos) else "[UNK]" for i in ids)
 
     def as_json(self) -> dict:
         "The vocabulary as the JSON object `save` writes."
@@ -436,6 +445,78 @@ class Vocab:
         if d["itos"][:len(SPECIAL_TOKENS)] != list(SPECIAL_TOKENS):
             raise InputError("special tokens differ from this version's", where=path, expected=str(list(SPECIAL_TOKENS)))
         return cls(d["itos"][len(SPECIAL_TOKENS):], min_freq=d.get("min_freq"), counts=d.get("counts"))
+
+# %% ../nbs/01_data.ipynb #b2d90476
+BPE_STATE_TAG = "mlrg-bpe-tokenizer-v1"
+BPE_SPECIAL = {"bos_token": "[BOS]", "pad_token": "[PAD]", "cls_token": "[CLS]", "sep_token": "[SEP]", "mask_token": "[MASK]",
+               "eos_token": "[EOS]", "unk_token": "[UNK]"}
+BPE_ADDED = ("[NHI]", "[NHPR]")
+
+def clean_text(text) -> str:
+    "`text` lower-cased, de-identification underscores dropped, whitespace collapsed."
+    return " ".join(str(text or "").lower().replace("_", " ").split())
+
+class BPETokenizer(Tokens):
+    "GPT-2's byte-level BPE with MLRG's special tokens, with `Vocab`'s interface; `state` / `from_state` keep it in a checkpoint."
+    def __init__(self, backend, source=None):
+        self.backend, self.source = backend, source
+        for t in SPECIAL_TOKENS:
+            i = backend.token_to_id(t)
+            if i is None: raise InputError(f"the tokenizer lacks {t}", where=source or "BPETokenizer", expected=f"MLRG's tokens {list(SPECIAL_TOKENS)}")
+            setattr(self, t.strip("[]").lower() + "_id", int(i))
+        self.special_ids = {getattr(self, t.strip("[]").lower() + "_id") for t in SPECIAL_TOKENS}
+
+    @classmethod
+    def from_folder(cls, path, param="tokenizer_path"):
+        "GPT-2's tokenizer from local folder `path` (never downloaded), with MLRG's tokens added."
+        p = Path(path).expanduser() if path is not None else None
+        if p is None or not p.is_dir():
+            raise InputError("the gpt2 tokenizer needs a local folder" + ("" if p is None else ", and there is none"), where=p or f"parameter {param!r}",
+                             expected=f"{param}=<folder> with vocab.json + merges.txt or tokenizer.json (e.g. the distilgpt2 folder)")
+        if not ((p / "tokenizer.json").is_file() or ((p / "vocab.json").is_file() and (p / "merges.txt").is_file())):
+            raise InputError("no GPT-2 tokenizer files in the folder", where=p, expected="vocab.json + merges.txt, or tokenizer.json")
+        from mlrg.core import require_package
+        tr = require_package("transformers", "the gpt2 tokenizer", install='"mlrg[hub]"')
+        tr.utils.logging.set_verbosity_error()
+        tok = tr.AutoTokenizer.from_pretrained(str(p), local_files_only=True)
+        model = json.loads(tok.backend_tokenizer.to_str()).get("model", {}).get("type")
+        if model != "BPE": raise InputError(f"the folder holds a {model} tokenizer ({type(tok).__name__})", where=p, expected="GPT-2's byte-level BPE tokenizer")
+        tok.add_special_tokens(dict(BPE_SPECIAL)); tok.add_tokens(list(BPE_ADDED))
+        return cls(tok.backend_tokenizer, source=str(p))
+
+    @classmethod
+    def from_state(cls, state):
+        "The tokenizer `state()` wrote (a checkpoint's `vocab`)."
+        from mlrg.core import require_package
+        tk = require_package("tokenizers", "a checkpoint trained with the gpt2 tokenizer", install='"mlrg[hub]"')
+        return cls(tk.Tokenizer.from_str(state[1]), source="checkpoint")
+
+    def state(self) -> list:
+        "The tokenizer as a list of strings (what a `weights_only` checkpoint holds)."
+        return [BPE_STATE_TAG, self.backend.to_str()]
+
+    def __len__(self): return self.backend.get_vocab_size(with_added_tokens=True)
+    def __repr__(self): return f"BPETokenizer({len(self)} tokens, from {self.source})"
+
+    def ids_of(self, text) -> list:
+        "The BPE ids of `text`, cleaned."
+        return self.backend.encode(clean_text(text), add_special_tokens=False).ids
+    def is_special(self, i) -> bool: return i in self.special_ids
+    def text_of(self, ids) -> str: return " ".join(self.backend.decode(list(ids), skip_special_tokens=False).split())
+
+# %% ../nbs/01_data.ipynb #359f7c92
+def vocab_state(vocab) -> list:
+    "A `Vocab` or `BPETokenizer` as the list of strings a checkpoint holds."
+    return vocab.state() if hasattr(vocab, "state") else list(vocab.itos)
+
+def vocab_from_state(state):
+    "The `Vocab` or `BPETokenizer` of a checkpoint's `vocab` list."
+    state = list(state or [])
+    if state[:1] == [BPE_STATE_TAG]: return BPETokenizer.from_state(state)
+    if state[:len(SPECIAL_TOKENS)] != list(SPECIAL_TOKENS):
+        raise InputError("the checkpoint's vocabulary does not start with this version's special tokens", where="checkpoint['vocab']",
+                         expected=str(list(SPECIAL_TOKENS)))
+    return Vocab(state[len(SPECIAL_TOKENS):])
 
 # %% ../nbs/01_data.ipynb #e1ff3432
 def _check_prepare_args(mimic_root, out, sample_unit, image_check, min_freq):

@@ -11,15 +11,19 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pathlib import Path
+
 from .core import InputError
 
 # %% auto #0
-__all__ = ['DECODER_DEFAULTS', 'decoder_config', 'CausalSelfAttention', 'CrossAttention', 'DecoderBlock', 'ReportDecoder',
-           'score_next', 'greedy', 'beam_search', 'TableLM']
+__all__ = ['DECODER_DEFAULTS', 'ACTIVATIONS', 'GPT2_ACTIVATIONS', 'decoder_config', 'CausalSelfAttention', 'CrossAttention',
+           'DecoderBlock', 'ReportDecoder', 'score_next', 'greedy', 'beam_search', 'TableLM', 'gpt2_decoder_config',
+           'gpt2_state_to_decoder', 'load_gpt2_weights']
 
 # %% ../nbs/02b_decoder.ipynb #3dcad532
 DECODER_DEFAULTS = dict(vocab_size=None, d_model=256, n_layers=3, n_heads=8, d_ff=None, max_length=128, dropout=0.1,
-                        pad_id=0, bos_id=2, eos_id=3)
+                        pad_id=0, bos_id=2, eos_id=3, n_positions=None, activation="gelu")
+ACTIVATIONS = {"gelu": "none", "gelu_tanh": "tanh"}   # name -> nn.GELU(approximate=...)
 
 def decoder_config(config: dict | None = None, **overrides) -> dict:
     "The decoder's complete config: `DECODER_DEFAULTS` updated with `config` and `overrides`, checked."
@@ -28,7 +32,12 @@ def decoder_config(config: dict | None = None, **overrides) -> dict:
     if unknown: raise InputError(f"unknown decoder config {unknown}", where="decoder config", expected="keys of DECODER_DEFAULTS")
     if not cfg["vocab_size"] or cfg["vocab_size"] < 4: raise InputError(f"vocab_size={cfg['vocab_size']}", where="decoder config", expected="the vocabulary's size")
     if cfg["d_model"] % cfg["n_heads"]: raise InputError(f"d_model={cfg['d_model']} is not a multiple of n_heads={cfg['n_heads']}", where="decoder config")
+    if cfg["activation"] not in ACTIVATIONS: raise InputError(f"activation={cfg['activation']!r}", where="decoder config", expected=" or ".join(ACTIVATIONS))
     cfg["d_ff"] = cfg["d_ff"] or 4 * cfg["d_model"]
+    cfg["n_positions"] = cfg["n_positions"] or cfg["max_length"]
+    if cfg["n_positions"] < cfg["max_length"]:
+        raise InputError(f"max_length={cfg['max_length']} but the decoder has {cfg['n_positions']} positions", where="parameter 'max_length'",
+                         expected=f"at most {cfg['n_positions']}")
     return cfg
 
 # %% ../nbs/02b_decoder.ipynb #d9ccde8d
@@ -86,11 +95,11 @@ class CrossAttention(nn.Module):
 # %% ../nbs/02b_decoder.ipynb #bb1bc654
 class DecoderBlock(nn.Module):
     "Pre-norm transformer block: causal self-attention, cross-attention to the memory, feed-forward."
-    def __init__(self, d_model, n_heads, d_ff, dropout=0.0):
+    def __init__(self, d_model, n_heads, d_ff, dropout=0.0, activation="gelu"):
         super().__init__()
         self.ln1, self.ln2, self.ln3 = nn.LayerNorm(d_model), nn.LayerNorm(d_model), nn.LayerNorm(d_model)
         self.attn, self.cross = CausalSelfAttention(d_model, n_heads, dropout), CrossAttention(d_model, n_heads, dropout)
-        self.mlp = nn.Sequential(nn.Linear(d_model, d_ff), nn.GELU(), nn.Linear(d_ff, d_model), nn.Dropout(dropout))
+        self.mlp = nn.Sequential(nn.Linear(d_model, d_ff), nn.GELU(approximate=ACTIVATIONS[activation]), nn.Linear(d_ff, d_model), nn.Dropout(dropout))
         self.drop = nn.Dropout(dropout)
 
     def forward(self, x, memory, memory_mask=None, cache=None):
@@ -106,9 +115,9 @@ class ReportDecoder(nn.Module):
         self.config = cfg = decoder_config(config)
         d = cfg["d_model"]
         self.tok = nn.Embedding(cfg["vocab_size"], d, padding_idx=cfg["pad_id"])
-        self.pos = nn.Embedding(cfg["max_length"], d)
+        self.pos = nn.Embedding(cfg["n_positions"], d)
         self.drop = nn.Dropout(cfg["dropout"])
-        self.blocks = nn.ModuleList(DecoderBlock(d, cfg["n_heads"], cfg["d_ff"], cfg["dropout"]) for _ in range(cfg["n_layers"]))
+        self.blocks = nn.ModuleList(DecoderBlock(d, cfg["n_heads"], cfg["d_ff"], cfg["dropout"], cfg["activation"]) for _ in range(cfg["n_layers"]))
         self.ln_f = nn.LayerNorm(d)
         self.head = nn.Linear(d, cfg["vocab_size"], bias=False)
         self.apply(self._init)
@@ -250,3 +259,51 @@ class TableLM(nn.Module):
         for r, last in enumerate(tokens[:, -1].tolist()):
             for t, p in self.table.get(last, {self.config["eos_id"]: 1.0}).items(): probs[r, t] = p
         return probs.log()
+
+# %% ../nbs/02b_decoder.ipynb #40805091
+GPT2_ACTIVATIONS = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu"}
+
+def gpt2_decoder_config(path, param="decoder_path") -> dict:
+    "The `ReportDecoder` sizes of the GPT-2 in local folder `path` (its config.json): layers, width, heads, positions, activation, dropout."
+    from mlrg.core import hub_folder
+    folder, c = hub_folder(path, "the distilgpt2 decoder", param, kinds=("gpt2",), hint="e.g. `huggingface-cli download distilgpt2 --local-dir DIR`")
+    act = c.get("activation_function", "gelu_new")
+    if act not in GPT2_ACTIVATIONS: raise InputError(f"activation_function={act!r}", where=folder / "config.json", expected=" or ".join(GPT2_ACTIVATIONS))
+    return dict(d_model=int(c["n_embd"]), n_layers=int(c["n_layer"]), n_heads=int(c["n_head"]), n_positions=int(c["n_positions"]),
+                d_ff=int(c.get("n_inner") or 4 * c["n_embd"]), activation=GPT2_ACTIVATIONS[act], dropout=float(c.get("resid_pdrop", 0.1)))
+
+_GPT2_NAMES = {"ln_1": "ln1", "attn.c_attn": "attn.qkv", "attn.c_proj": "attn.proj", "ln_cross_attn": "ln2",
+               "crossattention.q_attn": "cross.q", "crossattention.c_attn": "cross.kv", "crossattention.c_proj": "cross.proj",
+               "ln_2": "ln3", "mlp.c_fc": "mlp.0", "mlp.c_proj": "mlp.2"}
+_GPT2_CONV1D = ("attn.c_attn", "attn.c_proj", "crossattention.q_attn", "crossattention.c_attn", "crossattention.c_proj", "mlp.c_fc", "mlp.c_proj")
+
+def gpt2_state_to_decoder(sd: dict) -> dict:
+    "GPT-2 tensors (`transformer.*`, under any prefix) renamed to `ReportDecoder`'s, Conv1D weights transposed; other names keep theirs."
+    out = {}
+    for k, v in sd.items():
+        name = k[k.index("transformer.") + len("transformer."):] if "transformer." in k else k
+        if name in ("wte.weight", "wpe.weight", "ln_f.weight", "ln_f.bias"):
+            out[{"wte": "tok", "wpe": "pos"}.get(name.split(".")[0], "ln_f") + "." + name.split(".")[1]] = v
+        elif name.startswith("h.") and name.count(".") >= 3 and name.split(".", 2)[2].rsplit(".", 1)[0] in _GPT2_NAMES:
+            _, i, rest = name.split(".", 2)
+            part, leaf = rest.rsplit(".", 1)
+            out[f"blocks.{i}.{_GPT2_NAMES[part]}.{leaf}"] = v.t() if part in _GPT2_CONV1D and leaf == "weight" else v
+        elif k.endswith("lm_head.weight"): out["head.weight"] = v          # tied to wte in GPT-2, as `head` to `tok` here
+        else: out[k] = v
+    return out
+
+def load_gpt2_weights(decoder, source, trust_pickle=False, print_fn=print):
+    """Copy GPT-2 weights into `decoder` by name and shape from `source`: a GPT-2 folder (`save_pretrained` layout) or a
+    checkpoint file holding GPT-2 names under any prefix (cvt2distilgpt2); the table of every tensor (`partial_load`)."""
+    from mlrg.models import hub_transformers, load_weights_file, partial_load
+    src = Path(source).expanduser()
+    if src.is_dir():
+        from mlrg.core import hub_folder
+        hub_folder(src, "the distilgpt2 decoder", "decoder_path", kinds=("gpt2",))
+        sd = hub_transformers("the distilgpt2 decoder").GPT2LMHeadModel.from_pretrained(str(src), local_files_only=True).state_dict()
+    else: sd = load_weights_file(src, "decoder_init checkpoint", trust_pickle)
+    mapped = gpt2_state_to_decoder(sd)
+    if not any(k.startswith("blocks.") for k in mapped):
+        raise InputError("no GPT-2 block weights in it (names like transformer.h.0.attn.c_attn.weight)", where=src,
+                         expected="a GPT-2 folder or a checkpoint of GPT-2 weights (e.g. cvt2distilgpt2)")
+    return partial_load(decoder, mapped, what=f"GPT-2 weights from {src}", print_fn=print_fn)

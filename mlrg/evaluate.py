@@ -26,12 +26,12 @@ from .labeler import OBSERVATIONS, POLICIES, apply_policy, extract_changes, labe
 
 # %% auto #0
 __all__ = ['EVALUATE', 'JAVA_FIX', 'NLG_KEYS', 'LABELER_NAME', 'CE5', 'CHANGE_CLASSES', 'CHANGE_OBSERVATIONS', 'TEMPORAL_WORDS',
-           'ADAPTERS', 'ID_COLS', 'TEXT_COLS', 'TABLE_COLUMNS', 'prepare_text', 'truncate_tokens', 'sanitize_meteor',
-           'MissingJava', 'check_java', 'MeteorScorer', 'nlg_scores', 'ce_table', 'ce_summary', 'change_scores',
-           'temporal_entities', 'temporal_entity_f1', 'resolve_weights', 'run_adapter', 'read_texts', 'match_ids',
-           'evaluate', 'summary_row', 'format_result', 'load_truth', 'truth_changes', 'image_embedding',
-           'most_frequent_baseline', 'nearest_neighbour_baseline', 'copy_prior_baseline', 'oracle_baseline',
-           'split_items', 'evaluate_files', 'evaluate_cli']
+           'ADAPTERS', 'ID_COLS', 'TEXT_COLS', 'TABLE_COLUMNS', 'MLRG_PUBLISHED_MIMIC', 'prepare_text',
+           'truncate_tokens', 'sanitize_meteor', 'MissingJava', 'check_java', 'MeteorScorer', 'nlg_scores', 'ce_table',
+           'ce_summary', 'change_scores', 'temporal_entities', 'temporal_entity_f1', 'resolve_weights', 'run_adapter',
+           'read_texts', 'match_ids', 'evaluate', 'summary_row', 'format_result', 'load_truth', 'truth_changes',
+           'image_embedding', 'most_frequent_baseline', 'nearest_neighbour_baseline', 'copy_prior_baseline',
+           'oracle_baseline', 'split_items', 'evaluate_files', 'evaluate_cli']
 
 # %% ../nbs/05_evaluate.ipynb #6f60ab3f
 EVALUATE = Params("evaluate", "Score generated reports against references: BLEU-1..4, METEOR, ROUGE-L, CIDEr (pycocoevalcap), "
@@ -561,6 +561,11 @@ def evaluate(refs, hyps, ids=None, meteor=True, truncate_ref=None, uncertain_pol
 # %% ../nbs/05_evaluate.ipynb #f089d48c
 TABLE_COLUMNS = ["B-1", "B-2", "B-3", "B-4", "METEOR", "ROUGE-L", "CIDEr", "CE14 mi-P", "CE14 mi-R", "CE14 mi-F1",
                  "CE14 ma-P", "CE14 ma-R", "CE14 ma-F1", "CE5 mi-F1", "CE5 ma-F1", "Long. acc", "Long. vs truth", "Temporal F1"]
+
+# MLRG's published test scores on MIMIC-CXR (released logs, REFERENCE section 1; 3,852 images, CE by CheXbert): another
+# dataset and another labeler than a phantom run's, shown for scale only
+MLRG_PUBLISHED_MIMIC = {"B-1": .411, "B-2": .277, "B-3": .204, "B-4": .158, "METEOR": .176, "ROUGE-L": .320, "CIDEr": .360,
+                        "CE14 mi-F1": .505, "CE14 ma-F1": .364, "CE5 mi-F1": .550, "CE5 ma-F1": .486}
 
 def summary_row(result) -> dict:
     "One row of the comparison table (columns `TABLE_COLUMNS`; NaN where not computed)."

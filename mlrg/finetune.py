@@ -22,27 +22,28 @@ import pandas as pd
 import torch
 import torch.nn as nn
 
-from .core import (OBSERVATIONS, InputError, Param, Params, derive_seed, get_logger, json_text, save_json,
+from .core import (OBSERVATIONS, InputError, Param, Params, Preset, derive_seed, get_logger, json_text, save_json,
                        seed_everything, write_set)
-from .data import SPECIAL_TOKENS, MLRGDataset, Vocab, build_prompt, collate, load_image, prior_findings, read_annotation, view_id
-from .decoder import ReportDecoder, beam_search, decoder_config, greedy
+from .data import MLRGDataset, build_prompt, collate, load_image, prior_findings, read_annotation, view_id, vocab_from_state, vocab_state
+from .decoder import ReportDecoder, beam_search, decoder_config, gpt2_decoder_config, greedy, load_gpt2_weights
 from .engine import TRAIN, TRAIN_OUTPUT, EvalContext, fit, get_device, is_main_process, load_checkpoint, to_device
 from .evaluate import ADAPTERS, ce_summary, ce_table, check_java, evaluate, load_truth, resolve_weights, run_adapter, truth_changes
 from .labeler import label_reports
-from .models import SmallTextEncoder, VisualEncoder, list_image_encoders, load_visual_state, visual_config
+from .models import VisualEncoder, build_text_encoder, list_image_encoders, partial_load, visual_config
 from .phantom import TRUTH_FILE
-from .pretrain import PRETRAIN, check_image_files, image_root_for, load_pretrain_data
+from .pretrain import PRETRAIN, backbones, check_image_files, image_root_for, load_pretrain_data, tokenizer_for
 from .runs import RunFolder, check_output_folder, in_ipython, one_line_errors, output_folder
 
 # %% auto #0
-__all__ = ['SELECT_METRICS', 'RCB_ADAPTERS', 'FINETUNE', 'STAGE2_VISUAL_DEFAULTS', 'GENERATION_KEYS', 'PREDICTION_KEYS',
-           'GENERATE', 'adapter_status', 'rcb_scores', 'ReportDataset', 'FeatureCache', 'report_collate',
-           'PromptFusion', 'report_model_config', 'MLRGReportModel', 'load_stage1', 'summarize_init', 'lr_groups',
-           'stage1_checkpoint', 'load_finetune_data', 'model_config_for', 'build_finetune', 'generation_settings',
-           'generate_records', 'token_losses', 'truth_labels', 'ce_against_truth', 'score_records', 'ReportEvaluator',
-           'mlrg_csv_text', 'write_predictions', 'fit_config', 'run_test', 'plot_curves', 'summarize', 'finetune',
-           'load_report_model', 'dataset_for', 'generate_reports', 'finetune_cli', 'generate_cli', 'baseline_records',
-           'diff_html', 'case_images', 'attention_maps', 'plot_attention']
+__all__ = ['SELECT_METRICS', 'RCB_ADAPTERS', 'FINETUNE_PRESETS', 'FINETUNE', 'STAGE2_VISUAL_DEFAULTS', 'GENERATION_KEYS',
+           'PREDICTION_KEYS', 'GENERATE', 'adapter_status', 'rcb_scores', 'ReportDataset', 'FeatureCache',
+           'report_collate', 'PromptFusion', 'report_model_config', 'MLRGReportModel', 'check_folder_sizes',
+           'load_stage1', 'lr_groups', 'stage1_checkpoint', 'load_finetune_data', 'model_config_for', 'build_finetune',
+           'generation_settings', 'generate_records', 'token_losses', 'truth_labels', 'ce_against_truth',
+           'score_records', 'ReportEvaluator', 'mlrg_csv_text', 'write_predictions', 'fit_config', 'run_test',
+           'plot_curves', 'summarize', 'finetune', 'load_report_model', 'dataset_for', 'generate_reports',
+           'finetune_cli', 'generate_cli', 'baseline_records', 'diff_html', 'case_images', 'attention_maps',
+           'plot_attention']
 
 # %% ../nbs/04_finetune.ipynb #3a7516ba
 def adapter_status(name, path=None) -> str:
@@ -75,6 +76,9 @@ def _check_finetune(p):
     if p["cache_features"] and p["augment"]:
         raise InputError("cache_features=True with augment=True (augmented images differ every epoch)",
                          where="parameter 'cache_features'", expected="augment=False, or cache_features=False / None")
+    if p.get("decoder") == "distilgpt2" and p.get("decoder_path") is None:
+        raise InputError("decoder='distilgpt2' needs GPT-2's local folder", where="parameter 'decoder_path'",
+                         expected="decoder_path=<folder> in the save_pretrained layout (config.json + weights), e.g. distilgpt2's")
     if p.get("select_metric") == "rcb":
         missing = [a for a in RCB_ADAPTERS if adapter_status(a, p[f"{a}_weights"]) != "ready"]
         if missing:
@@ -84,6 +88,21 @@ def _check_finetune(p):
                                       "and the f1chexbert and radgraph packages; or select_metric='bleu4+ce14', the offline stand-in")
 
 # %% ../nbs/04_finetune.ipynb #8c391709
+FINETUNE_PRESETS = {
+    "mimic": Preset(dict(decoder="distilgpt2", max_length=100, max_prompt_length=200, batch_size=14, grad_accum=2, pt_lr=5e-6, ft_lr=5e-5,
+                         num_epochs=50, scheduler="plateau", plateau_factor=0.1, plateau_patience=5, early_stopping_patience=15,
+                         grad_clip=0.1, amp="bf16", seed=9233, gpu_id="0", dropout=0.1, num_beams=3, select_metric="rcb", freeze_image_encoder=True,
+                         cache_features=False, eval_batch_size=32, num_workers=8),
+                    required=(("pretrained_path", "run_dir"), "decoder_path"),
+                    help="MLRG's MIMIC-CXR settings: the stage-1 checkpoint, DistilGPT2 with cross-attention, batch 14 x 2, "
+                         "lr 5e-6 (stage-1 weights) / 5e-5 (new), plateau schedule on val RCB, early stopping 15, clip 0.1, bf16, beam 3"),
+    "iu": Preset(dict(max_views=2, use_prior_scan=False, use_prior_report=False, use_indication=False, max_length=60,
+                      num_epochs=100, select_metric="bleu4"),
+                 required=("data_path",),
+                 help="IU X-Ray in R2Gen's annotation.json: two views per study, no prior study and no indication, "
+                      "reports of at most 60 tokens, selected on val BLEU-4 as R2Gen"),
+}
+
 _TRAINING = TRAIN.subset(["batch_size", "num_epochs", "max_steps", "weight_decay", "scheduler", "plateau_factor", "plateau_patience",
                           "warmup", "grad_accum", "grad_clip", "use_amp", "amp", "early_stopping_patience", "seed"],
                          batch_size=8, num_epochs=2, scheduler="plateau", grad_clip=1.0)
@@ -91,6 +110,7 @@ _TRAINING = TRAIN.subset(["batch_size", "num_epochs", "max_steps", "weight_decay
 FINETUNE = Params("finetune", "MLRG stage 2: report generation from the current views, the prior image, the indication and the prior report.", dict(
     # --- data (as stage 1's) ---
     **PRETRAIN.subset(["data_path", "image_root", "trust_pickle", "sample_unit", "max_views", "augment", "phantom_patients"]).params,
+    **PRETRAIN.subset(["tokenizer", "tokenizer_path"], tokenizer=None).params,
     run_dir=Param(None, "a run folder: data from <run>/prepared and <run>/mimic, stage 1 from <run>/pretrain, outputs to <run>/finetune", kind=str),
     max_length=Param(100, "report tokens, [BOS] and [EOS] included, in training and generation (MLRG: 100)", low=3),
     max_prompt_length=Param(200, "prompt tokens (MLRG: 200)", low=6),
@@ -108,6 +128,13 @@ FINETUNE = Params("finetune", "MLRG stage 2: report generation from the current 
     d_model=Param(None, "without a stage-1 checkpoint: visual and prompt width (None: 128)", kind=int, low=8),
     model_config=Param({}, 'further stage-1 visual keys without a checkpoint, e.g. {"fusion_depth": 2}'),
     freeze_image_encoder=Param(True, "keep the image encoder fixed (MLRG freezes RAD-DINO)"),
+    image_pretrained_path=Param(None, "the image encoder's local weights or folder (rad_dino); None: the one stage 1 used", kind=str),
+    text_encoder=Param(None, "without a stage-1 checkpoint: the prompt encoder, small or cxr_bert (None: small)", kind=str, choices=("small", "cxr_bert")),
+    **PRETRAIN.subset(["text_pretrained_path", "text_layers", "trust_remote_code"]).params,
+    decoder=Param("small", "small (ReportDecoder sized by decoder_*) or distilgpt2 (GPT-2 from decoder_path, cross-attention added)",
+                  choices=("small", "distilgpt2")),
+    decoder_path=Param(None, "distilgpt2: GPT-2's local folder (config.json + weights; its tokenizer serves tokenizer='gpt2')", kind=str),
+    decoder_init=Param(None, "distilgpt2: a checkpoint of GPT-2 weights (e.g. cvt2distilgpt2's) loaded by name and shape instead of the folder's", kind=str),
     cache_features=Param(None, "encode every image once and train on the cached features (None: on when frozen and not augmented)", kind=bool),
     prompt_heads=Param(8, "heads of the prompt fusion layer", low=1),
     decoder_layers=Param(2, "decoder blocks (MLRG: DistilGPT2, 6)", low=1),
@@ -139,7 +166,9 @@ FINETUNE = Params("finetune", "MLRG stage 2: report generation from the current 
     **TRAIN_OUTPUT.params,
     model_save_path=Param(None, "output folder; None: <run>/finetune, or a new folder (temp for the phantom, else outputs/)", kind=str),
     num_threads=Param(None, "torch CPU threads (None: torch's default)", kind=int, low=1),
-), rule=_check_finetune)
+    preset=Param(None, "named settings: mimic (the paper's, on MIMIC-CXR, for GPUs) or iu (IU X-Ray in R2Gen's annotation); "
+                 "given parameters still win", kind=str, choices=("mimic", "iu")),
+), rule=_check_finetune, presets=FINETUNE_PRESETS)
 
 # %% ../nbs/04_finetune.ipynb #8bb89ad2
 class ReportDataset(MLRGDataset):
@@ -246,8 +275,9 @@ def report_model_config(config: dict) -> dict:
     unknown = sorted(set(cfg) - {"visual", "prompt", "prompt_heads", "decoder", "dropout", "label_smoothing", "prompt_memory"})
     if unknown: raise InputError(f"unknown model config key(s) {unknown}", where="model config")
     vis = visual_config({**(cfg.get("visual") or {}), "mode": "mlrg"})
-    pr = {"dim": vis["d_model"], "depth": 2, "heads": 4, "max_len": 512, "pad_id": 0, **(cfg.get("prompt") or {})}
+    pr = {"encoder": "small", "dim": vis["d_model"], "depth": 2, "heads": 4, "max_len": 512, "pad_id": 0, **(cfg.get("prompt") or {})}
     if not pr.get("vocab_size"): raise InputError("no vocabulary size", where="model config 'prompt'", expected="vocab_size=len(vocab)")
+    if pr["encoder"] not in ("small", "cxr_bert"): raise InputError(f"prompt encoder {pr['encoder']!r}", where="model config 'prompt'", expected="small or cxr_bert")
     dec = decoder_config({"vocab_size": pr["vocab_size"], "d_model": vis["d_model"], **(cfg.get("decoder") or {})})
     if dec["vocab_size"] != pr["vocab_size"]: raise InputError("prompt and decoder vocabularies differ", where="model config")
     return {"visual": vis, "prompt": pr, "prompt_heads": int(cfg.get("prompt_heads", 8)), "decoder": dec,
@@ -262,10 +292,14 @@ class MLRGReportModel(nn.Module):
         cfg = self.config = report_model_config(config)
         self.visual = VisualEncoder(cfg["visual"])
         d, pr = self.visual.dim, cfg["prompt"]
-        self.text_encoder = SmallTextEncoder(pr["vocab_size"], pr["pad_id"], dim=pr["dim"], depth=pr["depth"], heads=pr["heads"],
-                                             max_len=pr["max_len"], dropout=cfg["dropout"])
-        self.segment_embed = nn.Embedding(2, pr["dim"])
-        self.prompt_proj = nn.Linear(pr["dim"], d) if pr["dim"] != d else nn.Identity()
+        if pr["encoder"] == "small":
+            tkw = dict(dim=pr["dim"], depth=pr["depth"], heads=pr["heads"], max_len=pr["max_len"], dropout=cfg["dropout"])
+        else:                                            # cxr_bert over the project's token ids; the segments are its token types
+            tkw = dict(n_layers=pr.get("n_layers"), trust_remote_code=pr.get("trust_remote_code", False), max_len=pr["max_len"])
+        self.text_encoder = build_text_encoder(pr["encoder"], vocab_size=pr["vocab_size"], pad_id=pr["pad_id"],
+                                               pretrained_path=pr.get("pretrained_path"), **tkw)
+        if not getattr(self.text_encoder, "native_segments", False): self.segment_embed = nn.Embedding(2, self.text_encoder.dim)
+        self.prompt_proj = nn.Linear(self.text_encoder.dim, d) if self.text_encoder.dim != d else nn.Identity()
         self.type_embed = nn.Embedding(2, d)
         self.memory_norm = nn.LayerNorm(d)
         self.prompt_fusion = PromptFusion(d, cfg["prompt_heads"], 4, cfg["dropout"])
@@ -292,8 +326,10 @@ def _visual_memory(self, batch) -> torch.Tensor:
 def _encode_prompt(self, batch) -> torch.Tensor:
     "The prompt's tokens (B, L, d): stage 1's text encoder with a segment embedding added (indication 0, prior report 1)."
     ids, seg = batch["prompt_ids"], batch.get("prompt_segments")
-    segments = self.segment_embed(torch.zeros_like(ids) if seg is None else seg.clamp(0, 1))
-    return self.prompt_proj(self.text_encoder(ids, batch["prompt_mask"], added=segments, where="prompt_ids")[0])
+    seg = torch.zeros_like(ids) if seg is None else seg.clamp(0, 1)
+    if hasattr(self, "segment_embed"): tokens = self.text_encoder(ids, batch["prompt_mask"], added=self.segment_embed(seg), where="prompt_ids")[0]
+    else: tokens = self.text_encoder(ids, batch["prompt_mask"], segments=seg, where="prompt_ids")[0]
+    return self.prompt_proj(tokens)
 
 def _memory(self, batch) -> torch.Tensor:
     "The decoder's memory (B, 2N, D): the visual memory after attending to the prompt (then the prompt's tokens, with `prompt_memory`)."
@@ -331,24 +367,21 @@ def _generate(self, batch, num_beams=3, max_length=None, min_length=0, no_repeat
 MLRGReportModel.forward, MLRGReportModel.generate = _forward, _generate
 
 # %% ../nbs/04_finetune.ipynb #b8a08bbc
+def check_folder_sizes(table, config):
+    "An error when a backbone built from a local folder does not have the sizes of the stage-1 checkpoint's (another folder)."
+    where = {"visual.image_encoder.net.": ("image_pretrained_path", config["visual"].get("image_pretrained_path")),
+             "text_encoder.net.": ("text_pretrained_path", config["prompt"].get("pretrained_path"))}
+    for prefix, (param, folder) in where.items():
+        bad = table[table.name.str.startswith(prefix) & (table.status == "new (shape mismatch)")]
+        if len(bad):
+            r = bad.iloc[0]
+            raise InputError(f"{len(bad)} of its tensors differ in shape from the stage-1 checkpoint's, e.g. {r['name'][len(prefix):]} "
+                             f"{r.model_shape} here vs {r.checkpoint_shape}", where=folder or f"parameter {param!r}",
+                             expected=f"the folder stage 1 was trained with ({param}), or one of the same sizes")
+
 def load_stage1(model, source, print_fn=print) -> pd.DataFrame:
     "Copy the tensors of stage-1 `source` (path, checkpoint, state dict or module) matching by name and shape; the table of every tensor."
-    t = load_visual_state(model, source, prefix="", print_fn=None)
-    t["status"] = t.status.map({"loaded": "loaded", "missing": "new", "shape mismatch": "new (shape mismatch)", "unexpected": "skipped"})
-    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-    t["trainable"] = t.name.isin(trainable)
-    if print_fn:
-        c = t.status.value_counts()
-        print_fn(f"stage-1 initialisation: {c.get('loaded', 0)} tensors loaded, {c.get('new', 0) + c.get('new (shape mismatch)', 0)} new "
-                 f"({c.get('new (shape mismatch)', 0)} of them for a shape mismatch), {c.get('skipped', 0)} of the checkpoint's skipped")
-        print_fn(summarize_init(t).to_string())
-    return t
-
-def summarize_init(table) -> pd.DataFrame:
-    "Tensors and parameters per top-level module and status, from `load_stage1`'s table."
-    t = table.assign(module=table.name.str.split(".").str[0],
-                     numel=[int(np.prod(s)) if s is not None else int(np.prod(c)) for s, c in zip(table.model_shape, table.checkpoint_shape)])
-    return t.groupby(["module", "status"]).agg(tensors=("name", "size"), values=("numel", "sum"))
+    return partial_load(model, source, "stage-1 initialisation", print_fn)
 
 # %% ../nbs/04_finetune.ipynb #93d53eff
 def lr_groups(model, loaded, lr) -> dict:
@@ -385,9 +418,14 @@ def load_finetune_data(p, stage1=None, log=None) -> dict:
     data = load_pretrain_data(p, log)
     if data["items"].get("test"): check_image_files(data["items"], data["image_root"], splits=("test",))
     if stage1 is not None and stage1.get("vocab"):
-        v = Vocab(stage1["vocab"][len(SPECIAL_TOKENS):])
-        if v.itos != data["vocab"].itos: data["info"]["vocab_note"] = f"the stage-1 checkpoint's vocabulary ({len(v)} tokens) replaces {data['info']['vocab']}"
-        data["vocab"], data["info"]["vocab"], data["info"]["vocab_size"] = v, "the stage-1 checkpoint's", len(v)
+        v = vocab_from_state(stage1["vocab"])
+        kind = "gpt2" if hasattr(v, "state") else "word"
+        if p.get("tokenizer") not in (None, kind):
+            raise InputError(f"tokenizer={p['tokenizer']!r} but the stage-1 checkpoint was trained with the {kind} tokenizer", where="parameter 'tokenizer'",
+                             expected=f"None or {kind!r} (stage 2 reads text as stage 1 did)")
+        if vocab_state(v) != vocab_state(data["vocab"]):
+            data["info"]["vocab_note"] = f"the stage-1 checkpoint's vocabulary ({len(v)} tokens) replaces {data['info']['vocab']}"
+        data["vocab"], data["info"]["vocab"], data["info"]["vocab_size"] = v, f"the stage-1 checkpoint's ({kind})", len(v)
     truth = Path(data["image_root"]).parent / TRUTH_FILE
     data["truth_path"] = truth if truth.is_file() else None
     data["info"]["phantom_truth"] = str(truth) if truth.is_file() else None
@@ -403,13 +441,19 @@ def model_config_for(p, vocab, stage1=None) -> dict:
                                 "fusion_mlp_ratio", "dropout") if k in base}
     if not base: vis = {**STAGE2_VISUAL_DEFAULTS, **{k: v for k, v in p["model_config"].items()}}
     vis.update({k: p[k] for k in ("image_encoder", "image_size", "d_model") if p[k] is not None and (not base or k == "image_size")})
-    vis.update(mode="mlrg", image_pretrained_path=None, freeze_image_encoder=p["freeze_image_encoder"],
-               is_prior_scan=p["use_prior_scan"], is_multiview_learning=p["use_auxiliary_views"])
+    # the image encoder's weights come from stage 1; a folder-built encoder (rad_dino) still needs its folder to be built
+    vis.update(mode="mlrg", image_pretrained_path=p["image_pretrained_path"] or base.get("image_pretrained_path"),
+               freeze_image_encoder=p["freeze_image_encoder"], is_prior_scan=p["use_prior_scan"], is_multiview_learning=p["use_auxiliary_views"])
     d = visual_config(vis)["d_model"]
-    prompt = {"vocab_size": len(vocab), "pad_id": vocab.pad_id, "dim": base.get("text_dim", d), "depth": base.get("text_depth", 2),
-              "heads": base.get("text_heads", 4), "max_len": max(int(base.get("text_max_len", 512)), p["max_prompt_length"])}
+    prompt = {"encoder": base.get("text_encoder") or p["text_encoder"] or "small", "vocab_size": len(vocab), "pad_id": vocab.pad_id,
+              "dim": base.get("text_dim", d), "depth": base.get("text_depth", 2), "heads": base.get("text_heads", 4),
+              "max_len": max(int(base.get("text_max_len", 512)), p["max_prompt_length"])}
+    if prompt["encoder"] == "cxr_bert":
+        prompt.update(pretrained_path=p["text_pretrained_path"] or base.get("text_pretrained_path"),
+                      n_layers=base.get("text_layers") if base else p["text_layers"], trust_remote_code=p["trust_remote_code"])
     dec = {"d_model": p["decoder_dim"] or d, "n_layers": p["decoder_layers"], "n_heads": p["decoder_heads"], "max_length": p["max_length"],
            "dropout": p["dropout"], "pad_id": vocab.pad_id, "bos_id": vocab.bos_id, "eos_id": vocab.eos_id}
+    if p["decoder"] == "distilgpt2": dec.update({**gpt2_decoder_config(p["decoder_path"]), "dropout": p["dropout"]})
     return report_model_config({"visual": vis, "prompt": prompt, "prompt_heads": p["prompt_heads"], "decoder": dec,
                                 "dropout": p["dropout"], "label_smoothing": p["label_smoothing"], "prompt_memory": p["prompt_memory"]})
 
@@ -453,7 +497,12 @@ def build_finetune(p: dict, data: dict | None = None, log=None) -> dict:
     model = MLRGReportModel(mcfg)
     copy = stage1 is not None and p["stage1_init"]
     table = load_stage1(model, stage1, print_fn=print if is_main_process() else None) if copy else None
+    if table is not None: check_folder_sizes(table, mcfg)
     loaded = set(table[table.status == "loaded"].name) if table is not None else set()
+    decoder_table = None
+    if p["decoder"] == "distilgpt2":                     # GPT-2's weights by name and shape (its cross-attention from decoder_init only)
+        decoder_table = load_gpt2_weights(model.decoder, p["decoder_init"] or p["decoder_path"], p["trust_pickle"],
+                                          print_fn=print if is_main_process() else None)
     ds_kw = dict(image_root=data["image_root"], vocab=vocab, image_size=mcfg["visual"]["image_size"], max_views=p["max_views"],
                  max_length=p["max_length"], max_prompt_length=p["max_prompt_length"], use_indication=p["use_indication"],
                  use_prior_report=p["use_prior_report"])
@@ -465,7 +514,10 @@ def build_finetune(p: dict, data: dict | None = None, log=None) -> dict:
     evaluator = ReportEvaluator(val_ds, vocab, p["eval_batch_size"], {**generation, "num_beams": p["val_num_beams"] or p["num_beams"]},
                                 data["truth_path"], p["progress"],
                                 rcb_weights={a: p[f"{a}_weights"] for a in RCB_ADAPTERS} if p["select_metric"] == "rcb" else None)
+    used = backbones(vocab, mcfg["visual"]["image_encoder"], mcfg["visual"]["image_pretrained_path"], mcfg["prompt"]["encoder"],
+                     mcfg["prompt"].get("pretrained_path"), decoder=p["decoder"], decoder_source=p["decoder_init"] or p["decoder_path"])
     return {"model": model, "model_config": mcfg, "init_table": table, "stage1_checkpoint": str(ck_path) if ck_path else None,
+            "decoder_table": decoder_table, "backbones": used,
             "param_groups": lr_groups(model, loaded, p["pt_lr"]) or None, "features": features, "train_ds": train_ds,
             "val_ds": val_ds, "test_ds": test_ds, "collate_fn": functools.partial(report_collate, pad_id=vocab.pad_id),
             "evaluator": evaluator, "generation": generation, "vocab": vocab, "data": data}
@@ -592,6 +644,7 @@ def fit_config(p, parts, out_dir) -> dict:
             "select_metric": f"val_{p['select_metric']}", "select_mode": SELECT_METRICS[p["select_metric"]],
             "model": parts["model_config"], "stage": "finetune", "data": {k: p[k] for k in _DATA_KEYS},
             "generation": parts["generation"], "init": {"stage1_checkpoint": parts["stage1_checkpoint"], "copied": parts["init_table"] is not None, "pt_lr": p["pt_lr"]},
+            "backbones": parts["backbones"],
             "features_cached": parts["features"] is not None,
             "source": {k: parts["data"]["info"][k] for k in ("annotation", "image_root", "samples")},
             "eval": {k: p[k] for k in ("val_num_beams", "val_max_samples", "eval_batch_size")}}
@@ -645,13 +698,14 @@ def summarize(result, p, parts, out_dir, test=None) -> dict:
     evals = [r for r in result["history"] if r.get("kind") == "eval"]
     table = parts["init_table"]
     init = {"stage1_checkpoint": parts["stage1_checkpoint"], "copied": table is not None,
-            "counts": table.status.value_counts().to_dict() if table is not None else None}
+            "counts": table.status.value_counts().to_dict() if table is not None else None,
+            "decoder_counts": parts["decoder_table"].status.value_counts().to_dict() if parts["decoder_table"] is not None else None}
     return {"stage": "finetune", "out_dir": str(out_dir), "best_checkpoint": result["paths"].get("best"),
             "last_checkpoint": result["paths"].get("last"), "metrics": result["paths"].get("metrics"), "data": parts["data"]["info"],
             "model": {"parameters": sum(x.numel() for x in parts["model"].parameters()),
                       "trainable": sum(x.numel() for x in parts["model"].parameters() if x.requires_grad),
                       "features_cached": parts["features"] is not None, **parts["model_config"]},
-            "init": init, "param_groups": parts["param_groups"], "global_step": result["global_step"], "epochs": result["epoch"],
+            "init": init, "backbones": parts["backbones"], "param_groups": parts["param_groups"], "global_step": result["global_step"], "epochs": result["epoch"],
             "stopped": result["stopped"], "train_seconds": round(result["seconds"], 2), "select_metric": p["select_metric"],
             "best_step": result["best_step"], "best_val_score": result["best_metric"],
             "curve": [{k: v for k, v in r.items() if k not in ("kind",)} for r in evals], "test": test, "params": dict(p)}
@@ -669,7 +723,7 @@ def finetune(params: dict | None = None, **overrides) -> dict:
     if is_main_process(): log.info("finetune: %d train / %d val / %d test samples -> %s", len(parts["train_ds"]), len(parts["val_ds"]),
                                    len(parts["test_ds"]), out_dir)
     result = fit(parts["model"], parts["train_ds"], parts["collate_fn"], fit_config(p, parts, out_dir), evaluate=parts["evaluator"],
-                 vocab=parts["vocab"].itos, arch_keys=("model",), log=log)
+                 vocab=vocab_state(parts["vocab"]), arch_keys=("model",), log=log)
     test = None
     if is_main_process() and p["test"]:
         ck = result["paths"].get("best")
@@ -697,16 +751,16 @@ def load_report_model(path, map_location="cpu") -> tuple:
     if not isinstance(cfg, dict) or cfg.get("stage") != "finetune" or not isinstance(cfg.get("model"), dict) or not ck.get("vocab"):
         raise InputError("not a stage-2 checkpoint (no finetune config, model config or vocabulary)", where=path,
                          expected="best.pt / last.pt written by mlrg finetune")
-    if list(ck["vocab"][:len(SPECIAL_TOKENS)]) != list(SPECIAL_TOKENS):
-        raise InputError("the checkpoint's special tokens differ from this version's", where=path, expected=str(list(SPECIAL_TOKENS)))
+    try: vocab = vocab_from_state(ck["vocab"])
+    except InputError as e: raise InputError(str(e), where=path) from None
     model = MLRGReportModel(cfg["model"])
     model.load_state_dict(ck["model"])
-    return model.eval(), Vocab(ck["vocab"][len(SPECIAL_TOKENS):]), ck
+    return model.eval(), vocab, ck
 
 def dataset_for(ck, items, image_root, vocab=None) -> ReportDataset:
     "A `ReportDataset` of `items` with the data and prompt settings checkpoint `ck` was trained with (pixels, no cache)."
     d = ck["config"]["data"]
-    vocab = vocab or Vocab(ck["vocab"][len(SPECIAL_TOKENS):])
+    vocab = vocab or vocab_from_state(ck["vocab"])
     return ReportDataset(items, image_root, vocab, use_indication=d["use_indication"], use_prior_report=d["use_prior_report"],
                          image_size=ck["config"]["model"]["visual"]["image_size"], max_views=d["max_views"], max_length=d["max_length"],
                          max_prompt_length=d["max_prompt_length"])

@@ -11,24 +11,25 @@ import math
 import os
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .core import InputError, Param, Params, derive_seed, get_logger
+from .core import InputError, Param, Params, derive_seed, get_logger, hub_folder, require_package
 from .data import CXR_MEAN, CXR_STD, VIEW_POSITIONS, collate
 from .engine import load_checkpoint
 
 # %% auto #0
-__all__ = ['MODELS', 'IMAGENET_MEAN', 'IMAGENET_STD', 'IMAGE_ENCODERS', 'TEXT_ENCODERS', 'CLIP_SCALE_INIT', 'CLIP_SCALE_MAX',
-           'DEFAULT_PRETRAIN_CONFIG', 'ABLATION_FLAGS', 'VISUAL_KEYS', 'dummy_batch', 'ImageEncoder',
+__all__ = ['MODELS', 'IMAGENET_MEAN', 'IMAGENET_STD', 'IMAGE_ENCODERS', 'BERT_KINDS', 'TEXT_ENCODERS', 'CLIP_SCALE_INIT',
+           'CLIP_SCALE_MAX', 'DEFAULT_PRETRAIN_CONFIG', 'ABLATION_FLAGS', 'VISUAL_KEYS', 'dummy_batch', 'ImageEncoder',
            'load_weights_file', 'load_into', 'register_image_encoder', 'list_image_encoders', 'build_image_encoder',
            'conv_bn', 'Residual', 'grid_tokens', 'SmallCNN', 'SmallViT', 'TorchvisionResNet', 'TorchvisionViT',
-           'require_package', 'xrv_cache_dir', 'XRVDenseNet', 'HubViT', 'SmallTextEncoder', 'HubTextEncoder',
-           'build_text_encoder', 'CrossAttentionLayer', 'LongitudinalFusion', 'soft_cross_entropy', 'same_group',
-           'multi_positive_contrastive', 'soft_infonce', 'clip_loss', 'pretrain_config', 'visual_config',
-           'VisualEncoder', 'study_groups', 'MLRGPretrainModel', 'load_visual_state']
+           'xrv_cache_dir', 'hub_transformers', 'XRVDenseNet', 'HubViT', 'pool_tokens', 'SmallTextEncoder',
+           'HubTextEncoder', 'build_text_encoder', 'CrossAttentionLayer', 'LongitudinalFusion', 'soft_cross_entropy',
+           'same_group', 'multi_positive_contrastive', 'soft_infonce', 'clip_loss', 'pretrain_config', 'visual_config',
+           'VisualEncoder', 'study_groups', 'MLRGPretrainModel', 'load_visual_state', 'partial_load', 'summarize_init']
 
 # %% ../nbs/02_models.ipynb #c6631748
 MODELS = Params("models", "The models notebook: a forward pass, the ablation flags and the speed of one image encoder.", dict(
@@ -150,10 +151,10 @@ def load_into(module, sd, where, drop=()):
 # %% ../nbs/02_models.ipynb #ce277c0c
 IMAGE_ENCODERS = {}
 
-def register_image_encoder(name, doc):
-    "Decorator: register `fn(image_size, pretrained_path, **kw) -> ImageEncoder` under `name`."
+def register_image_encoder(name, doc, frozen=False):
+    "Decorator: register `fn(image_size, pretrained_path, **kw) -> ImageEncoder` under `name`; `frozen`: frozen unless asked otherwise."
     def deco(fn):
-        IMAGE_ENCODERS[name] = (fn, doc)
+        IMAGE_ENCODERS[name] = (fn, doc, bool(frozen))
         return fn
     return deco
 
@@ -162,13 +163,13 @@ def list_image_encoders() -> list:
     return list(IMAGE_ENCODERS)
 
 def build_image_encoder(name, pretrained_path=None, freeze=False, image_size=224, **kw) -> ImageEncoder:
-    "The image encoder `name`, with weights from the local file/folder `pretrained_path`, frozen if `freeze`."
+    "The image encoder `name`, with weights from the local file/folder `pretrained_path`, frozen if `freeze` (None: the encoder's default)."
     if name not in IMAGE_ENCODERS:
         raise InputError(f"unknown image encoder {name!r}", where="image_encoder", expected=f"one of {list_image_encoders()}")
     if int(image_size) < 16: raise InputError(f"image_size={image_size}", where="image_size", expected=">= 16")
     enc = IMAGE_ENCODERS[name][0](image_size=int(image_size), pretrained_path=pretrained_path, **kw)
     enc.name = name
-    return enc.freeze() if freeze else enc
+    return enc.freeze() if (IMAGE_ENCODERS[name][2] if freeze is None else freeze) else enc
 
 # %% ../nbs/02_models.ipynb #4da764e0
 def conv_bn(cin, cout, k=3, stride=1):
@@ -297,16 +298,15 @@ def _resnet50(image_size, pretrained_path=None, **kw): return TorchvisionResNet(
 def _vit_b_16(image_size, pretrained_path=None, **kw): return TorchvisionViT(image_size, pretrained_path, **kw)
 
 # %% ../nbs/02_models.ipynb #6c79c2d0
-def require_package(name, why):
-    "Import optional package `name`, or an InputError saying what to install."
-    try: return importlib.import_module(name)
-    except ImportError:
-        raise InputError(f"{why} needs the optional package `{name}`, which is not installed", where=name,
-                         expected=f"pip install {name}") from None
-
 def xrv_cache_dir() -> Path:
     "torchxrayvision's weights cache (where its own downloads land): ~/.torchxrayvision/models_data."
     return Path(os.path.expanduser("~")) / ".torchxrayvision" / "models_data"
+
+def hub_transformers(why):
+    "The `transformers` package (the `hub` extra), with its progress bars and load warnings off."
+    tr = require_package("transformers", why, install='"mlrg[hub]"')
+    tr.utils.logging.set_verbosity_error(); tr.utils.logging.disable_progress_bar()
+    return tr
 
 # %% ../nbs/02_models.ipynb #e8fda67c
 class XRVDenseNet(ImageEncoder):
@@ -334,16 +334,17 @@ class XRVDenseNet(ImageEncoder):
 
 # %% ../nbs/02_models.ipynb #dd73fd81
 class HubViT(ImageEncoder):
-    "A `transformers` ViT (RAD-DINO) from a local folder: CLS (+ registers) + patch tokens of the last layer."
-    def __init__(self, image_size, pretrained_path=None, **kw):
-        tr = require_package("transformers", "the rad_dino image encoder")
-        if pretrained_path is None or not (Path(pretrained_path).expanduser() / "config.json").is_file():
-            raise InputError("rad_dino needs its weights in a local folder (config.json + model weights)", where=pretrained_path or "pretrained_path",
-                             expected="pretrained_path=<folder>, e.g. from `huggingface-cli download microsoft/rad-dino --local-dir DIR`")
-        path = Path(pretrained_path).expanduser()
+    "A `transformers` Dinov2 (RAD-DINO) from a local folder: pooled output + CLS (+ registers) + patch tokens of the last layer."
+    kinds = ("dinov2",)
+    def __init__(self, image_size, pretrained_path=None, param="image_pretrained_path", **kw):
+        tr = hub_transformers("the rad_dino image encoder")
+        path, cfg = hub_folder(pretrained_path, "rad_dino", param, kinds=self.kinds,
+                               hint="e.g. `huggingface-cli download microsoft/rad-dino --local-dir DIR` on a machine with network")
+        self.patch_size, self.n_extra = int(cfg.get("patch_size", 14)), 1 + int(cfg.get("num_register_tokens", 0) or 0)
+        if image_size % self.patch_size:
+            raise InputError(f"image_size={image_size} is not a multiple of the patch size {self.patch_size} of {path}", where="parameter 'image_size'",
+                             expected=f"a multiple of {self.patch_size} (RAD-DINO: 518)")
         net = tr.AutoModel.from_pretrained(str(path), local_files_only=True)
-        cfg = net.config
-        self.patch_size, self.n_extra = int(cfg.patch_size), 1 + int(getattr(cfg, "num_register_tokens", 0) or 0)
         pp = path / "preprocessor_config.json"
         if pp.is_file():
             d = json.loads(pp.read_text())
@@ -351,21 +352,28 @@ class HubViT(ImageEncoder):
         else:
             get_logger().warning("%s has no preprocessor_config.json: normalising with ImageNet's mean and std", path)
             rgb_mean, rgb_std = IMAGENET_MEAN, IMAGENET_STD
-        super().__init__(cfg.hidden_size, image_size, **kw)
-        self.net, self.rgb_mean, self.rgb_std = net, tuple(rgb_mean), tuple(rgb_std)
-    def count_tokens(self, size): return self.n_extra + (size // self.patch_size) ** 2
+        super().__init__(int(cfg["hidden_size"]), image_size, **kw)
+        self.net, self.rgb_mean, self.rgb_std, self.folder = net, tuple(rgb_mean), tuple(rgb_std), str(path)
+    def count_tokens(self, size): return 1 + self.n_extra + (size // self.patch_size) ** 2
     def tokens(self, x):
         m, s = x.new_tensor(self.rgb_mean).view(1, 3, 1, 1), x.new_tensor(self.rgb_std).view(1, 3, 1, 1)
-        return self.net(pixel_values=(self.unit(x).expand(-1, 3, -1, -1) - m) / s).last_hidden_state
+        out = self.net(pixel_values=(self.unit(x).expand(-1, 3, -1, -1) - m) / s)
+        return torch.cat([out.pooler_output[:, None], out.last_hidden_state], 1)
 
 # %% ../nbs/02_models.ipynb #9ca8c72f
 @register_image_encoder("xrv_densenet121", "torchxrayvision DenseNet-121 (needs the package + local weights)")
 def _xrv(image_size, pretrained_path=None, **kw): return XRVDenseNet(image_size, pretrained_path, **kw)
 
-@register_image_encoder("rad_dino", "RAD-DINO ViT-B/14 via transformers (needs the package + a local folder)")
+@register_image_encoder("rad_dino", "RAD-DINO ViT-B/14 via transformers (needs mlrg[hub] + a local folder; frozen by default)", frozen=True)
 def _rad_dino(image_size, pretrained_path=None, **kw): return HubViT(image_size, pretrained_path, **kw)
 
 # %% ../nbs/02_models.ipynb #c6d96a33
+def pool_tokens(x, mask, pooling="mean"):
+    "The pooled embedding (B, D) of tokens `x` (B, L, D): the first token, or the mean of those where `mask` (B, L) is True."
+    if pooling == "first": return x[:, 0]
+    m = mask.unsqueeze(-1).to(x.dtype)
+    return (x * m).sum(1) / m.sum(1).clamp(min=1)
+
 class SmallTextEncoder(nn.Module):
     "A small transformer over project token ids -> tokens (B, L, D) and pooled (B, D)."
     uses_raw_text = False
@@ -391,43 +399,71 @@ class SmallTextEncoder(nn.Module):
         mask = (ids != self.pad_id) if mask is None else mask.bool()
         x = self.embed(ids) + self.pos[:, :ids.shape[1]]
         x = self.norm(self.blocks(x if added is None else x + added, src_key_padding_mask=~mask))
-        if self.pooling == "first": return x, x[:, 0]
-        m = mask.unsqueeze(-1).to(x.dtype)
-        return x, (x * m).sum(1) / m.sum(1).clamp(min=1)
+        return x, pool_tokens(x, mask, self.pooling)
 
 # %% ../nbs/02_models.ipynb #39efb0ce
+BERT_KINDS = ("bert", "cxr-bert")
+
 class HubTextEncoder(nn.Module):
-    "A `transformers` BERT-like text encoder (CXR-BERT) from a local folder; tokenises raw text; pools [CLS]."
-    uses_raw_text = True
-    def __init__(self, pretrained_path=None, n_layers=None, max_len=512, trust_remote_code=False, **kw):
+    "CXR-BERT (a `transformers` BERT) from a local folder, cut to `n_layers`: over the project's token ids (MLRG) or raw text."
+    native_segments = True
+    def __init__(self, pretrained_path=None, n_layers=None, max_len=512, trust_remote_code=False, vocab_size=None, pad_id=0,
+                 pooling="first", dropout=None):
         super().__init__()
-        tr = require_package("transformers", "the cxr_bert text encoder")
-        if pretrained_path is None or not (Path(pretrained_path).expanduser() / "config.json").is_file():
-            raise InputError("cxr_bert needs its weights in a local folder (config.json, tokenizer and weights)", where=pretrained_path or "text_pretrained_path",
-                             expected="text_pretrained_path=<folder>, e.g. from `huggingface-cli download microsoft/BiomedVLP-CXR-BERT-specialized --local-dir DIR`")
-        path = str(Path(pretrained_path).expanduser())
-        self.tokenizer = tr.AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=trust_remote_code)
-        self.net = tr.AutoModel.from_pretrained(path, local_files_only=True, trust_remote_code=trust_remote_code)
+        tr = hub_transformers("the cxr_bert text encoder")
+        path, cfg = hub_folder(pretrained_path, "cxr_bert", "text_pretrained_path", kinds=BERT_KINDS,
+                               hint="e.g. `huggingface-cli download microsoft/BiomedVLP-CXR-BERT-specialized --local-dir DIR`")
+        if cfg.get("auto_map") and not trust_remote_code:
+            raise InputError("cxr_bert: the folder holds its own model code (config.json has auto_map)", where=path,
+                             expected="trust_remote_code=True, if you trust the code in that folder")
+        config = tr.AutoConfig.from_pretrained(str(path), local_files_only=True, trust_remote_code=trust_remote_code)
         if n_layers:
-            enc = getattr(getattr(self.net, "bert", self.net), "encoder")
-            enc.layer = enc.layer[:int(n_layers)]
-        self.dim, self.max_len = int(self.net.config.hidden_size), int(max_len)
-    def forward(self, texts):
-        dev = next(self.net.parameters()).device
-        b = self.tokenizer(list(texts), padding=True, truncation=True, max_length=self.max_len, return_tensors="pt").to(dev)
-        x = self.net(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).last_hidden_state
-        return x, x[:, 0]
+            if int(n_layers) > config.num_hidden_layers:
+                raise InputError(f"text_layers={n_layers} but {path} has {config.num_hidden_layers} layers", where="parameter 'text_layers'",
+                                 expected=f"at most {config.num_hidden_layers}")
+            config.num_hidden_layers = int(n_layers)
+        if dropout is not None: config.hidden_dropout_prob = config.attention_probs_dropout_prob = float(dropout)
+        net = tr.AutoModel.from_pretrained(str(path), config=config, local_files_only=True, trust_remote_code=trust_remote_code)
+        self.net = getattr(net, "bert", net)              # the encoder only: CXR-BERT's MLM and projection heads go unused
+        if getattr(self.net, "pooler", None) is not None: self.net.pooler = None   # unused too (DDP needs every weight used)
+        self.uses_raw_text, self.pooling, self.folder = vocab_size is None, pooling, str(path)
+        self.dim, self.pad_id = int(config.hidden_size), int(pad_id)
+        self.max_len = min(int(max_len), int(config.max_position_embeddings))
+        if self.uses_raw_text:
+            self.tokenizer = tr.AutoTokenizer.from_pretrained(str(path), local_files_only=True, trust_remote_code=trust_remote_code)
+        else:                                            # the project's vocabulary: new word embeddings, as MLRG
+            emb = nn.Embedding(int(vocab_size), self.dim, padding_idx=self.pad_id)
+            nn.init.normal_(emb.weight, std=float(getattr(config, "initializer_range", 0.02)))
+            with torch.no_grad(): emb.weight[self.pad_id].zero_()
+            self.net.set_input_embeddings(emb)
+            self.net.config.vocab_size = self.vocab_size = int(vocab_size)
+
+    def forward(self, ids, mask=None, added=None, where="target_ids", segments=None):
+        "(tokens (B, L, D), pooled (B, D)) of token ids `ids` (B, L) with `segments` as token types, or of raw texts `ids` (a list)."
+        if self.uses_raw_text:
+            dev = next(self.net.parameters()).device
+            b = self.tokenizer(list(ids), padding=True, truncation=True, max_length=self.max_len, return_tensors="pt").to(dev)
+            ids, mask = b["input_ids"], b["attention_mask"].bool()
+        else:
+            if added is not None: raise InputError("cxr_bert takes segments as token types, not added embeddings", where=where)
+            if ids.shape[1] > self.max_len:
+                raise InputError(f"{ids.shape[1]} tokens but {self.folder} holds {self.max_len} positions", where=where)
+            if ids.numel() and (int(ids.max()) >= self.vocab_size or int(ids.min()) < 0):
+                raise InputError(f"token id {int(ids.max())} outside the vocabulary of {self.vocab_size}", where=where, expected="the vocabulary the model was built with")
+            mask = (ids != self.pad_id) if mask is None else mask.bool()
+        x = self.net(input_ids=ids, attention_mask=mask.long(), token_type_ids=segments).last_hidden_state
+        return x, pool_tokens(x, mask, self.pooling)
 
 # %% ../nbs/02_models.ipynb #26d2aefb
 TEXT_ENCODERS = ("small", "cxr_bert")
 
 def build_text_encoder(name="small", vocab_size=None, pad_id=0, pretrained_path=None, **kw):
-    "The text encoder `name`: 'small' (project vocabulary, random init) or 'cxr_bert' (local folder, `transformers`)."
+    "The text encoder `name`: 'small' (project vocabulary, random init) or 'cxr_bert' (local folder, `transformers`; raw text without `vocab_size`)."
     if name == "small":
         enc = SmallTextEncoder(vocab_size, pad_id, **kw)
         if pretrained_path is not None: load_into(enc, load_weights_file(pretrained_path, "text encoder weights"), pretrained_path)
         return enc
-    if name == "cxr_bert": return HubTextEncoder(pretrained_path, **kw)
+    if name == "cxr_bert": return HubTextEncoder(pretrained_path, vocab_size=vocab_size, pad_id=pad_id, **kw)
     raise InputError(f"unknown text encoder {name!r}", where="text_encoder", expected=f"one of {list(TEXT_ENCODERS)}")
 
 # %% ../nbs/02_models.ipynb #96c8d85c
@@ -513,11 +549,13 @@ def clip_loss(img, txt, logit_scale, max_scale=CLIP_SCALE_MAX):
 # %% ../nbs/02_models.ipynb #f28be9c7
 DEFAULT_PRETRAIN_CONFIG = dict(
     mode="mlrg",                       # "mlrg" (fusion + losses a, b) or "medclip" (anchor vs report, CLIP loss)
-    image_encoder="small_cnn", image_size=128, image_pretrained_path=None, freeze_image_encoder=False, image_encoder_kw={},
+    image_encoder="small_cnn", image_size=128, image_pretrained_path=None, image_encoder_kw={},
+    freeze_image_encoder=None,         # None -> the encoder's default (rad_dino frozen, as MLRG; the others trained)
     d_model=128, proj_dim=128,         # fusion width; width of the contrastive embeddings (sized for a 2-core CPU)
     fusion_depth=3, fusion_heads=8, fusion_mlp_ratio=4, dropout=0.0,
     text_encoder="small", vocab_size=None, pad_id=0, text_dim=128, text_depth=2, text_heads=4, text_max_len=512,
     text_pooling="mean", text_pretrained_path=None, text_encoder_kw={},
+    text_layers=None, trust_remote_code=False,  # cxr_bert: keep its first N layers (MLRG: 6); run the model code in its folder
     is_multiview_learning=None, is_prior_scan=None, using_mpc_loss=None,  # None -> on for "mlrg", off for "medclip"
     temperature=0.5, mpc_weight=1.0, text_weight=1.0,
     clip_logit_scale_init=CLIP_SCALE_INIT, clip_logit_scale_max=CLIP_SCALE_MAX,
@@ -538,13 +576,15 @@ def _resolve_config(config, overrides) -> dict:
         elif cfg["mode"] == "medclip" and cfg[f]:
             raise InputError(f"{f}=True has no meaning in medclip mode", where=f, expected="False or None in medclip mode")
         cfg[f] = bool(cfg[f])
+    if cfg["freeze_image_encoder"] is None and cfg["image_encoder"] in IMAGE_ENCODERS:
+        cfg["freeze_image_encoder"] = IMAGE_ENCODERS[cfg["image_encoder"]][2]
     return cfg
 
 def pretrain_config(config=None, **overrides) -> dict:
     "A complete stage-1 config: defaults, then `config`, then `overrides`; unknown keys and bad values are errors."
     cfg = _resolve_config(config, overrides)
-    if cfg["text_encoder"] == "small" and not cfg["vocab_size"]:
-        raise InputError("vocab_size is required for the small text encoder", where="vocab_size", expected="len(vocab)")
+    if (cfg["text_encoder"] == "small" or cfg["mode"] == "mlrg") and not cfg["vocab_size"]:
+        raise InputError("vocab_size is required for the small text encoder and in mlrg mode", where="vocab_size", expected="len(vocab)")
     if not cfg["temperature"] or cfg["temperature"] <= 0: raise InputError(f"temperature={cfg['temperature']}", where="temperature", expected="> 0")
     return cfg
 
@@ -655,8 +695,11 @@ class MLRGPretrainModel(nn.Module):
         if cfg["text_encoder"] == "small":
             tkw = dict(dim=cfg["text_dim"], depth=cfg["text_depth"], heads=cfg["text_heads"], max_len=cfg["text_max_len"],
                        dropout=cfg["dropout"], pooling=cfg["text_pooling"], **tkw)
-        self.text_encoder = build_text_encoder(cfg["text_encoder"], vocab_size=cfg["vocab_size"], pad_id=cfg["pad_id"],
-                                               pretrained_path=cfg["text_pretrained_path"], **tkw)
+        else:                                            # cxr_bert: the project's token ids in mlrg mode, its own tokenizer in medclip mode
+            tkw = dict(n_layers=cfg["text_layers"], trust_remote_code=cfg["trust_remote_code"], max_len=cfg["text_max_len"],
+                       pooling=cfg["text_pooling"], **tkw)
+        self.text_encoder = build_text_encoder(cfg["text_encoder"], vocab_size=cfg["vocab_size"] if self.mode == "mlrg" or cfg["text_encoder"] == "small" else None,
+                                               pad_id=cfg["pad_id"], pretrained_path=cfg["text_pretrained_path"], **tkw)
         self.text_head = nn.Linear(self.text_encoder.dim, p)
         # built last, so switching the loss on or off leaves every other layer's initial weights unchanged
         if self.mode == "mlrg": self.mpc_head = nn.Linear(d, p) if cfg["using_mpc_loss"] else None
@@ -744,3 +787,22 @@ def load_visual_state(visual, source, prefix="visual.", strict=False, print_fn=p
                  + "".join(f", {counts[s]} {s}" for s in ("missing", "shape mismatch", "unexpected") if s in counts))
         if len(bad): print_fn(bad.to_string(index=False))
     return table
+
+def partial_load(module, source, what="weights", print_fn=print) -> pd.DataFrame:
+    """Copy the tensors of `source` (path, checkpoint, state dict or module) whose name and shape match `module`'s; the
+    table of every tensor, with status loaded, new, new (shape mismatch) or skipped (the source's, unused) and trainable."""
+    t = load_visual_state(module, source, prefix="", print_fn=None)
+    t["status"] = t.status.map({"loaded": "loaded", "missing": "new", "shape mismatch": "new (shape mismatch)", "unexpected": "skipped"})
+    t["trainable"] = t.name.isin({n for n, p in module.named_parameters() if p.requires_grad})
+    if print_fn:
+        c = t.status.value_counts()
+        print_fn(f"{what}: {c.get('loaded', 0)} tensors loaded, {c.get('new', 0) + c.get('new (shape mismatch)', 0)} new "
+                 f"({c.get('new (shape mismatch)', 0)} of them for a shape mismatch), {c.get('skipped', 0)} of the source's skipped")
+        print_fn(summarize_init(t).to_string())
+    return t
+
+def summarize_init(table) -> pd.DataFrame:
+    "Tensors and parameters per top-level module and status, from `partial_load`'s table."
+    t = table.assign(module=table.name.str.split(".").str[0],
+                     numel=[int(np.prod(s)) if s is not None else int(np.prod(c)) for s, c in zip(table.model_shape, table.checkpoint_shape)])
+    return t.groupby(["module", "status"]).agg(tensors=("name", "size"), values=("numel", "sum"))

@@ -18,17 +18,18 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
-from .core import InputError, Param, Params, derive_seed, get_logger, read_jsonl, save_json, seed_everything
-from .data import CHEXPERT_LABELS, SPECIAL_TOKENS, MLRGDataset, Vocab, collate, prepare, read_annotation
+from .core import InputError, Param, Params, Preset, derive_seed, get_logger, read_jsonl, save_json, seed_everything
+from .data import CHEXPERT_LABELS, BPETokenizer, MLRGDataset, Vocab, collate, prepare, read_annotation, vocab_from_state, vocab_state
 from .engine import TRAIN, TRAIN_OUTPUT, fit, is_main_process, load_checkpoint, to_device
 from .metrics import roc_auc
 from .runs import RunFolder, check_output_folder, in_ipython, one_line_errors, output_folder
 from .models import MLRGPretrainModel, list_image_encoders, pretrain_config
 
 # %% auto #0
-__all__ = ['PRETRAIN', 'write_tiny_phantom', 'image_root_for', 'check_image_files', 'by_study', 'load_pretrain_data',
-           'recall_at_k', 'probe_labels', 'fit_logistic', 'linear_probe', 'PretrainEvaluator', 'model_config_for',
-           'build_pretrain', 'debug_report', 'load_pretrained', 'plot_history', 'summarize', 'pretrain', 'pretrain_cli']
+__all__ = ['PRETRAIN_PRESETS', 'PRETRAIN', 'write_tiny_phantom', 'image_root_for', 'check_image_files', 'by_study', 'backbones',
+           'tokenizer_for', 'load_pretrain_data', 'recall_at_k', 'probe_labels', 'fit_logistic', 'linear_probe',
+           'PretrainEvaluator', 'model_config_for', 'build_pretrain', 'debug_report', 'load_pretrained', 'plot_history',
+           'summarize', 'pretrain', 'pretrain_cli']
 
 # %% ../nbs/03_pretrain.ipynb #5a2a6d5f
 def _check_recall_ks(p):
@@ -39,8 +40,21 @@ def _check_recall_ks(p):
     p["recall_ks"] = sorted({int(k) for k in ks})
 
 # %% ../nbs/03_pretrain.ipynb #8ca5778a
+PRETRAIN_PRESETS = {
+    "mimic": Preset(dict(image_encoder="rad_dino", image_size=518, freeze_image_encoder=True, text_encoder="cxr_bert", text_layers=6,
+                         tokenizer="gpt2", max_length=100, batch_size=32, grad_accum=2, lr=5e-5, num_epochs=50, scheduler="plateau",
+                         plateau_factor=0.1, plateau_patience=5, early_stopping_patience=15, grad_clip=0.1, amp="bf16", seed=9233, gpu_id="0",
+                         model_config={"d_model": 768, "proj_dim": 768}, eval_batch_size=64, num_workers=8),
+                    required=(("data_path", "run_dir"), "image_pretrained_path", "text_pretrained_path", "tokenizer_path"),
+                    help="MLRG's MIMIC-CXR settings: RAD-DINO at 518 px (frozen), CXR-BERT cut to 6 layers, GPT-2's tokenizer, "
+                         "batch 32 x 2, lr 5e-5, plateau schedule, early stopping 15, clip 0.1, bf16, seed 9233"),
+    "iu": Preset(dict(max_views=2, is_prior_scan=False, max_length=60, num_epochs=30),
+                 required=("data_path",),
+                 help="IU X-Ray in R2Gen's annotation.json: two views per study, no prior study, reports of at most 60 tokens"),
+}
+
 _TRAINING = TRAIN.subset(["batch_size", "num_epochs", "max_steps", "lr", "weight_decay", "warmup", "scheduler", "grad_accum",
-                          "grad_clip", "use_amp", "amp", "early_stopping_patience", "seed"],
+                          "grad_clip", "use_amp", "amp", "early_stopping_patience", "seed", "plateau_factor", "plateau_patience"],
                          batch_size=16, num_epochs=2, lr=5e-4)
 
 PRETRAIN = Params("pretrain", "MLRG stage 1: multi-view longitudinal contrastive (or MedCLIP-style) pretraining.", dict(
@@ -59,9 +73,14 @@ PRETRAIN = Params("pretrain", "MLRG stage 1: multi-view longitudinal contrastive
     image_encoder=Param("small_cnn", "a name from mlrg.models.list_image_encoders()", choices=lambda: list_image_encoders()),
     image_size=Param(64, "pixels (square); 128 for the demo, 518 for RAD-DINO", low=16),
     image_pretrained_path=Param(None, "local weights for the image encoder (never downloaded)", kind=str),
-    freeze_image_encoder=Param(False, "keep the image encoder's weights fixed"),
-    text_encoder=Param("small", "small (project vocabulary) or cxr_bert (local folder, needs transformers)", choices=("small", "cxr_bert")),
-    text_pretrained_path=Param(None, "local folder of the text encoder", kind=str),
+    freeze_image_encoder=Param(None, "keep the image encoder's weights fixed (None: the encoder's default; rad_dino frozen, as MLRG)", kind=bool),
+    text_encoder=Param("small", "small (project vocabulary) or cxr_bert (local folder, needs mlrg[hub])", choices=("small", "cxr_bert")),
+    text_pretrained_path=Param(None, "local folder of the text encoder (cxr_bert)", kind=str),
+    text_layers=Param(None, "cxr_bert: keep its first N layers (MLRG: 6; None: all)", kind=int, low=1),
+    trust_remote_code=Param(False, "cxr_bert: run the model code in its folder (CXR-BERT ships its own; only for a folder you trust)"),
+    tokenizer=Param("word", "word: the project's word vocabulary; gpt2: GPT-2's BPE with MLRG's tokens (tokenizer_path, mlrg[hub])",
+                    choices=("word", "gpt2")),
+    tokenizer_path=Param(None, "local folder of GPT-2's tokenizer (vocab.json + merges.txt, or tokenizer.json) for tokenizer='gpt2'", kind=str),
     is_multiview_learning=Param(None, "MLRG ablation: auxiliary views (None: on in mlrg mode, off in medclip mode)", kind=bool),
     is_prior_scan=Param(None, "MLRG ablation: the prior image (None: as the mode)", kind=bool),
     using_mpc_loss=Param(None, "MLRG ablation: the image-image multi-positive loss (None: as the mode)", kind=bool),
@@ -81,7 +100,9 @@ PRETRAIN = Params("pretrain", "MLRG stage 1: multi-view longitudinal contrastive
     num_threads=Param(None, "torch CPU threads (None: torch's default); 1 helps on a busy, shared machine", kind=int, low=1),
     debug=Param(False, "a few batches only: print shapes and timings, then train debug_batches steps"),
     debug_batches=Param(3, "optimizer steps of a debug run", low=1),
-), rule=_check_recall_ks)
+    preset=Param(None, "named settings: mimic (the paper's, on MIMIC-CXR, for GPUs) or iu (IU X-Ray in R2Gen's annotation); "
+                 "given parameters still win", kind=str, choices=("mimic", "iu")),
+), rule=_check_recall_ks, presets=PRETRAIN_PRESETS)
 
 # %% ../nbs/03_pretrain.ipynb #cdf77613
 def write_tiny_phantom(folder, patients=40, seed=0, sample_unit="image") -> Path:
@@ -147,6 +168,17 @@ def by_study(items) -> list:
     return out
 
 # %% ../nbs/03_pretrain.ipynb #4c6915ee
+def backbones(vocab, image_encoder, image_pretrained_path=None, text_encoder="small", text_pretrained_path=None, **more) -> dict:
+    "What a model is built from (encoder names, their local weights or folders, the tokenizer), for its checkpoint and summary."
+    tok = f"gpt2 BPE, {len(vocab)} tokens, from {vocab.source}" if hasattr(vocab, "state") else f"word vocabulary, {len(vocab)} tokens"
+    return {"image_encoder": image_encoder, "image_pretrained_path": image_pretrained_path, "text_encoder": text_encoder,
+            "text_pretrained_path": text_pretrained_path, "tokenizer": tok, **more}
+
+def tokenizer_for(p: dict) -> BPETokenizer:
+    "GPT-2's tokenizer with MLRG's tokens from `p['tokenizer_path']` (else `p['decoder_path']`, stage 2's GPT-2 folder)."
+    path = p.get("tokenizer_path") or p.get("decoder_path")
+    return BPETokenizer.from_folder(path, param="tokenizer_path")
+
 def load_pretrain_data(p: dict, log=None) -> dict:
     "Items per split, image root, vocabulary and where they came from, for parameters `p`."
     log = log or get_logger()
@@ -169,7 +201,8 @@ def load_pretrain_data(p: dict, log=None) -> dict:
     for s in ("train", "val"):
         if not items[s]: raise InputError(f"the {s} split is empty", where=ann, expected="train and val samples (validation picks the checkpoint)")
     vocab_path = (RunFolder.create(p["run_dir"]).vocab if src == "run_dir" else ann.parent / "vocab.json")
-    if vocab_path.is_file(): vocab, vocab_source = Vocab.load(vocab_path), str(vocab_path)
+    if p.get("tokenizer") == "gpt2": vocab, vocab_source = tokenizer_for(p), f"GPT-2's BPE tokenizer from {p['tokenizer_path']}"
+    elif vocab_path.is_file(): vocab, vocab_source = Vocab.load(vocab_path), str(vocab_path)
     else:
         vocab = Vocab.build([it["findings"] for it in items["train"]], min_freq=3)
         vocab_source = "built from the train split's findings (min_freq 3)"
@@ -336,6 +369,7 @@ def model_config_for(p: dict, vocab) -> dict:
     return pretrain_config({**p["model_config"], "mode": p["mode"], "image_encoder": p["image_encoder"], "image_size": p["image_size"],
                             "image_pretrained_path": p["image_pretrained_path"], "freeze_image_encoder": p["freeze_image_encoder"],
                             "text_encoder": p["text_encoder"], "text_pretrained_path": p["text_pretrained_path"],
+                            "text_layers": p["text_layers"], "trust_remote_code": p["trust_remote_code"],
                             "is_multiview_learning": p["is_multiview_learning"], "is_prior_scan": p["is_prior_scan"],
                             "using_mpc_loss": p["using_mpc_loss"], "vocab_size": len(vocab), "pad_id": vocab.pad_id,
                             "text_max_len": max(int(p["model_config"].get("text_max_len", 512)), p["max_length"])})
@@ -360,7 +394,8 @@ def build_pretrain(p: dict, data: dict | None = None) -> dict:
         probe_ds = MLRGDataset([items["train"][i] for i in idx], **dkw)
     evaluator = PretrainEvaluator(val_ds, probe_ds, p["eval_batch_size"], p["recall_ks"], p["uncertain"], p["probe_l2"],
                                   p["num_workers"], p["progress"], vocab.pad_id)
-    return {"model": model, "model_config": mcfg, "train_ds": train_ds,
+    used = backbones(vocab, mcfg["image_encoder"], mcfg["image_pretrained_path"], mcfg["text_encoder"], mcfg["text_pretrained_path"])
+    return {"model": model, "model_config": mcfg, "backbones": used, "train_ds": train_ds,
             "val_ds": val_ds, "probe_ds": probe_ds, "collate_fn": functools.partial(collate, pad_id=vocab.pad_id),
             "evaluator": evaluator, "vocab": vocab, "data": data}
 
@@ -396,7 +431,7 @@ def load_pretrained(path, map_location="cpu"):
         raise InputError("not a stage-1 checkpoint (no model config or vocabulary)", where=path, expected="best.pt / last.pt of mlrg.pretrain")
     model = MLRGPretrainModel(cfg)
     model.load_state_dict(ck["model"])
-    return model.eval(), Vocab(ck["vocab"][len(SPECIAL_TOKENS):]), ck
+    return model.eval(), vocab_from_state(ck["vocab"]), ck
 
 # %% ../nbs/03_pretrain.ipynb #a43bae49
 _ENGINE_KEYS = [k for k in PRETRAIN.params if k in TRAIN.params]    # the settings passed to the engine as they are
@@ -445,7 +480,7 @@ def summarize(result: dict, p: dict, parts: dict, out_dir) -> dict:
             "last_checkpoint": result["paths"].get("last"), "metrics": result["paths"].get("metrics"),
             "data": parts["data"]["info"], "model": {**{k: parts["model_config"][k] for k in ("mode", "image_encoder", "image_size",
                      "is_multiview_learning", "is_prior_scan", "using_mpc_loss", "d_model", "proj_dim")},
-                     "parameters": sum(x.numel() for x in parts["model"].parameters())},
+                     "parameters": sum(x.numel() for x in parts["model"].parameters())}, "backbones": parts["backbones"],
             "global_step": result["global_step"], "epochs": result["epoch"], "stopped": result["stopped"],
             "train_seconds": round(result["seconds"], 2), "best_step": result["best_step"], "best_val_loss": result["best_metric"],
             "chance": {f"@{k}": best.get(f"val_chance@{k}") for k in ks}, "chance_t2i": {f"@{k}": best.get(f"val_chance_t2i@{k}") for k in ks},
@@ -463,12 +498,12 @@ def pretrain(params: dict | None = None, **overrides) -> dict:
     if p["debug"]: debug_report(parts, p, print_fn=print if is_main_process() else (lambda *a: None))
     config = {**{k: p[k] for k in _ENGINE_KEYS}, "out_dir": str(out_dir), "select_metric": "val_loss", "select_mode": "min",
               "max_steps": p["debug_batches"] if p["debug"] else p["max_steps"],
-              "model": parts["model_config"], "stage": "pretrain",
+              "model": parts["model_config"], "stage": "pretrain", "backbones": parts["backbones"],
               "data": {k: parts["data"]["info"][k] for k in ("annotation", "image_root", "sample_unit", "samples")},
               "eval": {k: p[k] for k in ("eval_batch_size", "recall_ks", "linear_probe", "uncertain", "probe_max_train", "probe_l2")}}
     if is_main_process(): log.info("pretrain: %s train / %s val samples -> %s", len(parts["train_ds"]), len(parts["val_ds"]), out_dir)
     result = fit(parts["model"], parts["train_ds"], parts["collate_fn"], config, evaluate=parts["evaluator"],
-                 vocab=parts["vocab"].itos, arch_keys=("model",), log=log)
+                 vocab=vocab_state(parts["vocab"]), arch_keys=("model",), log=log)
     summary = summarize(result, p, parts, out_dir)
     if is_main_process():
         save_json(summary, Path(out_dir) / "pretrain_summary.json")

@@ -123,6 +123,7 @@ SUBCOMMANDS = {
     "finetune": ("mlrg.finetune", "finetune_cli", "stage 2: report generation from the current views, the prior study and the indication"),
     "generate": ("mlrg.finetune", "generate_cli", "write reports with a trained stage-2 checkpoint for a split of any prepared data"),
     "evaluate": ("mlrg.evaluate", "evaluate_cli", "NLG, clinical (CE) and longitudinal scores of generated reports"),
+    "study": ("mlrg.study", "study_cli", "run the whole study (every stage's notebook) into outputs/<run>/ and write its index.html"),
 }
 
 def main(argv=None):

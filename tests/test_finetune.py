@@ -296,3 +296,29 @@ def test_rcb_selection_runs_both_scorers(monkeypatch):
         FINETUNE.check(select_metric="rcb")
     monkeypatch.setattr(ft, "adapter_status", lambda name, path=None: "ready")
     assert FINETUNE.check(select_metric="rcb")["select_metric"] == "rcb"
+
+
+def test_iu_preset_on_r2gen_annotation(run, tmp_path):
+    "preset='iu' on an R2Gen-format annotation (two views per study, no prior): both stages run, with no prior and no indication."
+    root, ann = run
+    studies = {}
+    for split, items in json.loads(Path(ann).read_text()).items():
+        for it in items:
+            paths = it["anchor_scan"]["image_path"] + it["auxiliary_references"]["image_path"]
+            if len(paths) >= 2 and it["study_id"] not in studies:
+                studies[it["study_id"]] = (split, {"id": str(it["study_id"]), "report": it["findings"], "image_path": paths[:2], "split": split})
+    r2gen = {s: [v for sp, v in studies.values() if sp == s] for s in ("train", "val", "test")}
+    assert all(r2gen[s] for s in r2gen)
+    (tmp_path / "annotation.json").write_text(json.dumps(r2gen))
+    common = dict(data_path=str(tmp_path / "annotation.json"), image_root=str(root / "mimic" / "files"), max_steps=1, batch_size=4,
+                  eval_batch_size=16, progress=False, num_threads=1)
+    pt = pretrain(preset="iu", image_size=32, linear_probe=False, model_save_path=str(tmp_path / "pt"), **common)
+    assert pt["model"]["is_prior_scan"] is False
+    ft = finetune(preset="iu", pretrained_path=pt["best_checkpoint"], model_save_path=str(tmp_path / "ft"), meteor=False,
+                  decoder_layers=1, num_beams=2, **common)
+    p = ft["params"]
+    assert (p["max_views"], p["max_length"], p["use_prior_report"], p["use_indication"], p["select_metric"]) == (2, 60, False, False, "bleu4")
+    preds = json.loads((tmp_path / "ft" / "test_predictions.json").read_text())
+    assert len(preds) == len(r2gen["test"]) and all("[NHI]" in r["prompt"] and "[NHPR]" in r["prompt"] and not r["has_prior"] for r in preds)
+    with pytest.raises(InputError, match="parameter 'data_path'"):
+        FINETUNE.check(preset="iu")

@@ -1,0 +1,131 @@
+"""The study end to end (mlrg.study): the tiny preset runs every stage notebook with papermill into one run folder and
+writes an index.html whose links and images all resolve; a second run skips every stage; changing one parameter reruns
+that stage and the ones after it only; a SIGKILL during pretraining, then the same command, redoes no finished stage,
+continues training from the last checkpoint and ends with the weights of an uninterrupted run; a failing stage is
+named by its notebook and cell."""
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from mlrg.core import InputError
+from mlrg.engine import load_checkpoint
+from mlrg.pretrain import pretrain
+from mlrg.study import plan_study
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = ["-p", "num_threads", "1", "-p", "pretrain.max_steps", "12", "-p", "pretrain.save_steps", "1"]
+
+
+def _env():
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+
+
+def _study(run, *extra, **kw):
+    return subprocess.run([sys.executable, "-m", "mlrg.study", "--preset", "tiny", "--run", str(run), *TINY, *extra], cwd=REPO, env=_env(),
+                          capture_output=True, text=True, **kw)
+
+
+def _lines(out):
+    "{step: what the study first said of it} from its lines per step ('running ...', 'continuing ...', '... skipped')."
+    said = {}
+    for m in re.finditer(r"^\[\d+/\d+\] (\S+)\s+(.*)$", out, re.M): said.setdefault(m.group(1), m.group(2))
+    return said
+
+
+def _resolves(index: Path):
+    "Every href and src of `index` (relative paths) names a file that exists."
+    page = index.read_text()
+    refs = re.findall(r'(?:href|src)="([^"]+)"', page)
+    assert refs
+    missing = [r for r in refs if not (index.parent / r).is_file()]
+    assert not missing, missing
+    return refs
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory):
+    "A tiny study killed (SIGKILL) during pretraining, then the same command again to the end."
+    root = tmp_path_factory.mktemp("study")
+    run = root / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "mlrg.study", "--preset", "tiny", "--run", str(run), *TINY], cwd=REPO, env=_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    deadline = time.time() + 400
+    while time.time() < deadline and len(list((run / "pretrain").glob("step_*.pt"))) < 2 and proc.poll() is None: time.sleep(0.1)
+    assert proc.poll() is None, "the study ended before a pretraining checkpoint was written"
+    os.killpg(proc.pid, signal.SIGKILL)                # the study and papermill; the kernel (its own session) follows within ~1 s
+    proc.wait()
+    killed_at = max(int(p.stem.split("_")[1]) for p in (run / "pretrain").glob("step_*.pt"))
+    time.sleep(3)                                      # ipykernel's parent poller ends the orphaned kernel
+    again = _study(run)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    return dict(run=run, root=root, first=proc.stdout.read(), again=again.stdout, killed_at=killed_at)
+
+
+def test_study_writes_every_report_and_an_index(study):
+    run = study["run"]
+    steps = [s.key for s in plan_study("tiny", run)]
+    assert list(_lines(study["again"])) == steps
+    for s in plan_study("tiny", run):
+        rec = json.loads((run / "study" / f"{s.key}.json").read_text())
+        assert rec["status"] == "done" and rec["seconds"] > 0 and rec["peak_rss_mb"] > 50
+        assert (run / "reports" / s.report).is_file() and (run / "reports" / s.report).with_suffix(".html").is_file()
+    refs = _resolves(run / "index.html")
+    assert "pretrain/curves.png" in refs and "finetune/curves.png" in refs and "study/ce_per_observation.png" in refs
+    assert sum(r.endswith(".html") and r.startswith("reports/") for r in refs) == len(steps)
+    page = (run / "index.html").read_text()
+    assert "MLRG stage 2 (this run)" in page and "oracle" in page and "MLRG, published" in page
+
+
+def test_killed_study_continues_and_ends_as_an_uninterrupted_one(study):
+    "No finished stage is redone; pretraining continues from its last checkpoint and ends with an uninterrupted run's weights."
+    said = _lines(study["again"])
+    assert all("skipped" in said[k] for k in ("phantom", "prepare", "label")), said
+    assert said["pretrain"].startswith("continuing"), said
+    assert 1 <= study["killed_at"] < 12
+    report = (study["run"] / "reports" / "03_pretrain.ipynb").read_text()     # the engine's log, kept in the executed notebook
+    resumed = re.search(r"resumed from \S+ at step (\d+)", report)
+    assert resumed and study["killed_at"] <= int(resumed.group(1)) < 12, report[-3000:]
+    # the same stage 1 without interruption, on the run's data, with the parameters the study gave the notebook
+    p = json.loads((study["run"] / "study" / "pretrain.params.json").read_text())
+    ref = study["root"] / "uninterrupted"
+    pretrain({**{k: v for k, v in p.items() if k != "run_dir"}, "data_path": str(study["run"] / "prepared" / "annotation.json"),
+              "image_root": str(study["run"] / "mimic" / "files"), "model_save_path": str(ref), "progress": False})
+    a, b = load_checkpoint(study["run"] / "pretrain" / "last.pt"), load_checkpoint(ref / "last.pt")
+    assert a["global_step"] == b["global_step"] == 12
+    assert a["model"].keys() == b["model"].keys() and all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+
+
+def test_rerun_skips_and_one_changed_parameter_reruns_only_what_follows(study):
+    run = study["run"]
+    same = _study(run)
+    assert same.returncode == 0 and all("skipped" in v for v in _lines(same.stdout).values()), same.stdout
+    changed = _study(run, "-p", "finetune.max_steps", "3")
+    assert changed.returncode == 0, changed.stderr[-2000:]
+    said = _lines(changed.stdout)
+    assert [k for k, v in said.items() if "skipped" not in v] == ["finetune", "evaluate"], said
+    assert json.loads((run / "finetune" / "finetune_summary.json").read_text())["global_step"] == 3
+    assert list(run.glob("finetune.replaced-*"))            # the old stage-2 run was moved aside, not deleted
+    _resolves(run / "index.html")
+
+
+def test_failing_stage_is_named_and_plan_errors_come_first(tmp_path):
+    (tmp_path / "bad" / "mimic").mkdir(parents=True)
+    (tmp_path / "bad" / "mimic" / "notes.txt").write_text("someone else's data")      # the phantom refuses to write over it
+    bad = _study(tmp_path / "bad")
+    assert bad.returncode == 1
+    assert re.search(r"nbs/01a_phantom\.ipynb failed in code cell \d+ \(InputError: .*mimic", bad.stderr), bad.stderr[-2000:]
+    assert (tmp_path / "bad" / "reports" / "01a_phantom.ipynb").is_file() and (tmp_path / "bad" / "mimic" / "notes.txt").is_file()
+    assert list(_lines(bad.stdout)) == ["phantom"] and json.loads((tmp_path / "bad" / "study" / "phantom.json").read_text())["status"] == "failed"
+    with pytest.raises(InputError, match="did you mean 'batch_size'"):
+        plan_study("tiny", tmp_path / "x", [("finetune.batchsize", "4")])
+    out = subprocess.run([sys.executable, "-m", "mlrg.study", "--preset", "mimic", "--run", str(tmp_path / "m")], cwd=REPO, env=_env(),
+                         capture_output=True, text=True)
+    assert out.returncode == 2 and "study.mimic_root" in out.stderr and not (tmp_path / "m" / "reports").exists()
