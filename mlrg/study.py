@@ -189,7 +189,7 @@ def run_step(step: StudyStep, run: RunFolder, nproc=1, log=print) -> dict:
     run.reports.mkdir(parents=True, exist_ok=True)
     out_nb, params_file = run.reports / step.report, run.root / "study" / f"{step.key}.params.json"
     atomic_write(params_file, json.dumps(to_plain(step.params), indent=1))
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env = {"TQDM_MININTERVAL": "5", **os.environ, "PYTHONUNBUFFERED": "1"}   # a stage's bars stream as log lines: one per 5 s each
     rec = {"key": step.key, "stage": step.stage.name, "fingerprint": step.fingerprint, "group": step.group,
            "notebook": f"nbs/{step.stage.notebook}", "report": str(out_nb), "params": to_plain(step.params)}
     peak, secs = 0.0, 0.0
