@@ -883,14 +883,14 @@ def attention_maps(model, batch, ids) -> torch.Tensor:
 
 def plot_attention(image, weights, words, n_tokens, fig=None):
     "Rows: the anchor's and the fused tokens' grids of `weights` (T, 2 * n_tokens) for each word, over `image`."
-    g = int(round(math.sqrt(n_tokens - 1)))
+    g = math.isqrt(n_tokens - 1)                     # the grid is the last g * g tokens (before it: global / CLS / register tokens)
     if fig is None:
         from matplotlib.figure import Figure
         fig = Figure(figsize=(1.8 * len(words), 3.8))
     axes = fig.subplots(2, len(words), squeeze=False)
     for j, word in enumerate(words):
         for r, (name, off) in enumerate((("anchor", 0), ("fused", n_tokens))):
-            m = weights[j, off + 1:off + n_tokens].reshape(g, g).numpy()
+            m = weights[j, off + n_tokens - g * g:off + n_tokens].reshape(g, g).numpy()
             ax = axes[r, j]
             ax.imshow(image, cmap="gray"); ax.imshow(m, cmap="inferno", alpha=0.5, extent=(0, image.shape[1], image.shape[0], 0))
             ax.set_title(f"{word!r} ({name})", fontsize=8); ax.axis("off")

@@ -134,6 +134,9 @@ def plan_study(preset="demo", run="demo", params=(), seeds=1, ablations=False) -
         try: checked = decl.check(p)
         except InputError as e: raise InputError(f"stage {key}: {e}", where="study parameters") from None
         fp = _fingerprint(checked, before)
+        if p.get("preset") is not None and decl.presets:   # the notebook gets the preset's values resolved: a given value equal to a
+            values = decl.preset_of(p).values  # default must not fall back to the preset's there
+            p = {**{k: checked[k] for k in values}, **{k: checked[k] for k in p if k != "preset"}}
         outputs = ()
         if name in TRAINING_STAGES: outputs = (str(Path(checked["model_save_path"]) if checked.get("model_save_path") else root / name),)
         steps.append(StudyStep(key, st, p, fp, group, outputs))

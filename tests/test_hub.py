@@ -23,30 +23,6 @@ transformers.utils.logging.set_verbosity_error()
 SMALL = dict(progress=False, num_threads=2, num_workers=0, eval_batch_size=8)   # the mimic preset's bf16 autocast stays on (CPU too)
 
 
-def _tokenizer(texts, folder, vocab_size=400):
-    "A GPT-2-style byte-level BPE tokenizer trained on `texts`, saved in `folder` as GPT-2's is."
-    bpe = tokenizers.ByteLevelBPETokenizer()
-    bpe.train_from_iterator(texts, vocab_size=vocab_size, min_frequency=1, special_tokens=["<|endoftext|>"])
-    transformers.GPT2TokenizerFast(tokenizer_object=bpe._tokenizer, bos_token="<|endoftext|>", eos_token="<|endoftext|>",
-                                   unk_token="<|endoftext|>").save_pretrained(folder)
-
-
-@pytest.fixture(scope="module")
-def hub(tmp_path_factory):
-    "A tiny phantom and tiny random backbones in the save_pretrained layout: dino/, bert/, gpt2/ (with its tokenizer)."
-    root = tmp_path_factory.mktemp("hub")
-    ann = write_tiny_phantom(root, patients=16, seed=3)
-    items = read_annotation(ann)
-    torch.manual_seed(0)
-    d = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64)
-    transformers.Dinov2Model(transformers.Dinov2Config(patch_size=14, image_size=28, **d)).save_pretrained(root / "dino")
-    (root / "dino" / "preprocessor_config.json").write_text(json.dumps({"image_mean": [0.5] * 3, "image_std": [0.25] * 3}))
-    transformers.BertModel(transformers.BertConfig(vocab_size=100, max_position_embeddings=256, **d)).save_pretrained(root / "bert")
-    transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=420, n_embd=32, n_layer=2, n_head=2, n_positions=128)).save_pretrained(root / "gpt2")
-    _tokenizer([it["findings"] for it in items["train"]] + [it.get("indication_pure") or "" for it in items["train"]], root / "gpt2")
-    return root, ann
-
-
 def test_tiny_backbones_end_to_end(hub, tmp_path):
     "Stage 1 then stage 2 from the folders at the mimic preset scaled down; checkpoints record what they used and reload."
     root, ann = hub
@@ -117,6 +93,12 @@ def test_folder_errors_name_the_folder(hub, tmp_path):
         build_image_encoder("rad_dino", str(root / "dino"), image_size=30)
     with pytest.raises(InputError, match="text_layers=3 but .* has 2 layers"):
         build_text_encoder("cxr_bert", vocab_size=50, pretrained_path=str(root / "bert"), n_layers=3)
+    import shutil
+    shutil.copytree(root / "bert", tmp_path / "remote")       # a folder whose config names its own model code (as CXR-BERT's does)
+    cfg = json.loads((tmp_path / "remote" / "config.json").read_text())
+    (tmp_path / "remote" / "config.json").write_text(json.dumps({**cfg, "auto_map": {"AutoModel": "modeling_cxrbert.CXRBertModel"}}))
+    with pytest.raises(InputError, match="trust_remote_code=True"):
+        build_text_encoder("cxr_bert", vocab_size=50, pretrained_path=str(tmp_path / "remote"))
     with pytest.raises(InputError, match="no GPT-2 tokenizer files"):
         BPETokenizer.from_folder(root / "dino")
     with pytest.raises(InputError, match="decoder_path"):

@@ -129,3 +129,23 @@ def test_failing_stage_is_named_and_plan_errors_come_first(tmp_path):
     out = subprocess.run([sys.executable, "-m", "mlrg.study", "--preset", "mimic", "--run", str(tmp_path / "m")], cwd=REPO, env=_env(),
                          capture_output=True, text=True)
     assert out.returncode == 2 and "study.mimic_root" in out.stderr and not (tmp_path / "m" / "reports").exists()
+
+
+def test_mimic_preset_through_the_notebooks(hub, tmp_path):
+    "The mimic preset scaled down: the phantom as the MIMIC-CXR-JPG root, tiny RAD-DINO / CXR-BERT / DistilGPT2 folders, every notebook."
+    root, _ = hub
+    args = ["--preset", "mimic", "--run", str(tmp_path / "m"), "-p", "study.mimic_root", str(root / "mimic"),
+            "-p", "image_pretrained_path", str(root / "dino"), "-p", "text_pretrained_path", str(root / "bert"),
+            "-p", "tokenizer_path", str(root / "gpt2"), "-p", "finetune.decoder_path", str(root / "gpt2"), "-p", "text_layers", "1",
+            "-p", "image_size", "28", "-p", "batch_size", "4", "-p", "grad_accum", "1", "-p", "max_steps", "2", "-p", "num_workers", "0",
+            "-p", "model_config", '{"d_model": 32, "proj_dim": 32}', "-p", "pretrain.linear_probe", "false", "-p", "num_threads", "1",
+            "-p", "finetune.select_metric", "bleu4+ce14", "-p", "finetune.val_max_samples", "6", "-p", "finetune.max_length", "40",
+            "-p", "meteor", "false"]
+    out = subprocess.run([sys.executable, "-m", "mlrg.study", *args], cwd=REPO, env=_env(), capture_output=True, text=True)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    run = tmp_path / "m"
+    assert (run / "mimic").is_symlink() and list(_lines(out.stdout)) == ["prepare", "pretrain", "finetune", "evaluate"]
+    ft = json.loads((run / "finetune" / "finetune_summary.json").read_text())
+    assert ft["backbones"]["decoder"] == "distilgpt2" and "gpt2 BPE" in ft["backbones"]["tokenizer"]
+    assert ft["params"]["select_metric"] == "bleu4+ce14" and ft["params"]["pt_lr"] == 5e-6 and ft["params"]["amp"] == "bf16"
+    _resolves(run / "index.html")
