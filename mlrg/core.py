@@ -28,8 +28,8 @@ import numpy as np
 __all__ = ['OBSERVATIONS', 'study_dir', 'image_relpath', 'report_relpath', 'InputError', 'derive_seed', 'seed_everything',
            'rng_states', 'set_rng_states', 'get_logger', 'write_set', 'atomic_write', 'remove_stale_temps',
            'ensure_writable', 'move_aside', 'json_text', 'save_json', 'load_json', 'append_jsonl', 'jsonl_text',
-           'save_jsonl', 'read_jsonl', 'peak_rss_mb', 'measure', 'Param', 'coerce', 'Preset', 'Params', 'to_plain',
-           'require_package', 'hub_folder']
+           'save_jsonl', 'read_jsonl', 'maxrss_mb', 'peak_rss_mb', 'measure', 'Param', 'coerce', 'Preset', 'Params',
+           'to_plain', 'require_package', 'hub_transformers', 'hub_folder']
 
 # %% ../nbs/00_core.ipynb #0ca8bb85
 OBSERVATIONS = ["Atelectasis", "Cardiomegaly", "Consolidation", "Edema", "Enlarged Cardiomediastinum", "Fracture",
@@ -231,12 +231,13 @@ def read_jsonl(path):
     return out
 
 # %% ../nbs/00_core.ipynb #dd02ee8e
+def maxrss_mb(ru_maxrss) -> float:
+    "A `ru_maxrss` value in MiB (Linux reports KiB, macOS bytes)."
+    return ru_maxrss * (1 / 1024 if sys.platform != "darwin" else 1 / 2**20)
+
 def peak_rss_mb():
-    "Peak resident memory so far, in MiB: this process and its waited-for children (Linux reports KiB)."
-    own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    kids = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    scale = 1 / 1024 if sys.platform != "darwin" else 1 / 2**20
-    return max(own, kids) * scale
+    "Peak resident memory so far, in MiB: this process and its waited-for children."
+    return maxrss_mb(max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss))
 
 @contextlib.contextmanager
 def measure():
@@ -504,6 +505,12 @@ def require_package(name, why, install=None):
     except ImportError:
         raise InputError(f"{why} needs the optional package `{name}`, which is not installed", where=name,
                          expected=f"pip install {install or name}") from None
+
+def hub_transformers(why):
+    "The `transformers` package (the `hub` extra), with its progress bars and load warnings off (mlrg reports what it loads)."
+    tr = require_package("transformers", why, install='"mlrg[hub]"')
+    tr.utils.logging.set_verbosity_error(); tr.utils.logging.disable_progress_bar()
+    return tr
 
 def hub_folder(path, what, param, kinds=None, hint="") -> tuple:
     "(folder, its config.json as a dict) of local model folder `path` for `what` (parameter `param`); `kinds`: accepted `model_type`s."

@@ -21,8 +21,9 @@ import pandas as pd
 import torch
 from PIL import Image
 
-from .core import (OBSERVATIONS, InputError, Param, Params, atomic_write, derive_seed, ensure_writable, get_logger, image_relpath,
-                       json_text, load_json, remove_stale_temps, report_relpath, save_json, study_dir, write_set)
+from .core import (OBSERVATIONS, InputError, Param, Params, atomic_write, derive_seed, ensure_writable, get_logger, hub_transformers,
+                       image_relpath, json_text, load_json, remove_stale_temps, report_relpath, require_package, save_json, study_dir,
+                       write_set)
 
 # %% auto #0
 __all__ = ['IMAGE_CHECKS', 'PREPARE', 'METADATA_CSV', 'SPLIT_CSV', 'CHEXPERT_CSV', 'METADATA_REQUIRED', 'SPLIT_REQUIRED',
@@ -30,10 +31,9 @@ __all__ = ['IMAGE_CHECKS', 'PREPARE', 'METADATA_CSV', 'SPLIT_CSV', 'CHEXPERT_CSV
            'BPE_SPECIAL', 'BPE_ADDED', 'CXR_MEAN', 'CXR_STD', 'VIEW_POSITIONS', 'find_table', 'normalize_view',
            'view_projection', 'view_rank', 'BadInputs', 'read_metadata', 'read_split', 'assign_priors',
            'choose_prior_images', 'parse_report', 'normalize_text', 'clean_indication', 'read_reports', 'check_image',
-           'check_images', 'tokenize', 'Tokens', 'Vocab', 'clean_text', 'BPETokenizer', 'vocab_state',
-           'vocab_from_state', 'prepare', 'prepare_cli', 'validate_mlrg_item', 'read_mlrg_annotation',
-           'read_r2gen_annotation', 'read_medclip_pickle', 'read_annotation', 'view_id', 'load_image', 'prior_findings',
-           'build_prompt', 'MLRGDataset', 'collate']
+           'check_images', 'tokenize', 'Tokens', 'Vocab', 'clean_text', 'BPETokenizer', 'vocab_from_state', 'prepare',
+           'prepare_cli', 'validate_mlrg_item', 'read_mlrg_annotation', 'read_r2gen_annotation', 'read_medclip_pickle',
+           'read_annotation', 'view_id', 'load_image', 'prior_findings', 'build_prompt', 'MLRGDataset', 'collate']
 
 # %% ../nbs/01_data.ipynb #a43be15a
 IMAGE_CHECKS = ("exists", "decode", "none")
@@ -402,6 +402,7 @@ class Tokens:
 
 class Vocab(Tokens):
     "A word-level vocabulary: special tokens, then words by frequency."
+    kind = "word"
     def __init__(self, words=(), min_freq=None, counts=None):
         words = [w for w in words if w not in SPECIAL_TOKENS]
         self.itos = list(SPECIAL_TOKENS) + words
@@ -426,6 +427,7 @@ class Vocab(Tokens):
         return [self.stoi.get(w, self.unk_id) for w in tokenize(text)]
     def is_special(self, i) -> bool: return not 0 <= i < len(self.itos) or self.itos[i] in SPECIAL_TOKENS
     def text_of(self, ids) -> str: return " ".join(self.itos[i] if 0 <= i < len(self.itos) else "[UNK]" for i in ids)
+    def state(self) -> list: return list(self.itos)    # what a checkpoint holds (`vocab_from_state` reads it back)
 
     def as_json(self) -> dict:
         "The vocabulary as the JSON object `save` writes."
@@ -458,6 +460,7 @@ def clean_text(text) -> str:
 
 class BPETokenizer(Tokens):
     "GPT-2's byte-level BPE with MLRG's special tokens, with `Vocab`'s interface; `state` / `from_state` keep it in a checkpoint."
+    kind = "gpt2"
     def __init__(self, backend, source=None):
         self.backend, self.source = backend, source
         for t in SPECIAL_TOKENS:
@@ -475,10 +478,7 @@ class BPETokenizer(Tokens):
                              expected=f"{param}=<folder> with vocab.json + merges.txt or tokenizer.json (e.g. the distilgpt2 folder)")
         if not ((p / "tokenizer.json").is_file() or ((p / "vocab.json").is_file() and (p / "merges.txt").is_file())):
             raise InputError("no GPT-2 tokenizer files in the folder", where=p, expected="vocab.json + merges.txt, or tokenizer.json")
-        from mlrg.core import require_package
-        tr = require_package("transformers", "the gpt2 tokenizer", install='"mlrg[hub]"')
-        tr.utils.logging.set_verbosity_error()
-        tok = tr.AutoTokenizer.from_pretrained(str(p), local_files_only=True)
+        tok = hub_transformers("the gpt2 tokenizer").AutoTokenizer.from_pretrained(str(p), local_files_only=True)
         model = json.loads(tok.backend_tokenizer.to_str()).get("model", {}).get("type")
         if model != "BPE": raise InputError(f"the folder holds a {model} tokenizer ({type(tok).__name__})", where=p, expected="GPT-2's byte-level BPE tokenizer")
         tok.add_special_tokens(dict(BPE_SPECIAL)); tok.add_tokens(list(BPE_ADDED))
@@ -487,7 +487,6 @@ class BPETokenizer(Tokens):
     @classmethod
     def from_state(cls, state):
         "The tokenizer `state()` wrote (a checkpoint's `vocab`)."
-        from mlrg.core import require_package
         tk = require_package("tokenizers", "a checkpoint trained with the gpt2 tokenizer", install='"mlrg[hub]"')
         return cls(tk.Tokenizer.from_str(state[1]), source="checkpoint")
 
@@ -505,10 +504,6 @@ class BPETokenizer(Tokens):
     def text_of(self, ids) -> str: return " ".join(self.backend.decode(list(ids), skip_special_tokens=False).split())
 
 # %% ../nbs/01_data.ipynb #359f7c92
-def vocab_state(vocab) -> list:
-    "A `Vocab` or `BPETokenizer` as the list of strings a checkpoint holds."
-    return vocab.state() if hasattr(vocab, "state") else list(vocab.itos)
-
 def vocab_from_state(state):
     "The `Vocab` or `BPETokenizer` of a checkpoint's `vocab` list."
     state = list(state or [])

@@ -6,14 +6,14 @@
 from __future__ import annotations
 
 import math
+import re
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pathlib import Path
-
-from .core import InputError
+from .core import InputError, hub_folder, hub_transformers
 
 # %% auto #0
 __all__ = ['DECODER_DEFAULTS', 'ACTIVATIONS', 'GPT2_ACTIVATIONS', 'decoder_config', 'CausalSelfAttention', 'CrossAttention',
@@ -265,7 +265,6 @@ GPT2_ACTIVATIONS = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "
 
 def gpt2_decoder_config(path, param="decoder_path") -> dict:
     "The `ReportDecoder` sizes of the GPT-2 in local folder `path` (its config.json): layers, width, heads, positions, activation, dropout."
-    from mlrg.core import hub_folder
     folder, c = hub_folder(path, "the distilgpt2 decoder", param, kinds=("gpt2",), hint="e.g. `huggingface-cli download distilgpt2 --local-dir DIR`")
     act = c.get("activation_function", "gelu_new")
     if act not in GPT2_ACTIVATIONS: raise InputError(f"activation_function={act!r}", where=folder / "config.json", expected=" or ".join(GPT2_ACTIVATIONS))
@@ -277,17 +276,16 @@ _GPT2_NAMES = {"ln_1": "ln1", "attn.c_attn": "attn.qkv", "attn.c_proj": "attn.pr
                "ln_2": "ln3", "mlp.c_fc": "mlp.0", "mlp.c_proj": "mlp.2"}
 _GPT2_CONV1D = ("attn.c_attn", "attn.c_proj", "crossattention.q_attn", "crossattention.c_attn", "crossattention.c_proj", "mlp.c_fc", "mlp.c_proj")
 
+_GPT2_TOP = {"wte": "tok", "wpe": "pos", "ln_f": "ln_f"}
+_GPT2_KEY = re.compile(r"(?:^|\.)transformer\.(?:h\.(\d+)\.(.+)|(wte|wpe|ln_f))\.(weight|bias)$")
+
 def gpt2_state_to_decoder(sd: dict) -> dict:
     "GPT-2 tensors (`transformer.*`, under any prefix) renamed to `ReportDecoder`'s, Conv1D weights transposed; other names keep theirs."
     out = {}
     for k, v in sd.items():
-        name = k[k.index("transformer.") + len("transformer."):] if "transformer." in k else k
-        if name in ("wte.weight", "wpe.weight", "ln_f.weight", "ln_f.bias"):
-            out[{"wte": "tok", "wpe": "pos"}.get(name.split(".")[0], "ln_f") + "." + name.split(".")[1]] = v
-        elif name.startswith("h.") and name.count(".") >= 3 and name.split(".", 2)[2].rsplit(".", 1)[0] in _GPT2_NAMES:
-            _, i, rest = name.split(".", 2)
-            part, leaf = rest.rsplit(".", 1)
-            out[f"blocks.{i}.{_GPT2_NAMES[part]}.{leaf}"] = v.t() if part in _GPT2_CONV1D and leaf == "weight" else v
+        m = _GPT2_KEY.search(k)
+        if m and m[3]: out[f"{_GPT2_TOP[m[3]]}.{m[4]}"] = v
+        elif m and m[2] in _GPT2_NAMES: out[f"blocks.{m[1]}.{_GPT2_NAMES[m[2]]}.{m[4]}"] = v.t() if m[2] in _GPT2_CONV1D and m[4] == "weight" else v
         elif k.endswith("lm_head.weight"): out["head.weight"] = v          # tied to wte in GPT-2, as `head` to `tok` here
         else: out[k] = v
     return out
@@ -295,10 +293,9 @@ def gpt2_state_to_decoder(sd: dict) -> dict:
 def load_gpt2_weights(decoder, source, trust_pickle=False, print_fn=print):
     """Copy GPT-2 weights into `decoder` by name and shape from `source`: a GPT-2 folder (`save_pretrained` layout) or a
     checkpoint file holding GPT-2 names under any prefix (cvt2distilgpt2); the table of every tensor (`partial_load`)."""
-    from mlrg.models import hub_transformers, load_weights_file, partial_load
+    from mlrg.models import load_weights_file, partial_load   # (mlrg.models does not import this module)
     src = Path(source).expanduser()
     if src.is_dir():
-        from mlrg.core import hub_folder
         hub_folder(src, "the distilgpt2 decoder", "decoder_path", kinds=("gpt2",))
         sd = hub_transformers("the distilgpt2 decoder").GPT2LMHeadModel.from_pretrained(str(src), local_files_only=True).state_dict()
     else: sd = load_weights_file(src, "decoder_init checkpoint", trust_pickle)

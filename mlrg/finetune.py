@@ -24,7 +24,7 @@ import torch.nn as nn
 
 from .core import (OBSERVATIONS, InputError, Param, Params, Preset, derive_seed, get_logger, json_text, save_json,
                        seed_everything, write_set)
-from .data import MLRGDataset, build_prompt, collate, load_image, prior_findings, read_annotation, view_id, vocab_from_state, vocab_state
+from .data import MLRGDataset, build_prompt, collate, load_image, prior_findings, read_annotation, view_id, vocab_from_state
 from .decoder import ReportDecoder, beam_search, decoder_config, gpt2_decoder_config, greedy, load_gpt2_weights
 from .engine import TRAIN, TRAIN_OUTPUT, EvalContext, fit, get_device, is_main_process, load_checkpoint, to_device
 from .evaluate import ADAPTERS, ce_summary, ce_table, check_java, evaluate, load_truth, resolve_weights, run_adapter, truth_changes
@@ -419,13 +419,12 @@ def load_finetune_data(p, stage1=None, log=None) -> dict:
     if data["items"].get("test"): check_image_files(data["items"], data["image_root"], splits=("test",))
     if stage1 is not None and stage1.get("vocab"):
         v = vocab_from_state(stage1["vocab"])
-        kind = "gpt2" if hasattr(v, "state") else "word"
-        if p.get("tokenizer") not in (None, kind):
-            raise InputError(f"tokenizer={p['tokenizer']!r} but the stage-1 checkpoint was trained with the {kind} tokenizer", where="parameter 'tokenizer'",
-                             expected=f"None or {kind!r} (stage 2 reads text as stage 1 did)")
-        if vocab_state(v) != vocab_state(data["vocab"]):
+        if p.get("tokenizer") not in (None, v.kind):
+            raise InputError(f"tokenizer={p['tokenizer']!r} but the stage-1 checkpoint was trained with the {v.kind} tokenizer", where="parameter 'tokenizer'",
+                             expected=f"None or {v.kind!r} (stage 2 reads text as stage 1 did)")
+        if v.state() != data["vocab"].state():
             data["info"]["vocab_note"] = f"the stage-1 checkpoint's vocabulary ({len(v)} tokens) replaces {data['info']['vocab']}"
-        data["vocab"], data["info"]["vocab"], data["info"]["vocab_size"] = v, f"the stage-1 checkpoint's ({kind})", len(v)
+        data["vocab"], data["info"]["vocab"], data["info"]["vocab_size"] = v, f"the stage-1 checkpoint's ({v.kind})", len(v)
     truth = Path(data["image_root"]).parent / TRUTH_FILE
     data["truth_path"] = truth if truth.is_file() else None
     data["info"]["phantom_truth"] = str(truth) if truth.is_file() else None
@@ -723,7 +722,7 @@ def finetune(params: dict | None = None, **overrides) -> dict:
     if is_main_process(): log.info("finetune: %d train / %d val / %d test samples -> %s", len(parts["train_ds"]), len(parts["val_ds"]),
                                    len(parts["test_ds"]), out_dir)
     result = fit(parts["model"], parts["train_ds"], parts["collate_fn"], fit_config(p, parts, out_dir), evaluate=parts["evaluator"],
-                 vocab=vocab_state(parts["vocab"]), arch_keys=("model",), log=log)
+                 vocab=parts["vocab"].state(), arch_keys=("model",), log=log)
     test = None
     if is_main_process() and p["test"]:
         ck = result["paths"].get("best")

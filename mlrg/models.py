@@ -17,7 +17,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .core import InputError, Param, Params, derive_seed, get_logger, hub_folder, require_package
+from .core import InputError, Param, Params, derive_seed, get_logger, hub_folder, hub_transformers, require_package
 from .data import CXR_MEAN, CXR_STD, VIEW_POSITIONS, collate
 from .engine import load_checkpoint
 
@@ -26,9 +26,9 @@ __all__ = ['MODELS', 'IMAGENET_MEAN', 'IMAGENET_STD', 'IMAGE_ENCODERS', 'BERT_KI
            'CLIP_SCALE_MAX', 'DEFAULT_PRETRAIN_CONFIG', 'ABLATION_FLAGS', 'VISUAL_KEYS', 'dummy_batch', 'ImageEncoder',
            'load_weights_file', 'load_into', 'register_image_encoder', 'list_image_encoders', 'build_image_encoder',
            'conv_bn', 'Residual', 'grid_tokens', 'SmallCNN', 'SmallViT', 'TorchvisionResNet', 'TorchvisionViT',
-           'xrv_cache_dir', 'hub_transformers', 'XRVDenseNet', 'HubViT', 'pool_tokens', 'SmallTextEncoder',
-           'HubTextEncoder', 'build_text_encoder', 'CrossAttentionLayer', 'LongitudinalFusion', 'soft_cross_entropy',
-           'same_group', 'multi_positive_contrastive', 'soft_infonce', 'clip_loss', 'pretrain_config', 'visual_config',
+           'xrv_cache_dir', 'XRVDenseNet', 'HubViT', 'pool_tokens', 'SmallTextEncoder', 'HubTextEncoder',
+           'build_text_encoder', 'CrossAttentionLayer', 'LongitudinalFusion', 'soft_cross_entropy', 'same_group',
+           'multi_positive_contrastive', 'soft_infonce', 'clip_loss', 'pretrain_config', 'visual_config',
            'VisualEncoder', 'study_groups', 'MLRGPretrainModel', 'load_visual_state', 'partial_load', 'summarize_init']
 
 # %% ../nbs/02_models.ipynb #c6631748
@@ -302,11 +302,7 @@ def xrv_cache_dir() -> Path:
     "torchxrayvision's weights cache (where its own downloads land): ~/.torchxrayvision/models_data."
     return Path(os.path.expanduser("~")) / ".torchxrayvision" / "models_data"
 
-def hub_transformers(why):
-    "The `transformers` package (the `hub` extra), with its progress bars and load warnings off."
-    tr = require_package("transformers", why, install='"mlrg[hub]"')
-    tr.utils.logging.set_verbosity_error(); tr.utils.logging.disable_progress_bar()
-    return tr
+
 
 # %% ../nbs/02_models.ipynb #e8fda67c
 class XRVDenseNet(ImageEncoder):

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from .core import InputError, Param, Params, Preset, derive_seed, get_logger, read_jsonl, save_json, seed_everything
-from .data import CHEXPERT_LABELS, BPETokenizer, MLRGDataset, Vocab, collate, prepare, read_annotation, vocab_from_state, vocab_state
+from .data import CHEXPERT_LABELS, BPETokenizer, MLRGDataset, Vocab, collate, prepare, read_annotation, vocab_from_state
 from .engine import TRAIN, TRAIN_OUTPUT, fit, is_main_process, load_checkpoint, to_device
 from .metrics import roc_auc
 from .runs import RunFolder, check_output_folder, in_ipython, one_line_errors, output_folder
@@ -170,7 +170,7 @@ def by_study(items) -> list:
 # %% ../nbs/03_pretrain.ipynb #4c6915ee
 def backbones(vocab, image_encoder, image_pretrained_path=None, text_encoder="small", text_pretrained_path=None, **more) -> dict:
     "What a model is built from (encoder names, their local weights or folders, the tokenizer), for its checkpoint and summary."
-    tok = f"gpt2 BPE, {len(vocab)} tokens, from {vocab.source}" if hasattr(vocab, "state") else f"word vocabulary, {len(vocab)} tokens"
+    tok = f"gpt2 BPE, {len(vocab)} tokens, from {vocab.source}" if vocab.kind == "gpt2" else f"word vocabulary, {len(vocab)} tokens"
     return {"image_encoder": image_encoder, "image_pretrained_path": image_pretrained_path, "text_encoder": text_encoder,
             "text_pretrained_path": text_pretrained_path, "tokenizer": tok, **more}
 
@@ -201,7 +201,9 @@ def load_pretrain_data(p: dict, log=None) -> dict:
     for s in ("train", "val"):
         if not items[s]: raise InputError(f"the {s} split is empty", where=ann, expected="train and val samples (validation picks the checkpoint)")
     vocab_path = (RunFolder.create(p["run_dir"]).vocab if src == "run_dir" else ann.parent / "vocab.json")
-    if p.get("tokenizer") == "gpt2": vocab, vocab_source = tokenizer_for(p), f"GPT-2's BPE tokenizer from {p['tokenizer_path']}"
+    if p.get("tokenizer") == "gpt2":
+        vocab = tokenizer_for(p)
+        vocab_source = f"GPT-2's BPE tokenizer from {vocab.source}"
     elif vocab_path.is_file(): vocab, vocab_source = Vocab.load(vocab_path), str(vocab_path)
     else:
         vocab = Vocab.build([it["findings"] for it in items["train"]], min_freq=3)
@@ -503,7 +505,7 @@ def pretrain(params: dict | None = None, **overrides) -> dict:
               "eval": {k: p[k] for k in ("eval_batch_size", "recall_ks", "linear_probe", "uncertain", "probe_max_train", "probe_l2")}}
     if is_main_process(): log.info("pretrain: %s train / %s val samples -> %s", len(parts["train_ds"]), len(parts["val_ds"]), out_dir)
     result = fit(parts["model"], parts["train_ds"], parts["collate_fn"], config, evaluate=parts["evaluator"],
-                 vocab=vocab_state(parts["vocab"]), arch_keys=("model",), log=log)
+                 vocab=parts["vocab"].state(), arch_keys=("model",), log=log)
     summary = summarize(result, p, parts, out_dir)
     if is_main_process():
         save_json(summary, Path(out_dir) / "pretrain_summary.json")

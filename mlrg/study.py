@@ -12,20 +12,20 @@ import json
 import math
 import os
 import shlex
-import shutil
+import statistics
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
-from .core import InputError, _suggest, atomic_write, save_json, to_plain
-from .runs import STAGES, RunFolder, os_error_line, outputs_root, repo_root
+from .core import InputError, _suggest, atomic_write, load_json, maxrss_mb, move_aside, save_json, to_plain
+from .runs import STAGES, RunFolder, repo_root
 
 # %% auto #0
-__all__ = ['STUDY_PRESETS', 'ABLATIONS', 'TRAINING_STAGES', 'STAGE_BY_NAME', 'INDEX_COLUMNS', 'parse_value', 'StudyStep',
-           'plan_study', 'notebooks_dir', 'failed_cell', 'run_step', 'render_html', 'run_study', 'StudyFailed',
-           'result_rows', 'write_index', 'study_parser', 'study_cli']
+__all__ = ['STUDY_PRESETS', 'ABLATIONS', 'TRAINING_STAGES', 'STAGE_BY_NAME', 'INDEX_COLUMNS', 'StudyStep', 'plan_study',
+           'notebooks_dir', 'failed_cell', 'run_step', 'render_html', 'run_study', 'StudyFailed', 'result_rows',
+           'write_index', 'study_parser', 'study_cli']
 
 # %% ../nbs/06_study.ipynb #2a43e7f9
 STUDY_PRESETS = {
@@ -57,20 +57,6 @@ ABLATIONS = {"no_prior": {"use_prior_report": False, "use_prior_scan": False}, "
              "no_stage1": {"stage1_init": False}, "no_indication": {"use_indication": False}}
 TRAINING_STAGES = ("pretrain", "finetune")
 
-# %% ../nbs/06_study.ipynb #87f55081
-def parse_value(text: str):
-    "A command-line value typed as papermill types `-p` values: None, bool, int, float, JSON list / mapping, else text."
-    t = text.strip()
-    if t.lower() in ("none", "null"): return None
-    if t.lower() in ("true", "false"): return t.lower() == "true"
-    for kind in (int, float):
-        try: return kind(t)
-        except ValueError: pass
-    if t[:1] in "[{":
-        try: return json.loads(t)
-        except json.JSONDecodeError: pass
-    return text
-
 # %% ../nbs/06_study.ipynb #4b911cb0
 @dataclass
 class StudyStep:
@@ -97,7 +83,7 @@ def _overrides(pairs, stage_names) -> dict:
         stage, _, key = k.rpartition(".")
         if stage and stage not in stage_names and stage != "study":
             raise InputError(f"-p {k}: no stage {stage!r} in this study", where="command line", expected=f"one of {', '.join(stage_names)}")
-        out.setdefault(stage or None, {})[key] = parse_value(v) if isinstance(v, str) else v
+        out.setdefault(stage or None, {})[key] = v
     return out
 
 # %% ../nbs/06_study.ipynb #a0b8ea77
@@ -134,9 +120,10 @@ def plan_study(preset="demo", run="demo", params=(), seeds=1, ablations=False) -
         try: checked = decl.check(p)
         except InputError as e: raise InputError(f"stage {key}: {e}", where="study parameters") from None
         fp = _fingerprint(checked, before)
-        if p.get("preset") is not None and decl.presets:   # the notebook gets the preset's values resolved: a given value equal to a
-            values = decl.preset_of(p).values  # default must not fall back to the preset's there
-            p = {**{k: checked[k] for k in values}, **{k: checked[k] for k in p if k != "preset"}}
+        # the notebook gets the checked (typed) values; a stage preset's arrive resolved, so that a given value equal to a
+        # default does not fall back to the preset's there
+        preset = decl.preset_of(p) if decl.presets else None
+        p = {k: checked[k] for k in (*(preset.values if preset else ()), *p) if not (preset and k == "preset")}
         outputs = ()
         if name in TRAINING_STAGES: outputs = (str(Path(checked["model_save_path"]) if checked.get("model_save_path") else root / name),)
         steps.append(StudyStep(key, st, p, fp, group, outputs))
@@ -183,7 +170,7 @@ def _child(cmd, cwd, env) -> tuple:
     proc = subprocess.Popen(cmd, cwd=cwd, env=env)
     _, status, usage = os.wait4(proc.pid, 0)
     proc.returncode = os.waitstatus_to_exitcode(status)
-    return proc.returncode, usage.ru_maxrss / 1024, time.perf_counter() - t0
+    return proc.returncode, maxrss_mb(usage.ru_maxrss), time.perf_counter() - t0
 
 # %% ../nbs/06_study.ipynb #1f334cdf
 def run_step(step: StudyStep, run: RunFolder, nproc=1, log=print) -> dict:
@@ -225,17 +212,9 @@ def render_html(notebook: Path) -> Path:
 # %% ../nbs/06_study.ipynb #05791a51
 def _record_path(run, key): return run.root / "study" / f"{key}.json"
 
-def _read_record(run, key) -> dict | None:
-    p = _record_path(run, key)
-    try: return json.loads(p.read_text()) if p.is_file() else None
-    except json.JSONDecodeError: return None
-
-def _move_aside(folder: Path, log) -> None:
-    "Move `folder` to `<folder>.replaced-<time>` (never delete a run)."
-    if folder.exists():
-        dest = folder.with_name(f"{folder.name}.replaced-{time.strftime('%Y%m%d-%H%M%S')}")
-        folder.rename(dest)
-        log(f"        moved the previous outputs aside: {dest}")
+def _json_or_none(path) -> dict | None:
+    "The JSON in `path`, or None when there is no such file."
+    return load_json(path) if Path(path).is_file() else None
 
 def _link_mimic(run: RunFolder, mimic_root) -> None:
     "Make the run folder's mimic/ point at the user's MIMIC-CXR-JPG root (the stages read <run>/mimic)."
@@ -260,12 +239,12 @@ def run_study(preset="demo", run=None, params=(), force=False, seeds=1, ablation
     records, t_all = [], time.perf_counter()
     for i, step in enumerate(steps, 1):
         head = f"[{i}/{len(steps)}] {step.key:<28}"
-        old = _read_record(rf, step.key)
+        old = _json_or_none(_record_path(rf, step.key))
         if old and old.get("status") == "done" and old.get("fingerprint") == step.fingerprint and not force and Path(old["report"]).is_file():
             log(f"{head} done before ({old.get('seconds', 0):.0f} s), skipped"); records.append({**old, "skipped": True}); continue
         resuming = old is not None and old.get("status") in ("running", "failed") and old.get("fingerprint") == step.fingerprint and not force
         if not resuming:
-            for f in step.outputs: _move_aside(Path(f), log)
+            for f in filter(os.path.exists, step.outputs): log(f"        moved the previous outputs aside: {move_aside(f)}")
         if step.stage.name == "phantom" and old is not None and (old.get("fingerprint") != step.fingerprint or force):
             step.params["overwrite"] = True                                # the phantom moves other data aside itself
         log(f"{head} {'continuing' if resuming else 'running'} nbs/{step.stage.notebook} ...")
@@ -290,19 +269,14 @@ class StudyFailed(Exception):
 # %% ../nbs/06_study.ipynb #040c049b
 INDEX_COLUMNS = ["B-1", "B-2", "B-3", "B-4", "METEOR", "ROUGE-L", "CIDEr", "CE14 mi-F1", "CE5 mi-F1", "Long. acc", "Long. vs truth", "Temporal F1"]
 
-def _load(path):
-    try: return json.loads(Path(path).read_text()) if Path(path).is_file() else None
-    except (OSError, json.JSONDecodeError): return None
-
 def _cell(v, spread=None) -> str:
     if v is None or (isinstance(v, float) and math.isnan(v)): return "<td class=na>&ndash;</td>"
     return f"<td>{v:.3f}" + (f" &plusmn; {spread:.3f}" if spread is not None else "") + "</td>"
 
-def result_rows(rf: RunFolder, steps) -> list:
-    "(label, row {column: value}, spread {column: sd} or None, kind) of every result the run holds."
+def result_rows(rf: RunFolder, steps, metrics=None) -> list:
+    "(label, row {column: value}, spread {column: sd} or None, kind) of every result the run holds; `metrics`: evaluate/metrics.json."
     from mlrg.evaluate import MLRG_PUBLISHED_MIMIC, summary_row
     rows = []
-    metrics = _load(rf.evaluation / "metrics.json")
     for r in (metrics or {}).get("table", []):
         kind = "model" if "stage 2" in r["method"] else "oracle" if r["method"].startswith("oracle") else "baseline"
         rows.append((r["method"], r, None, kind))
@@ -310,23 +284,22 @@ def result_rows(rf: RunFolder, steps) -> list:
     for s in steps:
         if s.stage.name != "finetune": continue
         out = Path(s.params.get("model_save_path") or rf.finetune)
-        summ = _load(out / "finetune_summary.json")
+        summ = _json_or_none(out / "finetune_summary.json")
         res = ((summ or {}).get("test") or {}).get("result")
         if res: runs[s.group] = summary_row(res)
     if not metrics and "main" in runs: rows.append(("MLRG stage 2 (this run)", runs["main"], None, "model"))
     seeds = [v for g, v in runs.items() if g == "main" or g.startswith("seed")]
     if len(seeds) > 1:
-        mean = {c: sum(r[c] for r in seeds) / len(seeds) for c in INDEX_COLUMNS}
-        sd = {c: math.sqrt(sum((r[c] - mean[c]) ** 2 for r in seeds) / (len(seeds) - 1)) for c in INDEX_COLUMNS}
+        mean = {c: statistics.mean(r[c] for r in seeds) for c in INDEX_COLUMNS}
+        sd = {c: statistics.stdev(r[c] for r in seeds) for c in INDEX_COLUMNS}
         rows.append((f"MLRG stage 2, {len(seeds)} seeds (mean &plusmn; sd)", mean, sd, "seeds"))
     for g, v in runs.items():
         if g.startswith("ablation"): rows.append((f"ablation: {g.split(' ', 1)[1].replace('_', ' ')}", v, None, "ablation"))
     rows.append(("MLRG, published (MIMIC-CXR: another dataset, CheXbert labels)", MLRG_PUBLISHED_MIMIC, None, "published"))
     return rows
 
-def _ce_figure(rf: RunFolder, out: Path) -> str | None:
-    "Per-observation CE F1 of the methods in evaluate/metrics.json as a PNG; its path relative to the run folder."
-    metrics = _load(rf.evaluation / "metrics.json")
+def _ce_figure(rf: RunFolder, metrics, out: Path) -> str | None:
+    "Per-observation CE F1 of the methods in `metrics` (evaluate/metrics.json) as a PNG; its path relative to the run folder."
     if not metrics: return None
     from matplotlib.figure import Figure
     methods = metrics["methods"]
@@ -345,7 +318,7 @@ def _ce_figure(rf: RunFolder, out: Path) -> str | None:
 # %% ../nbs/06_study.ipynb #1c4ee440
 def _examples(rf: RunFolder, n=4) -> str:
     "A table of a few generated test reports beside their references (those with a prior first)."
-    preds = _load(rf.finetune / "test_predictions.json") or []
+    preds = _json_or_none(rf.finetune / "test_predictions.json") or []
     if not preds: return "<p>No test predictions in this run.</p>"
     pick = [r for r in preds if r.get("has_prior")][:n - 1] + [r for r in preds if not r.get("has_prior")][:1]
     rows = "".join(f"<tr><td>{html.escape(str(r['id']))}<br><small>{'with' if r.get('has_prior') else 'no'} prior</small></td>"
@@ -354,14 +327,15 @@ def _examples(rf: RunFolder, n=4) -> str:
 
 def write_index(rf: RunFolder, steps, records) -> Path:
     "Write `index.html` of run folder `rf` from its steps and their records; returns its path."
-    study = _load(rf.root / "study" / "study.json") or {}
+    study = _json_or_none(rf.root / "study" / "study.json") or {}
+    metrics = _json_or_none(rf.evaluation / "metrics.json")
     by_key = {r["key"]: r for r in records}
     def link(p, text):
         p = Path(p)
         return f'<a href="{html.escape(str(p.relative_to(rf.root)))}">{text}</a>' if p.is_file() else ""
     stage_rows = ""
     for s in steps:
-        r = by_key.get(s.key) or _read_record(rf, s.key) or {}
+        r = by_key.get(s.key) or _json_or_none(_record_path(rf, s.key)) or {}
         status = ("done (skipped: finished before)" if r.get("skipped") else r.get("status", "not run"))
         mem = f"{r['peak_rss_mb'] / 1024:.1f} GB" if r.get("peak_rss_mb") else "&ndash;"
         secs = f"{r['seconds']:.0f} s" if r.get("seconds") is not None else "&ndash;"
@@ -369,12 +343,12 @@ def write_index(rf: RunFolder, steps, records) -> Path:
         err = f"<br><small>{html.escape(r['error'])}</small>" if r.get("error") else ""
         stage_rows += f"<tr><td>{s.key}</td><td>{html.escape(status)}{err}</td><td>{secs}</td><td>{mem}</td><td>{links}</td></tr>"
     res = ""
-    for label, row, sd, kind in result_rows(rf, steps):
+    for label, row, sd, kind in result_rows(rf, steps, metrics):
         res += f"<tr class={kind}><td>{label}</td>" + "".join(_cell(row.get(c), (sd or {}).get(c)) for c in INDEX_COLUMNS) + "</tr>"
     (rf.root / "study").mkdir(exist_ok=True)
     figs = [(p, t) for p, t in (("pretrain/curves.png", "stage 1: loss and retrieval"), ("finetune/curves.png", "stage 2: loss and val scores"))
             if (rf.root / p).is_file()]
-    ce = _ce_figure(rf, rf.root / "study" / "ce_per_observation.png")
+    ce = _ce_figure(rf, metrics, rf.root / "study" / "ce_per_observation.png")
     if ce: figs.append((ce, "clinical efficacy per observation"))
     fig_html = "".join(f'<figure><img src="{p}" alt="{t}"><figcaption>{t}</figcaption></figure>' for p, t in figs)
     config = "".join(f"<details><summary>{s.key}</summary><pre>{html.escape(json.dumps(to_plain(s.params), indent=1))}</pre></details>"
