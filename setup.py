@@ -1,4 +1,5 @@
 """Hand-written setup for nbdev 2.4.14: every value comes from settings.ini."""
+
 from configparser import ConfigParser
 from pathlib import Path
 

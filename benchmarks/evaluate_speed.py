@@ -1,12 +1,16 @@
 """Speed of the full evaluation suite (mlrg.evaluate.evaluate) on 3,852 pairs, MLRG's MIMIC-CXR test size.
 
-Pairs come from a demo-size phantom (1,000 patients; images written at 64 px since only the text is used): references are
-the prepared findings of every image, hypotheses are the oracle's findings (the phantom writer, another phrasing) for even
+Pairs come from a demo-size phantom (1,000 patients; images written at 64 px since only the text is used): references
+are
+the prepared findings of every image, hypotheses are the oracle's findings (the phantom writer, another phrasing) for
+even
 pairs and another pair's reference (shuffled) for odd ones. The run is pinned to 2 CPUs (where more exist; the METEOR
-Java process inherits it) and includes the Java start-up. Prints and saves JSON to benchmarks/results/evaluate_speed.json.
+Java process inherits it) and includes the Java start-up. Prints and saves JSON to
+benchmarks/results/evaluate_speed.json.
 
     .venv/bin/python benchmarks/evaluate_speed.py [--pairs 3852] [--phantom DIR] [--no-meteor] [--sequential-meteor]
 """
+
 import argparse
 import json
 import os
@@ -26,6 +30,7 @@ def make_pairs(root, n, seed=0):
     from mlrg.data import prepare, read_annotation
     from mlrg.evaluate import load_truth, oracle_baseline, truth_changes
     from mlrg.phantom import write_phantom
+
     root = Path(root)
     t0 = time.perf_counter()
     if not (root / "mimic" / "phantom-truth.jsonl").is_file():
@@ -41,7 +46,7 @@ def make_pairs(root, n, seed=0):
     perm = rng.permutation(n)
     refs = [it["findings"] for it in items]
     hyps = [orc[it["id"]] if i % 2 == 0 else refs[perm[i]] for i, it in enumerate(items)]
-    ids = [f"{it['id']}#{i}" for i, it in enumerate(items)]           # ids unique even when items repeat
+    ids = [f"{it['id']}#{i}" for i, it in enumerate(items)]  # ids unique even when items repeat
     prior = [it["prior_study"] is not None for it in items]
     tc_all = truth_changes(truth)
     tc = [tc_all[it["id"]] for it in items]
@@ -53,50 +58,82 @@ def main(argv=None):
     ap.add_argument("--pairs", type=int, default=3852)
     ap.add_argument("--phantom", default=None, help="folder to keep the demo phantom in (reused when present)")
     ap.add_argument("--no-meteor", action="store_true")
-    ap.add_argument("--sequential-meteor", action="store_true", help="also time pycocoevalcap's Meteor.compute_score (one round trip per pair)")
+    ap.add_argument(
+        "--sequential-meteor",
+        action="store_true",
+        help="also time pycocoevalcap's Meteor.compute_score (one round trip per pair)",
+    )
     ap.add_argument("--cpus", type=int, default=2)
     a = ap.parse_args(argv)
     if hasattr(os, "sched_setaffinity") and len(os.sched_getaffinity(0)) > a.cpus:
-        os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[:a.cpus])
+        os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[: a.cpus])
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     tmp = None
     root = a.phantom or (tmp := tempfile.mkdtemp(prefix="mlrg_evalbench_"))
     refs, hyps, ids, prior, tc, setup_s, distinct = make_pairs(root, a.pairs)
-    print(f"{len(refs)} pairs ({distinct} distinct images), mean reference length {np.mean([len(r.split()) for r in refs]):.1f} words; "
-          f"setup {setup_s:.1f} s (not timed)")
+    print(
+        f"{len(refs)} pairs ({distinct} distinct images), mean reference length "
+        f"{np.mean([len(r.split()) for r in refs]):.1f} words; "
+        f"setup {setup_s:.1f} s (not timed)"
+    )
 
     from mlrg.evaluate import evaluate, format_result, prepare_text, summary_row
     import resource
+
     load_before = os.getloadavg()
     ru0, rc0 = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
     with measure() as m:
         res = evaluate(refs, hyps, ids, meteor=not a.no_meteor, has_prior=prior, truth_changes=dict(zip(ids, tc)))
     ru1, rc1 = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
-    cpu = {"python": round(ru1.ru_utime + ru1.ru_stime - ru0.ru_utime - ru0.ru_stime, 2),
-           "java_meteor": round(rc1.ru_utime + rc1.ru_stime - rc0.ru_utime - rc0.ru_stime, 2)}
+    cpu = {
+        "python": round(ru1.ru_utime + ru1.ru_stime - ru0.ru_utime - ru0.ru_stime, 2),
+        "java_meteor": round(rc1.ru_utime + rc1.ru_stime - rc0.ru_utime - rc0.ru_stime, 2),
+    }
     print(format_result(res, "benchmark pairs"))
-    out = {"pairs": len(refs), "distinct_images": distinct, "cpus": cpus, "meteor": not a.no_meteor,
-           "seconds_total": round(m["seconds"], 2), "peak_rss_mb": round(m["peak_rss_mb"], 1),
-           "seconds_per_metric": res["seconds"],
-           "note": "METEOR runs in a Java process concurrently with BLEU/ROUGE/CIDEr (its seconds include the Java start-up "
-                   "and overlap the others); cpu_seconds: CPU time of this process and of the Java child (a wall time taken while other processes load the machine overstates the cost; CPU time does not); CE = labelling both sides + the tables; longitudinal = change extraction + scores",
-           "cpu_seconds": cpu, "load_average_1min_before_after": [round(load_before[0], 2), round(os.getloadavg()[0], 2)],
-           "scores": summary_row(res), "budget_seconds": 30, "within_budget": m["seconds"] <= 30,
-           "python": platform.python_version(), "machine": platform.machine()}
+    out = {
+        "pairs": len(refs),
+        "distinct_images": distinct,
+        "cpus": cpus,
+        "meteor": not a.no_meteor,
+        "seconds_total": round(m["seconds"], 2),
+        "peak_rss_mb": round(m["peak_rss_mb"], 1),
+        "seconds_per_metric": res["seconds"],
+        "note": "METEOR runs in a Java process concurrently with BLEU/ROUGE/CIDEr (its seconds include the Java "
+        "start-up "
+        "and overlap the others); cpu_seconds: CPU time of this process and of the Java child (a wall time taken "
+        "while other processes load the machine overstates the cost; CPU time does not); CE = labelling both "
+        "sides + the tables; longitudinal = change extraction + scores",
+        "cpu_seconds": cpu,
+        "load_average_1min_before_after": [round(load_before[0], 2), round(os.getloadavg()[0], 2)],
+        "scores": summary_row(res),
+        "budget_seconds": 30,
+        "within_budget": m["seconds"] <= 30,
+        "python": platform.python_version(),
+        "machine": platform.machine(),
+    }
     if a.sequential_meteor and not a.no_meteor:
         from pycocoevalcap.meteor.meteor import Meteor
         from mlrg.evaluate import sanitize_meteor
+
         gts = {i: [sanitize_meteor(prepare_text(r))] for i, r in enumerate(refs)}
         hy = {i: [sanitize_meteor(prepare_text(h))] for i, h in enumerate(hyps)}
-        t0 = time.perf_counter(); mt = Meteor(); s, _ = mt.compute_score(gts, hy); mt.__del__()
-        out["sequential_meteor"] = {"seconds": round(time.perf_counter() - t0, 2), "score": s,
-                                    "equal_to_ours": abs(s - res["nlg"]["METEOR"]) < 1e-12}
+        t0 = time.perf_counter()
+        mt = Meteor()
+        s, _ = mt.compute_score(gts, hy)
+        mt.__del__()
+        out["sequential_meteor"] = {
+            "seconds": round(time.perf_counter() - t0, 2),
+            "score": s,
+            "equal_to_ours": abs(s - res["nlg"]["METEOR"]) < 1e-12,
+        }
     print(json.dumps({k: v for k, v in out.items() if k != "scores"}, indent=1))
     dest = repo_root() / "benchmarks" / "results" / "evaluate_speed.json"
     save_json(out, dest)
     print(f"-> {dest}")
     if tmp:
-        import shutil; shutil.rmtree(tmp, ignore_errors=True)
+        import shutil
+
+        shutil.rmtree(tmp, ignore_errors=True)
     return 0
 
 

@@ -16,6 +16,7 @@ spread (sample standard deviation over seeds) per ablation.
 
     python benchmarks/finetune_ablations.py --run_dir RUN --seeds 0 1 2 --max_steps 640 --batch_size 32
 """
+
 import argparse
 import json
 import sys
@@ -30,10 +31,12 @@ from mlrg.evaluate import load_truth
 from mlrg.finetune import FINETUNE, finetune, score_records
 from mlrg.labeler import label_reports
 
-ABLATIONS = {"full": {},
-             "no prior report + scan": {"use_prior_report": False, "use_prior_scan": False},
-             "no auxiliary views": {"use_auxiliary_views": False},
-             "no stage-1 init": {"stage1_init": False}}
+ABLATIONS = {
+    "full": {},
+    "no prior report + scan": {"use_prior_report": False, "use_prior_scan": False},
+    "no auxiliary views": {"use_auxiliary_views": False},
+    "no stage-1 init": {"stage1_init": False},
+}
 KEYS = ["ce14_truth", "long_acc_truth", "lateral_only_recall", "ce14", "bleu4", "cider", "temporal_f1"]
 
 
@@ -41,16 +44,25 @@ def lateral_only_recall(records, truth) -> dict:
     "Recall of lateral-only true findings in the generated reports, on frontal anchors of studies with a lateral image."
     image = {im["dicom_id"]: (r, im["projection"]) for r in truth.values() for im in r["images"]}
     hits = total = samples = 0
-    chosen = [rec for rec in records if image[rec["id"]][1] == "frontal"
-              and any(im["projection"] == "lateral" for im in image[rec["id"]][0]["images"])]
+    chosen = [
+        rec
+        for rec in records
+        if image[rec["id"]][1] == "frontal"
+        and any(im["projection"] == "lateral" for im in image[rec["id"]][0]["images"])
+    ]
     labels = label_reports([rec["generated"] for rec in chosen]) if chosen else []
     for rec, lab in zip(chosen, labels):
         st = image[rec["id"]][0]
         hidden = [o for o, f in st["findings"].items() if f["present"] and f["views"] == ["lateral"]]
-        if hidden: samples += 1
+        if hidden:
+            samples += 1
         total += len(hidden)
         hits += sum(lab[OBSERVATIONS.index(o)] == 1 for o in hidden)
-    return {"lateral_only_recall": float(hits / total) if total else float("nan"), "lateral_only_findings": total, "lateral_only_samples": samples}
+    return {
+        "lateral_only_recall": float(hits / total) if total else float("nan"),
+        "lateral_only_findings": total,
+        "lateral_only_samples": samples,
+    }
 
 
 def score_run(summary, truth) -> dict:
@@ -58,9 +70,14 @@ def score_run(summary, truth) -> dict:
     recs = json.loads(Path(summary["test"]["predictions"]).read_text())
     allr, _ = score_records(recs, truth)
     prior, _ = score_records([r for r in recs if r["has_prior"]], truth)
-    return {**{k: allr[k] for k in ("ce14_truth", "ce14", "bleu4", "cider", "temporal_f1")}, "long_acc_truth": prior["long_acc_truth"],
-            **lateral_only_recall(recs, truth), "best_step": summary["best_step"], "train_seconds": summary["train_seconds"],
-            "global_step": summary["global_step"]}
+    return {
+        **{k: allr[k] for k in ("ce14_truth", "ce14", "bleu4", "cider", "temporal_f1")},
+        "long_acc_truth": prior["long_acc_truth"],
+        **lateral_only_recall(recs, truth),
+        "best_step": summary["best_step"],
+        "train_seconds": summary["train_seconds"],
+        "global_step": summary["global_step"],
+    }
 
 
 def main(argv=None):
@@ -69,19 +86,38 @@ def main(argv=None):
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--only", nargs="*", default=None, help="ablation names to run (default: all)")
     args, rest = ap.parse_known_args(argv)
-    common = FINETUNE.cli(rest, prog="finetune_ablations.py")      # every other option is a FINETUNE parameter, for every run
+    common = FINETUNE.cli(
+        rest, prog="finetune_ablations.py"
+    )  # every other option is a FINETUNE parameter, for every run
     truth = load_truth(Path(args.run_dir) / "mimic")
     out = Path(__file__).resolve().parent / "results" / "finetune_ablations.json"
     rows = []
     for name, flags in ABLATIONS.items():
-        if args.only and name not in args.only: continue
+        if args.only and name not in args.only:
+            continue
         for seed in args.seeds:
             folder = Path(args.run_dir) / f"finetune-ablation-{name.replace(' ', '').replace('+', '_')}-seed{seed}"
             done = folder / "finetune_summary.json"
             t0 = time.perf_counter()
-            if done.is_file(): s = json.loads(done.read_text())
-            else: s = finetune({**common, **flags, "seed": seed, "run_dir": args.run_dir, "model_save_path": str(folder), "test": True})
-            row = {"ablation": name, "seed": seed, **score_run(s, truth), "wall_seconds": round(time.perf_counter() - t0, 1)}
+            if done.is_file():
+                s = json.loads(done.read_text())
+            else:
+                s = finetune(
+                    {
+                        **common,
+                        **flags,
+                        "seed": seed,
+                        "run_dir": args.run_dir,
+                        "model_save_path": str(folder),
+                        "test": True,
+                    }
+                )
+            row = {
+                "ablation": name,
+                "seed": seed,
+                **score_run(s, truth),
+                "wall_seconds": round(time.perf_counter() - t0, 1),
+            }
             rows.append(row)
             print(json.dumps(row), flush=True)
             save_json({"settings": {k: v for k, v in common.items()}, "ablations": ABLATIONS, "runs": rows}, out)
@@ -94,9 +130,16 @@ def main(argv=None):
     if full is not None:
         print("\nchange from the full model (mean over seeds):")
         print((df.groupby("ablation", sort=False)[KEYS].mean() - full).round(3).to_string())
-    save_json({"settings": {k: v for k, v in common.items()}, "ablations": ABLATIONS, "runs": rows,
-               "mean": df.groupby("ablation", sort=False)[KEYS].mean().to_dict(orient="index"),
-               "std": df.groupby("ablation", sort=False)[KEYS].std().to_dict(orient="index")}, out)
+    save_json(
+        {
+            "settings": {k: v for k, v in common.items()},
+            "ablations": ABLATIONS,
+            "runs": rows,
+            "mean": df.groupby("ablation", sort=False)[KEYS].mean().to_dict(orient="index"),
+            "std": df.groupby("ablation", sort=False)[KEYS].std().to_dict(orient="index"),
+        },
+        out,
+    )
     print(f"-> {out}")
     return 0
 

@@ -16,6 +16,7 @@ model FLOPs per sample as a share of a matmul peak, all measured in the same run
 
 Prints and saves JSON to benchmarks/results/finetune_speed.json.
 """
+
 import argparse
 import json
 import os
@@ -30,8 +31,9 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from mlrg.core import save_json, seed_everything
 from mlrg.data import read_annotation
-from mlrg.finetune import FINETUNE, build_finetune, dataset_for, generate_records, load_report_model
-from mlrg.pretrain import image_root_for
+from mlrg.finetune import FINETUNE, build_finetune, dataset_for, load_report_model
+from mlrg.report_model import generate_records
+from mlrg.inputs import image_root_for
 from pretrain_throughput import matmul_peak  # same folder: one peak measurement for both stages
 
 RESULTS = Path(__file__).parent / "results"
@@ -50,8 +52,11 @@ def generation_speed(checkpoint, annotation, n, batch_size) -> dict:
         secs = time.perf_counter() - t0
         key = "cached" if use_cache else "uncached"
         texts[key] = [r["generated"] for r in recs]
-        out[key] = {"reports_per_s": round(len(recs) / secs, 2), "seconds": round(secs, 2),
-                    "mean_words": round(sum(len(t.split()) for t in texts[key]) / len(recs), 1)}
+        out[key] = {
+            "reports_per_s": round(len(recs) / secs, 2),
+            "seconds": round(secs, 2),
+            "mean_words": round(sum(len(t.split()) for t in texts[key]) / len(recs), 1),
+        }
     out["speedup"] = round(out["cached"]["reports_per_s"] / out["uncached"]["reports_per_s"], 2)
     out["same_reports"] = texts["cached"] == texts["uncached"]
     out.update(samples=len(items), batch_size=batch_size, beams=3, max_length=100, checkpoint=str(checkpoint))
@@ -60,12 +65,15 @@ def generation_speed(checkpoint, annotation, n, batch_size) -> dict:
 
 def training_speed(run_dir, name, overrides, batch_size, steps, peak) -> dict:
     "samples/s, FLOPs per sample and the share of the matmul peak of stage-2 training steps in one setting."
-    p = FINETUNE.check(run_dir=run_dir, batch_size=batch_size, progress=False, test=False, meteor=False, seed=0, **overrides)
+    p = FINETUNE.check(
+        run_dir=run_dir, batch_size=batch_size, progress=False, test=False, meteor=False, seed=0, **overrides
+    )
     parts = build_finetune(p)
-    model = parts["model"].train()
+    model = parts.model.train()
     seed_everything(0)
-    loader = torch.utils.data.DataLoader(parts["train_ds"], batch_size=batch_size, shuffle=True, collate_fn=parts["collate_fn"],
-                                         drop_last=True)
+    loader = torch.utils.data.DataLoader(
+        parts.train_ds, batch_size=batch_size, shuffle=True, collate_fn=parts.collate_fn, drop_last=True
+    )
     opt = torch.optim.AdamW([q for q in model.parameters() if q.requires_grad], lr=1e-4)
     batches = iter(loader)
     with FlopCounterMode(display=False) as fc:
@@ -80,13 +88,21 @@ def training_speed(run_dir, name, overrides, batch_size, steps, peak) -> dict:
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        if step >= 2: times.append(time.perf_counter() - t0)
+        if step >= 2:
+            times.append(time.perf_counter() - t0)
     sps = batch_size / statistics.median(times)
-    return {"setting": name, "features_cached": parts["features"] is not None,
-            "trainable_params_M": round(sum(q.numel() for q in model.parameters() if q.requires_grad) / 1e6, 2),
-            "samples_per_s": round(sps, 2), "samples_per_s_best": round(batch_size / min(times), 2),
-            "flops_per_sample_G": round(flops / 1e9, 3), "achieved_GFLOPs": round(flops * sps / 1e9, 2),
-            "share_of_matmul_peak": round(flops * sps / peak, 4), "batch_size": batch_size, "steps": steps}
+    return {
+        "setting": name,
+        "features_cached": parts.features is not None,
+        "trainable_params_M": round(sum(q.numel() for q in model.parameters() if q.requires_grad) / 1e6, 2),
+        "samples_per_s": round(sps, 2),
+        "samples_per_s_best": round(batch_size / min(times), 2),
+        "flops_per_sample_G": round(flops / 1e9, 3),
+        "achieved_GFLOPs": round(flops * sps / 1e9, 2),
+        "share_of_matmul_peak": round(flops * sps / peak, 4),
+        "batch_size": batch_size,
+        "steps": steps,
+    }
 
 
 def main(argv=None):
@@ -103,17 +119,33 @@ def main(argv=None):
     torch.set_num_threads(args.threads)
     peak = matmul_peak(torch.device("cpu"), torch.float32, args.matmul_n)
     print(f"matmul peak ({args.matmul_n}^2, fp32, {args.threads} threads): {peak / 1e9:.1f} GFLOP/s", flush=True)
-    gen = generation_speed(args.checkpoint, Path(args.run_dir) / "prepared" / "annotation.json", args.n, args.gen_batch_size)
+    gen = generation_speed(
+        args.checkpoint, Path(args.run_dir) / "prepared" / "annotation.json", args.n, args.gen_batch_size
+    )
     print("generation:", json.dumps(gen), flush=True)
-    train = [training_speed(args.run_dir, name, kw, args.batch_size, args.steps, peak) for name, kw in
-             (("encoder frozen, cached features", {"freeze_image_encoder": True, "cache_features": True}),
-              ("encoder frozen, pixels", {"freeze_image_encoder": True, "cache_features": False}),
-              ("encoder trained", {"freeze_image_encoder": False}))]
-    for t in train: print("training:", json.dumps(t), flush=True)
+    train = [
+        training_speed(args.run_dir, name, kw, args.batch_size, args.steps, peak)
+        for name, kw in (
+            ("encoder frozen, cached features", {"freeze_image_encoder": True, "cache_features": True}),
+            ("encoder frozen, pixels", {"freeze_image_encoder": True, "cache_features": False}),
+            ("encoder trained", {"freeze_image_encoder": False}),
+        )
+    ]
+    for t in train:
+        print("training:", json.dumps(t), flush=True)
     peak_after = matmul_peak(torch.device("cpu"), torch.float32, args.matmul_n)
-    out = {"benchmark": "finetune_speed", "threads": args.threads, "cpu_count": os.cpu_count(), "platform": platform.platform(),
-           "torch": torch.__version__, "load_average": os.getloadavg(), "matmul_peak_GFLOPs": round(peak / 1e9, 2),
-           "matmul_peak_after_GFLOPs": round(peak_after / 1e9, 2), "generation": gen, "training": train}
+    out = {
+        "benchmark": "finetune_speed",
+        "threads": args.threads,
+        "cpu_count": os.cpu_count(),
+        "platform": platform.platform(),
+        "torch": torch.__version__,
+        "load_average": os.getloadavg(),
+        "matmul_peak_GFLOPs": round(peak / 1e9, 2),
+        "matmul_peak_after_GFLOPs": round(peak_after / 1e9, 2),
+        "generation": gen,
+        "training": train,
+    }
     save_json(out, RESULTS / "finetune_speed.json")
     print(f"-> {RESULTS / 'finetune_speed.json'}")
     return 0

@@ -5,10 +5,12 @@ One step = forward + backward + AdamW step on a random batch shaped like mlrg.da
 (median and best over --steps steps after 2 warm-up steps) per image encoder, with the thread count and the load
 average (the machine may be shared), as JSON: printed and saved to benchmarks/results/models_throughput.json.
 
-    .venv/bin/python benchmarks/models_throughput.py [--encoders small_cnn small_vit] [--image-size 128] [--batch-size 16]
+    .venv/bin/python benchmarks/models_throughput.py [--encoders small_cnn small_vit] [--image-size 128] [--batch-size
+    16]
 
 Target: > 50 samples/s for small_cnn / small_vit at 128 px on 2 cores.
 """
+
 import argparse
 import os
 import platform
@@ -40,7 +42,9 @@ def make_batch(batch_size, image_size, text_len, vocab_size, seed):
 
 def measure(encoder, args):
     seed_everything(args.seed)
-    model = MLRGPretrainModel(dict(vocab_size=args.vocab_size, image_encoder=encoder, image_size=args.image_size)).train()
+    model = MLRGPretrainModel(
+        dict(vocab_size=args.vocab_size, image_encoder=encoder, image_size=args.image_size)
+    ).train()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     batch = make_batch(args.batch_size, args.image_size, args.text_len, args.vocab_size, args.seed)
     times = []
@@ -50,17 +54,24 @@ def measure(encoder, args):
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        if step >= 2: times.append(time.perf_counter() - t0)
+        if step >= 2:
+            times.append(time.perf_counter() - t0)
     model.eval()
     fwd = []
     with torch.no_grad():
         for _ in range(3):
-            t0 = time.perf_counter(); model(batch); fwd.append(time.perf_counter() - t0)
-    return {"encoder": encoder, "params_M": round(sum(p.numel() for p in model.parameters()) / 1e6, 3),
-            "train_samples_per_s_median": round(args.batch_size / statistics.median(times), 1),
-            "train_samples_per_s_best": round(args.batch_size / min(times), 1),
-            "eval_forward_samples_per_s": round(args.batch_size / statistics.median(fwd), 1),
-            "images_per_sample": 3, "final_loss": round(loss.item(), 4)}
+            t0 = time.perf_counter()
+            model(batch)
+            fwd.append(time.perf_counter() - t0)
+    return {
+        "encoder": encoder,
+        "params_M": round(sum(p.numel() for p in model.parameters()) / 1e6, 3),
+        "train_samples_per_s_median": round(args.batch_size / statistics.median(times), 1),
+        "train_samples_per_s_best": round(args.batch_size / min(times), 1),
+        "eval_forward_samples_per_s": round(args.batch_size / statistics.median(fwd), 1),
+        "images_per_sample": 3,
+        "final_loss": round(loss.item(), 4),
+    }
 
 
 def main(argv=None):
@@ -75,16 +86,27 @@ def main(argv=None):
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "models_throughput.json"))
     args = ap.parse_args(argv)
-    if args.threads: torch.set_num_threads(args.threads)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     load_before = os.getloadavg()
     rows = []
     for enc in args.encoders:
         rows.append(measure(enc, args))
         print(rows[-1], flush=True)
-    result = {"benchmark": "models_throughput", "image_size": args.image_size, "batch_size": args.batch_size,
-              "text_len": args.text_len, "steps": args.steps, "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
-              "load_average_before": [round(x, 2) for x in load_before], "load_average_after": [round(x, 2) for x in os.getloadavg()],
-              "torch": torch.__version__, "python": platform.python_version(), "results": rows}
+    result = {
+        "benchmark": "models_throughput",
+        "image_size": args.image_size,
+        "batch_size": args.batch_size,
+        "text_len": args.text_len,
+        "steps": args.steps,
+        "threads": torch.get_num_threads(),
+        "cpu_count": os.cpu_count(),
+        "load_average_before": [round(x, 2) for x in load_before],
+        "load_average_after": [round(x, 2) for x in os.getloadavg()],
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "results": rows,
+    }
     save_json(result, args.out)
     print(f"saved {args.out}")
     return 0

@@ -13,6 +13,7 @@ Run: `python benchmarks/phantom_learnability.py --root DIR --budget-seconds 120 
 --out benchmarks/results/phantom_learnability.json` (writes the JSON results, a PNG figure beside them, and prints a
 table). Timings depend on the machine, so the epochs that fit the budget (and the numbers) do too.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -29,28 +30,55 @@ def main(argv=None):
     ap.add_argument("--budget-seconds", type=float, default=120, help="training time of all four models together")
     ap.add_argument("--size", type=int, default=128, help="images are downsampled to size x size")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--min-positives", type=int, default=10, help="an observation needs this many positives and negatives in train")
+    ap.add_argument(
+        "--min-positives", type=int, default=10, help="an observation needs this many positives and negatives in train"
+    )
     ap.add_argument("--min-test-positives", type=int, default=5, help="... and this many in test")
     ap.add_argument("--out", default="benchmarks/results/phantom_learnability.json")
     ap.add_argument("--figure", default=None, help="PNG path of the figure (default: next to --out)")
-    ap.add_argument("--clock", choices=["wall", "cpu"], default="wall",
-                    help="budget in wall seconds, or in CPU seconds / 2 threads (the same compute on a busy machine)")
-    ap.add_argument("--epochs", type=float, default=None, help="fixed epochs for all four models (default: as many as fit the budget; always equal within an experiment)")
-    ap.add_argument("--max-majority-fraction", type=float, default=0.85,
-                    help="change task: leave out observations whose most frequent training change class exceeds this fraction")
+    ap.add_argument(
+        "--clock",
+        choices=["wall", "cpu"],
+        default="wall",
+        help="budget in wall seconds, or in CPU seconds / 2 threads (the same compute on a busy machine)",
+    )
+    ap.add_argument(
+        "--epochs",
+        type=float,
+        default=None,
+        help="fixed epochs for all four models (default: as many as fit the budget; always equal within an experiment)",
+    )
+    ap.add_argument(
+        "--max-majority-fraction",
+        type=float,
+        default=0.85,
+        help="change task: leave out observations whose most frequent training change class exceeds this fraction",
+    )
     ap.add_argument("--no-progress", action="store_true")
     a = ap.parse_args(argv)
-    from mlrg.learnability import format_table, plot_learnability, run_learnability   # torch: after --help
+    from mlrg.learnability import format_table, plot_learnability, run_learnability  # torch: after --help
+
     try:
-        res = run_learnability(a.root, a.budget_seconds, a.size, a.seed, progress=not a.no_progress,
-                               min_positives=a.min_positives, min_test_positives=a.min_test_positives, clock=a.clock,
-                               epochs=a.epochs, max_majority_fraction=a.max_majority_fraction)
+        res = run_learnability(
+            a.root,
+            a.budget_seconds,
+            a.size,
+            a.seed,
+            progress=not a.no_progress,
+            min_positives=a.min_positives,
+            min_test_positives=a.min_test_positives,
+            clock=a.clock,
+            epochs=a.epochs,
+            max_majority_fraction=a.max_majority_fraction,
+        )
     except InputError as e:
-        print(f"phantom_learnability: error: {e}", file=sys.stderr); return 2
+        print(f"phantom_learnability: error: {e}", file=sys.stderr)
+        return 2
     print(format_table(res))
-    save_json(res, a.out)                                  # run_learnability's results are JSON-safe (None for NaN)
+    save_json(res, a.out)  # run_learnability's results are JSON-safe (None for NaN)
     import matplotlib
-    matplotlib.use("Agg")                                  # a script, not a notebook: write the PNG only
+
+    matplotlib.use("Agg")  # a script, not a notebook: write the PNG only
     fig = plot_learnability(res)
     png = Path(a.figure or Path(a.out).with_suffix(".png"))
     png.parent.mkdir(parents=True, exist_ok=True)

@@ -21,6 +21,7 @@ peak GPU memory, FLOPs per sample and the share of a bf16 matmul peak. Without a
 
 Prints and saves JSON to benchmarks/results/pretrain_throughput[_cuda].json.
 """
+
 import argparse
 import os
 import platform
@@ -60,11 +61,15 @@ def matmul_peak(device, dtype, n, reps=5):
     "Best FLOP/s of an n x n matmul on `device`."
     a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    a @ b; sync()
+    a @ b
+    sync()
     best = float("inf")
     for _ in range(reps):
-        t = time.perf_counter(); a @ b; sync(); best = min(best, time.perf_counter() - t)
-    return 2 * n ** 3 / best
+        t = time.perf_counter()
+        a @ b
+        sync()
+        best = min(best, time.perf_counter() - t)
+    return 2 * n**3 / best
 
 
 def measure_model(cfg, args, device, amp):
@@ -75,35 +80,55 @@ def measure_model(cfg, args, device, amp):
     autocast = lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp == "bf16")
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     with FlopCounterMode(display=False) as fc:
-        with autocast(): loss = model(batch)["loss"]
+        with autocast():
+            loss = model(batch)["loss"]
         loss.float().backward()
     flops = fc.get_total_flops()
     opt.zero_grad(set_to_none=True)
-    if device.type == "cuda": torch.cuda.reset_peak_memory_stats()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
     times = []
     for step in range(args.steps + 2):
-        sync(); t0 = time.perf_counter()
-        with autocast(): loss = model(batch)["loss"]
+        sync()
+        t0 = time.perf_counter()
+        with autocast():
+            loss = model(batch)["loss"]
         opt.zero_grad(set_to_none=True)
         loss.float().backward()
-        opt.step(); sync()
-        if step >= 2: times.append(time.perf_counter() - t0)
-    out = {"params_M": round(sum(p.numel() for p in model.parameters()) / 1e6, 2),
-           "trainable_params_M": round(sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6, 2),
-           "samples_per_s_median": round(args.batch_size / statistics.median(times), 2),
-           "samples_per_s_best": round(args.batch_size / min(times), 2),
-           "flops_per_sample_G": round(flops / args.batch_size / 1e9, 3), "final_loss": round(float(loss.detach()), 4)}
-    if device.type == "cuda": out["peak_memory_GiB"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+        opt.step()
+        sync()
+        if step >= 2:
+            times.append(time.perf_counter() - t0)
+    out = {
+        "params_M": round(sum(p.numel() for p in model.parameters()) / 1e6, 2),
+        "trainable_params_M": round(sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6, 2),
+        "samples_per_s_median": round(args.batch_size / statistics.median(times), 2),
+        "samples_per_s_best": round(args.batch_size / min(times), 2),
+        "flops_per_sample_G": round(flops / args.batch_size / 1e9, 3),
+        "final_loss": round(float(loss.detach()), 4),
+    }
+    if device.type == "cuda":
+        out["peak_memory_GiB"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
     return out
 
 
 def measure_fit(args):
     "samples/s of the real stage-1 entry point (data loading included), as fit logs it."
     from mlrg.pretrain import pretrain
+
     with tempfile.TemporaryDirectory() as d:
-        s = pretrain(data_path=args.data_path, image_size=args.image_size, batch_size=args.batch_size, max_steps=args.fit_steps,
-                     log_steps=args.fit_steps, linear_probe=False, progress=False, eval_batch_size=64, model_save_path=d,
-                     num_threads=args.threads)
+        s = pretrain(
+            data_path=args.data_path,
+            image_size=args.image_size,
+            batch_size=args.batch_size,
+            max_steps=args.fit_steps,
+            log_steps=args.fit_steps,
+            linear_probe=False,
+            progress=False,
+            eval_batch_size=64,
+            model_save_path=d,
+            num_threads=args.threads,
+        )
         rec = [r for r in read_jsonl(Path(d) / "metrics.jsonl") if r["kind"] == "train"][-1]
     return {"fit_samples_per_s": rec["samples_per_s"], "fit_steps": args.fit_steps, "data_path": args.data_path}
 
@@ -129,17 +154,30 @@ def main(argv=None):
     if cuda and not torch.cuda.is_available():
         msg = "no CUDA device: torch.cuda.is_available() is False, nothing measured"
         print(msg)
-        save_json({"benchmark": "pretrain_throughput", "device": "cuda", "status": msg, "torch": torch.__version__}, out)
+        save_json(
+            {"benchmark": "pretrain_throughput", "device": "cuda", "status": msg, "torch": torch.__version__}, out
+        )
         return 0
-    if args.threads: torch.set_num_threads(args.threads)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = torch.device("cuda" if cuda else "cpu")
     args.image_size = args.image_size or (518 if cuda else 128)
     args.batch_size = args.batch_size or (32 if cuda else 16)
     vocab = args.vocab_size or (10000 if cuda else 270)
     if cuda:
-        cfg = dict(image_encoder="small_vit", image_size=args.image_size, freeze_image_encoder=not args.train_encoder,
-                   image_encoder_kw=dict(patch_size=14, dim=768, depth=12, heads=12), d_model=768, proj_dim=512, fusion_heads=8,
-                   text_dim=768, text_depth=6, text_heads=12, vocab_size=vocab)
+        cfg = dict(
+            image_encoder="small_vit",
+            image_size=args.image_size,
+            freeze_image_encoder=not args.train_encoder,
+            image_encoder_kw=dict(patch_size=14, dim=768, depth=12, heads=12),
+            d_model=768,
+            proj_dim=512,
+            fusion_heads=8,
+            text_dim=768,
+            text_depth=6,
+            text_heads=12,
+            vocab_size=vocab,
+        )
         amp, peak_dtype, n = "bf16", torch.bfloat16, args.matmul_n or 8192
     else:
         cfg = dict(image_encoder="small_cnn", image_size=args.image_size, vocab_size=vocab)
@@ -148,17 +186,38 @@ def main(argv=None):
     peak = matmul_peak(device, peak_dtype, n)
     res = measure_model(cfg, args, device, amp)
     achieved = res["flops_per_sample_G"] * 1e9 * res["samples_per_s_median"]
-    res.update({"achieved_GFLOP_per_s": round(achieved / 1e9, 2), "matmul_peak_GFLOP_per_s": round(peak / 1e9, 1),
-                "matmul_peak_dtype": str(peak_dtype).replace("torch.", ""), "matmul_n": n,
-                "share_of_matmul_peak": round(achieved / peak, 4)})
-    if args.data_path and not cuda: res.update(measure_fit(args))
-    result = {"benchmark": "pretrain_throughput", "device": str(device) if not cuda else torch.cuda.get_device_name(0),
-              "settings": {"image_size": args.image_size, "batch_size": args.batch_size, "text_len": args.text_len, "amp": amp,
-                           "images_per_sample": 3, "model": cfg},
-              "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
-              "load_average_before": [round(x, 2) for x in load_before], "load_average_after": [round(x, 2) for x in os.getloadavg()],
-              "torch": torch.__version__, "python": platform.python_version(), "results": res}
-    for k, v in res.items(): print(f"{k:>28}: {v}")
+    res.update(
+        {
+            "achieved_GFLOP_per_s": round(achieved / 1e9, 2),
+            "matmul_peak_GFLOP_per_s": round(peak / 1e9, 1),
+            "matmul_peak_dtype": str(peak_dtype).replace("torch.", ""),
+            "matmul_n": n,
+            "share_of_matmul_peak": round(achieved / peak, 4),
+        }
+    )
+    if args.data_path and not cuda:
+        res.update(measure_fit(args))
+    result = {
+        "benchmark": "pretrain_throughput",
+        "device": str(device) if not cuda else torch.cuda.get_device_name(0),
+        "settings": {
+            "image_size": args.image_size,
+            "batch_size": args.batch_size,
+            "text_len": args.text_len,
+            "amp": amp,
+            "images_per_sample": 3,
+            "model": cfg,
+        },
+        "threads": torch.get_num_threads(),
+        "cpu_count": os.cpu_count(),
+        "load_average_before": [round(x, 2) for x in load_before],
+        "load_average_after": [round(x, 2) for x in os.getloadavg()],
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "results": res,
+    }
+    for k, v in res.items():
+        print(f"{k:>28}: {v}")
     save_json(result, out)
     print(f"saved {out}")
     return 0

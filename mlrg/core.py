@@ -25,16 +25,45 @@ from pathlib import Path
 import numpy as np
 
 # %% auto #0
-__all__ = ['OBSERVATIONS', 'study_dir', 'image_relpath', 'report_relpath', 'InputError', 'derive_seed', 'seed_everything',
-           'rng_states', 'set_rng_states', 'get_logger', 'write_set', 'atomic_write', 'remove_stale_temps',
-           'ensure_writable', 'move_aside', 'json_text', 'save_json', 'load_json', 'append_jsonl', 'jsonl_text',
-           'save_jsonl', 'read_jsonl', 'maxrss_mb', 'peak_rss_mb', 'measure', 'Param', 'coerce', 'Preset', 'Params',
-           'to_plain', 'require_package', 'hub_transformers', 'hub_folder']
+__all__ = ['OBSERVATIONS', 'patch', 'study_dir', 'image_relpath', 'report_relpath', 'InputError', 'derive_seed',
+           'seed_everything', 'rng_states', 'set_rng_states', 'get_logger', 'write_set', 'atomic_write',
+           'remove_stale_temps', 'ensure_writable', 'move_aside', 'json_text', 'save_json', 'load_json', 'append_jsonl',
+           'jsonl_text', 'save_jsonl', 'read_jsonl', 'maxrss_mb', 'peak_rss_mb', 'measure', 'Param', 'coerce', 'Preset',
+           'Params', 'to_plain', 'require_package', 'hub_transformers', 'hub_folder']
+
+# %% ../nbs/00_core.ipynb #f99be0f3
+def patch(f):
+    "Make `f` a method of the class its first parameter is annotated with (`def name(self: Cls, ...)`); returns `f`."
+    import inspect
+
+    fn = inspect.unwrap(f)
+    first = next(iter(inspect.signature(fn).parameters.values()), None)
+    if first is None or first.annotation is inspect.Parameter.empty:
+        raise TypeError(f"patch: the first parameter of {fn.__name__} needs the class as its annotation (self: Cls)")
+    cls = first.annotation
+    if isinstance(cls, str):  # `from __future__ import annotations`: the class by name, where the function is defined
+        cls = eval(cls, fn.__globals__)
+    f.__qualname__ = f"{cls.__name__}.{fn.__name__}"
+    setattr(cls, fn.__name__, f)
+    return f
 
 # %% ../nbs/00_core.ipynb #0ca8bb85
-OBSERVATIONS = ["Atelectasis", "Cardiomegaly", "Consolidation", "Edema", "Enlarged Cardiomediastinum", "Fracture",
-                "Lung Lesion", "Lung Opacity", "No Finding", "Pleural Effusion", "Pleural Other", "Pneumonia",
-                "Pneumothorax", "Support Devices"]   # a list, so that pandas takes it as a column selection
+OBSERVATIONS = [
+    "Atelectasis",
+    "Cardiomegaly",
+    "Consolidation",
+    "Edema",
+    "Enlarged Cardiomediastinum",
+    "Fracture",
+    "Lung Lesion",
+    "Lung Opacity",
+    "No Finding",
+    "Pleural Effusion",
+    "Pleural Other",
+    "Pneumonia",
+    "Pneumothorax",
+    "Support Devices",
+]  # a list, so that pandas takes it as a column selection
 
 # %% ../nbs/00_core.ipynb #1cfe8658
 def study_dir(subject_id, study_id) -> str:
@@ -42,9 +71,11 @@ def study_dir(subject_id, study_id) -> str:
     s = str(int(subject_id))
     return f"p{s[:2]}/p{s}/s{int(study_id)}"
 
+
 def image_relpath(subject_id, study_id, dicom_id) -> str:
     "An image's path relative to `files/`, as MLRG's annotation stores it."
     return f"{study_dir(subject_id, study_id)}/{dicom_id}.jpg"
+
 
 def report_relpath(subject_id, study_id) -> str:
     "A study's report, relative to `files/`: `pNN/p<subject_id>/s<study_id>.txt`."
@@ -53,10 +84,12 @@ def report_relpath(subject_id, study_id) -> str:
 # %% ../nbs/00_core.ipynb #f9a1698e
 class InputError(ValueError):
     "Bad input: the message names the file, row or parameter and what was expected."
+
     def __init__(self, what, where=None, expected=None):
         self.what, self.where, self.expected = what, where, expected
         msg = f"{where}: {what}" if where else str(what)
-        if expected: msg += f" (expected {expected})"
+        if expected:
+            msg += f" (expected {expected})"
         super().__init__(msg)
 
 # %% ../nbs/00_core.ipynb #45d64716
@@ -65,14 +98,16 @@ def derive_seed(seed: int, *keys) -> int:
     h = hashlib.blake2b(repr((int(seed),) + tuple(keys)).encode(), digest_size=8)
     return int.from_bytes(h.digest(), "little") >> 1
 
+
 def seed_everything(seed: int) -> int:
     "Seed `random`, NumPy and torch (if it is installed) with `seed`; return it."
     seed = int(seed)
     random.seed(seed)
     np.random.seed(seed % 2**32)
-    os.environ["PYTHONHASHSEED"] = str(seed % 2**32)    # what subprocesses accept (0..4294967295)
+    os.environ["PYTHONHASHSEED"] = str(seed % 2**32)  # what subprocesses accept (0..4294967295)
     if "torch" in sys.modules or importlib.util.find_spec("torch"):
         import torch
+
         torch.manual_seed(seed)
     return seed
 
@@ -80,20 +115,28 @@ def seed_everything(seed: int) -> int:
 def rng_states():
     "The states of Python's, NumPy's and torch's (CPU and CUDA) generators, safe for a `weights_only` checkpoint."
     import torch
+
     kind, keys, pos, has_gauss, gauss = np.random.get_state()
-    out = {"python": random.getstate(), "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss],
-           "torch": torch.get_rng_state()}
-    if torch.cuda.is_available(): out["cuda"] = torch.cuda.get_rng_state_all()
+    out = {
+        "python": random.getstate(),
+        "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss],
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        out["cuda"] = torch.cuda.get_rng_state_all()
     return out
+
 
 def set_rng_states(states):
     "Restore generator states captured by `rng_states`."
     import torch
+
     random.setstate(tuple(tuple(x) if isinstance(x, list) else x for x in states["python"]))
     kind, keys, pos, has_gauss, gauss = states["numpy"]
     np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), pos, has_gauss, gauss))
     torch.set_rng_state(states["torch"])
-    if "cuda" in states and torch.cuda.is_available(): torch.cuda.set_rng_state_all(states["cuda"])
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
 
 # %% ../nbs/00_core.ipynb #9e3ff81d
 def get_logger(name="mlrg", log_file=None, level=logging.INFO):
@@ -115,38 +158,52 @@ def get_logger(name="mlrg", log_file=None, level=logging.INFO):
     return logger
 
 # %% ../nbs/00_core.ipynb #d0c154d9
-_UMASK = os.umask(0); os.umask(_UMASK)   # the process umask (read once), for the permissions of atomic writes
+_UMASK = os.umask(0)
+os.umask(_UMASK)  # the process umask (read once), for the permissions of atomic writes
+
 
 def _write_temp(path: Path, data, fsync=True) -> str:
-    "Write `data` (bytes or str) to a new temporary file beside `path`; returns its name (removed again if the write fails)."
+    """Write `data` (bytes or str) to a new temporary file beside `path`; returns its name (removed again if the write
+    fails)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        with os.fdopen(fd, "w" if isinstance(data, str) else "wb", **({"encoding": "utf-8"} if isinstance(data, str) else {})) as f:
+        with os.fdopen(
+            fd, "w" if isinstance(data, str) else "wb", **({"encoding": "utf-8"} if isinstance(data, str) else {})
+        ) as f:
             f.write(data)
-            if fsync: f.flush(); os.fsync(f.fileno())
+            if fsync:
+                f.flush()
+                os.fsync(f.fileno())
         os.chmod(tmp, 0o666 & ~_UMASK)
         return tmp
     except BaseException:
-        with contextlib.suppress(FileNotFoundError): os.unlink(tmp)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
         raise
+
 
 def write_set(files: dict, fsync=True) -> list:
     """Write files that belong together (`{path: bytes or str}`) so that a failure leaves the old set: every file is
     first written to a temporary file beside it, and only when all are written are they renamed into place."""
     done = []
     try:
-        for path, data in files.items(): done.append((_write_temp(Path(path), data, fsync), Path(path)))
+        for path, data in files.items():
+            done.append((_write_temp(Path(path), data, fsync), Path(path)))
     except BaseException:
         for tmp, _ in done:
-            with contextlib.suppress(FileNotFoundError): os.unlink(tmp)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
         raise
-    for tmp, path in done: os.replace(tmp, path)
+    for tmp, path in done:
+        os.replace(tmp, path)
     return [path for _, path in done]
+
 
 def atomic_write(path, data, fsync=True):
     """Write `data` (bytes, or str written as UTF-8) to `path` atomically: a temporary file in the same folder, then a
-    rename. The file gets the usual permissions (0666 less the umask). `fsync=False` skips flushing to disk, for many small
+    rename. The file gets the usual permissions (0666 less the umask). `fsync=False` skips flushing to disk, for many
+    small
     files (the phantom's images) where a crash may lose the latest files but never leaves a half-written one."""
     return write_set({path: data}, fsync)[0]
 
@@ -154,20 +211,28 @@ def atomic_write(path, data, fsync=True):
 def remove_stale_temps(folder) -> int:
     "Remove the temporary files interrupted atomic writes left in `folder` (`.<name>.<random>.tmp`); returns how many."
     folder, n = Path(folder), 0
-    if not folder.is_dir(): return 0
+    if not folder.is_dir():
+        return 0
     for p in folder.glob(".*.tmp"):
-        if p.is_file(): p.unlink(missing_ok=True); n += 1
+        if p.is_file():
+            p.unlink(missing_ok=True)
+            n += 1
     return n
+
 
 def ensure_writable(folder, what="output folder") -> Path:
     "Create `folder` if needed and check that files can be written in it; an `InputError` naming it otherwise."
     folder = Path(folder)
-    if folder.exists() and not folder.is_dir(): raise InputError(f"the {what} is a file", where=folder, expected="a folder (or a path that does not exist yet)")
+    if folder.exists() and not folder.is_dir():
+        raise InputError(f"the {what} is a file", where=folder, expected="a folder (or a path that does not exist yet)")
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=folder): pass
+        with tempfile.TemporaryFile(dir=folder):
+            pass
     except OSError as e:
-        raise InputError(f"cannot write to the {what}: {e.strerror or e}", where=folder, expected="a folder this user can write to") from None
+        raise InputError(
+            f"cannot write to the {what}: {e.strerror or e}", where=folder, expected="a folder this user can write to"
+        ) from None
     return folder
 
 # %% ../nbs/00_core.ipynb #da0b6932
@@ -175,32 +240,44 @@ def move_aside(folder) -> Path:
     "Rename `folder` to `<folder>.replaced-<date-time>` (a free name) and return the new path; nothing is deleted."
     folder = Path(folder)
     aside = folder.with_name(f"{folder.name}.replaced-{time.strftime('%Y%m%d-%H%M%S')}")
-    while aside.exists(): aside = aside.with_name(aside.name + "+")
+    while aside.exists():
+        aside = aside.with_name(aside.name + "+")
     os.replace(folder, aside)
     return aside
 
 # %% ../nbs/00_core.ipynb #276358f8
 def _json_default(o):
-    if isinstance(o, (np.integer,)): return int(o)
-    if isinstance(o, (np.floating,)): return float(o)
-    if isinstance(o, np.ndarray): return o.tolist()
-    if isinstance(o, Path): return str(o)
+    if isinstance(o, (np.integer,)):
+        return int(o)
+    if isinstance(o, (np.floating,)):
+        return float(o)
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    if isinstance(o, Path):
+        return str(o)
     raise TypeError(f"{type(o).__name__} is not JSON serialisable")
+
 
 def json_text(obj, indent=2) -> str:
     "`obj` as JSON text (NumPy scalars and arrays and paths converted), ending with a newline."
     return json.dumps(obj, indent=indent, default=_json_default, ensure_ascii=False) + "\n"
 
+
 def save_json(obj, path, indent=2):
     "Write `obj` as JSON to `path` atomically (NumPy scalars and paths are converted)."
     return atomic_write(path, json_text(obj, indent))
 
+
 def load_json(path):
     "Read JSON from `path`, with an error naming the file if it is not valid JSON."
     path = Path(path)
-    if not path.exists(): raise InputError("file not found", where=path)
-    try: return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e: raise InputError(f"not valid JSON ({e.msg} at line {e.lineno}, column {e.colno})", where=path) from None
+    if not path.exists():
+        raise InputError("file not found", where=path)
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise InputError(f"not valid JSON ({e.msg} at line {e.lineno}, column {e.colno})", where=path) from None
+
 
 def append_jsonl(path, record):
     "Append one JSON record as a line to `path` (a run's `results.jsonl` / `metrics.jsonl`)."
@@ -208,26 +285,34 @@ def append_jsonl(path, record):
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a", encoding="utf-8") as f:
         f.write(json.dumps(record, default=_json_default) + "\n")
-        f.flush(); os.fsync(f.fileno())
+        f.flush()
+        os.fsync(f.fileno())
+
 
 def jsonl_text(records) -> str:
     "`records` as JSON-lines text (one JSON object a line)."
     return "".join(json.dumps(r, default=_json_default) + "\n" for r in records)
 
+
 def save_jsonl(records, path, fsync=True):
     "Write `records` as JSON lines to `path` atomically."
     return atomic_write(path, jsonl_text(records), fsync=fsync)
 
+
 def read_jsonl(path):
     "All records of a JSON-lines file; a bad line is an error naming the file and the line."
     path = Path(path)
-    if not path.is_file(): raise InputError("file not found", where=path)
+    if not path.is_file():
+        raise InputError("file not found", where=path)
     out = []
     with open(path, encoding="utf-8") as f:
         for n, line in enumerate(f, 1):
-            if not line.strip(): continue
-            try: out.append(json.loads(line))
-            except json.JSONDecodeError as e: raise InputError(f"line {n} is not valid JSON ({e.msg})", where=path) from None
+            if not line.strip():
+                continue
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise InputError(f"line {n} is not valid JSON ({e.msg})", where=path) from None
     return out
 
 # %% ../nbs/00_core.ipynb #dd02ee8e
@@ -235,16 +320,21 @@ def maxrss_mb(ru_maxrss) -> float:
     "A `ru_maxrss` value in MiB (Linux reports KiB, macOS bytes)."
     return ru_maxrss * (1 / 1024 if sys.platform != "darwin" else 1 / 2**20)
 
+
 def peak_rss_mb():
     "Peak resident memory so far, in MiB: this process and its waited-for children."
-    return maxrss_mb(max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss))
+    return maxrss_mb(
+        max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)
+    )
+
 
 @contextlib.contextmanager
 def measure():
     "Time a block; yields a dict that gets `seconds` and `peak_rss_mb` when the block ends."
     out = {}
     t0 = time.perf_counter()
-    try: yield out
+    try:
+        yield out
     finally:
         out["seconds"] = time.perf_counter() - t0
         out["peak_rss_mb"] = peak_rss_mb()
@@ -253,17 +343,20 @@ def measure():
 @dataclass(frozen=True)
 class Param:
     "One parameter: its default, a line of help, its type, allowed values, range and command-line spelling."
+
     default: object = None
     help: str = ""
-    kind: type | None = None      # bool, int, float, str, list or dict; None: the default's type (any value if that is None)
-    choices: object = None        # allowed values: a tuple, or a callable returning them (a registry's names)
-    low: float | None = None      # smallest allowed number (inclusive)
-    high: float | None = None     # largest allowed number (inclusive)
-    flag: str | None = None       # command-line spelling when it is not --name ('--out'; '--no-X' stores False)
-    required: bool = False        # the command line must give it (a notebook keeps its default)
-    nullable: bool = False        # None is allowed although the default is not None (a default of None always allows it)
-    cli: bool = True              # offered on the command line
-    notebook: bool = True         # listed in the notebook's parameters cell
+    kind: type | None = (
+        None  # bool, int, float, str, list or dict; None: the default's type (any value if that is None)
+    )
+    choices: object = None  # allowed values: a tuple, or a callable returning them (a registry's names)
+    low: float | None = None  # smallest allowed number (inclusive)
+    high: float | None = None  # largest allowed number (inclusive)
+    flag: str | None = None  # command-line spelling when it is not --name ('--out'; '--no-X' stores False)
+    required: bool = False  # the command line must give it (a notebook keeps its default)
+    nullable: bool = False  # None is allowed although the default is not None (a default of None always allows it)
+    cli: bool = True  # offered on the command line
+    notebook: bool = True  # listed in the notebook's parameters cell
 
     @property
     def type(self):
@@ -277,46 +370,70 @@ class Param:
 # %% ../nbs/00_core.ipynb #977c9d06
 _NONE_STRINGS = ("none", "null", "")
 
+
 def _type_name(kind):
-    return {bool: "a boolean (true/false)", int: "an integer", float: "a finite number", str: "a string",
-            list: "a list (JSON on a command line)", dict: "a mapping (JSON on a command line)"}[kind]
+    return {
+        bool: "a boolean (true/false)",
+        int: "an integer",
+        float: "a finite number",
+        str: "a string",
+        list: "a list (JSON on a command line)",
+        dict: "a mapping (JSON on a command line)",
+    }[kind]
+
 
 def _kind_of(default):
     for k in (bool, int, float, str):
-        if isinstance(default, k): return k
-    if isinstance(default, (list, tuple)): return list
-    if isinstance(default, dict): return dict
-    if isinstance(default, Path): return str
+        if isinstance(default, k):
+            return k
+    if isinstance(default, (list, tuple)):
+        return list
+    if isinstance(default, dict):
+        return dict
+    if isinstance(default, Path):
+        return str
     return None
+
 
 def coerce(name, value, kind):
     "`value` as `kind` (bool, int, float, str, list or dict), or an `InputError` naming parameter `name`."
     bad = InputError(f"got {value!r} ({type(value).__name__})", where=f"parameter {name!r}", expected=_type_name(kind))
     if kind is bool:
-        if isinstance(value, (bool, np.bool_)): return bool(value)
+        if isinstance(value, (bool, np.bool_)):
+            return bool(value)
         if isinstance(value, str) and value.strip().lower() in ("true", "yes", "1", "false", "no", "0"):
             return value.strip().lower() in ("true", "yes", "1")
         raise bad
     if isinstance(value, str) and kind in (int, float, list, dict):
-        try: value = json.loads(value) if kind in (list, dict) else (int(value) if kind is int else float(value))
-        except ValueError: raise bad from None
+        try:
+            value = json.loads(value) if kind in (list, dict) else (int(value) if kind is int else float(value))
+        except ValueError:
+            raise bad from None
     if kind is int:
-        if isinstance(value, (bool, np.bool_)): raise bad
-        if isinstance(value, (int, np.integer)): return int(value)
-        if isinstance(value, (float, np.floating)) and float(value).is_integer(): return int(value)
+        if isinstance(value, (bool, np.bool_)):
+            raise bad
+        if isinstance(value, (int, np.integer)):
+            return int(value)
+        if isinstance(value, (float, np.floating)) and float(value).is_integer():
+            return int(value)
         raise bad
     if kind is float:
-        if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer, np.floating)): raise bad
-        if not math.isfinite(float(value)): raise bad
+        if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer, np.floating)):
+            raise bad
+        if not math.isfinite(float(value)):
+            raise bad
         return float(value)
     if kind is str:
-        if isinstance(value, (str, Path)): return str(value)
+        if isinstance(value, (str, Path)):
+            return str(value)
         raise bad
     if kind is list:
-        if isinstance(value, (list, tuple)): return list(value)
+        if isinstance(value, (list, tuple)):
+            return list(value)
         raise bad
     if kind is dict:
-        if isinstance(value, dict): return dict(value)
+        if isinstance(value, dict):
+            return dict(value)
         raise bad
     raise TypeError(f"no coercion to {kind}")
 
@@ -334,40 +451,57 @@ def _alternatives(group) -> tuple:
     "A required entry as a tuple of names (one of them must be set)."
     return tuple(group) if isinstance(group, (tuple, list)) else (group,)
 
+
 @dataclass(frozen=True)
 class Preset:
     "Named parameter values (`values`), the parameters a run of it must set (`required`) and what it is for (`help`)."
+
     values: dict
     required: tuple = ()
     help: str = ""
 
     def __or__(self, other):
         "Both presets' values (`other` wins) and requirements."
-        return Preset({**self.values, **other.values}, tuple(dict.fromkeys((*self.required, *other.required))), self.help or other.help)
+        return Preset(
+            {**self.values, **other.values},
+            tuple(dict.fromkeys((*self.required, *other.required))),
+            self.help or other.help,
+        )
 
     def only(self, names):
         "This preset restricted to the parameters `names`."
         names = set(names)
-        return Preset({k: v for k, v in self.values.items() if k in names},
-                      tuple(g for g in self.required if all(n in names for n in _alternatives(g))), self.help)
+        return Preset(
+            {k: v for k, v in self.values.items() if k in names},
+            tuple(g for g in self.required if all(n in names for n in _alternatives(g))),
+            self.help,
+        )
 
     def check_required(self, p: dict, name=None):
         "An `InputError` naming the first required parameter that `p` leaves unset."
         for g in self.required:
             if all(p.get(n) is None for n in _alternatives(g)):
                 names = " or ".join(map(repr, _alternatives(g)))
-                raise InputError(f"the {name or 'chosen'} preset needs parameter {names}", where=f"parameter {_alternatives(g)[0]!r}",
-                                 expected=(self.help + "; " if self.help else "") + f"set {names}")
+                raise InputError(
+                    f"the {name or 'chosen'} preset needs parameter {names}",
+                    where=f"parameter {_alternatives(g)[0]!r}",
+                    expected=(self.help + "; " if self.help else "") + f"set {names}",
+                )
 
 # %% ../nbs/00_core.ipynb #4c637f92
 class Params:
-    "A stage's parameters, declared once: they check a notebook's parameters cell, a call's keywords and a command line."
+    """A stage's parameters, declared once: they check a notebook's parameters cell, a call's keywords and a command
+    line."""
+
     def __init__(self, name: str, description: str, params: dict, rule=None, presets=None):
         self.name, self.description, self.params, self.rule = name, description, dict(params), rule
         self.presets = dict(presets or {})
         for pname, pr in self.presets.items():
-            unknown = [k for k in (*pr.values, *[n for g in pr.required for n in _alternatives(g)]) if k not in self.params]
-            if unknown: raise InputError(_suggest(unknown, self.params), where=f"{name} preset {pname!r}")
+            unknown = [
+                k for k in (*pr.values, *[n for g in pr.required for n in _alternatives(g)]) if k not in self.params
+            ]
+            if unknown:
+                raise InputError(_suggest(unknown, self.params), where=f"{name} preset {pname!r}")
 
     @classmethod
     def infer(cls, defaults: dict, kinds: dict | None = None, name="params", description=""):
@@ -377,92 +511,156 @@ class Params:
     def __or__(self, other):
         "The union of two declarations (`other` wins on shared names; both rules run; presets of the same name merge)."
         rules = [r for r in (self.rule, other.rule) if r]
-        presets = {n: self.presets[n] | other.presets[n] if n in self.presets and n in other.presets else self.presets.get(n) or other.presets[n]
-                   for n in {**self.presets, **other.presets}}
-        return Params(self.name, self.description, {**self.params, **other.params},
-                      (lambda p: [r(p) for r in rules]) if rules else None, presets)
+        presets = {
+            n: self.presets[n] | other.presets[n]
+            if n in self.presets and n in other.presets
+            else self.presets.get(n) or other.presets[n]
+            for n in {**self.presets, **other.presets}
+        }
+        return Params(
+            self.name,
+            self.description,
+            {**self.params, **other.params},
+            (lambda p: [r(p) for r in rules]) if rules else None,
+            presets,
+        )
 
     def subset(self, names, **defaults):
-        "The declaration of `names` only, with `defaults` replacing theirs (a stage's own defaults for shared parameters)."
+        """The declaration of `names` only, with `defaults` replacing theirs (a stage's own defaults for shared
+        parameters)."""
         unknown = [k for k in defaults if k not in names]
-        if unknown: raise InputError(_suggest(unknown, names), where=f"{self.name}.subset")
-        return Params(self.name, self.description,
-                      {k: replace(self.params[k], default=defaults[k]) if k in defaults else self.params[k] for k in names},
-                      presets={n: pr.only(names) for n, pr in self.presets.items()})
+        if unknown:
+            raise InputError(_suggest(unknown, names), where=f"{self.name}.subset")
+        return Params(
+            self.name,
+            self.description,
+            {k: replace(self.params[k], default=defaults[k]) if k in defaults else self.params[k] for k in names},
+            presets={n: pr.only(names) for n, pr in self.presets.items()},
+        )
 
     def defaults(self, where="all") -> dict:
         "Each parameter's default ('notebook' or 'cli': only those offered there)."
         return {k: p.default for k, p in self.params.items() if where == "all" or getattr(p, where)}
 
     def check(self, given: dict | None = None, **overrides) -> dict:
-        "The full, checked parameter dict: the defaults, then the values of the `preset` named, then `given` and `overrides`."
+        """The full, checked parameter dict: the defaults, then the values of the `preset` named, then `given` and
+        `overrides`."""
         given = {**(given or {}), **overrides}
         unknown = [k for k in given if k not in self.params]
-        if unknown: raise InputError(_suggest(unknown, self.params), where=f"{self.name} parameters",
-                                     expected="one of " + ", ".join(self.params))
+        if unknown:
+            raise InputError(
+                _suggest(unknown, self.params),
+                where=f"{self.name} parameters",
+                expected="one of " + ", ".join(self.params),
+            )
         out, preset = self.defaults(), self.preset_of(given) if self.presets else None
-        if preset is not None: given = {**preset.values, **given}
+        if preset is not None:
+            given = {**preset.values, **given}
         for k, v in given.items():
             p, kind = self.params[k], self.params[k].type
             nullable = p.default is None or p.nullable
-            if nullable and isinstance(v, str) and v.strip().lower() in _NONE_STRINGS: v = None   # papermill's "None"
+            if nullable and isinstance(v, str) and v.strip().lower() in _NONE_STRINGS:
+                v = None  # papermill's "None"
             out[k] = v if v is None and nullable or kind is None else coerce(k, v, kind)
-        for k, v in out.items(): self._check_value(k, v)
-        if preset is not None: preset.check_required(out, given.get("preset"))
-        if self.rule: self.rule(out)
+        for k, v in out.items():
+            self._check_value(k, v)
+        if preset is not None:
+            preset.check_required(out, given.get("preset"))
+        if self.rule:
+            self.rule(out)
         return out
 
     def preset_of(self, given: dict):
         "The `Preset` that `given['preset']` names (None when none is named)."
         name = given.get("preset")
-        if name is None or (isinstance(name, str) and name.strip().lower() in _NONE_STRINGS): return None
+        if name is None or (isinstance(name, str) and name.strip().lower() in _NONE_STRINGS):
+            return None
         if name not in self.presets:
-            raise InputError(f"{name!r} is not a preset", where="parameter 'preset'", expected=" or ".join(map(repr, self.presets)) or "no preset")
+            raise InputError(
+                f"{name!r} is not a preset",
+                where="parameter 'preset'",
+                expected=" or ".join(map(repr, self.presets)) or "no preset",
+            )
         return self.presets[name]
 
     def _check_value(self, k, v):
         p = self.params[k]
-        if v is None: return
+        if v is None:
+            return
         allowed = p.allowed()
         if allowed is not None and v not in allowed:
-            raise InputError(f"{v!r} is not a choice", where=f"parameter {k!r}", expected=" or ".join(map(repr, allowed)))
+            raise InputError(
+                f"{v!r} is not a choice", where=f"parameter {k!r}", expected=" or ".join(map(repr, allowed))
+            )
         if isinstance(v, (int, float)) and not isinstance(v, bool):
-            if p.low is not None and v < p.low: raise InputError(f"{v} is too small", where=f"parameter {k!r}", expected=f"a value >= {p.low}")
-            if p.high is not None and v > p.high: raise InputError(f"{v} is too large", where=f"parameter {k!r}", expected=f"a value <= {p.high}")
+            if p.low is not None and v < p.low:
+                raise InputError(f"{v} is too small", where=f"parameter {k!r}", expected=f"a value >= {p.low}")
+            if p.high is not None and v > p.high:
+                raise InputError(f"{v} is too large", where=f"parameter {k!r}", expected=f"a value <= {p.high}")
 
 # %% ../nbs/00_core.ipynb #9d60ecb2
-def _notebook_params(self, g: dict, names_before=()) -> dict:
-    "The checked parameters of a notebook run from its globals `g`, failing on a name papermill added that is not declared."
+@patch
+def notebook(self: Params, g: dict, names_before=()) -> dict:
+    """The checked parameters of a notebook run from its globals `g`, failing on a name papermill added that is not
+    declared."""
     before = set(names_before)
     given = {k: g[k] for k, p in self.params.items() if p.notebook and k in g}
     preset = self.preset_of(given) if self.presets else None
-    if preset is not None:   # the cell sets every parameter: one still at its default takes the preset's value
+    if preset is not None:  # the cell sets every parameter: one still at its default takes the preset's value
         given = {k: v for k, v in given.items() if not (k in preset.values and _same(v, self.params[k].default))}
     extra = {k: g[k] for k in g if k not in self.params and k not in before and not k.startswith("_")}
     return self.check({**given, **extra})
 
+
 def _same(a, b) -> bool:
     "Whether a notebook value equals a default (papermill's 'None' string counts as None)."
-    if isinstance(a, str) and a.strip().lower() in _NONE_STRINGS: a = None
+    if isinstance(a, str) and a.strip().lower() in _NONE_STRINGS:
+        a = None
     return type(a) is type(b) and a == b
 
-def _parameters_cell(self) -> str:
-    "The source of the notebook's papermill parameters cell: every notebook parameter at its default, with its help."
+
+def _literal(v) -> str:
+    "`v` as Python source, strings in double quotes (as a formatter writes them)."
+    if isinstance(v, str):
+        return repr(v) if '"' in v or "'" in v else '"' + repr(v)[1:-1] + '"'
+    if isinstance(v, dict):
+        return "{" + ", ".join(f"{_literal(k)}: {_literal(x)}" for k, x in v.items()) + "}"
+    if isinstance(v, (list, tuple)):
+        inner = ", ".join(map(_literal, v)) + ("," if isinstance(v, tuple) and len(v) == 1 else "")
+        return f"[{inner}]" if isinstance(v, list) else f"({inner})"
+    return repr(v)
+
+
+@patch
+def parameters_cell(self: Params, width=120) -> str:
+    "The notebook's papermill parameters cell: each notebook parameter at its default, its help beside it or above it."
+    import textwrap
+
     lines = []
     for k, p in self.params.items():
-        if not p.notebook: continue
-        lines.append(f"{k} = {p.default!r}" + (f"  # {p.help}" if p.help else ""))
+        if not p.notebook:
+            continue
+        line = f"{k} = {_literal(p.default)}"
+        if p.help and len(line) + 4 + len(p.help) <= width:
+            line += f"  # {p.help}"
+        elif p.help:
+            lines += ["# " + t for t in textwrap.wrap(p.help, width - 2)]
+        lines.append(line)
     return "\n".join(lines)
 
-Params.notebook, Params.parameters_cell = _notebook_params, _parameters_cell
-
 # %% ../nbs/00_core.ipynb #cd50451c
-def _parser(self, prog=None) -> argparse.ArgumentParser:
+@patch
+def parser(self: Params, prog=None) -> argparse.ArgumentParser:
     "An `argparse` parser of this declaration's command-line parameters (values are checked by `check`, not here)."
-    ap = argparse.ArgumentParser(prog=prog or f"mlrg {self.name}", description=self.description, allow_abbrev=False,
-                                 argument_default=argparse.SUPPRESS)
+    ap = argparse.ArgumentParser(
+        prog=prog or f"mlrg {self.name}",
+        description=self.description,
+        allow_abbrev=False,
+        argument_default=argparse.SUPPRESS,
+    )
     for k, p in self.params.items():
-        if not p.cli: continue
+        if not p.cli:
+            continue
         kind = p.type
         allowed = p.allowed() if not callable(p.choices) else None
         hint = p.help + ("; " if p.help else "") + (f"one of {', '.join(map(str, allowed))}; " if allowed else "")
@@ -472,58 +670,103 @@ def _parser(self, prog=None) -> argparse.ArgumentParser:
         meta = {bool: "BOOL", int: "INT", float: "FLOAT", list: "JSON", dict: "JSON"}.get(kind, "STR")
         extra = {"nargs": "?", "const": "true"} if kind is bool else {}
         flags = [p.flag] if p.flag else [f"--{k}"] + ([f"--{k.replace('_', '-')}"] if "_" in k else [])
-        ap.add_argument(*flags, dest=k, metavar=meta, required=p.required,
-                        help=hint + ("required" if p.required else f"default: {p.default!r}"), **extra)
+        ap.add_argument(
+            *flags,
+            dest=k,
+            metavar=meta,
+            required=p.required,
+            help=hint + ("required" if p.required else f"default: {p.default!r}"),
+            **extra,
+        )
     return ap
 
-def _cli(self, argv=None, prog=None) -> dict:
+
+@patch
+def cli(self: Params, argv=None, prog=None) -> dict:
     "Parse `argv` (list of str; default `sys.argv[1:]`) into the checked parameter dict."
     ap = self.parser(prog)
     ns, rest = ap.parse_known_args(list(sys.argv[1:] if argv is None else argv))
     unknown = [a.split("=", 1)[0].lstrip("-") for a in rest if a.startswith("--")]
     offered = [k for k, p in self.params.items() if p.cli]
-    if unknown: raise InputError(_suggest(unknown, offered), where="command line", expected="one of --" + ", --".join(offered))
-    if rest: raise InputError(f"unexpected argument(s) {' '.join(rest)}", where="command line", expected="--name value pairs")
+    if unknown:
+        raise InputError(_suggest(unknown, offered), where="command line", expected="one of --" + ", --".join(offered))
+    if rest:
+        raise InputError(
+            f"unexpected argument(s) {' '.join(rest)}", where="command line", expected="--name value pairs"
+        )
     return self.check(vars(ns))
-
-Params.parser, Params.cli = _parser, _cli
 
 # %% ../nbs/00_core.ipynb #3d9bdf81
 def to_plain(value, where="config"):
     "`value` as plain JSON-like Python (what a `weights_only` checkpoint and params.json hold)."
-    if value is None or isinstance(value, (bool, int, float, str)): return value
-    if isinstance(value, (np.integer, np.floating, np.bool_)): return value.item()
-    if isinstance(value, Path): return str(value)
-    if isinstance(value, (list, tuple)): return [to_plain(v, where) for v in value]
-    if isinstance(value, dict): return {str(k): to_plain(v, f"{where}.{k}") for k, v in value.items()}
-    raise InputError(f"{type(value).__name__} is not a plain value", where=where, expected="numbers, strings, lists or dicts")
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, (np.integer, np.floating, np.bool_)):
+        return value.item()
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, (list, tuple)):
+        return [to_plain(v, where) for v in value]
+    if isinstance(value, dict):
+        return {str(k): to_plain(v, f"{where}.{k}") for k, v in value.items()}
+    raise InputError(
+        f"{type(value).__name__} is not a plain value", where=where, expected="numbers, strings, lists or dicts"
+    )
 
 # %% ../nbs/00_core.ipynb #7af5d80c
 def require_package(name, why, install=None):
     "Import optional package `name`, or an InputError saying what to install."
-    try: return importlib.import_module(name)
+    try:
+        return importlib.import_module(name)
     except ImportError:
-        raise InputError(f"{why} needs the optional package `{name}`, which is not installed", where=name,
-                         expected=f"pip install {install or name}") from None
+        raise InputError(
+            f"{why} needs the optional package `{name}`, which is not installed",
+            where=name,
+            expected=f"pip install {install or name}",
+        ) from None
+
 
 def hub_transformers(why):
-    "The `transformers` package (the `hub` extra), with its progress bars and load warnings off (mlrg reports what it loads)."
+    """The `transformers` package (the `hub` extra), with its progress bars and load warnings off (mlrg reports what it
+    loads)."""
     tr = require_package("transformers", why, install='"mlrg[hub]"')
-    tr.utils.logging.set_verbosity_error(); tr.utils.logging.disable_progress_bar()
+    tr.utils.logging.set_verbosity_error()
+    tr.utils.logging.disable_progress_bar()
     return tr
 
+
 def hub_folder(path, what, param, kinds=None, hint="") -> tuple:
-    "(folder, its config.json as a dict) of local model folder `path` for `what` (parameter `param`); `kinds`: accepted `model_type`s."
+    """(folder, its config.json as a dict) of local model folder `path` for `what` (parameter `param`); `kinds`:
+    accepted `model_type`s."""
     where = f"parameter {param!r}"
-    if path is None: raise InputError(f"{what} needs a local folder and none was given", where=where,
-                                      expected=f"{param}=<folder> in the `save_pretrained` layout" + (f" ({hint})" if hint else ""))
+    if path is None:
+        raise InputError(
+            f"{what} needs a local folder and none was given",
+            where=where,
+            expected=f"{param}=<folder> in the `save_pretrained` layout" + (f" ({hint})" if hint else ""),
+        )
     p = Path(path).expanduser()
-    if not p.is_dir(): raise InputError(f"{what}: no such folder", where=p, expected=f"a local folder for {param} (mlrg never downloads weights)" + (f"; {hint}" if hint else ""))
+    if not p.is_dir():
+        raise InputError(
+            f"{what}: no such folder",
+            where=p,
+            expected=f"a local folder for {param} (mlrg never downloads weights)" + (f"; {hint}" if hint else ""),
+        )
     cfg_path = p / "config.json"
-    if not cfg_path.is_file(): raise InputError(f"{what}: the folder has no config.json", where=p, expected="a folder written by `save_pretrained`" + (f" ({hint})" if hint else ""))
-    try: cfg = json.loads(cfg_path.read_text())
-    except json.JSONDecodeError as e: raise InputError(f"config.json is not JSON ({e})", where=cfg_path) from None
+    if not cfg_path.is_file():
+        raise InputError(
+            f"{what}: the folder has no config.json",
+            where=p,
+            expected="a folder written by `save_pretrained`" + (f" ({hint})" if hint else ""),
+        )
+    try:
+        cfg = json.loads(cfg_path.read_text())
+    except json.JSONDecodeError as e:
+        raise InputError(f"config.json is not JSON ({e})", where=cfg_path) from None
     if kinds and cfg.get("model_type") not in kinds:
-        raise InputError(f"{what}: the folder holds a {cfg.get('model_type')!r} model", where=p,
-                         expected=f"model_type {' or '.join(map(repr, kinds))} in config.json (check {param})")
+        raise InputError(
+            f"{what}: the folder holds a {cfg.get('model_type')!r} model",
+            where=p,
+            expected=f"model_type {' or '.join(map(repr, kinds))} in config.json (check {param})",
+        )
     return p, cfg

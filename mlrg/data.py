@@ -21,9 +21,26 @@ import pandas as pd
 import torch
 from PIL import Image
 
-from .core import (OBSERVATIONS, InputError, Param, Params, atomic_write, derive_seed, ensure_writable, get_logger, hub_transformers,
-                       image_relpath, json_text, load_json, remove_stale_temps, report_relpath, require_package, save_json, study_dir,
-                       write_set)
+from mlrg.core import (
+    OBSERVATIONS,
+    InputError,
+    Param,
+    Params,
+    atomic_write,
+    derive_seed,
+    ensure_writable,
+    get_logger,
+    hub_transformers,
+    image_relpath,
+    json_text,
+    load_json,
+    remove_stale_temps,
+    report_relpath,
+    require_package,
+    save_json,
+    study_dir,
+    write_set,
+)
 
 # %% auto #0
 __all__ = ['IMAGE_CHECKS', 'PREPARE', 'METADATA_CSV', 'SPLIT_CSV', 'CHEXPERT_CSV', 'METADATA_REQUIRED', 'SPLIT_REQUIRED',
@@ -33,26 +50,43 @@ __all__ = ['IMAGE_CHECKS', 'PREPARE', 'METADATA_CSV', 'SPLIT_CSV', 'CHEXPERT_CSV
            'choose_prior_images', 'parse_report', 'normalize_text', 'clean_indication', 'read_reports', 'check_image',
            'check_images', 'tokenize', 'Tokens', 'Vocab', 'clean_text', 'BPETokenizer', 'vocab_from_state', 'prepare',
            'prepare_cli', 'validate_mlrg_item', 'read_mlrg_annotation', 'read_r2gen_annotation', 'read_medclip_pickle',
-           'read_annotation', 'view_id', 'load_image', 'prior_findings', 'build_prompt', 'MLRGDataset', 'collate']
+           'read_annotation', 'view_id', 'load_image', 'prior_findings', 'build_prompt', 'image_slots', 'MLRGDataset',
+           'collate']
 
 # %% ../nbs/01_data.ipynb #a43be15a
 IMAGE_CHECKS = ("exists", "decode", "none")
 
-PREPARE = Params("prepare", "Turn MIMIC-CXR(-JPG) files into MLRG's annotation JSON + vocabulary.", dict(
-    mimic_root=Param(None, "a MIMIC-CXR-JPG root (metadata/split CSVs + files/); notebook: None -> the tiny phantom in a temp dir",
-                     kind=str, required=True),
-    out=Param(None, "the annotation JSON to write", kind=str, required=True, notebook=False),
-    vocab=Param(None, "vocabulary JSON to write (default: vocab.json beside --out)", kind=str, notebook=False),
-    run_dir=Param(None, "a run folder (name or path): read <run>/mimic, write <run>/prepared", kind=str, cli=False),
-    sample_unit=Param("image", "image (MLRG: every image is an anchor) or study (one frontal anchor per study)", choices=("image", "study")),
-    image_check=Param("exists", "exists (present, non-empty, a JPEG/PNG header), decode every image, or none", choices=lambda: IMAGE_CHECKS),
-    min_freq=Param(3, "vocabulary: keep words seen at least this often in the train split", low=1),
-    skip_bad=Param(False, "skip and count bad inputs instead of failing"),
-    image_size=Param(224, "Dataset: images are padded to square, then resized to this", low=16, cli=False),
-    batch_size=Param(4, "the example batch shown at the end", low=1, cli=False),
-    seed=Param(0, "drives the tiny phantom and the example batch", cli=False),
-    quiet=Param(False, "no progress bars", notebook=False),
-))
+PREPARE = Params(
+    "prepare",
+    "Turn MIMIC-CXR(-JPG) files into MLRG's annotation JSON + vocabulary.",
+    dict(
+        mimic_root=Param(
+            None,
+            "a MIMIC-CXR-JPG root (metadata/split CSVs + files/); notebook: None -> the tiny phantom in a temp dir",
+            kind=str,
+            required=True,
+        ),
+        out=Param(None, "the annotation JSON to write", kind=str, required=True, notebook=False),
+        vocab=Param(None, "vocabulary JSON to write (default: vocab.json beside --out)", kind=str, notebook=False),
+        run_dir=Param(None, "a run folder (name or path): read <run>/mimic, write <run>/prepared", kind=str, cli=False),
+        sample_unit=Param(
+            "image",
+            "image (MLRG: every image is an anchor) or study (one frontal anchor per study)",
+            choices=("image", "study"),
+        ),
+        image_check=Param(
+            "exists",
+            "exists (present, non-empty, a JPEG/PNG header), decode every image, or none",
+            choices=lambda: IMAGE_CHECKS,
+        ),
+        min_freq=Param(3, "vocabulary: keep words seen at least this often in the train split", low=1),
+        skip_bad=Param(False, "skip and count bad inputs instead of failing"),
+        image_size=Param(224, "Dataset: images are padded to square, then resized to this", low=16, cli=False),
+        batch_size=Param(4, "the example batch shown at the end", low=1, cli=False),
+        seed=Param(0, "drives the tiny phantom and the example batch", cli=False),
+        quiet=Param(False, "no progress bars", notebook=False),
+    ),
+)
 
 # %% ../nbs/01_data.ipynb #6d25b614
 METADATA_CSV = "mimic-cxr-2.0.0-metadata.csv"
@@ -62,15 +96,25 @@ METADATA_REQUIRED = ("dicom_id", "subject_id", "study_id", "ViewPosition", "Stud
 SPLIT_REQUIRED = ("dicom_id", "study_id", "subject_id", "split")
 SPLIT_NAMES = {"train": "train", "validate": "val", "val": "val", "test": "test"}
 SPLITS = ("train", "val", "test")
-CHEXPERT_LABELS = OBSERVATIONS      # the chexpert csv columns (defined once, in mlrg.core)
-MLRG_ITEM_KEYS = ("id", "findings", "impression", "indication", "indication_pure", "anchor_scan",
-                  "auxiliary_references", "prior_study")
+CHEXPERT_LABELS = OBSERVATIONS  # the chexpert csv columns (defined once, in mlrg.core)
+MLRG_ITEM_KEYS = (
+    "id",
+    "findings",
+    "impression",
+    "indication",
+    "indication_pure",
+    "anchor_scan",
+    "auxiliary_references",
+    "prior_study",
+)
+
 
 def find_table(mimic_root, name, required=True):
     "The path of table `name` under `mimic_root`, as `.csv` or `.csv.gz`; None (or an error when `required`) if absent."
     root = Path(mimic_root)
     for p in (root / name, root / (name + ".gz")):
-        if p.is_file(): return p
+        if p.is_file():
+            return p
     if required:
         raise InputError("file not found", where=root / name, expected=f"{name} or {name}.gz in the MIMIC-CXR-JPG root")
     return None
@@ -78,61 +122,80 @@ def find_table(mimic_root, name, required=True):
 # %% ../nbs/01_data.ipynb #7debb6da
 _UNKNOWN_VIEWS = {"", "UNK", "UNKNOWN", "NAN", "NONE", "NULL"}
 
+
 def normalize_view(v) -> str:
     "A ViewPosition in upper case with single spaces; `unk` when missing."
-    if v is None or (isinstance(v, float) and np.isnan(v)): return "unk"
+    if v is None or (isinstance(v, float) and np.isnan(v)):
+        return "unk"
     v = " ".join(str(v).split()).upper()
     return "unk" if v in _UNKNOWN_VIEWS else v
 
 # %% ../nbs/01_data.ipynb #eb02f8c2
 def view_projection(v) -> str:
     "'frontal', 'lateral', 'other' or 'unk' for a normalised view position."
-    if v == "unk": return "unk"
-    if v in ("PA", "AP") or v.startswith(("PA ", "AP ")): return "frontal"
-    if v in ("LATERAL", "LL", "RL") or "LAT" in v: return "lateral"
+    if v == "unk":
+        return "unk"
+    if v in ("PA", "AP") or v.startswith(("PA ", "AP ")):
+        return "frontal"
+    if v in ("LATERAL", "LL", "RL") or "LAT" in v:
+        return "lateral"
     return "other"
 
 # %% ../nbs/01_data.ipynb #451dea99
 def view_rank(v) -> int:
     "Preference for picking an image: lower is preferred (PA first, `unk` last)."
     fixed = {"PA": 0, "AP": 1, "LATERAL": 3, "LL": 4, "unk": 7}
-    if v in fixed: return fixed[v]
+    if v in fixed:
+        return fixed[v]
     return {"frontal": 2, "lateral": 5}.get(view_projection(v), 6)
 
 # %% ../nbs/01_data.ipynb #d78645e3
 class BadInputs:
     "Raise on the first bad input, or (with `skip_bad`) count bad inputs per reason and keep a few examples."
+
     def __init__(self, skip_bad=False, n_examples=5):
         self.skip_bad, self.n_examples = skip_bad, n_examples
         self.counts, self.examples = Counter(), defaultdict(list)
+
     def __call__(self, reason, what, where=None, expected=None, n=1):
         "Report `n` bad items of kind `reason`; `what`/`where` describe the first."
-        if not self.skip_bad: raise InputError(what, where=where, expected=expected)
+        if not self.skip_bad:
+            raise InputError(what, where=where, expected=expected)
         self.counts[reason] += n
         if len(self.examples[reason]) < self.n_examples:
             self.examples[reason].append(f"{where}: {what}" if where else str(what))
+
     def summary(self):
         return {"skipped": dict(sorted(self.counts.items())), "skipped_examples": dict(self.examples)}
 
 # %% ../nbs/01_data.ipynb #6954ee89
 def _read_table(path, required, optional=()):
-    "A CSV (or .csv.gz) as strings, with only the columns we use; an error naming the file if a required one is missing."
-    try: header = pd.read_csv(path, nrows=0).columns
-    except Exception as e: raise InputError(f"cannot read CSV ({type(e).__name__}: {e})", where=path) from None
+    """A CSV (or .csv.gz) as strings, with only the columns we use; an error naming the file if a required one is
+    missing."""
+    try:
+        header = pd.read_csv(path, nrows=0).columns
+    except Exception as e:
+        raise InputError(f"cannot read CSV ({type(e).__name__}: {e})", where=path) from None
     header = [str(c).strip() for c in header]
     missing = [c for c in required if c not in header]
     if missing:
-        raise InputError(f"missing column(s) {', '.join(missing)}", where=path, expected="columns " + ", ".join(required))
+        raise InputError(
+            f"missing column(s) {', '.join(missing)}", where=path, expected="columns " + ", ".join(required)
+        )
     wanted = set(required) | set(optional)
     try:
-        df = pd.read_csv(path, dtype=str, keep_default_na=False, na_values=[],
-                         usecols=lambda c: str(c).strip() in wanted)
-    except Exception as e: raise InputError(f"cannot read CSV ({type(e).__name__}: {e})", where=path) from None
+        df = pd.read_csv(
+            path, dtype=str, keep_default_na=False, na_values=[], usecols=lambda c: str(c).strip() in wanted
+        )
+    except Exception as e:
+        raise InputError(f"cannot read CSV ({type(e).__name__}: {e})", where=path) from None
     df.columns = [str(c).strip() for c in df.columns]
     return df
 
+
 def _numeric(s):
-    return pd.to_numeric(s, errors="coerce")   # surrounding spaces are accepted; anything else non-numeric -> NaN
+    return pd.to_numeric(s, errors="coerce")  # surrounding spaces are accepted; anything else non-numeric -> NaN
+
 
 def _flag_rows(bad, reason, mask, path, describe, expected=None):
     "Report rows where `mask` is true (first one named by its file line); return the mask."
@@ -147,15 +210,19 @@ def _valid_dates(s: pd.Series) -> pd.Series:
     s = s.astype(str).str.strip()
     return s.str.fullmatch(r"\d{8}") & pd.to_datetime(s, format="%Y%m%d", errors="coerce").notna()
 
+
 def _valid_times(s: pd.Series) -> pd.Series:
     "True where `s` holds a time of day HHMMSS(.fff), leading zeros optional."
     whole = s.astype(str).str.strip().str.extract(r"^(\d{1,6})(?:\.\d*)?$")[0]
     t = pd.to_numeric(whole, errors="coerce")
     return t.notna() & (t // 10000 < 24) & (t // 100 % 100 < 60) & (t % 100 < 60)
 
+
 def _short_rows(path) -> np.ndarray:
-    "For each data row of the CSV at `path` (.csv or .csv.gz; blank lines skipped, as pandas does): True if it has fewer fields than the header."
+    """For each data row of the CSV at `path` (.csv or .csv.gz; blank lines skipped, as pandas does): True if it has
+    fewer fields than the header."""
     import gzip
+
     opener = gzip.open if str(path).endswith(".gz") else open
     with opener(path, "rt", encoding="utf-8", newline="") as f:
         rows = (r for r in csv.reader(f) if r)
@@ -168,29 +235,64 @@ def read_metadata(mimic_root, bad=None):
     bad = bad or BadInputs()
     path = find_table(mimic_root, METADATA_CSV)
     df = _read_table(path, METADATA_REQUIRED)
-    out = pd.DataFrame({"dicom_id": df["dicom_id"].str.strip(), "subject_id": _numeric(df["subject_id"]),
-                        "study_id": _numeric(df["study_id"]), "study_date": _numeric(df["StudyDate"]),
-                        "study_time": _numeric(df["StudyTime"])})
+    out = pd.DataFrame(
+        {
+            "dicom_id": df["dicom_id"].str.strip(),
+            "subject_id": _numeric(df["subject_id"]),
+            "study_id": _numeric(df["study_id"]),
+            "study_date": _numeric(df["StudyDate"]),
+            "study_time": _numeric(df["StudyTime"]),
+        }
+    )
     views = df["ViewPosition"]
     uniq = {v: normalize_view(v) for v in views.unique()}
     out["view"] = views.map(uniq)
     num = ["subject_id", "study_id", "study_date", "study_time"]
     short = pd.Series(_short_rows(path), index=df.index)
-    _flag_rows(bad, "metadata_short_row", short, path, lambda i: f"dicom_id={out['dicom_id'].iat[i]!r}: the row has fewer fields than the header",
-               expected="a complete row (was the file cut short?)")
+    _flag_rows(
+        bad,
+        "metadata_short_row",
+        short,
+        path,
+        lambda i: f"dicom_id={out['dicom_id'].iat[i]!r}: the row has fewer fields than the header",
+        expected="a complete row (was the file cut short?)",
+    )
     ok = ~short & out[num].notna().all(axis=1) & (out["dicom_id"] != "")
-    _flag_rows(bad, "metadata_bad_row", ~short & ~ok, path,
-               lambda i: f"dicom_id={out['dicom_id'].iat[i]!r} has an empty or non-numeric subject_id, study_id, StudyDate or StudyTime",
-               expected="numeric ids, StudyDate YYYYMMDD and StudyTime HHMMSS.fff")
-    for reason, valid, col, form in (("metadata_bad_date", _valid_dates(df["StudyDate"]), "StudyDate", "a date YYYYMMDD"),
-                                     ("metadata_bad_time", _valid_times(df["StudyTime"]), "StudyTime", "a time of day HHMMSS or HHMMSS.fff")):
-        _flag_rows(bad, reason, ok & ~valid, path, lambda i, col=col: f"{col}={df[col].iat[i]!r} for dicom_id={out['dicom_id'].iat[i]!r}",
-                   expected=form)
+    _flag_rows(
+        bad,
+        "metadata_bad_row",
+        ~short & ~ok,
+        path,
+        lambda i: (
+            f"dicom_id={out['dicom_id'].iat[i]!r} has an empty or non-numeric subject_id, study_id, StudyDate or "
+            f"StudyTime"
+        ),
+        expected="numeric ids, StudyDate YYYYMMDD and StudyTime HHMMSS.fff",
+    )
+    for reason, valid, col, form in (
+        ("metadata_bad_date", _valid_dates(df["StudyDate"]), "StudyDate", "a date YYYYMMDD"),
+        ("metadata_bad_time", _valid_times(df["StudyTime"]), "StudyTime", "a time of day HHMMSS or HHMMSS.fff"),
+    ):
+        _flag_rows(
+            bad,
+            reason,
+            ok & ~valid,
+            path,
+            lambda i, col=col: f"{col}={df[col].iat[i]!r} for dicom_id={out['dicom_id'].iat[i]!r}",
+            expected=form,
+        )
         ok &= valid
     dup = out["dicom_id"].duplicated(keep="first") & ok
-    _flag_rows(bad, "metadata_duplicate_dicom", dup, path, lambda i: f"dicom_id={out['dicom_id'].iat[i]!r} appears more than once")
+    _flag_rows(
+        bad,
+        "metadata_duplicate_dicom",
+        dup,
+        path,
+        lambda i: f"dicom_id={out['dicom_id'].iat[i]!r} appears more than once",
+    )
     out = out[ok & ~dup].copy()
-    for c in ("subject_id", "study_id", "study_date"): out[c] = out[c].astype("int64")
+    for c in ("subject_id", "study_id", "study_date"):
+        out[c] = out[c].astype("int64")
     out["study_time"] = out["study_time"].astype("float64")
     return out.reset_index(drop=True)
 
@@ -202,21 +304,44 @@ def read_split(mimic_root, metadata, bad=None):
     df = _read_table(path, SPLIT_REQUIRED)
     dicom = df["dicom_id"].str.strip()
     split = df["split"].str.strip().str.lower().map(SPLIT_NAMES)
-    _flag_rows(bad, "split_bad_value", split.isna(), path,
-               lambda i: f"split={df['split'].iat[i]!r} for dicom_id={dicom.iat[i]!r}", expected="train, validate or test")
+    _flag_rows(
+        bad,
+        "split_bad_value",
+        split.isna(),
+        path,
+        lambda i: f"split={df['split'].iat[i]!r} for dicom_id={dicom.iat[i]!r}",
+        expected="train, validate or test",
+    )
     meta = metadata.set_index("dicom_id")
     known = dicom.isin(meta.index)
-    _flag_rows(bad, "split_unknown_dicom", split.notna() & ~known, path,
-               lambda i: f"dicom_id={dicom.iat[i]!r} is not in {METADATA_CSV}", expected="dicom_ids listed in the metadata")
+    _flag_rows(
+        bad,
+        "split_unknown_dicom",
+        split.notna() & ~known,
+        path,
+        lambda i: f"dicom_id={dicom.iat[i]!r} is not in {METADATA_CSV}",
+        expected="dicom_ids listed in the metadata",
+    )
     keep = split.notna() & known
     dup = dicom.duplicated(keep="first") & keep
     _flag_rows(bad, "split_duplicate_dicom", dup, path, lambda i: f"dicom_id={dicom.iat[i]!r} appears more than once")
     keep &= ~dup
     m = meta.reindex(dicom.where(keep))
-    same = (_numeric(df["study_id"]).to_numpy() == m["study_id"].to_numpy()) & (_numeric(df["subject_id"]).to_numpy() == m["subject_id"].to_numpy())
+    same = (_numeric(df["study_id"]).to_numpy() == m["study_id"].to_numpy()) & (
+        _numeric(df["subject_id"]).to_numpy() == m["subject_id"].to_numpy()
+    )
     mismatch = keep & ~pd.Series(same, index=df.index)
-    _flag_rows(bad, "split_mismatch", mismatch, path,
-               lambda i: f"dicom_id={dicom.iat[i]!r} has study_id/subject_id {df['study_id'].iat[i]}/{df['subject_id'].iat[i]}, the metadata says {m['study_id'].iat[i]}/{m['subject_id'].iat[i]}")
+    _flag_rows(
+        bad,
+        "split_mismatch",
+        mismatch,
+        path,
+        lambda i: (
+            f"dicom_id={dicom.iat[i]!r} has study_id/subject_id "
+            f"{df['study_id'].iat[i]}/{df['subject_id'].iat[i]}, the metadata says "
+            f"{m['study_id'].iat[i]}/{m['subject_id'].iat[i]}"
+        ),
+    )
     keep &= ~mismatch
     return pd.DataFrame({"dicom_id": dicom[keep].to_numpy(), "split": split[keep].to_numpy()})
 
@@ -229,15 +354,19 @@ def assign_priors(studies: pd.DataFrame) -> pd.DataFrame:
     prev = ts.groupby("subject_id", sort=False)[["first_study", "n_at"]].shift(1)
     ts["prev_study"], ts["prev_n"] = prev["first_study"], prev["n_at"]
     s = s.merge(ts[key + ["n_at", "prev_study", "prev_n"]], on=key, how="left")
-    status = np.select([s["n_at"].to_numpy() > 1, s["prev_n"].isna().to_numpy(), s["prev_n"].to_numpy() > 1],
-                       ["tied", "first", "prior_tied"], "prior")
+    status = np.select(
+        [s["n_at"].to_numpy() > 1, s["prev_n"].isna().to_numpy(), s["prev_n"].to_numpy() > 1],
+        ["tied", "first", "prior_tied"],
+        "prior",
+    )
     s["prior_status"] = status
     s["prior_study_id"] = s["prev_study"].where(status == "prior").astype("Int64")
     return s[["study_id", "subject_id", "study_date", "study_time", "prior_study_id", "prior_status"]]
 
 # %% ../nbs/01_data.ipynb #d096b31b
 def choose_prior_images(pairs: pd.DataFrame, images: pd.DataFrame) -> pd.DataFrame:
-    "For each (prior_study_id, anchor_view) pair, the chosen prior image: adds columns prior_dicom, prior_path, prior_view."
+    """For each (prior_study_id, anchor_view) pair, the chosen prior image: adds columns prior_dicom, prior_path,
+    prior_view."""
     pairs = pairs[["prior_study_id", "anchor_view"]].drop_duplicates().copy()
     pairs["prior_study_id"] = pairs["prior_study_id"].astype("int64")
     cand = images[["study_id", "dicom_id", "path", "view", "rank"]].rename(columns={"study_id": "prior_study_id"})
@@ -249,22 +378,51 @@ def choose_prior_images(pairs: pd.DataFrame, images: pd.DataFrame) -> pd.DataFra
     m = m.sort_values(["prior_study_id", "anchor_view", "k_view", "k_proj", "rank", "dicom_id"], kind="stable")
     m = m.drop_duplicates(["prior_study_id", "anchor_view"], keep="first")
     return m.rename(columns={"dicom_id": "prior_dicom", "path": "prior_path", "view": "prior_view"})[
-        ["prior_study_id", "anchor_view", "prior_dicom", "prior_path", "prior_view"]]
+        ["prior_study_id", "anchor_view", "prior_dicom", "prior_path", "prior_view"]
+    ]
 
 # %% ../nbs/01_data.ipynb #2f3f50f5
-_KNOWN_SECTIONS = ("findings", "impression", "indication", "clinical indication", "history", "clinical history",
-                   "comparison", "comparisons", "examination", "exam", "technique", "reason for exam",
-                   "reason for examination", "wet read", "conclusion", "recommendation", "recommendations",
-                   "notification", "addendum", "procedure", "final report")
+_KNOWN_SECTIONS = (
+    "findings",
+    "impression",
+    "indication",
+    "clinical indication",
+    "history",
+    "clinical history",
+    "comparison",
+    "comparisons",
+    "examination",
+    "exam",
+    "technique",
+    "reason for exam",
+    "reason for examination",
+    "wet read",
+    "conclusion",
+    "recommendation",
+    "recommendations",
+    "notification",
+    "addendum",
+    "procedure",
+    "final report",
+)
 _HEADER_RE = re.compile(r"^[ \t]*([A-Za-z][A-Za-z0-9 /&()'-]{0,48}?)[ \t]*:", re.M)
-_INDICATION_KEYS = ("indication", "clinical indication", "history", "clinical history", "reason for exam",
-                    "reason for examination")
+_INDICATION_KEYS = (
+    "indication",
+    "clinical indication",
+    "history",
+    "clinical history",
+    "reason for exam",
+    "reason for examination",
+)
+
 
 def _squash(s: str) -> str:
     return " ".join(s.split())
 
+
 def parse_report(text: str) -> dict:
-    "Sections of a MIMIC-CXR report: findings, impression, indication, comparison, ... plus `sections` and `last_paragraph`."
+    """Sections of a MIMIC-CXR report: findings, impression, indication, comparison, ... plus `sections` and
+    `last_paragraph`."""
     heads = []
     for m in _HEADER_RE.finditer(text):
         name = m.group(1)
@@ -274,7 +432,7 @@ def parse_report(text: str) -> dict:
     sections = {}
     for i, (start, end, key) in enumerate(heads):
         stop = heads[i + 1][0] if i + 1 < len(heads) else len(text)
-        sections[key] = _squash(text[end:stop])          # a later header of the same name wins
+        sections[key] = _squash(text[end:stop])  # a later header of the same name wins
     out = {k: sections.get(k) for k in ("findings", "impression", "comparison", "history", "examination", "technique")}
     out["indication"] = next((sections[k] for k in _INDICATION_KEYS if k in sections), None)
     out["sections"] = sections
@@ -293,21 +451,24 @@ def normalize_text(s) -> str:
 # %% ../nbs/01_data.ipynb #9126ae4e
 _LABEL_RE = re.compile(r"\b(?:clinical\s+)?(?:history|indication|reason for exam(?:ination)?)\s*:", re.I)
 
+
 def clean_indication(s) -> str:
     "The cleaned indication (`indication_pure`): no `___`, no label leftovers, no punctuation noise, lower case."
     s = _LABEL_RE.sub(" ", str(s or "").lower())
     s = re.sub(r"_+", " ", s)
-    s = re.sub(r"[^a-z0-9.,%'+ -]+", " ", s)              # //, ?, :, brackets, quotes, ... -> space
+    s = re.sub(r"[^a-z0-9.,%'+ -]+", " ", s)  # //, ?, :, brackets, quotes, ... -> space
     s = re.sub(r"\s+([.,])", r"\1", s)
-    s = re.sub(r"([.,-])(?:\s*[.,-])+", r"\1", s)          # '..', ', .', '- -' -> one mark
+    s = re.sub(r"([.,-])(?:\s*[.,-])+", r"\1", s)  # '..', ', .', '- -' -> one mark
     s = re.sub(r"(?<![a-z0-9])-+|-+(?![a-z0-9])", " ", s)  # stray dashes
     s = " ".join(s.split())
     return s.strip(" .,")
 
 # %% ../nbs/01_data.ipynb #7b885f12
 def _tqdm(it, progress, **kw):
-    if not progress: return it
+    if not progress:
+        return it
     from tqdm import tqdm  # text bars: they render in terminals, JupyterLab and executed reports alike
+
     return tqdm(it, mininterval=1.0, **kw)
 
 
@@ -320,16 +481,24 @@ def read_reports(files_dir, studies: pd.DataFrame, bad=None, progress=True) -> d
     for subject, study in _tqdm(rows, progress, total=len(studies), desc="reports", unit="report"):
         path = os.path.join(files_dir, report_relpath(subject, study))
         try:
-            with open(path, "rb") as f: raw = f.read()
+            with open(path, "rb") as f:
+                raw = f.read()
         except FileNotFoundError:
-            bad("report_missing", "report file not found", where=path); continue
+            bad("report_missing", "report file not found", where=path)
+            continue
         except OSError as e:
-            bad("report_unreadable", f"cannot read report ({e})", where=path); continue
+            bad("report_unreadable", f"cannot read report ({e})", where=path)
+            continue
         try:
             text = raw.decode("utf-8")
         except UnicodeDecodeError as e:
-            bad("report_not_utf8", f"report is not valid UTF-8 (byte {e.start}: {raw[e.start:e.start + 1]!r})",
-                where=path, expected="UTF-8 text"); continue
+            bad(
+                "report_not_utf8",
+                f"report is not valid UTF-8 (byte {e.start}: {raw[e.start : e.start + 1]!r})",
+                where=path,
+                expected="UTF-8 text",
+            )
+            continue
         out[study] = parse_report(text)
     return out
 
@@ -337,13 +506,18 @@ def read_reports(files_dir, studies: pd.DataFrame, bad=None, progress=True) -> d
 def check_image(path, decode=False):
     "None if the image at `path` is usable, else ('image_missing' | 'image_corrupt', message)."
     path = Path(path)
-    if not decode:                                         # cheap: the file's size and first bytes, no pixels
+    if not decode:  # cheap: the file's size and first bytes, no pixels
         try:
-            with open(path, "rb") as f: head = f.read(8)
-        except FileNotFoundError: return ("image_missing", "image file not found")
-        except OSError as e: return ("image_corrupt", f"cannot read the file ({e.strerror or e})")
-        if not head: return ("image_corrupt", "empty file (0 bytes)")
-        if not head.startswith((b"\xff\xd8\xff", b"\x89PNG")): return ("image_corrupt", f"not a JPEG or PNG file (it starts with {head[:4]!r})")
+            with open(path, "rb") as f:
+                head = f.read(8)
+        except FileNotFoundError:
+            return ("image_missing", "image file not found")
+        except OSError as e:
+            return ("image_corrupt", f"cannot read the file ({e.strerror or e})")
+        if not head:
+            return ("image_corrupt", "empty file (0 bytes)")
+        if not head.startswith((b"\xff\xd8\xff", b"\x89PNG")):
+            return ("image_corrupt", f"not a JPEG or PNG file (it starts with {head[:4]!r})")
         return None
     try:
         with Image.open(path) as im:
@@ -358,9 +532,11 @@ def check_image(path, decode=False):
 # %% ../nbs/01_data.ipynb #5a65e368
 def check_images(files_dir, paths, how="exists", bad=None, progress=True) -> np.ndarray:
     "A boolean mask over `paths` (relative to `files_dir`) of usable images; problems are reported to `bad`."
-    if how not in IMAGE_CHECKS: raise InputError(f"image_check={how!r}", where="image_check", expected=" | ".join(IMAGE_CHECKS))
+    if how not in IMAGE_CHECKS:
+        raise InputError(f"image_check={how!r}", where="image_check", expected=" | ".join(IMAGE_CHECKS))
     ok = np.ones(len(paths), dtype=bool)
-    if how == "none": return ok
+    if how == "none":
+        return ok
     bad = bad or BadInputs()
     files_dir = Path(files_dir)
     for i, p in enumerate(_tqdm(paths, progress, total=len(paths), desc=f"images ({how})", unit="img")):
@@ -374,65 +550,93 @@ def check_images(files_dir, paths, how="exists", bad=None, progress=True) -> np.
 SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[BOS]", "[EOS]", "[CLS]", "[SEP]", "[NHI]", "[NHPR]", "[MASK]")
 _TOKEN_RE = re.compile(r"\d+(?:\.\d+)+|[a-z0-9]+(?:['/-][a-z0-9]+)*|[.,]")
 
+
 def tokenize(text) -> list:
     "Words and `.`/`,` of `text`, lower-cased, de-identification underscores dropped."
     return _TOKEN_RE.findall(str(text or "").lower().replace("_", " "))
 
 # %% ../nbs/01_data.ipynb #f87ddd28
 class Tokens:
-    "What a vocabulary and a tokenizer share: text to ids within [BOS] ... [EOS], and ids back to text (`ids_of`, `is_special`, `text_of` differ)."
+    """What a vocabulary and a tokenizer share: text to ids within [BOS] ... [EOS], and ids back to text (`ids_of`,
+    `is_special`, `text_of` differ)."""
+
     def encode(self, text, bos_eos=False, max_length=None) -> list:
         "Token ids of `text`; with `bos_eos`, wrapped in [BOS] ... [EOS] within `max_length`."
         ids = self.ids_of(text)
         if bos_eos:
-            if max_length is not None: ids = ids[:max(0, max_length - 2)]
+            if max_length is not None:
+                ids = ids[: max(0, max_length - 2)]
             return [self.bos_id] + ids + [self.eos_id]
         return ids[:max_length] if max_length is not None else ids
 
     def decode(self, ids, skip_special=True) -> str:
         "Text of `ids`, stopping at [EOS]; special tokens left out unless `skip_special=False` ([PAD] always is)."
         out = []
-        for i in (ids.tolist() if hasattr(ids, "tolist") else ids):
+        for i in ids.tolist() if hasattr(ids, "tolist") else ids:
             i = int(i)
-            if i == self.pad_id: continue
-            if i == self.eos_id and skip_special: break
-            if skip_special and self.is_special(i): continue
+            if i == self.pad_id:
+                continue
+            if i == self.eos_id and skip_special:
+                break
+            if skip_special and self.is_special(i):
+                continue
             out.append(i)
         return self.text_of(out)
 
+
 class Vocab(Tokens):
     "A word-level vocabulary: special tokens, then words by frequency."
+
     kind = "word"
+
     def __init__(self, words=(), min_freq=None, counts=None):
         words = [w for w in words if w not in SPECIAL_TOKENS]
         self.itos = list(SPECIAL_TOKENS) + words
         self.stoi = {w: i for i, w in enumerate(self.itos)}
-        if len(self.stoi) != len(self.itos): raise InputError("repeated words in the vocabulary", where="Vocab")
+        if len(self.stoi) != len(self.itos):
+            raise InputError("repeated words in the vocabulary", where="Vocab")
         self.min_freq, self.counts = min_freq, dict(counts or {})
-        for t in SPECIAL_TOKENS: setattr(self, t.strip("[]").lower() + "_id", self.stoi[t])
+        for t in SPECIAL_TOKENS:
+            setattr(self, t.strip("[]").lower() + "_id", self.stoi[t])
 
     @classmethod
     def build(cls, texts, min_freq=3):
         "The vocabulary of `texts`: words seen at least `min_freq` times, most frequent first (ties alphabetical)."
         counts = Counter()
-        for t in texts: counts.update(tokenize(t))
+        for t in texts:
+            counts.update(tokenize(t))
         words = sorted((w for w, c in counts.items() if c >= min_freq), key=lambda w: (-counts[w], w))
         return cls(words, min_freq=min_freq, counts={w: counts[w] for w in words})
 
-    def __len__(self): return len(self.itos)
-    def __repr__(self): return f"Vocab({len(self)} tokens, min_freq={self.min_freq})"
+    def __len__(self):
+        return len(self.itos)
+
+    def __repr__(self):
+        return f"Vocab({len(self)} tokens, min_freq={self.min_freq})"
 
     def ids_of(self, text) -> list:
         "The ids of `text`'s words (`[UNK]` for unknown ones)."
         return [self.stoi.get(w, self.unk_id) for w in tokenize(text)]
-    def is_special(self, i) -> bool: return not 0 <= i < len(self.itos) or self.itos[i] in SPECIAL_TOKENS
-    def text_of(self, ids) -> str: return " ".join(self.itos[i] if 0 <= i < len(self.itos) else "[UNK]" for i in ids)
-    def state(self) -> list: return list(self.itos)    # what a checkpoint holds (`vocab_from_state` reads it back)
+
+    def is_special(self, i) -> bool:
+        return not 0 <= i < len(self.itos) or self.itos[i] in SPECIAL_TOKENS
+
+    def text_of(self, ids) -> str:
+        return " ".join(self.itos[i] if 0 <= i < len(self.itos) else "[UNK]" for i in ids)
+
+    def state(self) -> list:
+        return list(self.itos)  # what a checkpoint holds (`vocab_from_state` reads it back)
 
     def as_json(self) -> dict:
         "The vocabulary as the JSON object `save` writes."
-        return {"format": "mlrg-vocab", "version": 1, "min_freq": self.min_freq, "special_tokens": list(SPECIAL_TOKENS),
-                "itos": self.itos, "counts": self.counts}
+        return {
+            "format": "mlrg-vocab",
+            "version": 1,
+            "min_freq": self.min_freq,
+            "special_tokens": list(SPECIAL_TOKENS),
+            "itos": self.itos,
+            "counts": self.counts,
+        }
 
     def save(self, path):
         "Write the vocabulary as JSON, atomically."
@@ -443,29 +647,50 @@ class Vocab(Tokens):
         "Read a vocabulary written by `save`."
         d = load_json(path)
         if not isinstance(d, dict) or d.get("format") != "mlrg-vocab" or not isinstance(d.get("itos"), list):
-            raise InputError("not an mlrg vocabulary file", where=path, expected='JSON with "format": "mlrg-vocab" and "itos"')
-        if d["itos"][:len(SPECIAL_TOKENS)] != list(SPECIAL_TOKENS):
-            raise InputError("special tokens differ from this version's", where=path, expected=str(list(SPECIAL_TOKENS)))
-        return cls(d["itos"][len(SPECIAL_TOKENS):], min_freq=d.get("min_freq"), counts=d.get("counts"))
+            raise InputError(
+                "not an mlrg vocabulary file", where=path, expected='JSON with "format": "mlrg-vocab" and "itos"'
+            )
+        if d["itos"][: len(SPECIAL_TOKENS)] != list(SPECIAL_TOKENS):
+            raise InputError(
+                "special tokens differ from this version's", where=path, expected=str(list(SPECIAL_TOKENS))
+            )
+        return cls(d["itos"][len(SPECIAL_TOKENS) :], min_freq=d.get("min_freq"), counts=d.get("counts"))
 
 # %% ../nbs/01_data.ipynb #b2d90476
 BPE_STATE_TAG = "mlrg-bpe-tokenizer-v1"
-BPE_SPECIAL = {"bos_token": "[BOS]", "pad_token": "[PAD]", "cls_token": "[CLS]", "sep_token": "[SEP]", "mask_token": "[MASK]",
-               "eos_token": "[EOS]", "unk_token": "[UNK]"}
+BPE_SPECIAL = {
+    "bos_token": "[BOS]",
+    "pad_token": "[PAD]",
+    "cls_token": "[CLS]",
+    "sep_token": "[SEP]",
+    "mask_token": "[MASK]",
+    "eos_token": "[EOS]",
+    "unk_token": "[UNK]",
+}
 BPE_ADDED = ("[NHI]", "[NHPR]")
+
 
 def clean_text(text) -> str:
     "`text` lower-cased, de-identification underscores dropped, whitespace collapsed."
     return " ".join(str(text or "").lower().replace("_", " ").split())
 
+
 class BPETokenizer(Tokens):
-    "GPT-2's byte-level BPE with MLRG's special tokens, with `Vocab`'s interface; `state` / `from_state` keep it in a checkpoint."
+    """GPT-2's byte-level BPE with MLRG's special tokens, with `Vocab`'s interface; `state` / `from_state` keep it in a
+    checkpoint."""
+
     kind = "gpt2"
+
     def __init__(self, backend, source=None):
         self.backend, self.source = backend, source
         for t in SPECIAL_TOKENS:
             i = backend.token_to_id(t)
-            if i is None: raise InputError(f"the tokenizer lacks {t}", where=source or "BPETokenizer", expected=f"MLRG's tokens {list(SPECIAL_TOKENS)}")
+            if i is None:
+                raise InputError(
+                    f"the tokenizer lacks {t}",
+                    where=source or "BPETokenizer",
+                    expected=f"MLRG's tokens {list(SPECIAL_TOKENS)}",
+                )
             setattr(self, t.strip("[]").lower() + "_id", int(i))
         self.special_ids = {getattr(self, t.strip("[]").lower() + "_id") for t in SPECIAL_TOKENS}
 
@@ -474,14 +699,26 @@ class BPETokenizer(Tokens):
         "GPT-2's tokenizer from local folder `path` (never downloaded), with MLRG's tokens added."
         p = Path(path).expanduser() if path is not None else None
         if p is None or not p.is_dir():
-            raise InputError("the gpt2 tokenizer needs a local folder" + ("" if p is None else ", and there is none"), where=p or f"parameter {param!r}",
-                             expected=f"{param}=<folder> with vocab.json + merges.txt or tokenizer.json (e.g. the distilgpt2 folder)")
+            raise InputError(
+                "the gpt2 tokenizer needs a local folder" + ("" if p is None else ", and there is none"),
+                where=p or f"parameter {param!r}",
+                expected=f"{param}=<folder> with vocab.json + merges.txt or tokenizer.json (e.g. the distilgpt2 "
+                f"folder)",
+            )
         if not ((p / "tokenizer.json").is_file() or ((p / "vocab.json").is_file() and (p / "merges.txt").is_file())):
-            raise InputError("no GPT-2 tokenizer files in the folder", where=p, expected="vocab.json + merges.txt, or tokenizer.json")
+            raise InputError(
+                "no GPT-2 tokenizer files in the folder", where=p, expected="vocab.json + merges.txt, or tokenizer.json"
+            )
         tok = hub_transformers("the gpt2 tokenizer").AutoTokenizer.from_pretrained(str(p), local_files_only=True)
         model = json.loads(tok.backend_tokenizer.to_str()).get("model", {}).get("type")
-        if model != "BPE": raise InputError(f"the folder holds a {model} tokenizer ({type(tok).__name__})", where=p, expected="GPT-2's byte-level BPE tokenizer")
-        tok.add_special_tokens(dict(BPE_SPECIAL)); tok.add_tokens(list(BPE_ADDED))
+        if model != "BPE":
+            raise InputError(
+                f"the folder holds a {model} tokenizer ({type(tok).__name__})",
+                where=p,
+                expected="GPT-2's byte-level BPE tokenizer",
+            )
+        tok.add_special_tokens(dict(BPE_SPECIAL))
+        tok.add_tokens(list(BPE_ADDED))
         return cls(tok.backend_tokenizer, source=str(p))
 
     @classmethod
@@ -494,24 +731,35 @@ class BPETokenizer(Tokens):
         "The tokenizer as a list of strings (what a `weights_only` checkpoint holds)."
         return [BPE_STATE_TAG, self.backend.to_str()]
 
-    def __len__(self): return self.backend.get_vocab_size(with_added_tokens=True)
-    def __repr__(self): return f"BPETokenizer({len(self)} tokens, from {self.source})"
+    def __len__(self):
+        return self.backend.get_vocab_size(with_added_tokens=True)
+
+    def __repr__(self):
+        return f"BPETokenizer({len(self)} tokens, from {self.source})"
 
     def ids_of(self, text) -> list:
         "The BPE ids of `text`, cleaned."
         return self.backend.encode(clean_text(text), add_special_tokens=False).ids
-    def is_special(self, i) -> bool: return i in self.special_ids
-    def text_of(self, ids) -> str: return " ".join(self.backend.decode(list(ids), skip_special_tokens=False).split())
+
+    def is_special(self, i) -> bool:
+        return i in self.special_ids
+
+    def text_of(self, ids) -> str:
+        return " ".join(self.backend.decode(list(ids), skip_special_tokens=False).split())
 
 # %% ../nbs/01_data.ipynb #359f7c92
 def vocab_from_state(state):
     "The `Vocab` or `BPETokenizer` of a checkpoint's `vocab` list."
     state = list(state or [])
-    if state[:1] == [BPE_STATE_TAG]: return BPETokenizer.from_state(state)
-    if state[:len(SPECIAL_TOKENS)] != list(SPECIAL_TOKENS):
-        raise InputError("the checkpoint's vocabulary does not start with this version's special tokens", where="checkpoint['vocab']",
-                         expected=str(list(SPECIAL_TOKENS)))
-    return Vocab(state[len(SPECIAL_TOKENS):])
+    if state[:1] == [BPE_STATE_TAG]:
+        return BPETokenizer.from_state(state)
+    if state[: len(SPECIAL_TOKENS)] != list(SPECIAL_TOKENS):
+        raise InputError(
+            "the checkpoint's vocabulary does not start with this version's special tokens",
+            where="checkpoint['vocab']",
+            expected=str(list(SPECIAL_TOKENS)),
+        )
+    return Vocab(state[len(SPECIAL_TOKENS) :])
 
 # %% ../nbs/01_data.ipynb #e1ff3432
 def _check_prepare_args(mimic_root, out, sample_unit, image_check, min_freq):
@@ -520,9 +768,11 @@ def _check_prepare_args(mimic_root, out, sample_unit, image_check, min_freq):
         raise InputError(f"sample_unit={sample_unit!r}", where="sample_unit", expected="'image' or 'study'")
     if image_check not in IMAGE_CHECKS:
         raise InputError(f"image_check={image_check!r}", where="image_check", expected=" | ".join(IMAGE_CHECKS))
-    if int(min_freq) < 1: raise InputError(f"min_freq={min_freq}", where="min_freq", expected="an integer >= 1")
+    if int(min_freq) < 1:
+        raise InputError(f"min_freq={min_freq}", where="min_freq", expected="an integer >= 1")
     root, out = Path(mimic_root), Path(out)
-    if not root.is_dir(): raise InputError("folder not found", where=root, expected="a MIMIC-CXR-JPG root folder")
+    if not root.is_dir():
+        raise InputError("folder not found", where=root, expected="a MIMIC-CXR-JPG root folder")
     return root, out
 
 # %% ../nbs/01_data.ipynb #04c6e058
@@ -535,6 +785,7 @@ def _study_table(meta):
     subj = m.groupby("study_id", sort=False)["subject_id"].nunique()
     return first.reset_index(drop=True), inconsistent, subj[subj > 1].index.tolist()
 
+
 def _image_table(root, bad):
     """(metadata, one row per study, one row per image of the split file with its `path` and view `rank`, the number of
     images not in the split file, the number of studies whose images disagree on the date or time)."""
@@ -542,14 +793,20 @@ def _image_table(root, bad):
     split = read_split(root, meta, bad)
     studies, n_time_inconsistent, multi_subject = _study_table(meta)
     if multi_subject:
-        bad("metadata_study_two_subjects", f"study_id={multi_subject[0]} has images of more than one subject_id",
-            where=find_table(root, METADATA_CSV), n=len(multi_subject))
+        bad(
+            "metadata_study_two_subjects",
+            f"study_id={multi_subject[0]} has images of more than one subject_id",
+            where=find_table(root, METADATA_CSV),
+            n=len(multi_subject),
+        )
         meta = meta[~meta["study_id"].isin(multi_subject)]
         studies = studies[~studies["study_id"].isin(multi_subject)]
     imgs = meta.merge(split, on="dicom_id", how="inner")
     n_not_in_split = len(meta) - len(imgs)
     s_subj = imgs["subject_id"].astype(str)
-    imgs["path"] = "p" + s_subj.str[:2] + "/p" + s_subj + "/s" + imgs["study_id"].astype(str) + "/" + imgs["dicom_id"] + ".jpg"
+    imgs["path"] = (
+        "p" + s_subj.str[:2] + "/p" + s_subj + "/s" + imgs["study_id"].astype(str) + "/" + imgs["dicom_id"] + ".jpg"
+    )
     imgs["rank"] = imgs["view"].map({v: view_rank(v) for v in imgs["view"].unique()}).astype("int64")
     return meta, studies, imgs, n_not_in_split, n_time_inconsistent
 
@@ -567,11 +824,20 @@ def _study_texts(reports):
     text = {}
     for sid, r in reports.items():
         f = r["findings"]
-        if f is None: rcount["no_findings_section"] += 1
-        elif not f.strip(): rcount["empty_findings_section"] += 1
-        if r["last_paragraph"] is not None: rcount["fallback_last_paragraph"] += 1
-        if not r["indication"]: rcount["no_indication"] += 1
-        text[sid] = (normalize_text(f), normalize_text(r["impression"]), r["indication"] or "", clean_indication(r["indication"]))
+        if f is None:
+            rcount["no_findings_section"] += 1
+        elif not f.strip():
+            rcount["empty_findings_section"] += 1
+        if r["last_paragraph"] is not None:
+            rcount["fallback_last_paragraph"] += 1
+        if not r["indication"]:
+            rcount["no_indication"] += 1
+        text[sid] = (
+            normalize_text(f),
+            normalize_text(r["impression"]),
+            r["indication"] or "",
+            clean_indication(r["indication"]),
+        )
     return text, rcount
 
 # %% ../nbs/01_data.ipynb #3c0db1dc
@@ -579,10 +845,13 @@ def _read_chexpert(path, bad):
     "{study_id: [14 labels, None where blank]} from the CheXpert table at `path`; bad rows are reported to `bad`."
     df = _read_table(path, ("subject_id", "study_id"), optional=CHEXPERT_LABELS)
     sid = _numeric(df["study_id"])
-    _flag_rows(bad, "chexpert_bad_row", sid.isna(), path, lambda i: f"study_id={df['study_id'].iat[i]!r} is not a number")
+    _flag_rows(
+        bad, "chexpert_bad_row", sid.isna(), path, lambda i: f"study_id={df['study_id'].iat[i]!r} is not a number"
+    )
     vals = np.full((len(df), len(CHEXPERT_LABELS)), np.nan)
     for c in CHEXPERT_LABELS:
-        if c in df.columns: vals[:, CHEXPERT_LABELS.index(c)] = _numeric(df[c]).to_numpy()
+        if c in df.columns:
+            vals[:, CHEXPERT_LABELS.index(c)] = _numeric(df[c]).to_numpy()
     obj = vals.astype(object)
     obj[np.isnan(vals)] = None
     ok = sid.notna().to_numpy()
@@ -606,52 +875,86 @@ def _latest_study(prior_id, image, text, sdate):
     "MLRG's `prior_study` entry: prior study `prior_id`, its chosen (path, view) `image`, findings and date."
     ptext = text.get(prior_id)
     pdate, ptime = sdate[prior_id]
-    return {"latest_study": {"image_path": image[0], "view_position": image[1],
-                             "findings": ptext[0] if ptext else "", "study_id": prior_id,
-                             "study_date": pdate, "study_time": ptime,
-                             "has_findings": bool(ptext and ptext[0]),
-                             "report_read": ptext is not None}}
+    return {
+        "latest_study": {
+            "image_path": image[0],
+            "view_position": image[1],
+            "findings": ptext[0] if ptext else "",
+            "study_id": prior_id,
+            "study_date": pdate,
+            "study_time": ptime,
+            "has_findings": bool(ptext and ptext[0]),
+            "report_read": ptext is not None,
+        }
+    }
+
 
 def _prior_images(anchors, imgs):
     "{(prior study id, anchor view): (path, view) of the chosen prior image} for the anchors with a prior."
     pairs = anchors[anchors["prior_study_id"].notna()].rename(columns={"view": "anchor_view"})
-    chosen = choose_prior_images(pairs, imgs) if len(pairs) else pd.DataFrame(
-        columns=["prior_study_id", "anchor_view", "prior_dicom", "prior_path", "prior_view"])
-    return {(int(a), b): (c, d) for a, b, c, d in zip(chosen["prior_study_id"], chosen["anchor_view"], chosen["prior_path"], chosen["prior_view"])}
+    chosen = (
+        choose_prior_images(pairs, imgs)
+        if len(pairs)
+        else pd.DataFrame(columns=["prior_study_id", "anchor_view", "prior_dicom", "prior_path", "prior_view"])
+    )
+    return {
+        (int(a), b): (c, d)
+        for a, b, c, d in zip(
+            chosen["prior_study_id"], chosen["anchor_view"], chosen["prior_path"], chosen["prior_view"]
+        )
+    }
 
 # %% ../nbs/01_data.ipynb #052c0cd8
 def _annotation(anchors, imgs, studies, text, chexpert):
-    "({split: [MLRG item, ...]}, Counter of prior statuses) of the `anchors`; `imgs` gives each study's images in order."
+    """({split: [MLRG item, ...]}, Counter of prior statuses) of the `anchors`; `imgs` gives each study's images in
+    order."""
     chosen_map = _prior_images(anchors, imgs)
     by_study = defaultdict(list)
     for st, p, v in zip(imgs["study_id"].to_numpy().tolist(), imgs["path"].tolist(), imgs["view"].tolist()):
         by_study[st].append((p, v))
     sdate = dict(zip(studies["study_id"].tolist(), zip(studies["study_date"].tolist(), studies["study_time"].tolist())))
-    anchors = anchors.sort_values(["split", "subject_id", "study_date", "study_time", "study_id", "rank", "dicom_id"], kind="stable")
+    anchors = anchors.sort_values(
+        ["split", "subject_id", "study_date", "study_time", "study_id", "rank", "dicom_id"], kind="stable"
+    )
     ann = {s: [] for s in SPLITS}
     status_count = Counter()
     prior_cache = {}
-    cols = [anchors[c].tolist() for c in ("dicom_id", "subject_id", "study_id", "split", "path", "view", "prior_study_id", "prior_status")]
+    cols = [
+        anchors[c].tolist()
+        for c in ("dicom_id", "subject_id", "study_id", "split", "path", "view", "prior_study_id", "prior_status")
+    ]
     for dicom, subject, study, spl, path, view, prior_id, status in zip(*cols):
         findings, impression, indication, ind_pure = text[study]
         prior = None
         if status == "prior":
             prior_id = int(prior_id)
             key = (prior_id, view)
-            if key not in chosen_map: status = "prior_no_image"
+            if key not in chosen_map:
+                status = "prior_no_image"
             else:
                 prior = prior_cache.get(key)
-                if prior is None: prior = prior_cache[key] = _latest_study(prior_id, chosen_map[key], text, sdate)
+                if prior is None:
+                    prior = prior_cache[key] = _latest_study(prior_id, chosen_map[key], text, sdate)
         status_count[status] += 1
         aux = [pv for pv in by_study[study] if pv[0] != path]
         date, tm = sdate[study]
-        item = {"id": dicom, "findings": findings, "impression": impression, "indication": indication,
-                "indication_pure": ind_pure,
-                "anchor_scan": {"image_path": [path], "view_position": [view]},
-                "auxiliary_references": {"image_path": [a[0] for a in aux], "view_position": [a[1] for a in aux]},
-                "prior_study": prior,
-                "subject_id": subject, "study_id": study, "study_date": date, "study_time": tm, "prior_status": status}
-        if chexpert is not None: item["chexpert"] = chexpert.get(study)
+        item = {
+            "id": dicom,
+            "findings": findings,
+            "impression": impression,
+            "indication": indication,
+            "indication_pure": ind_pure,
+            "anchor_scan": {"image_path": [path], "view_position": [view]},
+            "auxiliary_references": {"image_path": [a[0] for a in aux], "view_position": [a[1] for a in aux]},
+            "prior_study": prior,
+            "subject_id": subject,
+            "study_id": study,
+            "study_date": date,
+            "study_time": tm,
+            "prior_status": status,
+        }
+        if chexpert is not None:
+            item["chexpert"] = chexpert.get(study)
         ann[spl].append(item)
     return ann, status_count
 
@@ -669,33 +972,53 @@ def _sample_counts(ann, status_count, pri):
     "Per split: samples, studies, patients, samples with a prior and their share; prior statuses; anchor views."
     n_prior = {s: sum(it["prior_study"] is not None for it in ann[s]) for s in SPLITS}
     views = Counter(v for it_list in ann.values() for it in it_list for v in it["anchor_scan"]["view_position"])
-    return {"samples": {s: len(ann[s]) for s in SPLITS},
-            "studies": {s: len({it["study_id"] for it in ann[s]}) for s in SPLITS},
-            "patients": {s: len({it["subject_id"] for it in ann[s]}) for s in SPLITS},
-            "with_prior": n_prior,
-            "prior_share": {s: (n_prior[s] / len(ann[s]) if ann[s] else None) for s in SPLITS},
-            "prior_status_samples": dict(sorted(status_count.items())),
-            "prior_status_studies": pri["prior_status"].value_counts().sort_index().to_dict(),
-            "anchor_views": dict(views.most_common())}
+    return {
+        "samples": {s: len(ann[s]) for s in SPLITS},
+        "studies": {s: len({it["study_id"] for it in ann[s]}) for s in SPLITS},
+        "patients": {s: len({it["subject_id"] for it in ann[s]}) for s in SPLITS},
+        "with_prior": n_prior,
+        "prior_share": {s: (n_prior[s] / len(ann[s]) if ann[s] else None) for s in SPLITS},
+        "prior_status_samples": dict(sorted(status_count.items())),
+        "prior_status_studies": pri["prior_status"].value_counts().sort_index().to_dict(),
+        "anchor_views": dict(views.most_common()),
+    }
 
-def _default_vocab_path(out): return Path(out).parent / "vocab.json"
-def _summary_path(out): return Path(out).parent / "prepare_summary.json"
+
+def _default_vocab_path(out):
+    return Path(out).parent / "vocab.json"
+
+
+def _summary_path(out):
+    return Path(out).parent / "prepare_summary.json"
 
 # %% ../nbs/01_data.ipynb #cae3ba6f
-def prepare(mimic_root, out, sample_unit="image", skip_bad=False, image_check="exists", min_freq=3,
-            progress=True, vocab_path=None) -> dict:
-    "Prepare MIMIC-CXR(-JPG) at `mimic_root` into MLRG's annotation JSON `out` (+ vocabulary + summary); return the summary."
+def prepare(
+    mimic_root,
+    out,
+    sample_unit="image",
+    skip_bad=False,
+    image_check="exists",
+    min_freq=3,
+    progress=True,
+    vocab_path=None,
+) -> dict:
+    """Prepare MIMIC-CXR(-JPG) at `mimic_root` into MLRG's annotation JSON `out` (+ vocabulary + summary); return the
+    summary."""
     t0 = time.perf_counter()
     log = get_logger()
     root, out = _check_prepare_args(mimic_root, out, sample_unit, image_check, min_freq)
     vocab_path = Path(vocab_path) if vocab_path else _default_vocab_path(out)
-    for folder in {out.parent, vocab_path.parent}: ensure_writable(folder); remove_stale_temps(folder)   # before any work
+    for folder in {out.parent, vocab_path.parent}:
+        ensure_writable(folder)
+        remove_stale_temps(folder)  # before any work
     files_dir = root / "files"
     bad = BadInputs(skip_bad)
-    meta, studies, imgs, n_not_in_split, n_time_inconsistent = _image_table(root, bad)                # 1. tables
-    imgs = imgs[check_images(files_dir, imgs["path"].tolist(), image_check, bad, progress)].reset_index(drop=True)  # 2. images
-    pri = assign_priors(studies).set_index("study_id")          # 3. priors, over every study in the metadata
-    reports = read_reports(files_dir, _studies_to_read(imgs, studies, pri), bad, progress)          # 4. reports
+    meta, studies, imgs, n_not_in_split, n_time_inconsistent = _image_table(root, bad)  # 1. tables
+    imgs = imgs[check_images(files_dir, imgs["path"].tolist(), image_check, bad, progress)].reset_index(
+        drop=True
+    )  # 2. images
+    pri = assign_priors(studies).set_index("study_id")  # 3. priors, over every study in the metadata
+    reports = read_reports(files_dir, _studies_to_read(imgs, studies, pri), bad, progress)  # 4. reports
     text, rcount = _study_texts(reports)
     chex_path = find_table(root, CHEXPERT_CSV, required=False)
     chexpert = _read_chexpert(chex_path, bad) if chex_path else None
@@ -704,26 +1027,47 @@ def prepare(mimic_root, out, sample_unit="image", skip_bad=False, image_check="e
     ann, status_count = _annotation(anchors, imgs, studies, text, chexpert)
     vocab = _train_vocab(ann, text, min_freq)
     summary = {
-        "mimic_root": str(root.resolve()), "annotation": str(out.resolve()), "vocab": str(vocab_path.resolve()),
-        "sample_unit": sample_unit, "image_check": image_check, "skip_bad": bool(skip_bad), "min_freq": int(min_freq),
+        "mimic_root": str(root.resolve()),
+        "annotation": str(out.resolve()),
+        "vocab": str(vocab_path.resolve()),
+        "sample_unit": sample_unit,
+        "image_check": image_check,
+        "skip_bad": bool(skip_bad),
+        "min_freq": int(min_freq),
         **_sample_counts(ann, status_count, pri),
-        "inputs": {"metadata": str(find_table(root, METADATA_CSV)), "split": str(find_table(root, SPLIT_CSV)),
-                   "chexpert": str(chex_path) if chex_path else None, "metadata_images": len(meta),
-                   "metadata_studies": len(studies), "metadata_patients": int(meta["subject_id"].nunique()),
-                   "images_checked_ok": len(imgs), "reports_read": len(reports),
-                   "studies_with_inconsistent_date_time": n_time_inconsistent},
-        "reports": {k: rcount[k] for k in ("no_findings_section", "empty_findings_section", "fallback_last_paragraph", "no_indication")},
-        "excluded": {"not_in_split_images": n_not_in_split,
-                     "no_findings_studies": rcount["no_findings_section"] + rcount["empty_findings_section"],
-                     "no_findings_images": n_no_findings_images,
-                     "bad_report_images": n_no_report_images},
+        "inputs": {
+            "metadata": str(find_table(root, METADATA_CSV)),
+            "split": str(find_table(root, SPLIT_CSV)),
+            "chexpert": str(chex_path) if chex_path else None,
+            "metadata_images": len(meta),
+            "metadata_studies": len(studies),
+            "metadata_patients": int(meta["subject_id"].nunique()),
+            "images_checked_ok": len(imgs),
+            "reports_read": len(reports),
+            "studies_with_inconsistent_date_time": n_time_inconsistent,
+        },
+        "reports": {
+            k: rcount[k]
+            for k in ("no_findings_section", "empty_findings_section", "fallback_last_paragraph", "no_indication")
+        },
+        "excluded": {
+            "not_in_split_images": n_not_in_split,
+            "no_findings_studies": rcount["no_findings_section"] + rcount["empty_findings_section"],
+            "no_findings_images": n_no_findings_images,
+            "bad_report_images": n_no_report_images,
+        },
         **bad.summary(),
         "vocab_size": len(vocab),
         "chexpert_labels": list(CHEXPERT_LABELS) if chexpert is not None else None,
         "seconds": round(time.perf_counter() - t0, 2),
     }
-    write_set({out: json.dumps(ann, ensure_ascii=False, separators=(",", ":")), vocab_path: json_text(vocab.as_json(), indent=1),
-               _summary_path(out): json_text(summary)})                   # all three new, or all three as they were
+    write_set(
+        {
+            out: json.dumps(ann, ensure_ascii=False, separators=(",", ":")),
+            vocab_path: json_text(vocab.as_json(), indent=1),
+            _summary_path(out): json_text(summary),
+        }
+    )  # all three new, or all three as they were
     log.info("prepared %s: %s samples (%s)", out, summary["samples"], sample_unit)
     return summary
 
@@ -732,36 +1076,57 @@ def prepare_cli(argv=None) -> int:
     "The `mlrg prepare` command."
     try:
         a = PREPARE.cli(argv, prog="mlrg prepare")
-        s = prepare(a["mimic_root"], a["out"], sample_unit=a["sample_unit"], skip_bad=a["skip_bad"], image_check=a["image_check"],
-                    min_freq=a["min_freq"], progress=not a["quiet"], vocab_path=a["vocab"])
+        s = prepare(
+            a["mimic_root"],
+            a["out"],
+            sample_unit=a["sample_unit"],
+            skip_bad=a["skip_bad"],
+            image_check=a["image_check"],
+            min_freq=a["min_freq"],
+            progress=not a["quiet"],
+            vocab_path=a["vocab"],
+        )
     except InputError as e:
         print(f"mlrg prepare: error: {e}", file=sys.stderr)
         return 2
-    print(f"wrote {s['annotation']} ({', '.join(f'{k} {v}' for k, v in s['samples'].items())} samples), "
-          f"{s['vocab']} ({s['vocab_size']} tokens), {_summary_path(s['annotation'])}")
-    if s["skipped"]: print("skipped: " + ", ".join(f"{k} {v}" for k, v in s["skipped"].items()))
+    print(
+        f"wrote {s['annotation']} ({', '.join(f'{k} {v}' for k, v in s['samples'].items())} samples), "
+        f"{s['vocab']} ({s['vocab_size']} tokens), {_summary_path(s['annotation'])}"
+    )
+    if s["skipped"]:
+        print("skipped: " + ", ".join(f"{k} {v}" for k, v in s["skipped"].items()))
     return 0
 
 # %% ../nbs/01_data.ipynb #d81e7183
 def _check_paths(d, key, where, errors, single=False):
     v = d.get(key) if isinstance(d, dict) else None
-    if not isinstance(v, dict): errors.append(f"{where}.{key}: not an object"); return
+    if not isinstance(v, dict):
+        errors.append(f"{where}.{key}: not an object")
+        return
     p, vp = v.get("image_path"), v.get("view_position")
     if single:
-        if not isinstance(p, str) or not p: errors.append(f"{where}.{key}.image_path: not a path string")
+        if not isinstance(p, str) or not p:
+            errors.append(f"{where}.{key}.image_path: not a path string")
         return
-    if not isinstance(p, list) or not all(isinstance(x, str) for x in p): errors.append(f"{where}.{key}.image_path: not a list of paths")
-    elif not isinstance(vp, list) or len(vp) != len(p): errors.append(f"{where}.{key}.view_position: not a list as long as image_path")
+    if not isinstance(p, list) or not all(isinstance(x, str) for x in p):
+        errors.append(f"{where}.{key}.image_path: not a list of paths")
+    elif not isinstance(vp, list) or len(vp) != len(p):
+        errors.append(f"{where}.{key}.view_position: not a list as long as image_path")
+
 
 def validate_mlrg_item(item, where="item") -> list:
     "Problems with one MLRG annotation item (an empty list when it is fine)."
-    if not isinstance(item, dict): return [f"{where}: not an object"]
+    if not isinstance(item, dict):
+        return [f"{where}: not an object"]
     errors = [f"{where}: missing key {k!r}" for k in MLRG_ITEM_KEYS if k not in item]
-    if errors: return errors
+    if errors:
+        return errors
     for k in ("id", "findings", "impression", "indication", "indication_pure"):
-        if not isinstance(item[k], str): errors.append(f"{where}.{k}: not a string")
+        if not isinstance(item[k], str):
+            errors.append(f"{where}.{k}: not a string")
     _check_paths(item, "anchor_scan", where, errors)
-    if not errors and len(item["anchor_scan"]["image_path"]) != 1: errors.append(f"{where}.anchor_scan.image_path: not one path")
+    if not errors and len(item["anchor_scan"]["image_path"]) != 1:
+        errors.append(f"{where}.anchor_scan.image_path: not one path")
     _check_paths(item, "auxiliary_references", where, errors)
     prior = item["prior_study"]
     if prior is not None:
@@ -779,14 +1144,17 @@ def _raise_bad_items(path, errors):
         more = f" (and {len(errors) - 5} more)" if len(errors) > 5 else ""
         raise InputError(f"{len(errors)} problem(s): " + "; ".join(errors[:5]) + more, where=path)
 
+
 def _top_level(data, path, keys=SPLITS):
     if not isinstance(data, dict) or not set(data) <= set(keys) | {"validate"} or not data:
         got = sorted(data) if isinstance(data, dict) else type(data).__name__
         raise InputError(f"top level is {got}", where=path, expected='an object with "train", "val", "test" lists')
     out = {s: data.get(s, data.get("validate", [])) if s == "val" else data.get(s, []) for s in keys}
     for s, v in out.items():
-        if not isinstance(v, list): raise InputError(f"{s!r} is not a list", where=path)
+        if not isinstance(v, list):
+            raise InputError(f"{s!r} is not a list", where=path)
     return out
+
 
 def read_mlrg_annotation(path) -> dict:
     "MLRG's annotation JSON (theirs or `prepare`'s), checked item by item."
@@ -797,12 +1165,20 @@ def read_mlrg_annotation(path) -> dict:
 
 # %% ../nbs/01_data.ipynb #8f3f4775
 def _simple_item(id_, report, paths, extra=None):
-    item = {"id": str(id_), "findings": normalize_text(report), "impression": "", "indication": "", "indication_pure": "",
-            "anchor_scan": {"image_path": [paths[0]], "view_position": ["unk"]},
-            "auxiliary_references": {"image_path": list(paths[1:]), "view_position": ["unk"] * (len(paths) - 1)},
-            "prior_study": None, "prior_status": "unknown"}
+    item = {
+        "id": str(id_),
+        "findings": normalize_text(report),
+        "impression": "",
+        "indication": "",
+        "indication_pure": "",
+        "anchor_scan": {"image_path": [paths[0]], "view_position": ["unk"]},
+        "auxiliary_references": {"image_path": list(paths[1:]), "view_position": ["unk"] * (len(paths) - 1)},
+        "prior_study": None,
+        "prior_status": "unknown",
+    }
     item.update(extra or {})
     return item
+
 
 def read_r2gen_annotation(path) -> dict:
     "R2Gen's `annotation.json` (IU X-Ray or MIMIC-CXR form) as MLRG-form items."
@@ -811,13 +1187,20 @@ def read_r2gen_annotation(path) -> dict:
     for s in SPLITS:
         for i, it in enumerate(data[s]):
             where = f"{s}[{i}]"
-            if not isinstance(it, dict): errors.append(f"{where}: not an object"); continue
+            if not isinstance(it, dict):
+                errors.append(f"{where}: not an object")
+                continue
             miss = [k for k in ("id", "report", "image_path") if k not in it]
-            if miss: errors.append(f"{where}: missing key(s) {miss}"); continue
+            if miss:
+                errors.append(f"{where}: missing key(s) {miss}")
+                continue
             paths = it["image_path"]
             if not isinstance(paths, list) or not paths or not all(isinstance(p, str) for p in paths):
-                errors.append(f"{where}.image_path: not a non-empty list of paths"); continue
-            if not isinstance(it["report"], str): errors.append(f"{where}.report: not a string"); continue
+                errors.append(f"{where}.image_path: not a non-empty list of paths")
+                continue
+            if not isinstance(it["report"], str):
+                errors.append(f"{where}.report: not a string")
+                continue
             extra = {k: it[k] for k in ("study_id", "subject_id") if k in it}
             out[s].append(_simple_item(it["id"], it["report"], paths, {**extra, "source": "r2gen"}))
     _raise_bad_items(path, errors)
@@ -828,11 +1211,16 @@ def read_medclip_pickle(path, trust_pickle=False) -> dict:
     "A MedCLIP-style `datasets.pkl` ({'train','val','test'} of {image_path, report, labels}) as MLRG-form items."
     path = Path(path)
     if not trust_pickle:
-        raise InputError("refusing to load a pickle: unpickling runs whatever code the file contains",
-                         where=path, expected="trust_pickle=True only for a file whose origin you trust, or a JSON annotation")
-    if not path.is_file(): raise InputError("file not found", where=path)
+        raise InputError(
+            "refusing to load a pickle: unpickling runs whatever code the file contains",
+            where=path,
+            expected="trust_pickle=True only for a file whose origin you trust, or a JSON annotation",
+        )
+    if not path.is_file():
+        raise InputError("file not found", where=path)
     try:
-        with open(path, "rb") as f: data = pickle.load(f)
+        with open(path, "rb") as f:
+            data = pickle.load(f)
     except Exception as e:
         raise InputError(f"cannot unpickle ({type(e).__name__}: {e})", where=path) from None
     data = _top_level(data, path)
@@ -840,11 +1228,17 @@ def read_medclip_pickle(path, trust_pickle=False) -> dict:
     for s in SPLITS:
         for i, it in enumerate(data[s]):
             where = f"{s}[{i}]"
-            if not isinstance(it, dict) or not isinstance(it.get("image_path"), (str, os.PathLike)) or not isinstance(it.get("report"), str):
-                errors.append(f"{where}: expected a dict with image_path (str) and report (str)"); continue
+            if (
+                not isinstance(it, dict)
+                or not isinstance(it.get("image_path"), (str, os.PathLike))
+                or not isinstance(it.get("report"), str)
+            ):
+                errors.append(f"{where}: expected a dict with image_path (str) and report (str)")
+                continue
             p = str(it["image_path"])
             extra = {"source": "medclip_pickle"}
-            if it.get("labels") is not None: extra["labels"] = [float(x) for x in np.asarray(it["labels"]).ravel()]
+            if it.get("labels") is not None:
+                extra["labels"] = [float(x) for x in np.asarray(it["labels"]).ravel()]
             out[s].append(_simple_item(Path(p).stem, it["report"], [p], extra))
     _raise_bad_items(path, errors)
     return out
@@ -853,14 +1247,20 @@ def read_medclip_pickle(path, trust_pickle=False) -> dict:
 def read_annotation(path, trust_pickle=False) -> dict:
     "Any supported annotation, by its content: MLRG JSON, R2Gen JSON, or (with `trust_pickle`) a MedCLIP-style pickle."
     path = Path(path)
-    if path.suffix in (".pkl", ".pickle"): return read_medclip_pickle(path, trust_pickle=trust_pickle)
+    if path.suffix in (".pkl", ".pickle"):
+        return read_medclip_pickle(path, trust_pickle=trust_pickle)
     data = _top_level(load_json(path), path)
     first = next((it for s in SPLITS for it in data[s]), {})
-    return read_r2gen_annotation(path) if isinstance(first, dict) and "report" in first and "anchor_scan" not in first else read_mlrg_annotation(path)
+    return (
+        read_r2gen_annotation(path)
+        if isinstance(first, dict) and "report" in first and "anchor_scan" not in first
+        else read_mlrg_annotation(path)
+    )
 
 # %% ../nbs/01_data.ipynb #9195a684
 CXR_MEAN, CXR_STD = 0.586, 0.280
 VIEW_POSITIONS = ("PA", "AP", "LATERAL", "LL", "other", "unk")
+
 
 def view_id(v) -> int:
     "The view-position id of a view (0 is padding)."
@@ -873,7 +1273,8 @@ def load_image(path, image_size=224):
     path = Path(path)
     try:
         with Image.open(path) as im:
-            if im.format == "JPEG": im.draft("L", (image_size, image_size))
+            if im.format == "JPEG":
+                im.draft("L", (image_size, image_size))
             im = im.convert("L")
     except FileNotFoundError:
         raise InputError("image file not found", where=path) from None
@@ -885,7 +1286,8 @@ def load_image(path, image_size=224):
         sq = Image.new("L", (side, side), 0)
         sq.paste(im, ((side - w) // 2, (side - h) // 2))
         im = sq
-    if side != image_size: im = im.resize((image_size, image_size), Image.BILINEAR)
+    if side != image_size:
+        im = im.resize((image_size, image_size), Image.BILINEAR)
     return np.asarray(im, dtype=np.uint8)
 
 # %% ../nbs/01_data.ipynb #ac3e3d2e
@@ -894,15 +1296,19 @@ def prior_findings(item) -> str | None:
     prior = item.get("prior_study")
     return (prior.get("latest_study") or {}).get("findings") if isinstance(prior, dict) else None
 
+
 def build_prompt(vocab, indication, prior_text, max_length=200) -> tuple:
     "(ids, segment ids) of the prompt `[CLS] indication [SEP] prior findings [SEP]`, at most `max_length` tokens."
-    if max_length < 6: raise InputError(f"max_prompt_length={max_length}", where="max_prompt_length", expected="at least 6 tokens")
+    if max_length < 6:
+        raise InputError(f"max_prompt_length={max_length}", where="max_prompt_length", expected="at least 6 tokens")
     ind = [t for t in vocab.encode(indication or "") if t != vocab.unk_id] and vocab.encode(indication or "")
     pri = [t for t in vocab.encode(prior_text or "") if t != vocab.unk_id] and vocab.encode(prior_text or "")
     ind, pri = ind or [vocab.nhi_id], pri or [vocab.nhpr_id]
-    while len(ind) + len(pri) + 3 > max_length:            # longest first, from the end
-        if len(ind) >= len(pri): ind = ind[:-1]
-        else: pri = pri[:-1]
+    while len(ind) + len(pri) + 3 > max_length:  # longest first, from the end
+        if len(ind) >= len(pri):
+            ind = ind[:-1]
+        else:
+            pri = pri[:-1]
     ids = [vocab.cls_id] + ind + [vocab.sep_id] + pri + [vocab.sep_id]
     return ids, [0] * (len(ind) + 2) + [1] * (len(pri) + 1)
 
@@ -910,73 +1316,161 @@ def build_prompt(vocab, indication, prior_text, max_length=200) -> tuple:
 def _augment(x, rng):
     "Light augmentation of a (1, H, W) float tensor in [0, 1]: small affine, brightness, contrast. No flip."
     import torchvision.transforms.v2.functional as TF
+
     h = x.shape[-1]
-    x = TF.affine(x, angle=rng.uniform(-5, 5), translate=[round(rng.uniform(-.03, .03) * h), round(rng.uniform(-.03, .03) * h)],
-                  scale=rng.uniform(0.95, 1.05), shear=[0.0, 0.0])
+    x = TF.affine(
+        x,
+        angle=rng.uniform(-5, 5),
+        translate=[round(rng.uniform(-0.03, 0.03) * h), round(rng.uniform(-0.03, 0.03) * h)],
+        scale=rng.uniform(0.95, 1.05),
+        shear=[0.0, 0.0],
+    )
     x = TF.adjust_brightness(x, rng.uniform(0.9, 1.1))
     return TF.adjust_contrast(x, rng.uniform(0.9, 1.1)).clamp(0, 1)
 
-class MLRGDataset(torch.utils.data.Dataset):
-    "Items in MLRG's form -> anchor + auxiliary views + prior image, prompt and target ids."
-    def __init__(self, items, image_root, vocab, image_size=224, max_views=3, max_length=100, max_prompt_length=200,
-                 augment=False, seed=0, mean=CXR_MEAN, std=CXR_STD):
-        if max_views < 1: raise InputError(f"max_views={max_views}", where="max_views", expected=">= 1")
-        self.items, self.image_root, self.vocab = list(items), Path(image_root), vocab
-        self.image_size, self.max_views, self.max_length, self.max_prompt_length = image_size, max_views, max_length, max_prompt_length
-        self.augment, self.seed, self.mean, self.std, self.epoch = augment, seed, mean, std, 0
-        self.n_dropped_aux = sum(max(0, len(it["auxiliary_references"]["image_path"]) - (max_views - 1)) for it in self.items)
 
-    def __len__(self): return len(self.items)
-    def set_epoch(self, epoch): self.epoch = int(epoch)
+def image_slots(item, max_views=None) -> list:
+    """(slot, image path, view position, temporal id) of each image of annotation `item`: the anchor (slot 0), its
+    other views (1..), the prior image last (temporal id 1, slot `max_views`); `max_views=None` keeps every view."""
+    anchor, aux = item["anchor_scan"], item["auxiliary_references"]
+    cur = list(zip(anchor["image_path"], anchor["view_position"]))
+    more = list(zip(aux["image_path"], aux["view_position"]))
+    cur = cur + more if max_views is None else (cur[:1] + more)[:max_views]
+    out = [(k, p, vp, 0) for k, (p, vp) in enumerate(cur)]
+    if item.get("prior_study"):
+        ls = item["prior_study"]["latest_study"]
+        out.append((len(cur) if max_views is None else max_views, ls["image_path"], ls.get("view_position"), 1))
+    return out
+
+
+class MLRGDataset(torch.utils.data.Dataset):
+    """Items in MLRG's form -> image slots (anchor, auxiliary views, prior image), prompt and target ids. The prompt
+    leaves out the indication or the prior report when asked (MLRG's ablations); with a feature cache (`features`:
+    {path: tokens} with `rows`) a sample carries its slots' cached tokens as `features` instead of pixels."""
+
+    def __init__(
+        self,
+        items,
+        image_root,
+        vocab,
+        image_size=224,
+        max_views=3,
+        max_length=100,
+        max_prompt_length=200,
+        augment=False,
+        seed=0,
+        mean=CXR_MEAN,
+        std=CXR_STD,
+        use_indication=True,
+        use_prior_report=True,
+        features=None,
+    ):
+        if max_views < 1:
+            raise InputError(f"max_views={max_views}", where="max_views", expected=">= 1")
+        self.items, self.image_root, self.vocab = list(items), Path(image_root), vocab
+        self.image_size, self.max_views = image_size, max_views
+        self.max_length, self.max_prompt_length = max_length, max_prompt_length
+        self.augment, self.seed, self.mean, self.std, self.epoch = augment, seed, mean, std, 0
+        self.use_indication, self.use_prior_report, self.features = (
+            bool(use_indication),
+            bool(use_prior_report),
+            features,
+        )
+        self.n_dropped_aux = sum(
+            max(0, len(it["auxiliary_references"]["image_path"]) - (max_views - 1)) for it in self.items
+        )
+
+    def __len__(self):
+        return len(self.items)
+
+    def set_epoch(self, epoch):
+        self.epoch = int(epoch)
 
     def image(self, rel, rng=None):
         "One image as a normalised (1, S, S) float tensor."
         p = Path(rel)
-        x = torch.from_numpy(load_image(p if p.is_absolute() else self.image_root / p, self.image_size).copy()).float().div_(255).unsqueeze(0)
-        if rng is not None: x = _augment(x, rng)
+        x = (
+            torch.from_numpy(load_image(p if p.is_absolute() else self.image_root / p, self.image_size).copy())
+            .float()
+            .div_(255)
+            .unsqueeze(0)
+        )
+        if rng is not None:
+            x = _augment(x, rng)
         return (x - self.mean) / self.std
 
+    def cached(self, path, item):
+        "The cached tokens of image `path` of `item` (an error naming both when the cache lacks it)."
+        if path not in self.features.rows:
+            raise InputError(
+                f"image {path} of item {item['id']} is not in the feature cache",
+                where="MLRGDataset.features",
+                expected="a cache computed over every image of the splits used",
+            )
+        return self.features[path]
+
     def prompt(self, it) -> tuple:
-        "Prompt ids and segment ids: `[CLS] indication [SEP]` (0) and `prior findings [SEP]` (1), [NHI] / [NHPR] when absent."
-        return build_prompt(self.vocab, it.get("indication_pure"), prior_findings(it), self.max_prompt_length)
+        """Prompt ids and segment ids: `[CLS] indication [SEP]` (0), `prior findings [SEP]` (1); [NHI] / [NHPR] if
+        absent."""
+        return build_prompt(
+            self.vocab,
+            it.get("indication_pure") if self.use_indication else None,
+            prior_findings(it) if self.use_prior_report else None,
+            self.max_prompt_length,
+        )
+
+    def slots(self, it) -> list:
+        "(slot, image path, view position, temporal id) of each image of item `it` (`image_slots`)."
+        return image_slots(it, self.max_views)
 
     def __getitem__(self, i):
-        it = self.items[i]
+        it, V = self.items[i], self.max_views
         rng = random.Random(derive_seed(self.seed, "augment", self.epoch, i)) if self.augment else None
-        S, V = self.image_size, self.max_views
-        images = torch.zeros(V + 1, 1, S, S)
+        cached = self.features is not None
+        shape = tuple(self.features.tokens.shape[1:]) if cached else (1, self.image_size, self.image_size)
+        slots = torch.zeros(V + 1, *shape)
         mask = torch.zeros(V + 1, dtype=torch.bool)
         views = torch.zeros(V + 1, dtype=torch.long)
         temporal = torch.zeros(V + 1, dtype=torch.long)
-        cur = list(zip(it["anchor_scan"]["image_path"], it["anchor_scan"]["view_position"]))[:1]
-        cur += list(zip(it["auxiliary_references"]["image_path"], it["auxiliary_references"]["view_position"]))[:V - 1]
-        for k, (p, vp) in enumerate(cur):
-            images[k], mask[k], views[k] = self.image(p, rng), True, view_id(vp)
-        prior = it.get("prior_study")
-        if prior:
-            ls = prior["latest_study"]
-            images[V], mask[V], views[V], temporal[V] = self.image(ls["image_path"], rng), True, view_id(ls.get("view_position")), 1
+        for k, p, vp, t in self.slots(it):
+            slots[k] = self.cached(p, it) if cached else self.image(p, rng)
+            mask[k], views[k], temporal[k] = True, view_id(vp), t
         target = self.vocab.encode(it["findings"], bos_eos=True, max_length=self.max_length)
-        return {"images": images, "image_mask": mask, "view_ids": views, "temporal_ids": temporal,
-                "has_prior": bool(prior), **dict(zip(("prompt_ids", "prompt_segments"), map(torch.tensor, self.prompt(it)))),
-                "target_ids": torch.tensor(target),
-                "id": it["id"], "study_id": it.get("study_id"), "findings": it["findings"]}
+        pixels = {"images": torch.zeros(V + 1, 1, 1, 1), "features": slots} if cached else {"images": slots}
+        return {
+            **pixels,
+            "image_mask": mask,
+            "view_ids": views,
+            "temporal_ids": temporal,
+            "has_prior": bool(it.get("prior_study")),
+            **dict(zip(("prompt_ids", "prompt_segments"), map(torch.tensor, self.prompt(it)))),
+            "target_ids": torch.tensor(target),
+            "id": it["id"],
+            "study_id": it.get("study_id"),
+            "findings": it["findings"],
+        }
 
 # %% ../nbs/01_data.ipynb #d4b5c819
 def collate(batch, pad_id=0):
     """A batch: images (B, V+1, 1, S, S) with slot 0 the anchor, 1..V-1 auxiliary views and V the prior;
-    image_mask, view_ids, temporal_ids (B, V+1); has_prior (B,); prompt/target ids and masks padded to the batch's longest."""
-    out = {k: torch.stack([b[k] for b in batch]) for k in ("images", "image_mask", "view_ids", "temporal_ids")}
+    image_mask, view_ids, temporal_ids (B, V+1); features (B, V+1, N, C) when cached; has_prior (B,); prompt and
+    target ids and masks padded to the batch's longest."""
+    keys = ("images", "image_mask", "view_ids", "temporal_ids") + (("features",) if "features" in batch[0] else ())
+    out = {k: torch.stack([b[k] for b in batch]) for k in keys}
     out["has_prior"] = torch.tensor([b["has_prior"] for b in batch])
     for k in ("prompt", "target"):
         ids = torch.full((len(batch), max(len(b[f"{k}_ids"]) for b in batch)), pad_id, dtype=torch.long)
         m = torch.zeros_like(ids, dtype=torch.bool)
         for i, b in enumerate(batch):
-            n = len(b[f"{k}_ids"]); ids[i, :n] = b[f"{k}_ids"]; m[i, :n] = True
+            n = len(b[f"{k}_ids"])
+            ids[i, :n] = b[f"{k}_ids"]
+            m[i, :n] = True
         out[f"{k}_ids"], out[f"{k}_mask"] = ids, m
     seg = torch.zeros_like(out["prompt_ids"])
     for i, b in enumerate(batch):
-        if "prompt_segments" in b: seg[i, :len(b["prompt_segments"])] = b["prompt_segments"]
+        if "prompt_segments" in b:
+            seg[i, : len(b["prompt_segments"])] = b["prompt_segments"]
     out["prompt_segments"] = seg
-    for k in ("id", "study_id", "findings"): out[k] = [b[k] for b in batch]
+    for k in ("id", "study_id", "findings"):
+        out[k] = [b[k] for b in batch]
     return out

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .core import InputError, hub_folder, hub_transformers
+from .core import InputError, hub_folder, hub_transformers, patch
 
 # %% auto #0
 __all__ = ['DECODER_DEFAULTS', 'ACTIVATIONS', 'GPT2_ACTIVATIONS', 'decoder_config', 'CausalSelfAttention', 'CrossAttention',
@@ -21,23 +21,47 @@ __all__ = ['DECODER_DEFAULTS', 'ACTIVATIONS', 'GPT2_ACTIVATIONS', 'decoder_confi
            'gpt2_state_to_decoder', 'load_gpt2_weights']
 
 # %% ../nbs/02b_decoder.ipynb #3dcad532
-DECODER_DEFAULTS = dict(vocab_size=None, d_model=256, n_layers=3, n_heads=8, d_ff=None, max_length=128, dropout=0.1,
-                        pad_id=0, bos_id=2, eos_id=3, n_positions=None, activation="gelu")
-ACTIVATIONS = {"gelu": "none", "gelu_tanh": "tanh"}   # name -> nn.GELU(approximate=...)
+DECODER_DEFAULTS = dict(
+    vocab_size=None,
+    d_model=256,
+    n_layers=3,
+    n_heads=8,
+    d_ff=None,
+    max_length=128,
+    dropout=0.1,
+    pad_id=0,
+    bos_id=2,
+    eos_id=3,
+    n_positions=None,
+    activation="gelu",
+)
+ACTIVATIONS = {"gelu": "none", "gelu_tanh": "tanh"}  # name -> nn.GELU(approximate=...)
+
 
 def decoder_config(config: dict | None = None, **overrides) -> dict:
     "The decoder's complete config: `DECODER_DEFAULTS` updated with `config` and `overrides`, checked."
     cfg = {**DECODER_DEFAULTS, **(config or {}), **overrides}
     unknown = sorted(set(cfg) - set(DECODER_DEFAULTS))
-    if unknown: raise InputError(f"unknown decoder config {unknown}", where="decoder config", expected="keys of DECODER_DEFAULTS")
-    if not cfg["vocab_size"] or cfg["vocab_size"] < 4: raise InputError(f"vocab_size={cfg['vocab_size']}", where="decoder config", expected="the vocabulary's size")
-    if cfg["d_model"] % cfg["n_heads"]: raise InputError(f"d_model={cfg['d_model']} is not a multiple of n_heads={cfg['n_heads']}", where="decoder config")
-    if cfg["activation"] not in ACTIVATIONS: raise InputError(f"activation={cfg['activation']!r}", where="decoder config", expected=" or ".join(ACTIVATIONS))
+    if unknown:
+        raise InputError(
+            f"unknown decoder config {unknown}", where="decoder config", expected="keys of DECODER_DEFAULTS"
+        )
+    if not cfg["vocab_size"] or cfg["vocab_size"] < 4:
+        raise InputError(f"vocab_size={cfg['vocab_size']}", where="decoder config", expected="the vocabulary's size")
+    if cfg["d_model"] % cfg["n_heads"]:
+        raise InputError(
+            f"d_model={cfg['d_model']} is not a multiple of n_heads={cfg['n_heads']}", where="decoder config"
+        )
+    if cfg["activation"] not in ACTIVATIONS:
+        raise InputError(f"activation={cfg['activation']!r}", where="decoder config", expected=" or ".join(ACTIVATIONS))
     cfg["d_ff"] = cfg["d_ff"] or 4 * cfg["d_model"]
     cfg["n_positions"] = cfg["n_positions"] or cfg["max_length"]
     if cfg["n_positions"] < cfg["max_length"]:
-        raise InputError(f"max_length={cfg['max_length']} but the decoder has {cfg['n_positions']} positions", where="parameter 'max_length'",
-                         expected=f"at most {cfg['n_positions']}")
+        raise InputError(
+            f"max_length={cfg['max_length']} but the decoder has {cfg['n_positions']} positions",
+            where="parameter 'max_length'",
+            expected=f"at most {cfg['n_positions']}",
+        )
     return cfg
 
 # %% ../nbs/02b_decoder.ipynb #d9ccde8d
@@ -46,13 +70,16 @@ def _heads(x, n_heads):
     B, T, D = x.shape
     return x.view(B, T, n_heads, D // n_heads).transpose(1, 2)
 
+
 def _merge(x):
     "(B, heads, T, d) -> (B, T, heads * d)."
     B, H, T, d = x.shape
     return x.transpose(1, 2).reshape(B, T, H * d)
 
+
 class CausalSelfAttention(nn.Module):
     "Multi-head causal self-attention; `cache` (a dict) holds the keys and values of earlier tokens."
+
     def __init__(self, d_model, n_heads, dropout=0.0):
         super().__init__()
         self.n_heads, self.dropout = n_heads, dropout
@@ -61,7 +88,8 @@ class CausalSelfAttention(nn.Module):
     def forward(self, x, cache=None):
         q, k, v = (_heads(t, self.n_heads) for t in self.qkv(x).chunk(3, dim=-1))
         if cache is not None:
-            if "k" in cache: k, v = torch.cat([cache["k"], k], 2), torch.cat([cache["v"], v], 2)
+            if "k" in cache:
+                k, v = torch.cat([cache["k"], k], 2), torch.cat([cache["v"], v], 2)
             cache["k"], cache["v"] = k, v
         T, P = q.shape[2], k.shape[2] - q.shape[2]
         mask = None if T == 1 else torch.ones(T, P + T, dtype=torch.bool, device=x.device).tril(P)
@@ -71,35 +99,54 @@ class CausalSelfAttention(nn.Module):
 # %% ../nbs/02b_decoder.ipynb #921d5bf2
 class CrossAttention(nn.Module):
     "Multi-head attention from the report tokens to a memory; the memory's keys and values are cached."
+
     def __init__(self, d_model, n_heads, dropout=0.0):
         super().__init__()
         self.n_heads, self.dropout, self.keep_weights, self.weights = n_heads, dropout, False, None
-        self.q, self.kv, self.proj = nn.Linear(d_model, d_model), nn.Linear(d_model, 2 * d_model), nn.Linear(d_model, d_model)
+        self.q, self.kv, self.proj = (
+            nn.Linear(d_model, d_model),
+            nn.Linear(d_model, 2 * d_model),
+            nn.Linear(d_model, d_model),
+        )
 
     def forward(self, x, memory, memory_mask=None, cache=None):
         q = _heads(self.q(x), self.n_heads)
-        if cache is not None and "mk" in cache: k, v = cache["mk"], cache["mv"]
+        if cache is not None and "mk" in cache:
+            k, v = cache["mk"], cache["mv"]
         else:
             k, v = (_heads(t, self.n_heads) for t in self.kv(memory).chunk(2, dim=-1))
-            if cache is not None: cache["mk"], cache["mv"] = k, v
+            if cache is not None:
+                cache["mk"], cache["mv"] = k, v
         mask = None if memory_mask is None else memory_mask[:, None, None, :].bool()
-        if self.keep_weights:                              # the explicit form, to keep the weights (B, heads, T, M)
+        if self.keep_weights:  # the explicit form, to keep the weights (B, heads, T, M)
             s = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])
-            if mask is not None: s = s.masked_fill(~mask, float("-inf"))
+            if mask is not None:
+                s = s.masked_fill(~mask, float("-inf"))
             self.weights = s.softmax(-1)
             y = self.weights @ v
         else:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0)
+            y = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0
+            )
         return self.proj(_merge(y))
 
 # %% ../nbs/02b_decoder.ipynb #bb1bc654
 class DecoderBlock(nn.Module):
     "Pre-norm transformer block: causal self-attention, cross-attention to the memory, feed-forward."
+
     def __init__(self, d_model, n_heads, d_ff, dropout=0.0, activation="gelu"):
         super().__init__()
         self.ln1, self.ln2, self.ln3 = nn.LayerNorm(d_model), nn.LayerNorm(d_model), nn.LayerNorm(d_model)
-        self.attn, self.cross = CausalSelfAttention(d_model, n_heads, dropout), CrossAttention(d_model, n_heads, dropout)
-        self.mlp = nn.Sequential(nn.Linear(d_model, d_ff), nn.GELU(approximate=ACTIVATIONS[activation]), nn.Linear(d_ff, d_model), nn.Dropout(dropout))
+        self.attn, self.cross = (
+            CausalSelfAttention(d_model, n_heads, dropout),
+            CrossAttention(d_model, n_heads, dropout),
+        )
+        self.mlp = nn.Sequential(
+            nn.Linear(d_model, d_ff),
+            nn.GELU(approximate=ACTIVATIONS[activation]),
+            nn.Linear(d_ff, d_model),
+            nn.Dropout(dropout),
+        )
         self.drop = nn.Dropout(dropout)
 
     def forward(self, x, memory, memory_mask=None, cache=None):
@@ -109,7 +156,9 @@ class DecoderBlock(nn.Module):
 
 # %% ../nbs/02b_decoder.ipynb #85c4158c
 class ReportDecoder(nn.Module):
-    "GPT-style decoder with cross-attention: `forward(tokens, memory)` gives next-token logits; `generate` writes reports."
+    """GPT-style decoder with cross-attention: `forward(tokens, memory)` gives next-token logits; `generate` writes
+    reports."""
+
     def __init__(self, config: dict):
         super().__init__()
         self.config = cfg = decoder_config(config)
@@ -117,59 +166,83 @@ class ReportDecoder(nn.Module):
         self.tok = nn.Embedding(cfg["vocab_size"], d, padding_idx=cfg["pad_id"])
         self.pos = nn.Embedding(cfg["n_positions"], d)
         self.drop = nn.Dropout(cfg["dropout"])
-        self.blocks = nn.ModuleList(DecoderBlock(d, cfg["n_heads"], cfg["d_ff"], cfg["dropout"], cfg["activation"]) for _ in range(cfg["n_layers"]))
+        self.blocks = nn.ModuleList(
+            DecoderBlock(d, cfg["n_heads"], cfg["d_ff"], cfg["dropout"], cfg["activation"])
+            for _ in range(cfg["n_layers"])
+        )
         self.ln_f = nn.LayerNorm(d)
         self.head = nn.Linear(d, cfg["vocab_size"], bias=False)
         self.apply(self._init)
-        self.head.weight = self.tok.weight                 # tied input and output embeddings
+        self.head.weight = self.tok.weight  # tied input and output embeddings
 
     @staticmethod
     def _init(m):
-        if isinstance(m, (nn.Linear, nn.Embedding)): nn.init.normal_(m.weight, std=0.02)
-        if isinstance(m, nn.Linear) and m.bias is not None: nn.init.zeros_(m.bias)
+        if isinstance(m, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(m.weight, std=0.02)
+        if isinstance(m, nn.Linear) and m.bias is not None:
+            nn.init.zeros_(m.bias)
 
     def forward(self, tokens, memory, memory_mask=None, cache=None, start=0):
-        "Logits (B, T, vocab) for `tokens` (B, T) at positions `start`.. given `memory` (B, M, d); `cache`: one dict per block."
+        """Logits (B, T, vocab) for `tokens` (B, T) at positions `start`.. given `memory` (B, M, d); `cache`: one dict
+        per block."""
         T = tokens.shape[1]
         if start + T > self.config["max_length"]:
-            raise InputError(f"{start + T} tokens", where="ReportDecoder", expected=f"at most max_length={self.config['max_length']}")
+            raise InputError(
+                f"{start + T} tokens", where="ReportDecoder", expected=f"at most max_length={self.config['max_length']}"
+            )
         x = self.drop(self.tok(tokens) + self.pos(torch.arange(start, start + T, device=tokens.device)))
-        for i, block in enumerate(self.blocks): x = block(x, memory, memory_mask, None if cache is None else cache[i])
+        for i, block in enumerate(self.blocks):
+            x = block(x, memory, memory_mask, None if cache is None else cache[i])
         return self.head(self.ln_f(x))
 
     def loss(self, tokens, memory, memory_mask=None, label_smoothing=0.0):
-        "Teacher-forced cross-entropy of `tokens` (`[BOS] report [EOS]`, padded): each token predicted from those before it."
+        """Teacher-forced cross-entropy of `tokens` (`[BOS] report [EOS]`, padded): each token predicted from those
+        before it."""
         logits = self(tokens[:, :-1], memory, memory_mask)
-        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), tokens[:, 1:].reshape(-1),
-                               ignore_index=self.config["pad_id"], label_smoothing=label_smoothing)
+        return F.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]).float(),
+            tokens[:, 1:].reshape(-1),
+            ignore_index=self.config["pad_id"],
+            label_smoothing=label_smoothing,
+        )
 
 # %% ../nbs/02b_decoder.ipynb #4c2666dd
-def _next_logits(self, tokens, memory, memory_mask=None, cache=None):
-    "Logits (N, vocab) of the token after `tokens` (N, L); `cache` (from `new_cache`) lets each call feed only new tokens."
-    if cache is None: return self(tokens, memory, memory_mask)[:, -1]
+@patch
+def next_logits(self: ReportDecoder, tokens, memory, memory_mask=None, cache=None):
+    """Logits (N, vocab) of the token after `tokens` (N, L); `cache` (from `new_cache`) lets each call feed only new
+    tokens."""
+    if cache is None:
+        return self(tokens, memory, memory_mask)[:, -1]
     seen = cache[0]["k"].shape[2] if "k" in cache[0] else 0
     return self(tokens[:, seen:], memory, memory_mask, cache, start=seen)[:, -1]
 
-def _new_cache(self): return [{} for _ in self.blocks]
 
-ReportDecoder.next_logits, ReportDecoder.new_cache = _next_logits, _new_cache
+@patch
+def new_cache(self: ReportDecoder):
+    return [{} for _ in self.blocks]
+
 
 def _banned_ngrams(seq: list, n: int) -> set:
     "Tokens that would repeat an n-gram of `seq` if written next."
-    if n < 1 or len(seq) < n: return set()
-    prefix = tuple(seq[len(seq) - n + 1:]) if n > 1 else ()
-    return {seq[i + n - 1] for i in range(len(seq) - n + 1) if tuple(seq[i:i + n - 1]) == prefix}
+    if n < 1 or len(seq) < n:
+        return set()
+    prefix = tuple(seq[len(seq) - n + 1 :]) if n > 1 else ()
+    return {seq[i + n - 1] for i in range(len(seq) - n + 1) if tuple(seq[i : i + n - 1]) == prefix}
+
 
 def score_next(logits, tokens, eos_id, min_length=0, no_repeat_ngram_size=0, repetition_penalty=1.0):
-    "Log-probabilities (N, vocab) of the next token after `tokens` (N, L, starting with [BOS]), with the constraints applied."
+    """Log-probabilities (N, vocab) of the next token after `tokens` (N, L, starting with [BOS]), with the constraints
+    applied."""
     logp = logits.float().log_softmax(-1)
-    if repetition_penalty != 1.0:                          # log-probs are negative: multiplying lowers them
+    if repetition_penalty != 1.0:  # log-probs are negative: multiplying lowers them
         seen = logp.gather(1, tokens)
         logp = logp.scatter(1, tokens, seen * repetition_penalty)
-    if tokens.shape[1] - 1 < min_length: logp[:, eos_id] = float("-inf")
+    if tokens.shape[1] - 1 < min_length:
+        logp[:, eos_id] = float("-inf")
     if no_repeat_ngram_size:
         for r, seq in enumerate(tokens.tolist()):
-            for t in _banned_ngrams(seq, no_repeat_ngram_size): logp[r, t] = float("-inf")
+            for t in _banned_ngrams(seq, no_repeat_ngram_size):
+                logp[r, t] = float("-inf")
     return logp
 
 # %% ../nbs/02b_decoder.ipynb #82b977be
@@ -177,9 +250,12 @@ def _strip_ids(seq, eos_id, pad_id):
     "Token ids after [BOS], up to (not including) [EOS]."
     out = []
     for t in seq[1:]:
-        if t == eos_id: break
-        if t != pad_id: out.append(t)
+        if t == eos_id:
+            break
+        if t != pad_id:
+            out.append(t)
     return out
+
 
 @torch.no_grad()
 def greedy(model, memory, memory_mask=None, max_length=100, use_cache=True, **constraints) -> list:
@@ -193,28 +269,35 @@ def greedy(model, memory, memory_mask=None, max_length=100, use_cache=True, **co
         nxt = logp.argmax(-1).masked_fill(done, cfg["pad_id"])
         seqs = torch.cat([seqs, nxt[:, None]], 1)
         done |= nxt == cfg["eos_id"]
-        if bool(done.all()): break
+        if bool(done.all()):
+            break
     return [_strip_ids(s, cfg["eos_id"], cfg["pad_id"]) for s in seqs.tolist()]
 
 # %% ../nbs/02b_decoder.ipynb #eec037ff
 def _add_finished(finished: list, k: int, score: float, seq: list):
     "Keep the `k` best (score, sequence) pairs of `finished`."
-    finished.append((score, seq)); finished.sort(key=lambda h: -h[0]); del finished[k:]
+    finished.append((score, seq))
+    finished.sort(key=lambda h: -h[0])
+    del finished[k:]
+
 
 @torch.no_grad()
-def beam_search(model, memory, memory_mask=None, num_beams=3, max_length=100, length_penalty=1.0, use_cache=True,
-                **constraints) -> list:
-    "Beam search by `model` from `memory` (B, M, d); the best hypothesis of each report, as token ids without [BOS]/[EOS]."
+def beam_search(
+    model, memory, memory_mask=None, num_beams=3, max_length=100, length_penalty=1.0, use_cache=True, **constraints
+) -> list:
+    """Beam search by `model` from `memory` (B, M, d); the best hypothesis of each report, as token ids without
+    [BOS]/[EOS]."""
     cfg, B, K = model.config, memory.shape[0], num_beams
     eos, pad, dev = cfg["eos_id"], cfg["pad_id"], memory.device
     memory = memory.repeat_interleave(K, 0)
     memory_mask = None if memory_mask is None else memory_mask.repeat_interleave(K, 0)
     seqs = torch.full((B * K, 1), cfg["bos_id"], dtype=torch.long, device=dev)
-    scores = torch.zeros(B, K, device=dev); scores[:, 1:] = float("-inf")     # at first all beams are the same: keep one
+    scores = torch.zeros(B, K, device=dev)
+    scores[:, 1:] = float("-inf")  # at first all beams are the same: keep one
     finished, done = [[] for _ in range(B)], [False] * B
     cache = model.new_cache() if use_cache else None
     for _ in range(max_length - 1):
-        L = seqs.shape[1]                                  # length so far, [BOS] included
+        L = seqs.shape[1]  # length so far, [BOS] included
         logp = score_next(model.next_logits(seqs, memory, memory_mask, cache), seqs, eos, **constraints)
         V = logp.shape[-1]
         top, idx = (scores.view(-1, 1) + logp).view(B, K * V).topk(min(2 * K, K * V), dim=1)
@@ -222,85 +305,152 @@ def beam_search(model, memory, memory_mask=None, num_beams=3, max_length=100, le
         src = torch.arange(B * K, device=dev).view(B, K).clone()
         new_tok = torch.full((B, K), pad, dtype=torch.long, device=dev)
         for b, (row_s, row_i) in enumerate(zip(top.tolist(), idx.tolist())):
-            if done[b]: continue
+            if done[b]:
+                continue
             j = 0
             for rank, (s, i) in enumerate(zip(row_s, row_i)):
                 beam, tok = divmod(i, V)
-                if s == float("-inf"): break
+                if s == float("-inf"):
+                    break
                 if tok == eos:
-                    if rank < K: _add_finished(finished[b], K, s / L ** length_penalty, seqs[b * K + beam].tolist())
+                    if rank < K:
+                        _add_finished(finished[b], K, s / L**length_penalty, seqs[b * K + beam].tolist())
                     continue
                 new_scores[b, j], src[b, j], new_tok[b, j] = s, b * K + beam, tok
                 j += 1
-                if j == K: break
+                if j == K:
+                    break
             best_running = float(new_scores[b].max())
-            if len(finished[b]) == K and finished[b][-1][0] >= best_running / L ** length_penalty: done[b] = True
-        if all(done): break
+            if len(finished[b]) == K and finished[b][-1][0] >= best_running / L**length_penalty:
+                done[b] = True
+        if all(done):
+            break
         order = src.view(-1)
         seqs, scores = torch.cat([seqs[order], new_tok.view(-1, 1)], 1), new_scores
         if cache is not None:
-            for c in cache: c["k"], c["v"] = c["k"][order], c["v"][order]
-    for b in range(B):                                     # reports not done: their running beams compete too
+            for c in cache:
+                c["k"], c["v"] = c["k"][order], c["v"][order]
+    for b in range(B):  # reports not done: their running beams compete too
         if not done[b]:
             for k in range(K):
                 if scores[b, k] > float("-inf"):
-                    _add_finished(finished[b], K, float(scores[b, k]) / seqs.shape[1] ** length_penalty, seqs[b * K + k].tolist())
+                    _add_finished(
+                        finished[b], K, float(scores[b, k]) / seqs.shape[1] ** length_penalty, seqs[b * K + k].tolist()
+                    )
     return [_strip_ids(finished[b][0][1], eos, pad) for b in range(B)]
 
 # %% ../nbs/02b_decoder.ipynb #b398c91c
 class TableLM(nn.Module):
     "A toy decoder whose next-token probabilities depend only on the last token (`table[last]`), for testing searches."
+
     def __init__(self, table: dict, vocab_size: int, pad_id=0, bos_id=2, eos_id=3):
         super().__init__()
         self.table, self.config = table, dict(vocab_size=vocab_size, pad_id=pad_id, bos_id=bos_id, eos_id=eos_id)
-    def new_cache(self): return None
+
+    def new_cache(self):
+        return None
+
     def next_logits(self, tokens, memory, memory_mask=None, cache=None):
         probs = torch.full((tokens.shape[0], self.config["vocab_size"]), 1e-9)
         for r, last in enumerate(tokens[:, -1].tolist()):
-            for t, p in self.table.get(last, {self.config["eos_id"]: 1.0}).items(): probs[r, t] = p
+            for t, p in self.table.get(last, {self.config["eos_id"]: 1.0}).items():
+                probs[r, t] = p
         return probs.log()
 
 # %% ../nbs/02b_decoder.ipynb #40805091
 GPT2_ACTIVATIONS = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu"}
 
-def gpt2_decoder_config(path, param="decoder_path") -> dict:
-    "The `ReportDecoder` sizes of the GPT-2 in local folder `path` (its config.json): layers, width, heads, positions, activation, dropout."
-    folder, c = hub_folder(path, "the distilgpt2 decoder", param, kinds=("gpt2",), hint="e.g. `huggingface-cli download distilgpt2 --local-dir DIR`")
-    act = c.get("activation_function", "gelu_new")
-    if act not in GPT2_ACTIVATIONS: raise InputError(f"activation_function={act!r}", where=folder / "config.json", expected=" or ".join(GPT2_ACTIVATIONS))
-    return dict(d_model=int(c["n_embd"]), n_layers=int(c["n_layer"]), n_heads=int(c["n_head"]), n_positions=int(c["n_positions"]),
-                d_ff=int(c.get("n_inner") or 4 * c["n_embd"]), activation=GPT2_ACTIVATIONS[act], dropout=float(c.get("resid_pdrop", 0.1)))
 
-_GPT2_NAMES = {"ln_1": "ln1", "attn.c_attn": "attn.qkv", "attn.c_proj": "attn.proj", "ln_cross_attn": "ln2",
-               "crossattention.q_attn": "cross.q", "crossattention.c_attn": "cross.kv", "crossattention.c_proj": "cross.proj",
-               "ln_2": "ln3", "mlp.c_fc": "mlp.0", "mlp.c_proj": "mlp.2"}
-_GPT2_CONV1D = ("attn.c_attn", "attn.c_proj", "crossattention.q_attn", "crossattention.c_attn", "crossattention.c_proj", "mlp.c_fc", "mlp.c_proj")
+def gpt2_decoder_config(path, param="decoder_path") -> dict:
+    """The `ReportDecoder` sizes of the GPT-2 in local folder `path` (its config.json): layers, width, heads, positions,
+    activation, dropout."""
+    folder, c = hub_folder(
+        path,
+        "the distilgpt2 decoder",
+        param,
+        kinds=("gpt2",),
+        hint="e.g. `huggingface-cli download distilgpt2 --local-dir DIR`",
+    )
+    act = c.get("activation_function", "gelu_new")
+    if act not in GPT2_ACTIVATIONS:
+        raise InputError(
+            f"activation_function={act!r}", where=folder / "config.json", expected=" or ".join(GPT2_ACTIVATIONS)
+        )
+    return dict(
+        d_model=int(c["n_embd"]),
+        n_layers=int(c["n_layer"]),
+        n_heads=int(c["n_head"]),
+        n_positions=int(c["n_positions"]),
+        d_ff=int(c.get("n_inner") or 4 * c["n_embd"]),
+        activation=GPT2_ACTIVATIONS[act],
+        dropout=float(c.get("resid_pdrop", 0.1)),
+    )
+
+
+_GPT2_NAMES = {
+    "ln_1": "ln1",
+    "attn.c_attn": "attn.qkv",
+    "attn.c_proj": "attn.proj",
+    "ln_cross_attn": "ln2",
+    "crossattention.q_attn": "cross.q",
+    "crossattention.c_attn": "cross.kv",
+    "crossattention.c_proj": "cross.proj",
+    "ln_2": "ln3",
+    "mlp.c_fc": "mlp.0",
+    "mlp.c_proj": "mlp.2",
+}
+_GPT2_CONV1D = (
+    "attn.c_attn",
+    "attn.c_proj",
+    "crossattention.q_attn",
+    "crossattention.c_attn",
+    "crossattention.c_proj",
+    "mlp.c_fc",
+    "mlp.c_proj",
+)
 
 _GPT2_TOP = {"wte": "tok", "wpe": "pos", "ln_f": "ln_f"}
 _GPT2_KEY = re.compile(r"(?:^|\.)transformer\.(?:h\.(\d+)\.(.+)|(wte|wpe|ln_f))\.(weight|bias)$")
 
+
 def gpt2_state_to_decoder(sd: dict) -> dict:
-    "GPT-2 tensors (`transformer.*`, under any prefix) renamed to `ReportDecoder`'s, Conv1D weights transposed; other names keep theirs."
+    """GPT-2 tensors (`transformer.*`, under any prefix) renamed to `ReportDecoder`'s, Conv1D weights transposed; other
+    names keep theirs."""
     out = {}
     for k, v in sd.items():
         m = _GPT2_KEY.search(k)
-        if m and m[3]: out[f"{_GPT2_TOP[m[3]]}.{m[4]}"] = v
-        elif m and m[2] in _GPT2_NAMES: out[f"blocks.{m[1]}.{_GPT2_NAMES[m[2]]}.{m[4]}"] = v.t() if m[2] in _GPT2_CONV1D and m[4] == "weight" else v
-        elif k.endswith("lm_head.weight"): out["head.weight"] = v          # tied to wte in GPT-2, as `head` to `tok` here
-        else: out[k] = v
+        if m and m[3]:
+            out[f"{_GPT2_TOP[m[3]]}.{m[4]}"] = v
+        elif m and m[2] in _GPT2_NAMES:
+            out[f"blocks.{m[1]}.{_GPT2_NAMES[m[2]]}.{m[4]}"] = v.t() if m[2] in _GPT2_CONV1D and m[4] == "weight" else v
+        elif k.endswith("lm_head.weight"):
+            out["head.weight"] = v  # tied to wte in GPT-2, as `head` to `tok` here
+        else:
+            out[k] = v
     return out
+
 
 def load_gpt2_weights(decoder, source, trust_pickle=False, print_fn=print):
     """Copy GPT-2 weights into `decoder` by name and shape from `source`: a GPT-2 folder (`save_pretrained` layout) or a
-    checkpoint file holding GPT-2 names under any prefix (cvt2distilgpt2); the table of every tensor (`partial_load`)."""
-    from mlrg.models import load_weights_file, partial_load   # (mlrg.models does not import this module)
+    checkpoint file holding GPT-2 names under any prefix (cvt2distilgpt2); the table of every tensor
+    (`partial_load`)."""
+    from mlrg.models import load_weights_file, partial_load  # (mlrg.models does not import this module)
+
     src = Path(source).expanduser()
     if src.is_dir():
         hub_folder(src, "the distilgpt2 decoder", "decoder_path", kinds=("gpt2",))
-        sd = hub_transformers("the distilgpt2 decoder").GPT2LMHeadModel.from_pretrained(str(src), local_files_only=True).state_dict()
-    else: sd = load_weights_file(src, "decoder_init checkpoint", trust_pickle)
+        sd = (
+            hub_transformers("the distilgpt2 decoder")
+            .GPT2LMHeadModel.from_pretrained(str(src), local_files_only=True)
+            .state_dict()
+        )
+    else:
+        sd = load_weights_file(src, "decoder_init checkpoint", trust_pickle)
     mapped = gpt2_state_to_decoder(sd)
     if not any(k.startswith("blocks.") for k in mapped):
-        raise InputError("no GPT-2 block weights in it (names like transformer.h.0.attn.c_attn.weight)", where=src,
-                         expected="a GPT-2 folder or a checkpoint of GPT-2 weights (e.g. cvt2distilgpt2)")
+        raise InputError(
+            "no GPT-2 block weights in it (names like transformer.h.0.attn.c_attn.weight)",
+            where=src,
+            expected="a GPT-2 folder or a checkpoint of GPT-2 weights (e.g. cvt2distilgpt2)",
+        )
     return partial_load(decoder, mapped, what=f"GPT-2 weights from {src}", print_fn=print_fn)

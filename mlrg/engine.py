@@ -20,9 +20,26 @@ from types import SimpleNamespace
 
 import numpy as np
 
-from .core import (InputError, Param, Params, append_jsonl, atomic_write, derive_seed, ensure_writable, get_logger, load_json,
-                       move_aside, read_jsonl, remove_stale_temps, rng_states, save_json, save_jsonl, seed_everything,
-                       set_rng_states, to_plain)
+from mlrg.core import (
+    InputError,
+    Param,
+    Params,
+    append_jsonl,
+    atomic_write,
+    derive_seed,
+    ensure_writable,
+    get_logger,
+    load_json,
+    move_aside,
+    read_jsonl,
+    remove_stale_temps,
+    rng_states,
+    save_json,
+    save_jsonl,
+    seed_everything,
+    set_rng_states,
+    to_plain,
+)
 
 # %% auto #0
 __all__ = ['SCHEDULERS', 'AMP_MODES', 'TRAIN', 'TRAIN_OUTPUT', 'RUN_ONLY_KEYS', 'CHECKPOINT_FORMAT', 'get_device', 'train_config',
@@ -36,12 +53,15 @@ __all__ = ['SCHEDULERS', 'AMP_MODES', 'TRAIN', 'TRAIN_OUTPUT', 'RUN_ONLY_KEYS', 
 def get_device(gpu_id=None):
     "The torch device for `gpu_id` ('0', 0, 'cuda:1', 'cpu', -1 or None), falling back to the CPU with a warning."
     import torch
+
     if gpu_id is None or str(gpu_id).strip().lower() in ("", "cpu", "-1", "none"):
         return torch.device("cpu")
     s = str(gpu_id).strip().lower()
     idx = s.split(":", 1)[1] if s.startswith("cuda") and ":" in s else ("0" if s == "cuda" else s)
     if not idx.isdigit():
-        raise InputError(f"gpu_id={gpu_id!r} is not a GPU index", where="gpu_id", expected="an index such as 0, 'cuda:1', or 'cpu'")
+        raise InputError(
+            f"gpu_id={gpu_id!r} is not a GPU index", where="gpu_id", expected="an index such as 0, 'cuda:1', or 'cpu'"
+        )
     if not torch.cuda.is_available():
         get_logger().warning("gpu_id=%s asked for a GPU but CUDA is not available: using the CPU", gpu_id)
         return torch.device("cpu")
@@ -53,50 +73,79 @@ def get_device(gpu_id=None):
 SCHEDULERS = ("cosine", "constant", "plateau")
 AMP_MODES = ("none", "bf16", "fp16")
 
-TRAIN = Params("train", "the training engine's settings", dict(
-    batch_size=Param(32, "samples per process per forward pass", low=1),
-    num_epochs=Param(10, "passes over the training set", low=1),
-    max_steps=Param(None, "when set, the run length in optimizer steps (overrides num_epochs)", kind=int, low=1),
-    lr=Param(5e-5, "learning rate", low=0),
-    weight_decay=Param(1e-4, "AdamW weight decay (not applied to biases, norms and embeddings)", low=0),
-    param_groups=Param(None, 'learning rates by parameter-name prefix, e.g. {"encoder.": 5e-6}', kind=dict),
-    warmup=Param(0.1, "a fraction of the steps when below 1, else a number of steps (cosine and constant schedules)", low=0),
-    scheduler=Param("cosine", "cosine or constant (per step), plateau (per evaluation)", choices=SCHEDULERS),
-    plateau_factor=Param(0.1, "plateau schedule: the factor the lr is multiplied by", low=0, high=1),
-    plateau_patience=Param(5, "plateau schedule: evaluations without improvement before the lr drops", low=1),
-    grad_accum=Param(1, "forward passes per optimizer step", low=1),
-    grad_clip=Param(None, "max gradient norm (MLRG: 0.1)", kind=float, low=0),
-    amp=Param("none", "mixed precision (fp16: CUDA only)", choices=AMP_MODES),
-    use_amp=Param(False, "MedCLIP-style switch: bf16 where supported, else fp16"),
-    eval_steps=Param(None, "evaluate every N steps (and always at each epoch end)", kind=int, low=1),
-    save_steps=Param(None, "checkpoint every N steps (and always at each epoch end)", kind=int, low=1),
-    keep_last=Param(2, "numbered checkpoints kept (step_* and epoch_* each); None: all", kind=int, low=0, nullable=True),
-    log_steps=Param(10, "a train record in metrics.jsonl every N steps", low=1),
-    seed=Param(9233, "drives data order, initialisation and every random choice"),
-    gpu_id=Param(None, "'0', 'cuda:1', 'cpu', -1 or None (under torchrun: the local rank's GPU)"),
-    num_workers=Param(0, "DataLoader worker processes", low=0),
-    resume_from=Param(None, "a checkpoint written by a previous run (exact resume)", kind=str),
-    early_stopping_patience=Param(None, "evaluations without improvement before stopping", kind=int, low=1),
-    select_metric=Param("val_loss", "the validation metric choosing best.pt"),
-    select_mode=Param("min", "whether select_metric is better low or high", choices=("min", "max")),
-    out_dir=Param(None, "where checkpoints, metrics.jsonl and params.json go", kind=str),
-    overwrite=Param(False, "move a run with other settings found in out_dir aside (to <out_dir>.replaced-<time>) instead of stopping"),
-    drop_last=Param(False, "drop the last, smaller batch of an epoch"),
-    progress=Param(True, "tqdm progress bars"),
-    find_unused_parameters=Param(False, "passed to DistributedDataParallel"),
-))
+TRAIN = Params(
+    "train",
+    "the training engine's settings",
+    dict(
+        batch_size=Param(32, "samples per process per forward pass", low=1),
+        num_epochs=Param(10, "passes over the training set", low=1),
+        max_steps=Param(None, "when set, the run length in optimizer steps (overrides num_epochs)", kind=int, low=1),
+        lr=Param(5e-5, "learning rate", low=0),
+        weight_decay=Param(1e-4, "AdamW weight decay (not applied to biases, norms and embeddings)", low=0),
+        param_groups=Param(None, 'learning rates by parameter-name prefix, e.g. {"encoder.": 5e-6}', kind=dict),
+        warmup=Param(
+            0.1, "a fraction of the steps when below 1, else a number of steps (cosine and constant schedules)", low=0
+        ),
+        scheduler=Param("cosine", "cosine or constant (per step), plateau (per evaluation)", choices=SCHEDULERS),
+        plateau_factor=Param(0.1, "plateau schedule: the factor the lr is multiplied by", low=0, high=1),
+        plateau_patience=Param(5, "plateau schedule: evaluations without improvement before the lr drops", low=1),
+        grad_accum=Param(1, "forward passes per optimizer step", low=1),
+        grad_clip=Param(None, "max gradient norm (MLRG: 0.1)", kind=float, low=0),
+        amp=Param("none", "mixed precision (fp16: CUDA only)", choices=AMP_MODES),
+        use_amp=Param(False, "MedCLIP-style switch: bf16 where supported, else fp16"),
+        eval_steps=Param(None, "evaluate every N steps (and always at each epoch end)", kind=int, low=1),
+        save_steps=Param(None, "checkpoint every N steps (and always at each epoch end)", kind=int, low=1),
+        keep_last=Param(
+            2, "numbered checkpoints kept (step_* and epoch_* each); None: all", kind=int, low=0, nullable=True
+        ),
+        log_steps=Param(10, "a train record in metrics.jsonl every N steps", low=1),
+        seed=Param(9233, "drives data order, initialisation and every random choice"),
+        gpu_id=Param(None, "'0', 'cuda:1', 'cpu', -1 or None (under torchrun: the local rank's GPU)"),
+        num_workers=Param(0, "DataLoader worker processes", low=0),
+        resume_from=Param(None, "a checkpoint written by a previous run (exact resume)", kind=str),
+        early_stopping_patience=Param(None, "evaluations without improvement before stopping", kind=int, low=1),
+        select_metric=Param("val_loss", "the validation metric choosing best.pt"),
+        select_mode=Param("min", "whether select_metric is better low or high", choices=("min", "max")),
+        out_dir=Param(None, "where checkpoints, metrics.jsonl and params.json go", kind=str),
+        overwrite=Param(
+            False,
+            "move a run with other settings found in out_dir aside (to <out_dir>.replaced-<time>) instead of stopping",
+        ),
+        drop_last=Param(False, "drop the last, smaller batch of an epoch"),
+        progress=Param(True, "tqdm progress bars"),
+        find_unused_parameters=Param(False, "passed to DistributedDataParallel"),
+    ),
+)
 
 # The engine settings every stage offers as they are: evaluation, checkpoints, logging, resume and system.
-TRAIN_OUTPUT = TRAIN.subset(["eval_steps", "save_steps", "keep_last", "log_steps", "resume_from", "overwrite", "num_workers", "gpu_id",
-                             "progress"])
+TRAIN_OUTPUT = TRAIN.subset(
+    [
+        "eval_steps",
+        "save_steps",
+        "keep_last",
+        "log_steps",
+        "resume_from",
+        "overwrite",
+        "num_workers",
+        "gpu_id",
+        "progress",
+    ]
+)
+
 
 def train_config(config: dict) -> tuple:
-    "The checked engine settings (attribute access) and the full config as a plain dict (engine settings + any other keys)."
-    if not isinstance(config, dict): raise InputError(f"config is a {type(config).__name__}", where="config", expected="a dict")
-    for k in config:                        # a stage's own keys pass through, but a near-miss of an engine key is a typo
+    """The checked engine settings (attribute access) and the full config as a plain dict (engine settings + any other
+    keys)."""
+    if not isinstance(config, dict):
+        raise InputError(f"config is a {type(config).__name__}", where="config", expected="a dict")
+    for k in config:  # a stage's own keys pass through, but a near-miss of an engine key is a typo
         close = difflib.get_close_matches(str(k), list(TRAIN.params), n=1, cutoff=0.85)
         if k not in TRAIN.params and close:
-            raise InputError(f"unknown parameter {k!r} (did you mean {close[0]!r}?)", where="config", expected="one of " + ", ".join(TRAIN.params))
+            raise InputError(
+                f"unknown parameter {k!r} (did you mean {close[0]!r}?)",
+                where="config",
+                expected="one of " + ", ".join(TRAIN.params),
+            )
     cfg = TRAIN.check({k: v for k, v in config.items() if k in TRAIN.params})
     return SimpleNamespace(**cfg), to_plain({**cfg, **{k: v for k, v in config.items() if k not in TRAIN.params}})
 
@@ -104,122 +153,186 @@ def train_config(config: dict) -> tuple:
 def to_device(batch, device, non_blocking=False):
     "`batch` with every tensor (inside dicts, lists and tuples) moved to `device`."
     import torch
-    if isinstance(batch, torch.Tensor): return batch.to(device, non_blocking=non_blocking)
-    if isinstance(batch, dict): return {k: to_device(v, device, non_blocking) for k, v in batch.items()}
-    if isinstance(batch, tuple) and hasattr(batch, "_fields"): return type(batch)(*(to_device(v, device, non_blocking) for v in batch))
-    if isinstance(batch, (list, tuple)): return type(batch)(to_device(v, device, non_blocking) for v in batch)
+
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=non_blocking)
+    if isinstance(batch, dict):
+        return {k: to_device(v, device, non_blocking) for k, v in batch.items()}
+    if isinstance(batch, tuple) and hasattr(batch, "_fields"):
+        return type(batch)(*(to_device(v, device, non_blocking) for v in batch))
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(to_device(v, device, non_blocking) for v in batch)
     return batch
 
 # %% ../nbs/00a_engine.ipynb #9193647b
 @dataclass(frozen=True)
 class DistInfo:
     "Where this process stands in a torchrun job; `started` is True when `init_distributed` created the group."
+
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
     started: bool = False
 
+
 def init_distributed(backend=None) -> DistInfo:
     "Join the torchrun process group (from RANK / WORLD_SIZE / LOCAL_RANK); a no-op when not launched by torchrun."
     import torch, torch.distributed as dist
-    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ: return DistInfo()
+
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+        return DistInfo()
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     local = int(os.environ.get("LOCAL_RANK", rank))
-    if world <= 1 or dist.is_initialized(): return DistInfo(rank, world, local, False)
+    if world <= 1 or dist.is_initialized():
+        return DistInfo(rank, world, local, False)
     backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
-    if backend == "nccl": torch.cuda.set_device(local)
+    if backend == "nccl":
+        torch.cuda.set_device(local)
     dist.init_process_group(backend)
     return DistInfo(rank, world, local, True)
+
 
 def is_main_process() -> bool:
     "True on rank 0: of the initialised process group, else by the `RANK` variable torchrun sets (0 when unset)."
     import torch.distributed as dist
-    if dist.is_available() and dist.is_initialized(): return dist.get_rank() == 0
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank() == 0
     return int(os.environ.get("RANK", "0")) == 0
 
 # %% ../nbs/00a_engine.ipynb #58a14c33
 class ResumableBatchSampler:
     "Batches of a (seed, epoch)-seeded permutation, rank-strided for data parallelism, skippable for resume."
+
     def __init__(self, n, batch_size, seed, rank=0, world_size=1, shuffle=True, drop_last=False):
         self.n, self.batch_size, self.seed, self.shuffle, self.drop_last = n, batch_size, seed, shuffle, drop_last
         self.rank, self.world_size = rank, world_size
         self.per_rank = math.ceil(n / world_size) if n else 0
         self.num_batches = self.per_rank // batch_size if drop_last else math.ceil(self.per_rank / batch_size)
         self.epoch, self.skip = 0, 0
+
     def set_epoch(self, epoch, skip=0):
         "Iterate epoch `epoch`, starting after its first `skip` batches."
         self.epoch, self.skip = epoch, skip
+
     def batches(self, epoch):
         "All of this rank's batches (lists of dataset indices) in `epoch`."
         import torch
+
         if self.shuffle:
             g = torch.Generator().manual_seed(derive_seed(self.seed, "epoch", epoch))
             perm = torch.randperm(self.n, generator=g).tolist()
-        else: perm = list(range(self.n))
+        else:
+            perm = list(range(self.n))
         total = self.per_rank * self.world_size
-        perm = (perm * math.ceil(total / max(self.n, 1)))[:total]      # pad by repeating, as DistributedSampler
-        shard = perm[self.rank::self.world_size]
-        return [shard[i * self.batch_size:(i + 1) * self.batch_size] for i in range(self.num_batches)]
+        perm = (perm * math.ceil(total / max(self.n, 1)))[:total]  # pad by repeating, as DistributedSampler
+        shard = perm[self.rank :: self.world_size]
+        return [shard[i * self.batch_size : (i + 1) * self.batch_size] for i in range(self.num_batches)]
+
     def __iter__(self):
         for b, idx in enumerate(self.batches(self.epoch)):
-            if b >= self.skip: yield (self.epoch, b, idx)
-    def __len__(self): return self.num_batches - self.skip
+            if b >= self.skip:
+                yield (self.epoch, b, idx)
+
+    def __len__(self):
+        return self.num_batches - self.skip
+
 
 class _BatchFetcher:
     "Loads one batch of `dataset` with every generator seeded by (seed, epoch, rank, batch), then collates it."
+
     def __init__(self, dataset, collate_fn, seed, rank):
         self.dataset, self.collate_fn, self.seed, self.rank = dataset, collate_fn, seed, rank
-    def __len__(self): return len(self.dataset)
+
+    def __len__(self):
+        return len(self.dataset)
+
     def __getitem__(self, key):
         import torch
+
         epoch, b, idx = key
         saved = (random.getstate(), np.random.get_state(), torch.get_rng_state())
         seed = derive_seed(self.seed, "batch", epoch, self.rank, b)
-        random.seed(seed); np.random.seed(seed % 2**32); torch.manual_seed(seed)
-        try: return len(idx), self.collate_fn([self.dataset[i] for i in idx])
+        random.seed(seed)
+        np.random.seed(seed % 2**32)
+        torch.manual_seed(seed)
+        try:
+            return len(idx), self.collate_fn([self.dataset[i] for i in idx])
         finally:
-            random.setstate(saved[0]); np.random.set_state(saved[1]); torch.set_rng_state(saved[2])
+            random.setstate(saved[0])
+            np.random.set_state(saved[1])
+            torch.set_rng_state(saved[2])
 
-def _identity(x): return x
+
+def _identity(x):
+    return x
+
 
 def _seed_worker(worker_id):
     import torch
+
     s = torch.initial_seed()
-    random.seed(s); np.random.seed(s % 2**32)
+    random.seed(s)
+    np.random.seed(s % 2**32)
+
 
 def epoch_loader(fetcher, sampler, seed, num_workers=0, pin_memory=False):
     "The `DataLoader` of one epoch: the sampler's batches from where it stands, each loaded and collated by `fetcher`."
     import torch
-    return torch.utils.data.DataLoader(fetcher, sampler=sampler, batch_size=None, collate_fn=_identity, num_workers=num_workers,
-                                       pin_memory=pin_memory, worker_init_fn=_seed_worker, generator=torch.Generator().manual_seed(seed))
+
+    return torch.utils.data.DataLoader(
+        fetcher,
+        sampler=sampler,
+        batch_size=None,
+        collate_fn=_identity,
+        num_workers=num_workers,
+        pin_memory=pin_memory,
+        worker_init_fn=_seed_worker,
+        generator=torch.Generator().manual_seed(seed),
+    )
 
 # %% ../nbs/00a_engine.ipynb #c6bccc40
 def build_optimizer(model, lr, weight_decay, param_groups=None, **adamw_kwargs):
     "AdamW over `model`'s trainable parameters: no decay for biases/norms/embeddings; `param_groups` = {prefix: lr}."
     import torch
     from torch import nn
+
     norms = (nn.LayerNorm, nn.GroupNorm, nn.modules.batchnorm._NormBase, getattr(nn, "RMSNorm", nn.LayerNorm))
     skip = set(getattr(model, "no_weight_decay", lambda: ())())
     prefixes = sorted((param_groups or {}).items(), key=lambda kv: -len(kv[0]))
     groups, seen, matched = {}, set(), set()
     for mname, module in model.named_modules():
         for pname, p in module.named_parameters(recurse=False):
-            if not p.requires_grad or id(p) in seen: continue
+            if not p.requires_grad or id(p) in seen:
+                continue
             seen.add(id(p))
             name = f"{mname}.{pname}" if mname else pname
             prefix = next((pre for pre, _ in prefixes if name.startswith(pre)), None)
             matched.add(prefix)
-            decay = not (p.ndim < 2 or isinstance(module, (nn.Embedding, *norms)) or "embed" in pname.lower() or name in skip)
+            decay = not (
+                p.ndim < 2 or isinstance(module, (nn.Embedding, *norms)) or "embed" in pname.lower() or name in skip
+            )
             groups.setdefault((prefix, decay), []).append(p)
     missing = [pre for pre, _ in prefixes if pre not in matched]
     if missing:
-        raise InputError(f"prefix {missing[0]!r} matches no trainable parameter", where="parameter 'param_groups'",
-                         expected="prefixes of names in model.named_parameters()")
+        raise InputError(
+            f"prefix {missing[0]!r} matches no trainable parameter",
+            where="parameter 'param_groups'",
+            expected="prefixes of names in model.named_parameters()",
+        )
     lrs = dict(prefixes)
     order = [None] + [pre for pre in (param_groups or {})]
-    out = [{"params": groups[(pre, d)], "lr": float(lrs.get(pre, lr)), "weight_decay": float(weight_decay) if d else 0.0,
-            "name": f"{pre or 'default'}/{'decay' if d else 'no_decay'}"}
-           for pre in order for d in (True, False) if (pre, d) in groups]
+    out = [
+        {
+            "params": groups[(pre, d)],
+            "lr": float(lrs.get(pre, lr)),
+            "weight_decay": float(weight_decay) if d else 0.0,
+            "name": f"{pre or 'default'}/{'decay' if d else 'no_decay'}",
+        }
+        for pre in order
+        for d in (True, False)
+        if (pre, d) in groups
+    ]
     return torch.optim.AdamW(out, lr=lr, **adamw_kwargs)
 
 # %% ../nbs/00a_engine.ipynb #1f818617
@@ -227,68 +340,93 @@ def warmup_steps(warmup, total_steps):
     "Warmup length in steps: a fraction of `total_steps` when `warmup` < 1, else a step count."
     return int(round(warmup * total_steps)) if warmup < 1 else int(warmup)
 
+
 def build_scheduler(optimizer, kind, total_steps, warmup=0.0, mode="min", factor=0.1, patience=5):
     "The learning-rate scheduler `kind` ('cosine', 'constant' or 'plateau') for a run of `total_steps` steps."
     import torch
+
     if kind == "plateau":
         return torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode=mode, factor=factor, patience=patience)
     warm = warmup_steps(warmup, total_steps)
+
     def scale(step):
-        if step < warm: return (step + 1) / warm
-        if kind == "constant": return 1.0
+        if step < warm:
+            return (step + 1) / warm
+        if kind == "constant":
+            return 1.0
         progress = min(1.0, (step - warm) / max(1, total_steps - warm))
         return 0.5 * (1 + math.cos(math.pi * progress))
-    if kind not in ("cosine", "constant"): raise InputError(f"{kind!r} is not a schedule", where="parameter 'scheduler'", expected="'cosine', 'constant' or 'plateau'")
+
+    if kind not in ("cosine", "constant"):
+        raise InputError(
+            f"{kind!r} is not a schedule", where="parameter 'scheduler'", expected="'cosine', 'constant' or 'plateau'"
+        )
     return torch.optim.lr_scheduler.LambdaLR(optimizer, scale)
 
 # %% ../nbs/00a_engine.ipynb #2c4c678b
 def resolve_amp(amp="none", use_amp=False, device="cpu") -> str:
     "The mixed-precision mode ('none', 'bf16' or 'fp16') for `amp` / `use_amp` on `device`."
     import torch
+
     device = torch.device(device)
     if amp not in ("none", "bf16", "fp16"):
-        raise InputError(f"{amp!r} is not a mixed-precision mode", where="parameter 'amp'", expected="'none', 'bf16' or 'fp16'")
+        raise InputError(
+            f"{amp!r} is not a mixed-precision mode", where="parameter 'amp'", expected="'none', 'bf16' or 'fp16'"
+        )
     if use_amp and amp == "none":
         amp = "bf16" if device.type != "cuda" or torch.cuda.is_bf16_supported() else "fp16"
     if amp == "fp16" and device.type != "cuda":
-        raise InputError(f"fp16 mixed precision needs a CUDA device (torch.amp.GradScaler) but this run is on {device.type}",
-                         where="parameter 'amp'", expected="'bf16' or 'none' on the CPU")
+        raise InputError(
+            f"fp16 mixed precision needs a CUDA device (torch.amp.GradScaler) but this run is on {device.type}",
+            where="parameter 'amp'",
+            expected="'bf16' or 'none' on the CPU",
+        )
     return amp
 
 # %% ../nbs/00a_engine.ipynb #821581b2
 RUN_ONLY_KEYS = ("out_dir", "resume_from", "gpu_id", "num_workers", "progress", "overwrite")
 
+
 def compare_configs(old: dict, new: dict, arch_keys=()) -> list:
     "Differences between a checkpoint's config and a new one, as lines; an `InputError` if an `arch_keys` key differs."
     missing = object()
-    diffs = [(k, old.get(k, missing), new.get(k, missing)) for k in sorted(set(old) | set(new))
-             if k not in RUN_ONLY_KEYS and old.get(k, missing) != new.get(k, missing)]
+    diffs = [
+        (k, old.get(k, missing), new.get(k, missing))
+        for k in sorted(set(old) | set(new))
+        if k not in RUN_ONLY_KEYS and old.get(k, missing) != new.get(k, missing)
+    ]
     show = lambda v: "(absent)" if v is missing else repr(v)
     arch = [f"{k}: {show(a)} -> {show(b)}" for k, a, b in diffs if k in arch_keys]
     if arch:
-        raise InputError("the checkpoint's model differs from this run's: " + "; ".join(arch), where="parameter 'resume_from'",
-                         expected="the same architecture settings as the checkpoint")
+        raise InputError(
+            "the checkpoint's model differs from this run's: " + "; ".join(arch),
+            where="parameter 'resume_from'",
+            expected="the same architecture settings as the checkpoint",
+        )
     return [f"{k}: {show(a)} -> {show(b)}" for k, a, b in diffs]
 
 # %% ../nbs/00a_engine.ipynb #cf12db3f
 def _empty_log():
     return {"steps": 0, "sums": {}, "samples": 0, "seconds": 0.0}
 
+
 @dataclass
 class TrainState:
     "Where a run stands: data position, steps, the best validation metric, early-stopping count, history and timing."
-    epoch: int = 0                  # the epoch in progress
-    epoch_batches: int = 0          # batches of it already trained on
-    global_step: int = 0            # optimizer steps taken
+
+    epoch: int = 0  # the epoch in progress
+    epoch_batches: int = 0  # batches of it already trained on
+    global_step: int = 0  # optimizer steps taken
     best_metric: float | None = None
     best_step: int | None = None
-    bad_evals: int = 0              # evaluations since the best one
-    history: list = field(default_factory=list)   # every train and eval record (metrics.jsonl)
-    seconds: float = 0.0            # training time (evaluation and checkpoints excluded)
-    log_acc: dict = field(default_factory=_empty_log)   # sums since the last train record
-    stopped: str | None = None      # why the run ended ("finished", "early_stopping"); None while it runs
+    bad_evals: int = 0  # evaluations since the best one
+    history: list = field(default_factory=list)  # every train and eval record (metrics.jsonl)
+    seconds: float = 0.0  # training time (evaluation and checkpoints excluded)
+    log_acc: dict = field(default_factory=_empty_log)  # sums since the last train record
+    stopped: str | None = None  # why the run ended ("finished", "early_stopping"); None while it runs
 
-    def as_dict(self) -> dict: return asdict(self)
+    def as_dict(self) -> dict:
+        return asdict(self)
 
     @classmethod
     def from_checkpoint(cls, ck: dict):
@@ -296,10 +434,13 @@ class TrainState:
         return cls(**{f.name: ck[f.name] for f in fields(cls) if f.name in ck})
 
     def add_step(self, terms: dict, grad_norm: float, samples: int, seconds: float) -> float:
-        "Count one optimizer step (its loss terms, gradient norm, samples and seconds); returns samples/s since the last record."
+        """Count one optimizer step (its loss terms, gradient norm, samples and seconds); returns samples/s since the
+        last record."""
         self.seconds += seconds
         acc = self.log_acc
-        acc["steps"] += 1; acc["samples"] += samples; acc["seconds"] += seconds
+        acc["steps"] += 1
+        acc["samples"] += samples
+        acc["seconds"] += seconds
         for k, v in {**{f"train_{k}": v for k, v in terms.items()}, "grad_norm": grad_norm}.items():
             acc["sums"][k] = acc["sums"].get(k, 0.0) + v
         return acc["samples"] / max(acc["seconds"], 1e-9)
@@ -307,8 +448,15 @@ class TrainState:
     def train_record(self, step: int, epoch: int, lr: float) -> dict:
         "The train record of the steps counted since the last one (means of their terms); starts a new count."
         acc = self.log_acc
-        rec = {"kind": "train", "step": step, "epoch": epoch, "lr": lr, **{k: v / acc["steps"] for k, v in acc["sums"].items()},
-               "samples_per_s": round(acc["samples"] / max(acc["seconds"], 1e-9), 3), "seconds": round(self.seconds, 3)}
+        rec = {
+            "kind": "train",
+            "step": step,
+            "epoch": epoch,
+            "lr": lr,
+            **{k: v / acc["steps"] for k, v in acc["sums"].items()},
+            "samples_per_s": round(acc["samples"] / max(acc["seconds"], 1e-9), 3),
+            "seconds": round(self.seconds, 3),
+        }
         self.log_acc = _empty_log()
         return rec
 
@@ -316,111 +464,165 @@ class TrainState:
         "Count an evaluation's `value` of the selection metric; True when it is the best so far (finite values only)."
         best = self.best_metric
         improved = math.isfinite(value) and (best is None or (value < best if mode == "min" else value > best))
-        if improved: self.best_metric, self.best_step, self.bad_evals = value, step, 0
-        else: self.bad_evals += 1
+        if improved:
+            self.best_metric, self.best_step, self.bad_evals = value, step, 0
+        else:
+            self.bad_evals += 1
         return improved
 
 # %% ../nbs/00a_engine.ipynb #bcdd9e00
 CHECKPOINT_FORMAT = "mlrg.fit/1"
 
+
 class CheckpointWriter:
     "Writes checkpoints atomically into `out_dir` (last, best, numbered) and prunes numbered ones beyond `keep_last`."
+
     def __init__(self, out_dir, keep_last=2):
         self.out_dir, self.keep_last = Path(out_dir), keep_last
 
     def names(self, step, epoch, due=False, epoch_end=False, stopped=False, improved=False) -> list:
         "The files a checkpoint after optimizer step `step` goes to."
         names = []
-        if self.keep_last != 0: names += ([f"step_{step}.pt"] if due else []) + ([f"epoch_{epoch}.pt"] if epoch_end else [])
-        if due or epoch_end or stopped: names.append("last.pt")
-        if improved: names.append("best.pt")
+        if self.keep_last != 0:
+            names += ([f"step_{step}.pt"] if due else []) + ([f"epoch_{epoch}.pt"] if epoch_end else [])
+        if due or epoch_end or stopped:
+            names.append("last.pt")
+        if improved:
+            names.append("best.pt")
         return names
 
     def write(self, checkpoint: dict, names) -> list:
         "Serialise `checkpoint` once, write it to each of `names`, prune; returns the paths written."
         import torch
-        if not names: return []
-        buf = io.BytesIO(); torch.save(checkpoint, buf)
+
+        if not names:
+            return []
+        buf = io.BytesIO()
+        torch.save(checkpoint, buf)
         paths = [atomic_write(self.out_dir / name, buf.getvalue()) for name in names]
-        for prefix in ("step_", "epoch_"): self._prune(prefix)
+        for prefix in ("step_", "epoch_"):
+            self._prune(prefix)
         return paths
 
     def _prune(self, prefix):
-        if self.keep_last is None: return
-        numbered = sorted((int(p.stem[len(prefix):]), p) for p in self.out_dir.glob(f"{prefix}*.pt") if p.stem[len(prefix):].isdigit())
-        for _, p in numbered[:max(0, len(numbered) - self.keep_last)]: p.unlink(missing_ok=True)
+        if self.keep_last is None:
+            return
+        numbered = sorted(
+            (int(p.stem[len(prefix) :]), p)
+            for p in self.out_dir.glob(f"{prefix}*.pt")
+            if p.stem[len(prefix) :].isdigit()
+        )
+        for _, p in numbered[: max(0, len(numbered) - self.keep_last)]:
+            p.unlink(missing_ok=True)
 
 # %% ../nbs/00a_engine.ipynb #2cf9f6e0
 def gathered_rng_states(world: int = 1) -> list | None:
     "Every process's generator states (`rng_states`) in rank order, on the main process; None on the others."
-    if world == 1: return [rng_states()]
+    if world == 1:
+        return [rng_states()]
     import torch.distributed as dist
+
     out = [None] * world if dist.get_rank() == 0 else None
     dist.gather_object(rng_states(), out, dst=0)
     return out
 
+
 def save_checkpoint(obj, path):
     "`torch.save` `obj` to `path` atomically."
     import torch
-    buf = io.BytesIO(); torch.save(obj, buf)
+
+    buf = io.BytesIO()
+    torch.save(obj, buf)
     return atomic_write(path, buf.getvalue())
 
+
 def load_checkpoint(path, map_location="cpu", training=False):
-    """Load a checkpoint written by `CheckpointWriter` or `save_checkpoint`, with `weights_only=True`. A missing, truncated,
-    corrupt or unsafe file (one holding Python objects), or with `training` one that `fit` did not write, is an `InputError`
+    """Load a checkpoint written by `CheckpointWriter` or `save_checkpoint`, with `weights_only=True`. A missing,
+    truncated,
+    corrupt or unsafe file (one holding Python objects), or with `training` one that `fit` did not write, is an
+    `InputError`
     naming the file and what was expected."""
     import torch
+
     path = Path(path)
-    if not path.exists(): raise InputError("checkpoint not found", where=path)
-    if path.is_dir(): raise InputError("is a folder, not a checkpoint file", where=path, expected="a .pt file written by mlrg")
-    try: ck = torch.load(path, map_location=map_location, weights_only=True)
+    if not path.exists():
+        raise InputError("checkpoint not found", where=path)
+    if path.is_dir():
+        raise InputError("is a folder, not a checkpoint file", where=path, expected="a .pt file written by mlrg")
+    try:
+        ck = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
         found = re.search(r"GLOBAL ([\w.]+)", str(e))
-        if found is None and "Unsupported global" not in str(e):        # not a pickle of objects: garbage or a damaged file
-            raise InputError("cannot be read as a checkpoint (not a file torch.save wrote)", where=path,
-                             expected="a complete checkpoint written by mlrg (this one may be corrupt)") from None
-        raise InputError("holds Python objects besides tensors and plain values" + (f" ({found.group(1)})" if found else "")
-                         + "; mlrg never unpickles them, since a file from an untrusted source could run code", where=path,
-                         expected="a checkpoint written by mlrg (tensors, numbers, strings, lists and dicts only)") from None
+        if found is None and "Unsupported global" not in str(e):  # not a pickle of objects: garbage or a damaged file
+            raise InputError(
+                "cannot be read as a checkpoint (not a file torch.save wrote)",
+                where=path,
+                expected="a complete checkpoint written by mlrg (this one may be corrupt)",
+            ) from None
+        raise InputError(
+            "holds Python objects besides tensors and plain values"
+            + (f" ({found.group(1)})" if found else "")
+            + "; mlrg never unpickles them, since a file from an untrusted source could run code",
+            where=path,
+            expected="a checkpoint written by mlrg (tensors, numbers, strings, lists and dicts only)",
+        ) from None
     except (RuntimeError, EOFError, OSError, ValueError) as e:
         why = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise InputError(f"cannot be read as a checkpoint ({why[:200]})", where=path,
-                         expected="a complete checkpoint written by mlrg (this one may be truncated or corrupt)") from None
+        raise InputError(
+            f"cannot be read as a checkpoint ({why[:200]})",
+            where=path,
+            expected="a complete checkpoint written by mlrg (this one may be truncated or corrupt)",
+        ) from None
     if training and not (isinstance(ck, dict) and ck.get("format") == CHECKPOINT_FORMAT):
         found = ck.get("format") if isinstance(ck, dict) else type(ck).__name__
-        raise InputError(f"is not a training checkpoint of mlrg (format {found!r})", where=path,
-                         expected=f"a checkpoint written by mlrg.engine.fit (format {CHECKPOINT_FORMAT!r})")
+        raise InputError(
+            f"is not a training checkpoint of mlrg (format {found!r})",
+            where=path,
+            expected=f"a checkpoint written by mlrg.engine.fit (format {CHECKPOINT_FORMAT!r})",
+        )
     return ck
 
 # %% ../nbs/00a_engine.ipynb #f0cf6d94
 class NonFiniteLoss(FloatingPointError):
     "Training stopped because the loss (or the gradient norm) became NaN or infinite."
 
+
 def mean_terms(step_terms: dict, device, world: int, where="") -> dict:
-    "The loss terms of one optimizer step as floats, averaged over the `world` processes; `NonFiniteLoss` if one is NaN or infinite."
+    """The loss terms of one optimizer step as floats, averaged over the `world` processes; `NonFiniteLoss` if one is
+    NaN or infinite."""
     import torch, torch.distributed as dist
+
     keys = sorted(step_terms)
     vals = torch.stack([step_terms[k].to(device) for k in keys])
-    if world > 1: dist.all_reduce(vals); vals = vals / world
+    if world > 1:
+        dist.all_reduce(vals)
+        vals = vals / world
     terms = dict(zip(keys, vals.tolist()))
     bad = ", ".join(f"{k}={v}" for k, v in terms.items() if not math.isfinite(v))
-    if bad: raise NonFiniteLoss(f"non-finite loss {where}: {bad}" if where else f"non-finite loss: {bad}")
+    if bad:
+        raise NonFiniteLoss(f"non-finite loss {where}: {bad}" if where else f"non-finite loss: {bad}")
     return terms
 
+
 def optimizer_step(optimizer, scaler, params, grad_clip=None, where="") -> float:
-    "Unscale, clip (when `grad_clip`), step the optimizer and the scaler, zero the gradients; returns the gradient norm."
+    """Unscale, clip (when `grad_clip`), step the optimizer and the scaler, zero the gradients; returns the gradient
+    norm."""
     import torch
+
     scaler.unscale_(optimizer)
     grad_norm = float(torch.nn.utils.clip_grad_norm_(params, grad_clip or float("inf")))
-    if not math.isfinite(grad_norm) and not scaler.is_enabled():     # fp16's scaler skips such a step by itself
+    if not math.isfinite(grad_norm) and not scaler.is_enabled():  # fp16's scaler skips such a step by itself
         raise NonFiniteLoss(f"non-finite gradient norm ({grad_norm}) {where}")
-    scaler.step(optimizer); scaler.update(); optimizer.zero_grad(set_to_none=True)
+    scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
     return grad_norm
 
 # %% ../nbs/00a_engine.ipynb #37a46065
 @dataclass(frozen=True)
 class EvalContext:
     "What `evaluate` is told: the step and epoch it scores, the run's output folder, and this process's rank."
+
     step: int
     epoch: int
     out_dir: Path
@@ -428,7 +630,8 @@ class EvalContext:
     world_size: int = 1
 
     @property
-    def main(self) -> bool: return self.rank == 0
+    def main(self) -> bool:
+        return self.rank == 0
 
     def shard(self, n: int) -> list:
         "The indices of `n` items this process handles (every item exactly once over all processes)."
@@ -436,15 +639,19 @@ class EvalContext:
 
     def gather(self, items: list) -> list | None:
         "Every process's `items` concatenated on the main process (in rank order); None on the others."
-        if self.world_size == 1: return list(items)
+        if self.world_size == 1:
+            return list(items)
         import torch.distributed as dist
+
         box = [None] * self.world_size if self.main else None
         dist.gather_object(list(items), box, dst=0)
         return [x for part in box for x in part] if self.main else None
 
     def save(self, records: list, name: str = "val") -> Path | None:
-        "Write per-sample `records` (dicts) as `<out_dir>/evals/<name>_step_<step>.jsonl` (main process); returns the path."
-        if not self.main: return None
+        """Write per-sample `records` (dicts) as `<out_dir>/evals/<name>_step_<step>.jsonl` (main process); returns the
+        path."""
+        if not self.main:
+            return None
         return save_jsonl(records, self.out_dir / "evals" / f"{name}_step_{self.step}.jsonl")
 
 # %% ../nbs/00a_engine.ipynb #ccac2e2e
@@ -452,35 +659,55 @@ def eval_due(step: int, eval_steps=None, epoch_end=False, last=False) -> bool:
     "True when optimizer step `step` is followed by an evaluation."
     return bool((eval_steps and step % eval_steps == 0) or epoch_end or last)
 
+
 @contextlib.contextmanager
 def _isolated_rng():
     "Run a block (evaluation) without moving the training generators."
     saved = rng_states()
-    try: yield
-    finally: set_rng_states(saved)
+    try:
+        yield
+    finally:
+        set_rng_states(saved)
+
 
 def run_evaluate(evaluate, model, ctx: EvalContext) -> dict:
-    "Call `evaluate(model, ctx)` in eval mode, without gradients or moving the generators; the main process's metrics, shared."
+    """Call `evaluate(model, ctx)` in eval mode, without gradients or moving the generators; the main process's metrics,
+    shared."""
     import torch, torch.distributed as dist
+
     was_training = model.training
     model.eval()
     try:
-        with _isolated_rng(), torch.no_grad(): got = evaluate(model, ctx)
-    finally: model.train(was_training)
+        with _isolated_rng(), torch.no_grad():
+            got = evaluate(model, ctx)
+    finally:
+        model.train(was_training)
     metrics = None
     if ctx.main:
-        try: metrics = {str(k): float(v) for k, v in dict(got).items()}
-        except (TypeError, ValueError): raise InputError(f"evaluate returned {got!r}", where="fit(evaluate=...)", expected="a dict of numbers") from None
+        try:
+            metrics = {str(k): float(v) for k, v in dict(got).items()}
+        except (TypeError, ValueError):
+            raise InputError(
+                f"evaluate returned {got!r}", where="fit(evaluate=...)", expected="a dict of numbers"
+            ) from None
     if ctx.world_size > 1:
-        box = [metrics]; dist.broadcast_object_list(box, src=0); metrics = box[0]
+        box = [metrics]
+        dist.broadcast_object_list(box, src=0)
+        metrics = box[0]
     return metrics
 
+
 def select_and_stop(st: TrainState, metrics: dict, cfg, step: int, scheduler) -> tuple:
-    "Count an evaluation's metrics: choose best.pt, step the plateau schedule, count towards early stopping; returns (improved, stop)."
+    """Count an evaluation's metrics: choose best.pt, step the plateau schedule, count towards early stopping; returns
+    (improved, stop)."""
     if cfg.select_metric not in metrics:
-        raise InputError(f"evaluate returned no {cfg.select_metric!r} (it returned {sorted(metrics)})", where="parameter 'select_metric'")
+        raise InputError(
+            f"evaluate returned no {cfg.select_metric!r} (it returned {sorted(metrics)})",
+            where="parameter 'select_metric'",
+        )
     value = metrics[cfg.select_metric]
-    if cfg.scheduler == "plateau": scheduler.step(value)
+    if cfg.scheduler == "plateau":
+        scheduler.step(value)
     improved = st.judge(value, step, cfg.select_mode)
     return improved, bool(cfg.early_stopping_patience and st.bad_evals >= cfg.early_stopping_patience)
 
@@ -489,14 +716,20 @@ def continue_or_start(out, config: dict, overwrite=False, log=None):
     "The checkpoint a run into `out` continues from (a run with the same settings is there), or None (start afresh)."
     out, log = Path(out), log or get_logger()
     params, last = out / "params.json", out / "last.pt"
-    if not params.exists() and not last.exists(): return None
+    if not params.exists() and not last.exists():
+        return None
     old = load_json(params) if params.exists() else load_checkpoint(last, training=True)["config"]
     diffs = compare_configs(old, config)
     if diffs and not overwrite:
-        raise InputError(f"holds a run with other settings: {'; '.join(diffs)}", where=out,
-                         expected="the same settings (to continue that run), overwrite=True (to move it aside), or another output folder")
+        raise InputError(
+            f"holds a run with other settings: {'; '.join(diffs)}",
+            where=out,
+            expected="the same settings (to continue that run), overwrite=True (to move it aside), or another output "
+            "folder",
+        )
     if diffs:
-        aside = move_aside(out); out.mkdir(parents=True)
+        aside = move_aside(out)
+        out.mkdir(parents=True)
         log.warning("moved the run with other settings in %s aside to %s (%s)", out, aside, "; ".join(diffs))
         return None
     if last.exists():
@@ -508,53 +741,90 @@ def continue_or_start(out, config: dict, overwrite=False, log=None):
 # %% ../nbs/00a_engine.ipynb #77b25f20
 def _loss_of(outputs):
     import torch
+
     if not isinstance(outputs, dict) or not isinstance(outputs.get("loss"), torch.Tensor):
-        raise InputError(f"model returned {type(outputs).__name__}", where="model.forward(batch)", expected='a dict with a scalar tensor "loss"')
+        raise InputError(
+            f"model returned {type(outputs).__name__}",
+            where="model.forward(batch)",
+            expected='a dict with a scalar tensor "loss"',
+        )
     return outputs["loss"]
+
 
 def _scalar_terms(outputs):
     "The scalar entries of a model's output dict, detached (the loss terms to log)."
     import torch
-    return {k: (v.detach().float() if isinstance(v, torch.Tensor) else torch.tensor(float(v)))
-            for k, v in outputs.items()
-            if (isinstance(v, torch.Tensor) and v.numel() == 1) or (isinstance(v, (int, float)) and not isinstance(v, bool))}
+
+    return {
+        k: (v.detach().float() if isinstance(v, torch.Tensor) else torch.tensor(float(v)))
+        for k, v in outputs.items()
+        if (isinstance(v, torch.Tensor) and v.numel() == 1) or (isinstance(v, (int, float)) and not isinstance(v, bool))
+    }
+
 
 def _shared(decide, main: bool, world: int):
     "`decide()` run on the main process only, its result (or its `InputError`) shared with every process."
-    if world == 1: return decide()
+    if world == 1:
+        return decide()
     import torch.distributed as dist
+
     box = [None]
     if main:
-        try: box = [("ok", decide())]
-        except InputError as e: box = [("error", e)]
+        try:
+            box = [("ok", decide())]
+        except InputError as e:
+            box = [("error", e)]
     dist.broadcast_object_list(box, src=0)
-    if box[0][0] == "error": raise box[0][1]
+    if box[0][0] == "error":
+        raise box[0][1]
     return box[0][1]
+
 
 def _train_device(gpu_id):
     "The device of this process: under torchrun with CUDA, the local rank's GPU."
     import torch
+
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1 and torch.cuda.is_available() and get_device(gpu_id).type == "cuda":
         return torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}")
     return get_device(gpu_id)
 
+
 def _restore(ck, where, config, vocab, arch_keys, world, rank, model, optimizer, scheduler, scaler, log):
-    "Load checkpoint `ck` (from file `where`) into the model, optimizer, scheduler, scaler and generators; returns its `TrainState` and vocabulary."
+    """Load checkpoint `ck` (from file `where`) into the model, optimizer, scheduler, scaler and generators; returns its
+    `TrainState` and vocabulary."""
     main, seed = rank == 0, config["seed"]
     for line in compare_configs(ck["config"], config, arch_keys):
-        if main: log.warning("resume: config changed since the checkpoint: %s", line)
+        if main:
+            log.warning("resume: config changed since the checkpoint: %s", line)
     if vocab is not None and ck.get("vocab") is not None and list(ck["vocab"]) != vocab:
-        raise InputError("the vocabulary differs from the checkpoint's", where=where, expected="the vocabulary the checkpoint was trained with")
-    model.load_state_dict(ck["model"]); optimizer.load_state_dict(ck["optimizer"]); scheduler.load_state_dict(ck["scheduler"])
-    if ck["scaler"]: scaler.load_state_dict(ck["scaler"])
+        raise InputError(
+            "the vocabulary differs from the checkpoint's",
+            where=where,
+            expected="the vocabulary the checkpoint was trained with",
+        )
+    model.load_state_dict(ck["model"])
+    optimizer.load_state_dict(ck["optimizer"])
+    scheduler.load_state_dict(ck["scheduler"])
+    if ck["scaler"]:
+        scaler.load_state_dict(ck["scaler"])
     st = TrainState.from_checkpoint(ck)
-    if len(ck["rng"]) == world: set_rng_states(ck["rng"][rank])
+    if len(ck["rng"]) == world:
+        set_rng_states(ck["rng"][rank])
     else:
-        log.warning("resume: the checkpoint has %d processes' RNG states, this run has %d: reseeding", len(ck["rng"]), world)
+        log.warning(
+            "resume: the checkpoint has %d processes' RNG states, this run has %d: reseeding", len(ck["rng"]), world
+        )
         seed_everything(derive_seed(seed, "resume", st.global_step, rank))
-    if main: log.info("resumed from %s at step %d (epoch %d, batch %d)%s", where, st.global_step, st.epoch, st.epoch_batches,
-                      f"; the run had stopped ({st.stopped})" if st.stopped else "")
+    if main:
+        log.info(
+            "resumed from %s at step %d (epoch %d, batch %d)%s",
+            where,
+            st.global_step,
+            st.epoch,
+            st.epoch_batches,
+            f"; the run had stopped ({st.stopped})" if st.stopped else "",
+        )
     return st, (vocab if vocab is not None else ck.get("vocab"))
 
 # %% ../nbs/00a_engine.ipynb #23a6bfbc
@@ -565,28 +835,48 @@ def fit(model, train_dataset, collate_fn, config, evaluate=None, vocab=None, arc
     import torch, torch.distributed as dist
     from contextlib import nullcontext
     from tqdm import tqdm  # text bars: they render in terminals, JupyterLab and executed reports alike
+
     cfg, config = train_config(config)
     log = log or get_logger()
-    if cfg.out_dir is None: raise InputError("no output folder given", where="parameter 'out_dir'", expected="a folder for checkpoints and metrics")
+    if cfg.out_dir is None:
+        raise InputError(
+            "no output folder given", where="parameter 'out_dir'", expected="a folder for checkpoints and metrics"
+        )
     if evaluate is None and (cfg.scheduler == "plateau" or cfg.early_stopping_patience):
-        raise InputError("the plateau schedule and early stopping need a validation metric", where="fit(evaluate=...)",
-                         expected="an evaluate(model, ctx) -> dict callable")
+        raise InputError(
+            "the plateau schedule and early stopping need a validation metric",
+            where="fit(evaluate=...)",
+            expected="an evaluate(model, ctx) -> dict callable",
+        )
     vocab = None if vocab is None else [str(t) for t in vocab]
 
     # --- set up: processes, device, precision, the output folder ---
     device = _train_device(cfg.gpu_id)
     amp = resolve_amp(cfg.amp, cfg.use_amp, device)
-    out = ensure_writable(cfg.out_dir)                # before any work: an unwritable folder fails now, not at the first save
+    out = ensure_writable(cfg.out_dir)  # before any work: an unwritable folder fails now, not at the first save
     info = init_distributed("nccl" if device.type == "cuda" else "gloo")
     rank, world, main = info.rank, info.world_size, info.rank == 0
-    paths = {"last": out / "last.pt", "best": out / "best.pt", "metrics": out / "metrics.jsonl", "params": out / "params.json"}
+    paths = {
+        "last": out / "last.pt",
+        "best": out / "best.pt",
+        "metrics": out / "metrics.jsonl",
+        "params": out / "params.json",
+    }
     try:
-        resume_from = cfg.resume_from or _shared(lambda: continue_or_start(out, config, cfg.overwrite, log), main, world)
-        if main: remove_stale_temps(out)
+        resume_from = cfg.resume_from or _shared(
+            lambda: continue_or_start(out, config, cfg.overwrite, log), main, world
+        )
+        if main:
+            remove_stale_temps(out)
         # --- data: a seeded, rank-sharded, resumable batch order ---
-        sampler = ResumableBatchSampler(len(train_dataset), cfg.batch_size, cfg.seed, rank, world, drop_last=cfg.drop_last)
+        sampler = ResumableBatchSampler(
+            len(train_dataset), cfg.batch_size, cfg.seed, rank, world, drop_last=cfg.drop_last
+        )
         if sampler.num_batches == 0:
-            raise InputError(f"{len(train_dataset)} training samples make no batch of {cfg.batch_size}", where="parameter 'batch_size'")
+            raise InputError(
+                f"{len(train_dataset)} training samples make no batch of {cfg.batch_size}",
+                where="parameter 'batch_size'",
+            )
         fetcher = _BatchFetcher(train_dataset, collate_fn, cfg.seed, rank)
         nb, A = sampler.num_batches, cfg.grad_accum
         total_steps = cfg.max_steps or cfg.num_epochs * math.ceil(nb / A)
@@ -594,15 +884,31 @@ def fit(model, train_dataset, collate_fn, config, evaluate=None, vocab=None, arc
         # --- model, optimizer, schedule, scaler ---
         model.to(device)
         optimizer = build_optimizer(model, cfg.lr, cfg.weight_decay, cfg.param_groups)
-        scheduler = build_scheduler(optimizer, cfg.scheduler, total_steps, cfg.warmup, cfg.select_mode, cfg.plateau_factor, cfg.plateau_patience)
-        if cfg.scheduler == "plateau" and cfg.warmup: log.info("warmup=%s is not used with the plateau schedule", cfg.warmup)
+        scheduler = build_scheduler(
+            optimizer, cfg.scheduler, total_steps, cfg.warmup, cfg.select_mode, cfg.plateau_factor, cfg.plateau_patience
+        )
+        if cfg.scheduler == "plateau" and cfg.warmup:
+            log.info("warmup=%s is not used with the plateau schedule", cfg.warmup)
         scaler = torch.amp.GradScaler(device.type, enabled=amp == "fp16")
 
         # --- resume, or start from the seed ---
         if resume_from:
-            st, vocab = _restore(load_checkpoint(resume_from, training=True), resume_from, config, vocab, arch_keys, world, rank,
-                                 model, optimizer, scheduler, scaler, log)
-            if cfg.resume_from: st.stopped = None     # asked to continue explicitly (e.g. with more epochs): train on
+            st, vocab = _restore(
+                load_checkpoint(resume_from, training=True),
+                resume_from,
+                config,
+                vocab,
+                arch_keys,
+                world,
+                rank,
+                model,
+                optimizer,
+                scheduler,
+                scaler,
+                log,
+            )
+            if cfg.resume_from:
+                st.stopped = None  # asked to continue explicitly (e.g. with more epochs): train on
         else:
             st = TrainState()
             seed_everything(cfg.seed if rank == 0 else derive_seed(cfg.seed, "rank", rank))
@@ -612,35 +918,67 @@ def fit(model, train_dataset, collate_fn, config, evaluate=None, vocab=None, arc
             save_jsonl(st.history, paths["metrics"])
         net = model
         if world > 1:
-            net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
-                                                            find_unused_parameters=cfg.find_unused_parameters)
+            net = torch.nn.parallel.DistributedDataParallel(
+                model,
+                device_ids=[device.index] if device.type == "cuda" else None,
+                find_unused_parameters=cfg.find_unused_parameters,
+            )
         writer = CheckpointWriter(out, cfg.keep_last)
 
         def record(rec):
             "Add a record to the history (every process) and to metrics.jsonl (main process)."
             st.history.append(rec)
-            if main: append_jsonl(paths["metrics"], rec)
+            if main:
+                append_jsonl(paths["metrics"], rec)
 
         def save(names):
             "Write one checkpoint to the files `names` (main process); every process gives its RNG states."
             rngs = gathered_rng_states(world)
             if main:
-                writer.write({"format": CHECKPOINT_FORMAT, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                              "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "rng": rngs, "config": config,
-                              "vocab": vocab, "world_size": world, **st.as_dict()}, names)
+                writer.write(
+                    {
+                        "format": CHECKPOINT_FORMAT,
+                        "model": model.state_dict(),
+                        "optimizer": optimizer.state_dict(),
+                        "scheduler": scheduler.state_dict(),
+                        "scaler": scaler.state_dict(),
+                        "rng": rngs,
+                        "config": config,
+                        "vocab": vocab,
+                        "world_size": world,
+                        **st.as_dict(),
+                    },
+                    names,
+                )
 
         # --- the loop ---
-        pbar = tqdm(total=total_steps, initial=st.global_step, desc="train", disable=not (main and cfg.progress), dynamic_ncols=True)
-        autocast = lambda: torch.autocast(device.type, dtype=torch.bfloat16 if amp == "bf16" else torch.float16, enabled=amp != "none")
+        pbar = tqdm(
+            total=total_steps,
+            initial=st.global_step,
+            desc="train",
+            disable=not (main and cfg.progress),
+            dynamic_ncols=True,
+        )
+        autocast = lambda: torch.autocast(
+            device.type, dtype=torch.bfloat16 if amp == "bf16" else torch.float16, enabled=amp != "none"
+        )
         params = [p for p in model.parameters() if p.requires_grad]
-        net.train(); optimizer.zero_grad(set_to_none=True)
+        net.train()
+        optimizer.zero_grad(set_to_none=True)
         stopped, t_prev = None, time.perf_counter()
         try:
             while stopped is None and st.stopped is None and st.global_step < total_steps:
                 epoch = st.epoch
                 sampler.set_epoch(epoch, skip=st.epoch_batches)
-                if hasattr(train_dataset, "set_epoch"): train_dataset.set_epoch(epoch)   # e.g. per-epoch augmentation
-                loader = epoch_loader(fetcher, sampler, derive_seed(cfg.seed, "loader", epoch, rank), cfg.num_workers, device.type == "cuda")
+                if hasattr(train_dataset, "set_epoch"):
+                    train_dataset.set_epoch(epoch)  # e.g. per-epoch augmentation
+                loader = epoch_loader(
+                    fetcher,
+                    sampler,
+                    derive_seed(cfg.seed, "loader", epoch, rank),
+                    cfg.num_workers,
+                    device.type == "cuda",
+                )
                 step_terms, step_samples = {}, 0
                 for b, (n, batch) in zip(range(st.epoch_batches, nb), loader):
                     # forward and backward; gradients are synchronised on the last pass of an accumulation group only
@@ -648,32 +986,46 @@ def fit(model, train_dataset, collate_fn, config, evaluate=None, vocab=None, arc
                     group, boundary = min(A, nb - start), b + 1 == min(start + A, nb)
                     batch = to_device(batch, device, non_blocking=device.type == "cuda")
                     with net.no_sync() if world > 1 and not boundary else nullcontext():
-                        with autocast(): outputs = net(batch)
+                        with autocast():
+                            outputs = net(batch)
                         scaler.scale(_loss_of(outputs).float() / group).backward()
-                    for k, v in _scalar_terms(outputs).items(): step_terms[k] = step_terms.get(k, 0.0) + v / group
+                    for k, v in _scalar_terms(outputs).items():
+                        step_terms[k] = step_terms.get(k, 0.0) + v / group
                     step_samples += n
                     st.epoch_batches = b + 1
-                    if not boundary: continue
+                    if not boundary:
+                        continue
 
                     # one optimizer step, stopped before it when a loss term is not finite
                     step = st.global_step + 1
                     where = f"at step {step} (epoch {epoch}, batch {b})"
-                    stop_note = f"training stopped before this step, the checkpoints in {out} are from step {st.global_step} or earlier"
+                    stop_note = (
+                        f"training stopped before this step, the checkpoints in {out} are from step {st.global_step} "
+                        f"or earlier"
+                    )
                     try:
                         terms = mean_terms(step_terms, device, world, where)
                         grad_norm = optimizer_step(optimizer, scaler, params, cfg.grad_clip, where)
-                    except NonFiniteLoss as e: raise NonFiniteLoss(f"{e}; {stop_note}") from None
+                    except NonFiniteLoss as e:
+                        raise NonFiniteLoss(f"{e}; {stop_note}") from None
                     lr = optimizer.param_groups[0]["lr"]
-                    if cfg.scheduler != "plateau": scheduler.step()
+                    if cfg.scheduler != "plateau":
+                        scheduler.step()
                     epoch_end = b + 1 == nb
                     st.global_step = step
-                    if epoch_end: st.epoch, st.epoch_batches = epoch + 1, 0
+                    if epoch_end:
+                        st.epoch, st.epoch_batches = epoch + 1, 0
 
                     # log: a train record every log_steps steps (means over the steps since the last one)
-                    now = time.perf_counter(); dt, t_prev = now - t_prev, now
+                    now = time.perf_counter()
+                    dt, t_prev = now - t_prev, now
                     speed = st.add_step(terms, grad_norm, step_samples * world, dt)
-                    pbar.update(1); pbar.set_postfix(loss=f"{terms.get('loss', float('nan')):.4g}", lr=f"{lr:.3g}", samples_s=f"{speed:.1f}")
-                    if step % cfg.log_steps == 0 or epoch_end or step == total_steps: record(st.train_record(step, epoch, lr))
+                    pbar.update(1)
+                    pbar.set_postfix(
+                        loss=f"{terms.get('loss', float('nan')):.4g}", lr=f"{lr:.3g}", samples_s=f"{speed:.1f}"
+                    )
+                    if step % cfg.log_steps == 0 or epoch_end or step == total_steps:
+                        record(st.train_record(step, epoch, lr))
                     step_terms, step_samples = {}, 0
 
                     # evaluate when due: select best.pt, step the plateau schedule, count towards early stopping
@@ -681,29 +1033,64 @@ def fit(model, train_dataset, collate_fn, config, evaluate=None, vocab=None, arc
                     if evaluate is not None and eval_due(step, cfg.eval_steps, epoch_end, step == total_steps):
                         metrics = run_evaluate(evaluate, model, EvalContext(step, epoch, out, rank, world))
                         improved, stop_early = select_and_stop(st, metrics, cfg, step, scheduler)
-                        record({"kind": "eval", "step": step, "epoch": epoch, **metrics, "best_metric": st.best_metric, "seconds": round(st.seconds, 3)})
-                    if stop_early: stopped = "early_stopping"
-                    elif step >= total_steps: stopped = "finished"
+                        record(
+                            {
+                                "kind": "eval",
+                                "step": step,
+                                "epoch": epoch,
+                                **metrics,
+                                "best_metric": st.best_metric,
+                                "seconds": round(st.seconds, 3),
+                            }
+                        )
+                    if stop_early:
+                        stopped = "early_stopping"
+                    elif step >= total_steps:
+                        stopped = "finished"
                     st.stopped = stopped
 
                     # checkpoint: numbered when due, last.pt at epoch ends and at the end, best.pt when improved
-                    names = writer.names(step, epoch, bool(cfg.save_steps and step % cfg.save_steps == 0), epoch_end, bool(stopped), improved)
-                    if names: save(names)
-                    t_prev = time.perf_counter()                      # checkpoint and evaluation time is not training time
-                    if stopped: break
+                    names = writer.names(
+                        step,
+                        epoch,
+                        bool(cfg.save_steps and step % cfg.save_steps == 0),
+                        epoch_end,
+                        bool(stopped),
+                        improved,
+                    )
+                    if names:
+                        save(names)
+                    t_prev = time.perf_counter()  # checkpoint and evaluation time is not training time
+                    if stopped:
+                        break
         except NonFiniteLoss as e:
             log.error("%s", e)
-            if main: append_jsonl(paths["metrics"], {"kind": "stop", "reason": "non-finite", "message": str(e)})
+            if main:
+                append_jsonl(paths["metrics"], {"kind": "stop", "reason": "non-finite", "message": str(e)})
             raise
         finally:
             pbar.close()
         if stopped == "early_stopping" and main:
-            log.info("early stopping at step %d: %s has not improved for %d evaluations (best %s at step %s)",
-                     st.global_step, cfg.select_metric, st.bad_evals, st.best_metric, st.best_step)
-        if world > 1: dist.barrier()
-        return {"best_metric": st.best_metric, "best_step": st.best_step, "global_step": st.global_step,
-                "epoch": st.epoch, "stopped": stopped or st.stopped or "finished", "seconds": st.seconds,
-                "paths": {k: (str(p) if k != "best" or p.exists() else None) for k, p in paths.items()},
-                "history": st.history}
+            log.info(
+                "early stopping at step %d: %s has not improved for %d evaluations (best %s at step %s)",
+                st.global_step,
+                cfg.select_metric,
+                st.bad_evals,
+                st.best_metric,
+                st.best_step,
+            )
+        if world > 1:
+            dist.barrier()
+        return {
+            "best_metric": st.best_metric,
+            "best_step": st.best_step,
+            "global_step": st.global_step,
+            "epoch": st.epoch,
+            "stopped": stopped or st.stopped or "finished",
+            "seconds": st.seconds,
+            "paths": {k: (str(p) if k != "best" or p.exists() else None) for k, p in paths.items()},
+            "history": st.history,
+        }
     finally:
-        if info.started: dist.destroy_process_group()
+        if info.started:
+            dist.destroy_process_group()

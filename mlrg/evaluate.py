@@ -34,31 +34,53 @@ __all__ = ['EVALUATE', 'JAVA_FIX', 'NLG_KEYS', 'LABELER_NAME', 'CE5', 'CHANGE_CL
            'oracle_baseline', 'split_items', 'evaluate_files', 'evaluate_cli']
 
 # %% ../nbs/05_evaluate.ipynb #6f60ab3f
-EVALUATE = Params("evaluate", "Score generated reports against references: BLEU-1..4, METEOR, ROUGE-L, CIDEr (pycocoevalcap), "
-                  "CE with the mlrg rule-based labeler, a longitudinal change score.", dict(
-    pred_path=Param(None, "predictions: CSV / JSON / JSONL keyed by id, or MLRG's CSV (dicom_id,labels,report)", kind=str,
-                    flag="--pred", required=True),
-    gt_path=Param(None, "references (same forms, or an MLRG annotation JSON with split); optional for MLRG's CSV", kind=str, flag="--gt"),
-    run_dir=Param(None, "a run folder: its annotation and phantom for the baselines, stage 2's test predictions when pred_path is None, "
-                  "results to <run>/evaluate", kind=str, cli=False),
-    split=Param("test", "split of an MLRG annotation given as references"),
-    uncertain_policy=Param("positive", "how uncertain labels count in CE (positive: as MLRG)", choices=lambda: tuple(POLICIES)),
-    truncate_ref=Param(None, "truncate references to N tokens (None: off)", kind=int, low=1),
-    meteor=Param(True, "run METEOR (it needs Java); --no-meteor skips it", flag="--no-meteor"),
-    seed=Param(0, "drives the phantom and the oracle's phrasing", cli=False),
-    out=Param(None, "write the metrics JSON here (atomically)", kind=str, notebook=False),
-    per_sample=Param(None, "write the per-pair NLG scores as CSV here", kind=str, notebook=False),
-    annotation=Param(None, "MLRG annotation telling which ids have a prior study", kind=str, notebook=False),
-    truth=Param(None, "phantom-truth.jsonl (or its folder): priors and true changes", kind=str, notebook=False),
-    chexbert_weights=Param(None, "local chexbert.pth (or set MLRG_CHEXBERT_WEIGHTS)", kind=str, notebook=False),
-    radgraph_weights=Param(None, "local RadGraph weights (or set MLRG_RADGRAPH_WEIGHTS)", kind=str, notebook=False),
-    id_col=Param(None, "the id column of CSV inputs", kind=str, notebook=False),
-    pred_col=Param(None, "the prediction column of a CSV", kind=str, notebook=False),
-    gt_col=Param(None, "the reference column of a CSV", kind=str, notebook=False),
-))
+EVALUATE = Params(
+    "evaluate",
+    "Score generated reports against references: BLEU-1..4, METEOR, ROUGE-L, CIDEr (pycocoevalcap), "
+    "CE with the mlrg rule-based labeler, a longitudinal change score.",
+    dict(
+        pred_path=Param(
+            None,
+            "predictions: CSV / JSON / JSONL keyed by id, or MLRG's CSV (dicom_id,labels,report)",
+            kind=str,
+            flag="--pred",
+            required=True,
+        ),
+        gt_path=Param(
+            None,
+            "references (same forms, or an MLRG annotation JSON with split); optional for MLRG's CSV",
+            kind=str,
+            flag="--gt",
+        ),
+        run_dir=Param(
+            None,
+            "a run folder: its annotation and phantom for the baselines, stage 2's test predictions"
+            " when pred_path is None, results to <run>/evaluate",
+            kind=str,
+            cli=False,
+        ),
+        split=Param("test", "split of an MLRG annotation given as references"),
+        uncertain_policy=Param(
+            "positive", "how uncertain labels count in CE (positive: as MLRG)", choices=lambda: tuple(POLICIES)
+        ),
+        truncate_ref=Param(None, "truncate references to N tokens (None: off)", kind=int, low=1),
+        meteor=Param(True, "run METEOR (it needs Java); --no-meteor skips it", flag="--no-meteor"),
+        seed=Param(0, "drives the phantom and the oracle's phrasing", cli=False),
+        out=Param(None, "write the metrics JSON here (atomically)", kind=str, notebook=False),
+        per_sample=Param(None, "write the per-pair NLG scores as CSV here", kind=str, notebook=False),
+        annotation=Param(None, "MLRG annotation telling which ids have a prior study", kind=str, notebook=False),
+        truth=Param(None, "phantom-truth.jsonl (or its folder): priors and true changes", kind=str, notebook=False),
+        chexbert_weights=Param(None, "local chexbert.pth (or set MLRG_CHEXBERT_WEIGHTS)", kind=str, notebook=False),
+        radgraph_weights=Param(None, "local RadGraph weights (or set MLRG_RADGRAPH_WEIGHTS)", kind=str, notebook=False),
+        id_col=Param(None, "the id column of CSV inputs", kind=str, notebook=False),
+        pred_col=Param(None, "the prediction column of a CSV", kind=str, notebook=False),
+        gt_col=Param(None, "the reference column of a CSV", kind=str, notebook=False),
+    ),
+)
 
 # %% ../nbs/05_evaluate.ipynb #1bdb3176
 _WS = re.compile(r"\s+")
+
 
 def prepare_text(text) -> str:
     "MLRG's text preparation for the NLG scorers: lower case, `.` -> ` .`, white space collapsed (no PTB tokenizer)."
@@ -67,10 +89,11 @@ def prepare_text(text) -> str:
 # %% ../nbs/05_evaluate.ipynb #1083005d
 def truncate_tokens(text: str, n=None) -> str:
     "The first `n` white-space tokens of `text` (all of them when `n` is None)."
-    return text if n is None else " ".join(text.split()[:int(n)])
+    return text if n is None else " ".join(text.split()[: int(n)])
 
 # %% ../nbs/05_evaluate.ipynb #43a45df3
 _METEOR_BAD = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029|]")
+
 
 def sanitize_meteor(text: str) -> str:
     "`text` safe for the METEOR jar's line protocol: no control characters, no `|`, ASCII only, single spaces."
@@ -83,8 +106,12 @@ def sanitize_meteor(text: str) -> str:
 class MissingJava(InputError):
     "METEOR needs a Java runtime and none was found."
 
-JAVA_FIX = ("install a Java runtime (Java 17; Debian/Ubuntu: `apt-get install default-jre-headless`) "
-            "or skip METEOR with --no-meteor (meteor=False)")
+
+JAVA_FIX = (
+    "install a Java runtime (Java 17; Debian/Ubuntu: `apt-get install default-jre-headless`) "
+    "or skip METEOR with --no-meteor (meteor=False)"
+)
+
 
 def check_java():
     "The path of `java` on the PATH, or `MissingJava` naming the fix."
@@ -96,9 +123,11 @@ def check_java():
 # %% ../nbs/05_evaluate.ipynb #9f7ae286
 class _MeteorProcess:
     "The `java -jar meteor-1.5.jar` process of one pycocoevalcap `Meteor`, its stderr drained; `close()` stops it."
+
     def __init__(self):
         check_java()
         from pycocoevalcap.meteor.meteor import Meteor
+
         self.meteor = Meteor()
         self.proc = self.meteor.meteor_p
         self._stderr = []
@@ -107,149 +136,214 @@ class _MeteorProcess:
         self.closed = False
 
     def _read_stderr(self):
-        for line in iter(self.proc.stderr.readline, b""): self._stderr.append(line.decode("utf-8", "replace"))
+        for line in iter(self.proc.stderr.readline, b""):
+            self._stderr.append(line.decode("utf-8", "replace"))
 
     def _fail(self, what):
         self.close()
         err = "".join(self._stderr[-20:]).strip()
-        raise RuntimeError(f"METEOR (java -jar meteor-1.5.jar) failed: {what}" + (f"\nJava said:\n{err}" if err else ""))
+        raise RuntimeError(
+            f"METEOR (java -jar meteor-1.5.jar) failed: {what}" + (f"\nJava said:\n{err}" if err else "")
+        )
 
     def _readline(self):
         line = self.proc.stdout.readline()
-        if not line: self._fail(f"the process ended (exit code {self.proc.poll()})")
+        if not line:
+            self._fail(f"the process ended (exit code {self.proc.poll()})")
         return line.decode("ascii", "replace").strip()
 
     def close(self):
         "Stop the Java process (idempotent)."
-        if self.closed: return
+        if self.closed:
+            return
         self.closed = True
         with self.meteor.lock:
             for f in (self.proc.stdin,):
-                try: f.close()
-                except OSError: pass
-            if self.proc.poll() is None: self.proc.kill()
+                try:
+                    f.close()
+                except OSError:
+                    pass
+            if self.proc.poll() is None:
+                self.proc.kill()
             self.proc.wait()
             for f in (self.proc.stdout,):
-                try: f.close()
-                except OSError: pass
+                try:
+                    f.close()
+                except OSError:
+                    pass
         self._drain.join(timeout=5)
-        try: self.proc.stderr.close()
-        except OSError: pass
+        try:
+            self.proc.stderr.close()
+        except OSError:
+            pass
 
-    def __enter__(self): return self
-    def __exit__(self, *exc): self.close()
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
 
 # %% ../nbs/05_evaluate.ipynb #6cf08380
 def _is_float(x):
-    try: float(x); return True
-    except ValueError: return False
+    try:
+        float(x)
+        return True
+    except ValueError:
+        return False
+
 
 class MeteorScorer(_MeteorProcess):
     "One pycocoevalcap METEOR process for many pairs (and many corpora): `score(refs, hyps)`, then `close()`."
+
     def score(self, refs, hyps):
         "(corpus METEOR, per-pair scores) for lists of reference and hypothesis strings (sanitised here)."
-        if self.closed: raise RuntimeError("this MeteorScorer is closed")
-        refs = [sanitize_meteor(r) for r in refs]; hyps = [sanitize_meteor(h) for h in hyps]
-        if len(refs) != len(hyps): raise InputError(f"{len(refs)} references but {len(hyps)} hypotheses", where="METEOR")
-        if not refs: raise InputError("no pairs to score", where="METEOR")
+        if self.closed:
+            raise RuntimeError("this MeteorScorer is closed")
+        refs = [sanitize_meteor(r) for r in refs]
+        hyps = [sanitize_meteor(h) for h in hyps]
+        if len(refs) != len(hyps):
+            raise InputError(f"{len(refs)} references but {len(hyps)} hypotheses", where="METEOR")
+        if not refs:
+            raise InputError("no pairs to score", where="METEOR")
         lines = [f"SCORE ||| {r} ||| {h}\n".encode("ascii") for r, h in zip(refs, hyps)]
         errors = []
+
         def write():
             try:
-                for ln in lines: self.proc.stdin.write(ln)
+                for ln in lines:
+                    self.proc.stdin.write(ln)
                 self.proc.stdin.flush()
-            except Exception as e: errors.append(e)
+            except Exception as e:
+                errors.append(e)
+
         with self.meteor.lock:
-            w = threading.Thread(target=write, daemon=True); w.start()
+            w = threading.Thread(target=write, daemon=True)
+            w.start()
             stats = [self._readline() for _ in lines]
             w.join()
-            if errors: self._fail(f"writing to the process: {errors[0]!r}")
+            if errors:
+                self._fail(f"writing to the process: {errors[0]!r}")
             try:
-                self.proc.stdin.write(("EVAL ||| " + " ||| ".join(stats) + "\n").encode("ascii")); self.proc.stdin.flush()
-            except OSError as e: self._fail(repr(e))
+                self.proc.stdin.write(("EVAL ||| " + " ||| ".join(stats) + "\n").encode("ascii"))
+                self.proc.stdin.flush()
+            except OSError as e:
+                self._fail(repr(e))
             raw = [self._readline() for _ in range(len(lines) + 1)]
-        try: vals = [float(x) for x in raw]
-        except ValueError: self._fail(f"unexpected answer {next(x for x in raw if not _is_float(x))!r}")
+        try:
+            vals = [float(x) for x in raw]
+        except ValueError:
+            self._fail(f"unexpected answer {next(x for x in raw if not _is_float(x))!r}")
         return vals[-1], vals[:-1]
 
 # %% ../nbs/05_evaluate.ipynb #c16771cc
 def _prepared_pairs(refs, hyps, truncate_ref=None):
     "Prepared (and optionally truncated) references and prepared hypotheses, checked to be aligned and non-empty."
     refs, hyps = list(refs), list(hyps)
-    if len(refs) != len(hyps): raise InputError(f"{len(refs)} references but {len(hyps)} hypotheses", where="nlg_scores")
-    if not refs: raise InputError("no pairs to score", where="nlg_scores")
+    if len(refs) != len(hyps):
+        raise InputError(f"{len(refs)} references but {len(hyps)} hypotheses", where="nlg_scores")
+    if not refs:
+        raise InputError("no pairs to score", where="nlg_scores")
     return [truncate_tokens(prepare_text(r), truncate_ref) for r in refs], [prepare_text(h) for h in hyps]
+
 
 def _coco_scores(R, H):
     "BLEU-1..4, ROUGE-L, CIDEr of prepared pairs: (scores, per-pair scores, seconds)."
     from pycocoevalcap.bleu.bleu import Bleu
     from pycocoevalcap.cider.cider import Cider
     from pycocoevalcap.rouge.rouge import Rouge
-    gts = {i: [r] for i, r in enumerate(R)}; res = {i: [h] for i, h in enumerate(H)}
+
+    gts = {i: [r] for i, r in enumerate(R)}
+    res = {i: [h] for i, h in enumerate(H)}
     out, per, secs = {}, {}, {}
     t0 = time.perf_counter()
     b, bs = Bleu(4).compute_score(gts, res, verbose=0)
     secs["BLEU"] = time.perf_counter() - t0
-    for n in range(4): out[f"BLEU-{n + 1}"] = float(b[n]); per[f"BLEU-{n + 1}"] = [float(x) for x in bs[n]]
+    for n in range(4):
+        out[f"BLEU-{n + 1}"] = float(b[n])
+        per[f"BLEU-{n + 1}"] = [float(x) for x in bs[n]]
     t0 = time.perf_counter()
     r, rs = Rouge().compute_score(gts, res)
     secs["ROUGE-L"] = time.perf_counter() - t0
-    out["ROUGE-L"] = float(r); per["ROUGE-L"] = [float(x) for x in rs]
+    out["ROUGE-L"] = float(r)
+    per["ROUGE-L"] = [float(x) for x in rs]
     t0 = time.perf_counter()
     c, cs = Cider().compute_score(gts, res)
     secs["CIDEr"] = time.perf_counter() - t0
-    out["CIDEr"] = float(c); per["CIDEr"] = [float(x) for x in cs]
+    out["CIDEr"] = float(c)
+    per["CIDEr"] = [float(x) for x in cs]
     return out, per, secs
 
 # %% ../nbs/05_evaluate.ipynb #4ce51e1e
 class _MeteorJob:
     "METEOR of prepared pairs in a background thread (the Java process works while Python computes other metrics)."
+
     def __init__(self, R, H, scorer=None):
         self.own = scorer is None
         self.scorer = MeteorScorer() if scorer is None else scorer
         self.out = {}
         self.thread = threading.Thread(target=self._run, args=(R, H), daemon=True)
         self.thread.start()
+
     def _run(self, R, H):
         t0 = time.perf_counter()
-        try: self.out["value"] = self.scorer.score(R, H)
-        except BaseException as e: self.out["error"] = e
+        try:
+            self.out["value"] = self.scorer.score(R, H)
+        except BaseException as e:
+            self.out["error"] = e
         self.out["seconds"] = time.perf_counter() - t0
+
     def result(self):
         "(corpus, per-pair, seconds); closes the scorer if this job started it."
         try:
             self.thread.join()
-            if "error" in self.out: raise self.out["error"]
+            if "error" in self.out:
+                raise self.out["error"]
             return (*self.out["value"], self.out["seconds"])
         finally:
-            if self.own: self.scorer.close()
+            if self.own:
+                self.scorer.close()
 
 # %% ../nbs/05_evaluate.ipynb #f8e69291
 NLG_KEYS = ["BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr"]
 
+
 def _nlg_result(scores, per, secs, truncate_ref, meteor):
-    return {"scores": {k: scores[k] for k in NLG_KEYS if k in scores}, "per_sample": per, "seconds": secs,
-            "truncate_ref": truncate_ref, "meteor": bool(meteor)}
+    return {
+        "scores": {k: scores[k] for k in NLG_KEYS if k in scores},
+        "per_sample": per,
+        "seconds": secs,
+        "truncate_ref": truncate_ref,
+        "meteor": bool(meteor),
+    }
+
 
 def nlg_scores(refs, hyps, meteor=True, truncate_ref=None, meteor_scorer=None) -> dict:
     "Corpus BLEU-1..4, METEOR, ROUGE-L, CIDEr (pycocoevalcap 1.2 scorers) of `hyps` against `refs` (lists of str)."
     R, H = _prepared_pairs(refs, hyps, truncate_ref)
     job = _MeteorJob(R, H, meteor_scorer) if meteor else None
-    try: scores, per, secs = _coco_scores(R, H)
+    try:
+        scores, per, secs = _coco_scores(R, H)
     finally:
         m = job.result() if job is not None else None
-    if m is not None: scores["METEOR"], per["METEOR"], secs["METEOR"] = m[0], m[1], m[2]
+    if m is not None:
+        scores["METEOR"], per["METEOR"], secs["METEOR"] = m[0], m[1], m[2]
     return _nlg_result(scores, per, secs, truncate_ref, meteor)
 
 # %% ../nbs/05_evaluate.ipynb #88fc1f15
 LABELER_NAME = "mlrg rule-based labeler (not CheXbert)"
 
+
 def ce_table(ref_labels, gen_labels, policy="positive"):
     "Per-observation support, TP/FP/FN/TN, left-out cells, precision, recall, F1 (a DataFrame, `OBSERVATIONS` order)."
     import pandas as pd
+
     ref, gen = np.asarray(ref_labels, dtype=float), np.asarray(gen_labels, dtype=float)
     if ref.shape != gen.shape or ref.ndim != 2 or ref.shape[1] != len(OBSERVATIONS):
-        raise InputError(f"label arrays of shapes {ref.shape} and {gen.shape}", where="ce_table", expected=f"two (n, {len(OBSERVATIONS)}) arrays")
+        raise InputError(
+            f"label arrays of shapes {ref.shape} and {gen.shape}",
+            where="ce_table",
+            expected=f"two (n, {len(OBSERVATIONS)}) arrays",
+        )
     y, p = apply_policy(ref, policy), apply_policy(gen, policy)
     keep = ~(ref == -1) if policy == "ignore" else np.ones_like(y)
     rows = []
@@ -257,12 +351,24 @@ def ce_table(ref_labels, gen_labels, policy="positive"):
         k = keep[:, i]
         tp, fp = int((y[:, i] & p[:, i] & k).sum()), int((~y[:, i] & p[:, i] & k).sum())
         fn, tn = int((y[:, i] & ~p[:, i] & k).sum()), int((~y[:, i] & ~p[:, i] & k).sum())
-        rows.append({"observation": o, "support": tp + fn, "predicted": tp + fp, "tp": tp, "fp": fp, "fn": fn, "tn": tn,
-                     "left_out": int((~k).sum()), **dict(zip(("precision", "recall", "f1"), prf(tp, fp, fn)))})
+        rows.append(
+            {
+                "observation": o,
+                "support": tp + fn,
+                "predicted": tp + fp,
+                "tp": tp,
+                "fp": fp,
+                "fn": fn,
+                "tn": tn,
+                "left_out": int((~k).sum()),
+                **dict(zip(("precision", "recall", "f1"), prf(tp, fp, fn))),
+            }
+        )
     return pd.DataFrame(rows)
 
 # %% ../nbs/05_evaluate.ipynb #80a3aa01
 CE5 = ["Atelectasis", "Cardiomegaly", "Consolidation", "Edema", "Pleural Effusion"]
+
 
 def ce_summary(table) -> dict:
     "Micro and macro precision/recall/F1 over the 14 observations (`CE-14`) and over the 5 (`CE-5`)."
@@ -270,141 +376,212 @@ def ce_summary(table) -> dict:
     for name, obs in (("CE-14", OBSERVATIONS), ("CE-5", CE5)):
         t = table[table.observation.isin(obs)]
         p, r, f = prf(int(t.tp.sum()), int(t.fp.sum()), int(t.fn.sum()))
-        out[name] = {"micro": {"precision": p, "recall": r, "f1": f},
-                     "macro": {"precision": float(t.precision.mean()), "recall": float(t.recall.mean()), "f1": float(t.f1.mean())}}
+        out[name] = {
+            "micro": {"precision": p, "recall": r, "f1": f},
+            "macro": {
+                "precision": float(t.precision.mean()),
+                "recall": float(t.recall.mean()),
+                "f1": float(t.f1.mean()),
+            },
+        }
     return out
 
 # %% ../nbs/05_evaluate.ipynb #3734fa46
 CHANGE_CLASSES = ["new", "worse", "better", "unchanged", "resolved"]
 CHANGE_OBSERVATIONS = [o for o in OBSERVATIONS if o != "No Finding"]
 
+
 def change_scores(ref_changes, gen_changes, mask=None) -> dict:
     "Agreement of generated with reference changes (lists of {observation: change}); `mask`: the pairs with a prior."
     import pandas as pd
+
     ref_changes, gen_changes = list(ref_changes), list(gen_changes)
-    if len(ref_changes) != len(gen_changes): raise InputError("different numbers of pairs", where="change_scores")
+    if len(ref_changes) != len(gen_changes):
+        raise InputError("different numbers of pairs", where="change_scores")
     mask = [True] * len(ref_changes) if mask is None else [bool(m) for m in mask]
     labels = CHANGE_CLASSES + ["none"]
     conf = pd.DataFrame(0, index=pd.Index(labels, name="reference"), columns=pd.Index(labels, name="generated"))
     n_pairs = 0
     for rc, gc, m in zip(ref_changes, gen_changes, mask):
-        if not m: continue
+        if not m:
+            continue
         n_pairs += 1
         for o in CHANGE_OBSERVATIONS:
             r, g = rc.get(o, "none"), gc.get(o, "none")
-            if r not in labels or g not in labels: raise InputError(f"unknown change {r if r not in labels else g!r} for {o}", expected=" / ".join(CHANGE_CLASSES))
-            if r != "none" or g != "none": conf.loc[r, g] += 1
+            if r not in labels or g not in labels:
+                raise InputError(
+                    f"unknown change {r if r not in labels else g!r} for {o}", expected=" / ".join(CHANGE_CLASSES)
+                )
+            if r != "none" or g != "none":
+                conf.loc[r, g] += 1
     scored = int(conf.loc[CHANGE_CLASSES].to_numpy().sum())
     correct = int(sum(conf.loc[c, c] for c in CHANGE_CLASSES))
     per = {}
     for c in CHANGE_CLASSES:
-        tp = int(conf.loc[c, c]); fp = int(conf[c].sum()) - tp; fn = int(conf.loc[c].sum()) - tp
+        tp = int(conf.loc[c, c])
+        fp = int(conf[c].sum()) - tp
+        fn = int(conf.loc[c].sum()) - tp
         p, r, f = prf(tp, fp, fn)
         per[c] = {"support": tp + fn, "predicted": tp + fp, "precision": p, "recall": r, "f1": f}
     seen = [c for c in CHANGE_CLASSES if per[c]["support"] or per[c]["predicted"]]
-    return {"accuracy": correct / scored if scored else None, "scored_cells": scored, "correct": correct,
-            "pairs": n_pairs, "pairs_with_reference_change": int(sum(1 for rc, m in zip(ref_changes, mask) if m and rc)),
-            "macro_f1": float(np.mean([per[c]["f1"] for c in seen])) if seen else None,
-            "per_class": per, "confusion": conf.to_dict(orient="index")}
+    return {
+        "accuracy": correct / scored if scored else None,
+        "scored_cells": scored,
+        "correct": correct,
+        "pairs": n_pairs,
+        "pairs_with_reference_change": int(sum(1 for rc, m in zip(ref_changes, mask) if m and rc)),
+        "macro_f1": float(np.mean([per[c]["f1"] for c in seen])) if seen else None,
+        "per_class": per,
+        "confusion": conf.to_dict(orient="index"),
+    }
 
 # %% ../nbs/05_evaluate.ipynb #33acf693
 TEMPORAL_WORDS = frozenset(
-    "bigger change cleared constant decrease decreased decreasing elevated elevation enlarged enlargement enlarging expanded "
-    "greater growing improved improvement improving increase increased increasing larger new persistence persistent "
-    "persisting progression progressive reduced removal resolution resolved resolving smaller stability stable stably "
-    "unaltered unchanged unfolded worse worsen worsened worsening".split())
+    "bigger change cleared constant decrease decreased decreasing elevated elevation enlarged enlargement enlarging "
+    "expanded greater growing improved improvement improving increase increased increasing larger new persistence "
+    "persistent persisting progression progressive reduced removal resolution resolved resolving smaller stability "
+    "stable stably unaltered unchanged unfolded worse worsen worsened worsening".split()
+)
 _TEMPORAL_RE = re.compile(r"\b(" + "|".join(sorted(TEMPORAL_WORDS, key=len, reverse=True)) + r")\b")
+
 
 def temporal_entities(text) -> set:
     "The change words of `TEMPORAL_WORDS` in `text` (whole words, case-insensitive, hyphens and underscores as spaces)."
     return set(_TEMPORAL_RE.findall(re.sub(r"[_-]+", " ", str(text or "").lower())))
 
+
 def temporal_entity_f1(refs, hyps) -> dict:
-    "Libra's temporal entity score: the mean over report pairs of the F1 of their change-word sets, and the per-pair scores."
+    "Libra's temporal entity score: mean per-pair F1 of the reports' change-word sets, and the per-pair scores."
     per = []
     for r, h in zip(refs, hyps):
         R, H = temporal_entities(r), temporal_entities(h)
-        if not R: per.append(1.0 if not H else 0.0)
-        else: tp = len(R & H); per.append(2 * tp / (len(R) + len(H)))
+        if not R:
+            per.append(1.0 if not H else 0.0)
+        else:
+            tp = len(R & H)
+            per.append(2 * tp / (len(R) + len(H)))
     return {"f1": float(np.mean(per)) if per else float("nan"), "pairs": len(per), "per_sample": per}
 
 # %% ../nbs/05_evaluate.ipynb #9034f578
-ADAPTERS = {"chexbert": {"package": "f1chexbert", "env": "MLRG_CHEXBERT_WEIGHTS", "file": "chexbert.pth"},
-            "radgraph": {"package": "radgraph", "env": "MLRG_RADGRAPH_WEIGHTS", "file": "radgraph.tar.gz"}}
-_MAGIC = (b"PK\x03\x04", b"\x80", b"\x1f\x8b")     # zip (torch >= 1.6), pickle (legacy torch), gzip (tar.gz archives)
+ADAPTERS = {
+    "chexbert": {"package": "f1chexbert", "env": "MLRG_CHEXBERT_WEIGHTS", "file": "chexbert.pth"},
+    "radgraph": {"package": "radgraph", "env": "MLRG_RADGRAPH_WEIGHTS", "file": "radgraph.tar.gz"},
+}
+_MAGIC = (b"PK\x03\x04", b"\x80", b"\x1f\x8b")  # zip (torch >= 1.6), pickle (legacy torch), gzip (tar.gz archives)
+
 
 def resolve_weights(name, path=None):
     "The checked weights path of adapter `name` (parameter, else environment variable), or None when neither is set."
     spec = ADAPTERS[name]
     where = f"{name}_weights" if path else spec["env"]
     path = path or os.environ.get(spec["env"]) or None
-    if path is None: return None
+    if path is None:
+        return None
     p = Path(path).expanduser()
-    if not p.exists(): raise InputError("weights not found", where=f"{where}={p}", expected=f"a local {spec['file']} (or unset it to skip {name})")
+    if not p.exists():
+        raise InputError(
+            "weights not found", where=f"{where}={p}", expected=f"a local {spec['file']} (or unset it to skip {name})"
+        )
     files = [p] if p.is_file() else sorted(f for f in p.rglob("*") if f.is_file())
     for f in files:
-        with open(f, "rb") as fh: head = fh.read(4)
-        if any(head.startswith(m) for m in _MAGIC): return p
-    raise InputError("not a model checkpoint (no zip, pickle or gzip file)" if files else "empty folder", where=f"{where}={p}",
-                     expected=f"the {spec['file']} that {spec['package']} downloads")
+        with open(f, "rb") as fh:
+            head = fh.read(4)
+        if any(head.startswith(m) for m in _MAGIC):
+            return p
+    raise InputError(
+        "not a model checkpoint (no zip, pickle or gzip file)" if files else "empty folder",
+        where=f"{where}={p}",
+        expected=f"the {spec['file']} that {spec['package']} downloads",
+    )
 
 # %% ../nbs/05_evaluate.ipynb #a046d8e1
 def _point_hub_at(modules, path):
     "Make the packages' `hf_hub_download` return the local file and keep huggingface_hub offline."
     import sys
+
     os.environ["HF_HUB_OFFLINE"] = "1"
     for name, mod in list(sys.modules.items()):
         if any(name == m or name.startswith(m + ".") for m in modules) and hasattr(mod, "hf_hub_download"):
             mod.hf_hub_download = lambda *a, **k: str(path)
 
+
 def run_adapter(name, refs, hyps, path=None) -> dict:
-    "Run adapter `name` ('chexbert' or 'radgraph') when its weights are on disk: {'status': 'ok'|'skipped', 'message', 'scores'}."
+    "Run adapter `name` ('chexbert'/'radgraph') if its weights exist: {'status': 'ok'|'skipped', 'message', 'scores'}."
     import importlib, importlib.util
-    if name not in ADAPTERS: raise InputError(f"unknown adapter {name!r}", expected=" or ".join(ADAPTERS))
+
+    if name not in ADAPTERS:
+        raise InputError(f"unknown adapter {name!r}", expected=" or ".join(ADAPTERS))
     spec = ADAPTERS[name]
     p = resolve_weights(name, path)
     if p is None:
-        return {"status": "skipped", "message": f"{name}: skipped (no weights: pass {name}_weights or set {spec['env']} to a local {spec['file']})"}
+        return {
+            "status": "skipped",
+            "message": f"{name}: skipped (no weights: pass {name}_weights"
+            f" or set {spec['env']} to a local {spec['file']})",
+        }
     if importlib.util.find_spec(spec["package"]) is None:
-        return {"status": "skipped", "message": f"{name}: skipped (weights at {p}, but the package {spec['package']!r} is not installed: pip install {spec['package']})"}
+        return {
+            "status": "skipped",
+            "message": f"{name}: skipped (weights at {p}, but the package {spec['package']!r} is not installed:"
+            f" pip install {spec['package']})",
+        }
     try:
         mod = importlib.import_module(spec["package"])
         _point_hub_at([spec["package"]], p)
         if name == "chexbert":
             scorer = mod.F1CheXbert(device="cpu")
             _, _, cr, cr5 = scorer(hyps=list(hyps), refs=list(refs))
-            scores = {"CheXbert-14 micro F1": cr["micro avg"]["f1-score"], "CheXbert-14 macro F1": cr["macro avg"]["f1-score"],
-                      "CheXbert-5 micro F1": cr5["micro avg"]["f1-score"], "CheXbert-5 macro F1": cr5["macro avg"]["f1-score"]}
+            scores = {
+                "CheXbert-14 micro F1": cr["micro avg"]["f1-score"],
+                "CheXbert-14 macro F1": cr["macro avg"]["f1-score"],
+                "CheXbert-5 micro F1": cr5["micro avg"]["f1-score"],
+                "CheXbert-5 macro F1": cr5["macro avg"]["f1-score"],
+            }
         else:
             scorer = mod.F1RadGraph(reward_level="partial")
             score = scorer(hyps=list(hyps), refs=list(refs))[0]
             scores = {"RadGraph F1 (partial)": float(score)}
     except Exception as e:
         raise RuntimeError(f"{name} adapter ({spec['package']}, weights {p}) failed: {type(e).__name__}: {e}") from e
-    return {"status": "ok", "message": f"{name}: {spec['package']} with weights {p}", "scores": {k: float(v) for k, v in scores.items()}}
+    return {
+        "status": "ok",
+        "message": f"{name}: {spec['package']} with weights {p}",
+        "scores": {k: float(v) for k, v in scores.items()},
+    }
 
 # %% ../nbs/05_evaluate.ipynb #70d9a0ed
 ID_COLS = ("id", "dicom_id", "image_id", "study_id")
-TEXT_COLS = {"pred": ("report", "prediction", "pred", "generated", "generation", "hypothesis", "hyp", "text", "findings"),
-             "gt": ("reference", "ref", "gt", "ground_truth", "target", "findings", "report", "text")}
+TEXT_COLS = {
+    "pred": ("report", "prediction", "pred", "generated", "generation", "hypothesis", "hyp", "text", "findings"),
+    "gt": ("reference", "ref", "gt", "ground_truth", "target", "findings", "report", "text"),
+}
+
 
 def _show(ids, n=10):
     ids = list(ids)
     return ", ".join(map(str, ids[:n])) + (f" ... ({len(ids)} in all)" if len(ids) > n else "")
 
+
 def _pick_col(cols, wanted, given, path, what):
     if given:
-        if given not in cols: raise InputError(f"no column {given!r}", where=path, expected=f"one of {list(cols)}")
+        if given not in cols:
+            raise InputError(f"no column {given!r}", where=path, expected=f"one of {list(cols)}")
         return given
     c = next((c for c in wanted if c in cols), None)
-    if c is None: raise InputError(f"no {what} column", where=path, expected=f"one of {list(wanted)}; the file has {list(cols)}")
+    if c is None:
+        raise InputError(f"no {what} column", where=path, expected=f"one of {list(wanted)}; the file has {list(cols)}")
     return c
+
 
 def _records(rows, path, role, id_col=None, text_col=None, line_of=None):
     "{id: text} from a list of dicts, with errors naming rows and ids."
-    if not rows: raise InputError("no records (empty file)", where=path)
+    if not rows:
+        raise InputError("no records (empty file)", where=path)
     bad = [i for i, r in enumerate(rows) if not isinstance(r, dict)]
-    if bad: raise InputError(f"record {bad[0]} is a {type(rows[bad[0]]).__name__}", where=path, expected="objects with an id and a text")
+    if bad:
+        raise InputError(
+            f"record {bad[0]} is a {type(rows[bad[0]]).__name__}", where=path, expected="objects with an id and a text"
+        )
     cols = list(dict.fromkeys(k for r in rows for k in r))
     mlrg_csv = "labels" in cols and "report" in cols
     ic = _pick_col(cols, ID_COLS, id_col, path, "id")
@@ -414,67 +591,106 @@ def _records(rows, path, role, id_col=None, text_col=None, line_of=None):
     for i, r in enumerate(rows):
         where = line_of(i) if line_of else f"record {i}"
         k = r.get(ic)
-        if k is None or str(k).strip() == "": raise InputError(f"{where}: no {ic!r}", where=path)
+        if k is None or str(k).strip() == "":
+            raise InputError(f"{where}: no {ic!r}", where=path)
         k = str(k).strip()
         v = r.get(tc)
-        if v is None or (isinstance(v, float) and v != v): missing.append(k); continue
-        if not isinstance(v, str): raise InputError(f"{where} (id {k}): {tc!r} is a {type(v).__name__}", where=path, expected="a string")
-        if k in out: dup.append(k)
+        if v is None or (isinstance(v, float) and v != v):
+            missing.append(k)
+            continue
+        if not isinstance(v, str):
+            raise InputError(f"{where} (id {k}): {tc!r} is a {type(v).__name__}", where=path, expected="a string")
+        if k in out:
+            dup.append(k)
         out[k] = v
-    if dup: raise InputError(f"duplicate id(s): {_show(sorted(set(dup)))}", where=path, expected="each id once")
-    if missing: raise InputError(f"no {tc!r} text for id(s): {_show(missing)}", where=path)
+    if dup:
+        raise InputError(f"duplicate id(s): {_show(sorted(set(dup)))}", where=path, expected="each id once")
+    if missing:
+        raise InputError(f"no {tc!r} text for id(s): {_show(missing)}", where=path)
     return out, {"id_col": ic, "text_col": tc, "mlrg_csv": mlrg_csv}
 
 # %% ../nbs/05_evaluate.ipynb #b45f8ff5
 def read_texts(path, role="pred", split="test", id_col=None, text_col=None):
     "({id: text}, info) from a prediction (`role='pred'`) or reference (`role='gt'`) CSV, JSON or JSON-lines file."
-    if role not in TEXT_COLS: raise InputError(f"role={role!r}", expected="'pred' or 'gt'")
+    if role not in TEXT_COLS:
+        raise InputError(f"role={role!r}", expected="'pred' or 'gt'")
     path = Path(path)
-    if not path.is_file(): raise InputError("file not found", where=path)
+    if not path.is_file():
+        raise InputError("file not found", where=path)
     raw = path.read_bytes()
-    try: text = raw.decode("utf-8-sig")
+    try:
+        text = raw.decode("utf-8-sig")
     except UnicodeDecodeError as e:
-        line = raw[:e.start].count(b"\n") + 1
+        line = raw[: e.start].count(b"\n") + 1
         raise InputError(f"not UTF-8 (byte 0x{raw[e.start]:02x} at line {line})", where=path) from None
-    if not text.strip(): raise InputError("empty file", where=path)
+    if not text.strip():
+        raise InputError("empty file", where=path)
     if path.suffix.lower() == ".csv":
-        try: rows = list(csv.DictReader(io.StringIO(text)))
-        except csv.Error as e: raise InputError(f"not a readable CSV ({e})", where=path) from None
-        if rows and None in rows[0]: raise InputError("row 2 has more fields than the header", where=path)
+        try:
+            rows = list(csv.DictReader(io.StringIO(text)))
+        except csv.Error as e:
+            raise InputError(f"not a readable CSV ({e})", where=path) from None
+        if rows and None in rows[0]:
+            raise InputError("row 2 has more fields than the header", where=path)
         return _records(rows, path, role, id_col, text_col, line_of=lambda i: f"line {i + 2}")
     if path.suffix.lower() == ".jsonl":
         return _records(read_jsonl(path), path, role, id_col, text_col)
-    try: data = json.loads(text)
+    try:
+        data = json.loads(text)
     except json.JSONDecodeError as e:
-        raise InputError(f"not valid JSON ({e.msg} at line {e.lineno}, column {e.colno})", where=path, expected="JSON, JSON lines (.jsonl) or CSV (.csv)") from None
+        raise InputError(
+            f"not valid JSON ({e.msg} at line {e.lineno}, column {e.colno})",
+            where=path,
+            expected="JSON, JSON lines (.jsonl) or CSV (.csv)",
+        ) from None
     if isinstance(data, dict) and any(k in data for k in ("train", "val", "validate", "test")):
         if role == "pred":
-            raise InputError("is an MLRG annotation (references, images, priors), given as the predictions (--pred)", where=path,
-                             expected="the generated reports as --pred, and this annotation as --gt (references) or --annotation")
+            raise InputError(
+                "is an MLRG annotation (references, images, priors), given as the predictions (--pred)",
+                where=path,
+                expected="the generated reports as --pred, and this annotation as --gt (references) or --annotation",
+            )
         key = split if split in data else ("validate" if split == "val" and "validate" in data else None)
-        if key is None: raise InputError(f"no split {split!r}", where=path, expected=f"one of {list(data)}")
+        if key is None:
+            raise InputError(f"no split {split!r}", where=path, expected=f"one of {list(data)}")
         items = data[key]
-        if not isinstance(items, list): raise InputError(f"split {key!r} is not a list", where=path)
+        if not isinstance(items, list):
+            raise InputError(f"split {key!r} is not a list", where=path)
         out, info = _records(items, path, "gt" if role == "gt" else role, id_col or "id", text_col or "findings")
-        info.update(split=key, prior={str(it["id"]): it.get("prior_study") is not None for it in items if "prior_study" in it} or None,
-                    items={str(it["id"]): it for it in items})
+        info.update(
+            split=key,
+            prior={str(it["id"]): it.get("prior_study") is not None for it in items if "prior_study" in it} or None,
+            items={str(it["id"]): it for it in items},
+        )
         return out, info
     if isinstance(data, dict):
-        if not data: raise InputError("no records (empty object)", where=path)
+        if not data:
+            raise InputError("no records (empty object)", where=path)
         bad = [k for k, v in data.items() if not isinstance(v, str)]
-        if bad: raise InputError(f"the value of id(s) {_show(bad)} is not a string", where=path, expected='{"id": "text", ...}')
+        if bad:
+            raise InputError(
+                f"the value of id(s) {_show(bad)} is not a string", where=path, expected='{"id": "text", ...}'
+            )
         return {str(k).strip(): v for k, v in data.items()}, {"id_col": None, "text_col": None, "mlrg_csv": False}
-    if isinstance(data, list): return _records(data, path, role, id_col, text_col)
-    raise InputError(f"a JSON {type(data).__name__}", where=path, expected="an object {id: text}, a list of records or an MLRG annotation")
+    if isinstance(data, list):
+        return _records(data, path, role, id_col, text_col)
+    raise InputError(
+        f"a JSON {type(data).__name__}",
+        where=path,
+        expected="an object {id: text}, a list of records or an MLRG annotation",
+    )
 
 # %% ../nbs/05_evaluate.ipynb #75193672
 def match_ids(pred: dict, gt: dict, pred_where="predictions", gt_where="references") -> list:
     "The ids in reference order, or an `InputError` naming the ids missing from either side."
-    missing = [k for k in gt if k not in pred]; extra = [k for k in pred if k not in gt]
+    missing = [k for k in gt if k not in pred]
+    extra = [k for k in pred if k not in gt]
     if missing or extra:
         parts = []
-        if missing: parts.append(f"{len(missing)} reference id(s) have no prediction: {_show(missing)}")
-        if extra: parts.append(f"{len(extra)} predicted id(s) are not in the references ({gt_where}): {_show(extra)}")
+        if missing:
+            parts.append(f"{len(missing)} reference id(s) have no prediction: {_show(missing)}")
+        if extra:
+            parts.append(f"{len(extra)} predicted id(s) are not in the references ({gt_where}): {_show(extra)}")
         raise InputError("; ".join(parts), where=pred_where, expected="the same ids on both sides")
     return list(gt)
 
@@ -482,26 +698,44 @@ def match_ids(pred: dict, gt: dict, pred_where="predictions", gt_where="referenc
 def _check_settings(uncertain_policy, truncate_ref):
     "An `InputError` for an unknown uncertain policy, or for a `truncate_ref` that is neither None nor an integer >= 1."
     if uncertain_policy not in POLICIES:
-        raise InputError(f"unknown uncertain policy {uncertain_policy!r}", where="uncertain_policy", expected=" or ".join(map(repr, POLICIES)))
-    if truncate_ref is not None and (not isinstance(truncate_ref, (int, np.integer)) or isinstance(truncate_ref, bool) or truncate_ref < 1):
+        raise InputError(
+            f"unknown uncertain policy {uncertain_policy!r}",
+            where="uncertain_policy",
+            expected=" or ".join(map(repr, POLICIES)),
+        )
+    if truncate_ref is not None and (
+        not isinstance(truncate_ref, (int, np.integer)) or isinstance(truncate_ref, bool) or truncate_ref < 1
+    ):
         raise InputError(f"truncate_ref={truncate_ref!r}", where="truncate_ref", expected="None or an integer >= 1")
+
 
 def _settings(truncate_ref, meteor, uncertain_policy):
     "The `settings` of a result: text preparation, scorers, truncation, METEOR, labeler and uncertain policy."
-    return {"text_preparation": "lower case, '.' -> ' .', white space collapsed (MLRG); no PTB tokenizer",
-            "nlg": "pycocoevalcap 1.2 Bleu(4), Meteor, Rouge, Cider called directly; corpus BLEU; CIDEr IDF from these references",
-            "truncate_ref": truncate_ref, "truncate_ref_used": truncate_ref is not None,
-            "meteor": "meteor-1.5.jar via pycocoevalcap, one Java process, sanitised text" if meteor else "skipped (meteor=False / --no-meteor)",
-            "labeler": LABELER_NAME, "uncertain_policy": uncertain_policy, "uncertain_policy_meaning": POLICIES[uncertain_policy]}
+    return {
+        "text_preparation": "lower case, '.' -> ' .', white space collapsed (MLRG); no PTB tokenizer",
+        "nlg": "pycocoevalcap 1.2 Bleu(4), Meteor, Rouge, Cider called directly; corpus BLEU;"
+        " CIDEr IDF from these references",
+        "truncate_ref": truncate_ref,
+        "truncate_ref_used": truncate_ref is not None,
+        "meteor": "meteor-1.5.jar via pycocoevalcap, one Java process, sanitised text"
+        if meteor
+        else "skipped (meteor=False / --no-meteor)",
+        "labeler": LABELER_NAME,
+        "uncertain_policy": uncertain_policy,
+        "uncertain_policy_meaning": POLICIES[uncertain_policy],
+    }
 
 # %% ../nbs/05_evaluate.ipynb #8fcec84d
 def _longitudinal(refs, hyps, ids, has_prior=None, truth_changes=None):
     """(change score of `hyps` against `refs`, change score against the true changes or None); `has_prior` and
     `truth_changes` are lists aligned with `ids`, or dicts keyed by them."""
     ref_ch, gen_ch = [extract_changes(t) for t in refs], [extract_changes(t) for t in hyps]
-    if has_prior is None: mask = None
-    elif isinstance(has_prior, dict): mask = [bool(has_prior[i]) for i in ids]
-    else: mask = [bool(h) for h in has_prior]
+    if has_prior is None:
+        mask = None
+    elif isinstance(has_prior, dict):
+        mask = [bool(has_prior[i]) for i in ids]
+    else:
+        mask = [bool(h) for h in has_prior]
     longi = change_scores(ref_ch, gen_ch, mask)
     longi["prior_information"] = "given" if mask is not None else "none given: every pair counted"
     lt = None
@@ -513,17 +747,29 @@ def _longitudinal(refs, hyps, ids, has_prior=None, truth_changes=None):
     return longi, lt
 
 # %% ../nbs/05_evaluate.ipynb #50b6bb5b
-def evaluate(refs, hyps, ids=None, meteor=True, truncate_ref=None, uncertain_policy="positive", has_prior=None,
-             truth_changes=None, chexbert_weights=None, radgraph_weights=None, meteor_scorer=None) -> dict:
-    "All metrics of `hyps` against `refs` (aligned lists of str): NLG, CE, longitudinal and adapters, with the settings used."
+def evaluate(
+    refs,
+    hyps,
+    ids=None,
+    meteor=True,
+    truncate_ref=None,
+    uncertain_policy="positive",
+    has_prior=None,
+    truth_changes=None,
+    chexbert_weights=None,
+    radgraph_weights=None,
+    meteor_scorer=None,
+) -> dict:
+    "All metrics of `hyps` vs `refs` (aligned str lists): NLG, CE, longitudinal and adapters, with the settings used."
     _check_settings(uncertain_policy, truncate_ref)
     refs, hyps = list(refs), list(hyps)
     ids = [str(i) for i in (ids if ids is not None else range(len(refs)))]
-    if meteor and meteor_scorer is None: check_java()          # fail before any work
+    if meteor and meteor_scorer is None:
+        check_java()  # fail before any work
     t_all = time.perf_counter()
     secs = {}
     R, H = _prepared_pairs(refs, hyps, truncate_ref)
-    job = _MeteorJob(R, H, meteor_scorer) if meteor else None       # runs until the end, overlapping the rest
+    job = _MeteorJob(R, H, meteor_scorer) if meteor else None  # runs until the end, overlapping the rest
     try:
         scores, per, nsecs = _coco_scores(R, H)
         secs.update(nsecs)
@@ -537,7 +783,8 @@ def evaluate(refs, hyps, ids=None, meteor=True, truncate_ref=None, uncertain_pol
         secs["longitudinal"] = time.perf_counter() - t0
     finally:
         m = job.result() if job is not None else None
-    if m is not None: scores["METEOR"], per["METEOR"], secs["METEOR"] = m[0], m[1], m[2]
+    if m is not None:
+        scores["METEOR"], per["METEOR"], secs["METEOR"] = m[0], m[1], m[2]
     nlg = _nlg_result(scores, per, secs, truncate_ref, meteor)
     adapters = {}
     for name, w in (("chexbert", chexbert_weights), ("radgraph", radgraph_weights)):
@@ -548,83 +795,162 @@ def evaluate(refs, hyps, ids=None, meteor=True, truncate_ref=None, uncertain_pol
     return {
         "n": len(refs),
         "settings": _settings(truncate_ref, meteor, uncertain_policy),
-        "nlg": nlg["scores"], "ce": ce_summary(table), "ce_per_observation": table.to_dict(orient="records"),
-        "longitudinal": longi, "longitudinal_vs_truth": lt, "temporal_entity_f1": {k: tem[k] for k in ("f1", "pairs")},
+        "nlg": nlg["scores"],
+        "ce": ce_summary(table),
+        "ce_per_observation": table.to_dict(orient="records"),
+        "longitudinal": longi,
+        "longitudinal_vs_truth": lt,
+        "temporal_entity_f1": {k: tem[k] for k in ("f1", "pairs")},
         "adapters": adapters,
         "empty_texts": {"references": sum(not r.strip() for r in refs), "hypotheses": sum(not h.strip() for h in hyps)},
-        "meteor_sanitised": {"references": sum(sanitize_meteor(r) != _WS.sub(" ", r).strip() for r in refs),
-                             "hypotheses": sum(sanitize_meteor(h) != _WS.sub(" ", h).strip() for h in hyps)} if meteor else None,
+        "meteor_sanitised": {
+            "references": sum(sanitize_meteor(r) != _WS.sub(" ", r).strip() for r in refs),
+            "hypotheses": sum(sanitize_meteor(h) != _WS.sub(" ", h).strip() for h in hyps),
+        }
+        if meteor
+        else None,
         "seconds": {k: round(v, 3) for k, v in secs.items()},
         "per_sample": {"id": ids, **nlg["per_sample"], "temporal_entity_f1": tem["per_sample"]},
     }
 
 # %% ../nbs/05_evaluate.ipynb #f089d48c
-TABLE_COLUMNS = ["B-1", "B-2", "B-3", "B-4", "METEOR", "ROUGE-L", "CIDEr", "CE14 mi-P", "CE14 mi-R", "CE14 mi-F1",
-                 "CE14 ma-P", "CE14 ma-R", "CE14 ma-F1", "CE5 mi-F1", "CE5 ma-F1", "Long. acc", "Long. vs truth", "Temporal F1"]
+TABLE_COLUMNS = [
+    "B-1",
+    "B-2",
+    "B-3",
+    "B-4",
+    "METEOR",
+    "ROUGE-L",
+    "CIDEr",
+    "CE14 mi-P",
+    "CE14 mi-R",
+    "CE14 mi-F1",
+    "CE14 ma-P",
+    "CE14 ma-R",
+    "CE14 ma-F1",
+    "CE5 mi-F1",
+    "CE5 ma-F1",
+    "Long. acc",
+    "Long. vs truth",
+    "Temporal F1",
+]
 
-# MLRG's published test scores on MIMIC-CXR (released logs, REFERENCE section 1; 3,852 images, CE by CheXbert): another
-# dataset and another labeler than a phantom run's, shown for scale only
-MLRG_PUBLISHED_MIMIC = {"B-1": .411, "B-2": .277, "B-3": .204, "B-4": .158, "METEOR": .176, "ROUGE-L": .320, "CIDEr": .360,
-                        "CE14 mi-F1": .505, "CE14 ma-F1": .364, "CE5 mi-F1": .550, "CE5 ma-F1": .486}
+# MLRG's published test scores on MIMIC-CXR (MLRG, CVPR 2025: the released logs of its official repository
+# mk-runner/MLRG; 3,852 images, CE by CheXbert): another dataset and another labeler than a phantom run's, shown for
+# scale only
+MLRG_PUBLISHED_MIMIC = {
+    "B-1": 0.411,
+    "B-2": 0.277,
+    "B-3": 0.204,
+    "B-4": 0.158,
+    "METEOR": 0.176,
+    "ROUGE-L": 0.320,
+    "CIDEr": 0.360,
+    "CE14 mi-F1": 0.505,
+    "CE14 ma-F1": 0.364,
+    "CE5 mi-F1": 0.550,
+    "CE5 ma-F1": 0.486,
+}
+
 
 def summary_row(result) -> dict:
     "One row of the comparison table (columns `TABLE_COLUMNS`; NaN where not computed)."
     n, c = result["nlg"], result["ce"]
     lt = result.get("longitudinal_vs_truth")
     vals = [n.get(f"BLEU-{k}") for k in range(1, 5)] + [n.get("METEOR"), n.get("ROUGE-L"), n.get("CIDEr")]
-    vals += [c["CE-14"]["micro"][k] for k in ("precision", "recall", "f1")] + [c["CE-14"]["macro"][k] for k in ("precision", "recall", "f1")]
-    vals += [c["CE-5"]["micro"]["f1"], c["CE-5"]["macro"]["f1"], result["longitudinal"]["accuracy"], lt["accuracy"] if lt else None,
-             (result.get("temporal_entity_f1") or {}).get("f1")]
+    vals += [c["CE-14"]["micro"][k] for k in ("precision", "recall", "f1")] + [
+        c["CE-14"]["macro"][k] for k in ("precision", "recall", "f1")
+    ]
+    vals += [
+        c["CE-5"]["micro"]["f1"],
+        c["CE-5"]["macro"]["f1"],
+        result["longitudinal"]["accuracy"],
+        lt["accuracy"] if lt else None,
+        (result.get("temporal_entity_f1") or {}).get("f1"),
+    ]
     return {k: (float("nan") if v is None else float(v)) for k, v in zip(TABLE_COLUMNS, vals)}
 
 # %% ../nbs/05_evaluate.ipynb #8b7e5aa8
 def format_result(result, name="predictions") -> str:
     "The printed report: settings, the main scores, the per-observation CE table, the longitudinal score, adapters."
     import pandas as pd
+
     s = result["settings"]
-    lines = [f"evaluated {result['n']} pairs ({name})",
-             f"  text preparation: {s['text_preparation']}",
-             f"  reference truncation: " + (f"yes, to {s['truncate_ref']} tokens" if s["truncate_ref_used"] else "no (--truncate-ref not used)"),
-             f"  METEOR: {s['meteor']}", f"  CE labeler: {s['labeler']}",
-             f"  uncertain policy: {s['uncertain_policy']} ({s['uncertain_policy_meaning']})"]
+    lines = [
+        f"evaluated {result['n']} pairs ({name})",
+        f"  text preparation: {s['text_preparation']}",
+        f"  reference truncation: "
+        + (f"yes, to {s['truncate_ref']} tokens" if s["truncate_ref_used"] else "no (--truncate-ref not used)"),
+        f"  METEOR: {s['meteor']}",
+        f"  CE labeler: {s['labeler']}",
+        f"  uncertain policy: {s['uncertain_policy']} ({s['uncertain_policy_meaning']})",
+    ]
     e = result["empty_texts"]
-    if e["references"] or e["hypotheses"]: lines.append(f"  empty texts: {e['references']} references, {e['hypotheses']} predictions")
+    if e["references"] or e["hypotheses"]:
+        lines.append(f"  empty texts: {e['references']} references, {e['hypotheses']} predictions")
     ms = result.get("meteor_sanitised")
     if ms and (ms["references"] or ms["hypotheses"]):
-        lines.append(f"  METEOR input changed by sanitising beyond white space ('|', control characters, non-ASCII): "
-                     f"{ms['references']} references, {ms['hypotheses']} predictions (line breaks become spaces for every metric)")
-    lines += ["", pd.DataFrame([summary_row(result)], index=[name]).T.rename(columns={name: "score"}).to_string(float_format=lambda x: f"{x:.4f}"), ""]
+        lines.append(
+            f"  METEOR input changed by sanitising beyond white space ('|', control characters, non-ASCII): "
+            f"{ms['references']} references, {ms['hypotheses']} predictions"
+            " (line breaks become spaces for every metric)"
+        )
+    lines += [
+        "",
+        pd.DataFrame([summary_row(result)], index=[name])
+        .T.rename(columns={name: "score"})
+        .to_string(float_format=lambda x: f"{x:.4f}"),
+        "",
+    ]
     t = pd.DataFrame(result["ce_per_observation"]).set_index("observation")
-    lines += ["CE per observation:", t[["support", "predicted", "tp", "fp", "fn", "left_out", "precision", "recall", "f1"]].to_string(float_format=lambda x: f"{x:.3f}"), ""]
+    lines += [
+        "CE per observation:",
+        t[["support", "predicted", "tp", "fp", "fn", "left_out", "precision", "recall", "f1"]].to_string(
+            float_format=lambda x: f"{x:.3f}"
+        ),
+        "",
+    ]
     lg = result["longitudinal"]
     acc = "n/a (no reference states a change)" if lg["accuracy"] is None else f"{lg['accuracy']:.4f}"
-    lines.append(f"longitudinal: accuracy {acc} over {lg['scored_cells']} (pair, observation) cells with a stated reference change; "
-                 f"{lg['pairs']} pairs ({lg['prior_information']})")
+    lines.append(
+        f"longitudinal: accuracy {acc} over {lg['scored_cells']} (pair, observation) cells"
+        f" with a stated reference change; {lg['pairs']} pairs ({lg['prior_information']})"
+    )
     lt = result.get("longitudinal_vs_truth")
     if lt and lt["accuracy"] is not None:
-        lines.append(f"longitudinal vs phantom truth: accuracy {lt['accuracy']:.4f} over {lt['scored_cells']} cells "
-                     f"(the references themselves: {lt['reference_vs_truth']:.4f})")
+        lines.append(
+            f"longitudinal vs phantom truth: accuracy {lt['accuracy']:.4f} over {lt['scored_cells']} cells "
+            f"(the references themselves: {lt['reference_vs_truth']:.4f})"
+        )
     te = result.get("temporal_entity_f1")
-    if te: lines.append(f"temporal entity F1 (Libra's 44 change words): {te['f1']:.4f} over {te['pairs']} pairs")
-    for a in result["adapters"].values(): lines.append(a["message"] + (f": {a['scores']}" if a["status"] == "ok" else ""))
+    if te:
+        lines.append(f"temporal entity F1 (Libra's 44 change words): {te['f1']:.4f} over {te['pairs']} pairs")
+    for a in result["adapters"].values():
+        lines.append(a["message"] + (f": {a['scores']}" if a["status"] == "ok" else ""))
     return "\n".join(lines)
 
 # %% ../nbs/05_evaluate.ipynb #d9646741
 def load_truth(truth_path) -> dict:
     "{study_id: truth record} from a phantom's `phantom-truth.jsonl` (or its folder)."
     from mlrg.phantom import read_truth
+
     return {int(r["study_id"]): r for r in read_truth(truth_path)}
+
 
 def truth_changes(truth) -> dict:
     "{dicom_id: change dict, or None for a first study} from the records of `load_truth`."
-    return {im["dicom_id"]: (r["change"] if r.get("prior_study_id") is not None else None)
-            for r in truth.values() for im in r["images"]}
+    return {
+        im["dicom_id"]: (r["change"] if r.get("prior_study_id") is not None else None)
+        for r in truth.values()
+        for im in r["images"]
+    }
 
 # %% ../nbs/05_evaluate.ipynb #18dbee9a
 def image_embedding(paths, size=32, progress=False) -> np.ndarray:
     "(n, size*size) float32: grayscale, square, `size` px, mean-centred, unit norm (a cosine = a dot product)."
     from mlrg.data import load_image
     from tqdm import tqdm  # text bars: they render in terminals, JupyterLab and executed reports alike
+
     paths = list(paths)
     out = np.zeros((len(paths), size * size), np.float32)
     for i, p in enumerate(tqdm(paths, desc="embedding images", unit="img", disable=not progress)):
@@ -639,7 +965,10 @@ def most_frequent_baseline(train_items, items) -> dict:
     "{id: the most frequent non-empty training findings text (counted once per study)}."
     per_study = {it.get("study_id", it["id"]): it["findings"] for it in train_items if it.get("findings")}
     counts = Counter(per_study.values())
-    if not counts: raise InputError("no training findings", where="train split", expected="a prepared annotation with a train split")
+    if not counts:
+        raise InputError(
+            "no training findings", where="train split", expected="a prepared annotation with a train split"
+        )
     best = min(counts, key=lambda t: (-counts[t], t))
     return {str(it["id"]): best for it in items}
 
@@ -647,7 +976,8 @@ def most_frequent_baseline(train_items, items) -> dict:
 def nearest_neighbour_baseline(train_items, items, image_root, size=32, progress=False) -> dict:
     "{id: findings of the training item whose anchor image is nearest (cosine of 32x32 pixel embeddings)}."
     train = [it for it in train_items if it.get("findings")]
-    if not train: raise InputError("no training findings", where="train split")
+    if not train:
+        raise InputError("no training findings", where="train split")
     root = Path(image_root)
     anchor = lambda it: root / it["anchor_scan"]["image_path"][0]
     tr = image_embedding([anchor(it) for it in train], size, progress)
@@ -659,6 +989,7 @@ def nearest_neighbour_baseline(train_items, items, image_root, size=32, progress
 def copy_prior_baseline(train_items, items, image_root, size=32, progress=False) -> dict:
     "{id: the prior study's findings where the item has a prior with findings, else the nearest training neighbour's}."
     from mlrg.data import prior_findings
+
     out = {str(it["id"]): prior_findings(it) for it in items if prior_findings(it)}
     rest = [it for it in items if str(it["id"]) not in out]
     out.update(nearest_neighbour_baseline(train_items, rest, image_root, size, progress) if rest else {})
@@ -666,22 +997,27 @@ def copy_prior_baseline(train_items, items, image_root, size=32, progress=False)
 
 # %% ../nbs/05_evaluate.ipynb #1384c3a5
 def oracle_baseline(items, truth, seed=0) -> dict:
-    "{id: the phantom writer's findings for the study's true state, phrased with rng derive_seed(seed, 'oracle', study)}."
+    "{id: the phantom writer's findings for the study's true state, phrased by rng derive_seed(seed, 'oracle', study)}."
     from mlrg.data import normalize_text
     from mlrg.phantom import findings_text
+
     out = {}
     for it in items:
         sid = int(it["study_id"])
-        if sid not in truth: raise InputError(f"study {sid} of item {it['id']} is not in the phantom truth", where="truth")
+        if sid not in truth:
+            raise InputError(f"study {sid} of item {it['id']} is not in the phantom truth", where="truth")
         rec = truth[sid]
         prior = truth.get(rec.get("prior_study_id")) if rec.get("prior_study_id") is not None else None
-        out[str(it["id"])] = normalize_text(findings_text(rec, prior, np.random.default_rng(derive_seed(seed, "oracle", sid))))
+        out[str(it["id"])] = normalize_text(
+            findings_text(rec, prior, np.random.default_rng(derive_seed(seed, "oracle", sid)))
+        )
     return out
 
 # %% ../nbs/05_evaluate.ipynb #d4fd2e93
 def split_items(annotation, split="test", min_items=30) -> tuple:
-    "(items, name) of `split`; when `split` is 'test' and has fewer than `min_items` items, val + test (a tiny dataset)."
-    if split not in annotation: raise InputError(f"no split {split!r}", where="split", expected=f"one of {list(annotation)}")
+    "(items, name) of `split`; val + test if `split` is 'test' with fewer than `min_items` items (a tiny dataset)."
+    if split not in annotation:
+        raise InputError(f"no split {split!r}", where="split", expected=f"one of {list(annotation)}")
     items = list(annotation[split])
     if split == "test" and len(items) < min_items and annotation.get("val"):
         return list(annotation["val"]) + items, "val+test"
@@ -690,16 +1026,35 @@ def split_items(annotation, split="test", min_items=30) -> tuple:
 # %% ../nbs/05_evaluate.ipynb #7e31a8fe
 def _prior_from_annotation(path, split):
     from mlrg.data import read_annotation
+
     ann = read_annotation(path)
     return {str(it["id"]): it.get("prior_study") is not None for s in ann for it in ann[s]}
 
-def evaluate_files(pred, gt=None, split="test", uncertain_policy="positive", truncate_ref=None, meteor=True,
-                   annotation=None, truth=None, chexbert_weights=None, radgraph_weights=None,
-                   id_col=None, pred_col=None, gt_col=None) -> dict:
-    "`evaluate` on a prediction file and a reference file, in any form `read_texts` reads; the result also names the files."
+
+def evaluate_files(
+    pred,
+    gt=None,
+    split="test",
+    uncertain_policy="positive",
+    truncate_ref=None,
+    meteor=True,
+    annotation=None,
+    truth=None,
+    chexbert_weights=None,
+    radgraph_weights=None,
+    id_col=None,
+    pred_col=None,
+    gt_col=None,
+) -> dict:
+    "`evaluate` on prediction and reference files (any form `read_texts` reads); the result also names the files."
     preds, pinfo = read_texts(pred, "pred", split, id_col, pred_col)
     if gt is None:
-        if not pinfo.get("mlrg_csv"): raise InputError("no references given", where="--gt", expected="a reference file (or an MLRG CSV with a 'labels' column as --pred)")
+        if not pinfo.get("mlrg_csv"):
+            raise InputError(
+                "no references given",
+                where="--gt",
+                expected="a reference file (or an MLRG CSV with a 'labels' column as --pred)",
+            )
         gt = pred
     refs, ginfo = read_texts(gt, "gt", split, id_col, gt_col)
     ids = match_ids(preds, refs, str(pred), str(gt))
@@ -707,35 +1062,69 @@ def evaluate_files(pred, gt=None, split="test", uncertain_policy="positive", tru
     if annotation is not None:
         a = _prior_from_annotation(annotation, split)
         miss = [i for i in ids if i not in a]
-        if miss: raise InputError(f"id(s) not in the annotation: {_show(miss)}", where=annotation)
+        if miss:
+            raise InputError(f"id(s) not in the annotation: {_show(miss)}", where=annotation)
         prior = a
     tc = None
     if truth is not None:
         tc_all = truth_changes(load_truth(truth))
         miss = [i for i in ids if i not in tc_all]
-        if miss: raise InputError(f"id(s) not images of the phantom: {_show(miss)}", where=truth)
+        if miss:
+            raise InputError(f"id(s) not images of the phantom: {_show(miss)}", where=truth)
         tc = {i: tc_all[i] for i in ids}
-        if prior is None: prior = {i: tc[i] is not None for i in ids}
+        if prior is None:
+            prior = {i: tc[i] is not None for i in ids}
     if prior is not None:
         miss = [i for i in ids if i not in prior]
-        if miss: raise InputError(f"no prior information for id(s): {_show(miss)}", where=gt)
-    res = evaluate([refs[i] for i in ids], [preds[i] for i in ids], ids, meteor=meteor, truncate_ref=truncate_ref,
-                   uncertain_policy=uncertain_policy, has_prior=prior, truth_changes=tc,
-                   chexbert_weights=chexbert_weights, radgraph_weights=radgraph_weights)
-    res["inputs"] = {"pred": str(pred), "gt": str(gt), "pred_text_column": pinfo.get("text_col"), "gt_text_column": ginfo.get("text_col"),
-                     "split": ginfo.get("split"), "annotation": str(annotation) if annotation else None, "truth": str(truth) if truth else None}
+        if miss:
+            raise InputError(f"no prior information for id(s): {_show(miss)}", where=gt)
+    res = evaluate(
+        [refs[i] for i in ids],
+        [preds[i] for i in ids],
+        ids,
+        meteor=meteor,
+        truncate_ref=truncate_ref,
+        uncertain_policy=uncertain_policy,
+        has_prior=prior,
+        truth_changes=tc,
+        chexbert_weights=chexbert_weights,
+        radgraph_weights=radgraph_weights,
+    )
+    res["inputs"] = {
+        "pred": str(pred),
+        "gt": str(gt),
+        "pred_text_column": pinfo.get("text_col"),
+        "gt_text_column": ginfo.get("text_col"),
+        "split": ginfo.get("split"),
+        "annotation": str(annotation) if annotation else None,
+        "truth": str(truth) if truth else None,
+    }
     return res
 
 # %% ../nbs/05_evaluate.ipynb #f272d01a
 def evaluate_cli(argv=None) -> int:
     "The `mlrg evaluate` command."
     a = EVALUATE.cli(argv, prog="mlrg evaluate")
-    res = evaluate_files(a["pred_path"], a["gt_path"], a["split"], a["uncertain_policy"], a["truncate_ref"], a["meteor"], a["annotation"],
-                         a["truth"], a["chexbert_weights"], a["radgraph_weights"], a["id_col"], a["pred_col"], a["gt_col"])
+    res = evaluate_files(
+        a["pred_path"],
+        a["gt_path"],
+        a["split"],
+        a["uncertain_policy"],
+        a["truncate_ref"],
+        a["meteor"],
+        a["annotation"],
+        a["truth"],
+        a["chexbert_weights"],
+        a["radgraph_weights"],
+        a["id_col"],
+        a["pred_col"],
+        a["gt_col"],
+    )
     print(format_result(res, Path(a["pred_path"]).name))
     per = res.pop("per_sample")
     if a["per_sample"]:
         import pandas as pd
+
         atomic_write(a["per_sample"], pd.DataFrame(per).to_csv(index=False))
     if a["out"]:
         save_json(res, a["out"])

@@ -15,372 +15,367 @@ import os
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import torch
-import torch.nn as nn
 
-from .core import (OBSERVATIONS, InputError, Param, Params, Preset, derive_seed, get_logger, json_text, save_json,
-                       seed_everything, write_set)
-from .data import MLRGDataset, build_prompt, collate, load_image, prior_findings, read_annotation, view_id, vocab_from_state
-from .decoder import ReportDecoder, beam_search, decoder_config, gpt2_decoder_config, greedy, load_gpt2_weights
-from .engine import TRAIN, TRAIN_OUTPUT, EvalContext, fit, get_device, is_main_process, load_checkpoint, to_device
-from .evaluate import ADAPTERS, ce_summary, ce_table, check_java, evaluate, load_truth, resolve_weights, run_adapter, truth_changes
+from mlrg.core import (
+    OBSERVATIONS,
+    InputError,
+    Param,
+    Params,
+    Preset,
+    derive_seed,
+    get_logger,
+    json_text,
+    save_json,
+    seed_everything,
+    write_set,
+)
+from mlrg.data import (
+    MLRGDataset,
+    collate,
+    load_image,
+    read_annotation,
+    vocab_from_state,
+)
+from .decoder import gpt2_decoder_config, load_gpt2_weights
+from .engine import TRAIN, TRAIN_OUTPUT, EvalContext, fit, get_device, is_main_process, load_checkpoint
+from mlrg.evaluate import (
+    ADAPTERS,
+    ce_summary,
+    ce_table,
+    check_java,
+    evaluate,
+    load_truth,
+    resolve_weights,
+    run_adapter,
+    truth_changes,
+)
 from .labeler import label_reports
-from .models import VisualEncoder, build_text_encoder, list_image_encoders, partial_load, visual_config
+from mlrg.report_model import (
+    GENERATION_KEYS,
+    FeatureCache,
+    MLRGReportModel,
+    generate_records,
+    generation_settings,
+    report_model_config,
+)
+from .models import ABLATION_FLAGS, VISUAL_KEYS, list_image_encoders, partial_load, visual_config
+from .inputs import INPUTS, Inputs, backbones, check_image_files, image_root_for, load_inputs
 from .phantom import TRUTH_FILE
-from .pretrain import PRETRAIN, backbones, check_image_files, image_root_for, load_pretrain_data, tokenizer_for
 from .runs import RunFolder, check_output_folder, in_ipython, one_line_errors, output_folder
 
 # %% auto #0
-__all__ = ['SELECT_METRICS', 'RCB_ADAPTERS', 'FINETUNE_PRESETS', 'FINETUNE', 'STAGE2_VISUAL_DEFAULTS', 'GENERATION_KEYS',
-           'PREDICTION_KEYS', 'GENERATE', 'adapter_status', 'rcb_scores', 'ReportDataset', 'FeatureCache',
-           'report_collate', 'PromptFusion', 'report_model_config', 'MLRGReportModel', 'check_folder_sizes',
-           'load_stage1', 'lr_groups', 'stage1_checkpoint', 'load_finetune_data', 'model_config_for', 'build_finetune',
-           'generation_settings', 'generate_records', 'token_losses', 'truth_labels', 'ce_against_truth',
-           'score_records', 'ReportEvaluator', 'mlrg_csv_text', 'write_predictions', 'fit_config', 'run_test',
-           'plot_curves', 'summarize', 'finetune', 'load_report_model', 'dataset_for', 'generate_reports',
-           'finetune_cli', 'generate_cli', 'baseline_records', 'diff_html', 'case_images', 'attention_maps',
+__all__ = ['SELECT_METRICS', 'RCB_ADAPTERS', 'FINETUNE_PRESETS', 'FINETUNE', 'STAGE2_VISUAL_DEFAULTS', 'PREDICTION_KEYS',
+           'GENERATE', 'adapter_status', 'rcb_scores', 'check_folder_sizes', 'load_stage1', 'lr_groups',
+           'stage1_checkpoint', 'load_finetune_data', 'model_config_for', 'FinetuneParts', 'build_finetune',
+           'truth_labels', 'ce_against_truth', 'score_records', 'ReportEvaluator', 'mlrg_csv_text', 'write_predictions',
+           'fit_config', 'run_test', 'plot_curves', 'summarize', 'finetune', 'load_report_model', 'dataset_for',
+           'generate_reports', 'finetune_cli', 'generate_cli', 'baseline_records', 'diff_html', 'case_images',
            'plot_attention']
 
 # %% ../nbs/04_finetune.ipynb #3a7516ba
 def adapter_status(name, path=None) -> str:
     "'ready' when adapter `name` has local weights and its package, else why not (one line)."
     import importlib.util
-    try: weights = resolve_weights(name, path)
-    except InputError as e: return str(e)
-    if weights is None: return f"no {name} weights ({name}_weights or ${ADAPTERS[name]['env']})"
-    if importlib.util.find_spec(ADAPTERS[name]["package"]) is None: return f"the {ADAPTERS[name]['package']} package is not installed"
+
+    try:
+        weights = resolve_weights(name, path)
+    except InputError as e:
+        return str(e)
+    if weights is None:
+        return f"no {name} weights ({name}_weights or ${ADAPTERS[name]['env']})"
+    if importlib.util.find_spec(ADAPTERS[name]["package"]) is None:
+        return f"the {ADAPTERS[name]['package']} package is not installed"
     return "ready"
+
 
 def rcb_scores(records, bleu4, weights) -> dict:
     "RadGraph F1, CheXbert-14 micro-F1 and RCB of `records` (BLEU-4 given), with the adapters' `weights` {name: path}."
     refs, hyps = [r["reference"] for r in records], [r["generated"] for r in records]
     res = {a: run_adapter(a, refs, hyps, weights.get(a)) for a in RCB_ADAPTERS}
     bad = [f"{a}: {r['message']}" for a, r in res.items() if r["status"] != "ok"]
-    if bad: raise InputError("; ".join(bad), where="select_metric='rcb'", expected="both scorers runnable")
+    if bad:
+        raise InputError("; ".join(bad), where="select_metric='rcb'", expected="both scorers runnable")
     rg, cb = res["radgraph"]["scores"]["RadGraph F1 (partial)"], res["chexbert"]["scores"]["CheXbert-14 micro F1"]
     return {"radgraph_f1": rg, "chexbert14": cb, "rcb": rg + bleu4 + cb}
 
 # %% ../nbs/04_finetune.ipynb #16713529
-SELECT_METRICS = {"bleu4+ce14": "max", "rcb": "max", "bleu4": "max", "ce14": "max", "cider": "max", "rouge_l": "max", "loss": "min"}
-RCB_ADAPTERS = ("chexbert", "radgraph")      # RCB = RadGraph F1 (partial) + BLEU-4 + CheXbert-14 micro-F1, as MLRG selects
+SELECT_METRICS = {
+    "bleu4+ce14": "max",
+    "rcb": "max",
+    "bleu4": "max",
+    "ce14": "max",
+    "cider": "max",
+    "rouge_l": "max",
+    "loss": "min",
+}
+RCB_ADAPTERS = ("chexbert", "radgraph")  # RCB = RadGraph F1 (partial) + BLEU-4 + CheXbert-14 micro-F1, as MLRG selects
+
 
 def _check_finetune(p):
     "Rules across parameters: the feature cache needs a frozen encoder and no augmentation; RCB needs its two scorers."
     if p["cache_features"] and not p["freeze_image_encoder"]:
-        raise InputError("cache_features=True needs freeze_image_encoder=True (a trained encoder changes its features)",
-                         where="parameter 'cache_features'", expected="freeze_image_encoder=True, or cache_features=False / None")
+        raise InputError(
+            "cache_features=True needs freeze_image_encoder=True (a trained encoder changes its features)",
+            where="parameter 'cache_features'",
+            expected="freeze_image_encoder=True, or cache_features=False / None",
+        )
     if p["cache_features"] and p["augment"]:
-        raise InputError("cache_features=True with augment=True (augmented images differ every epoch)",
-                         where="parameter 'cache_features'", expected="augment=False, or cache_features=False / None")
+        raise InputError(
+            "cache_features=True with augment=True (augmented images differ every epoch)",
+            where="parameter 'cache_features'",
+            expected="augment=False, or cache_features=False / None",
+        )
     if p.get("decoder") == "distilgpt2" and p.get("decoder_path") is None:
-        raise InputError("decoder='distilgpt2' needs GPT-2's local folder", where="parameter 'decoder_path'",
-                         expected="decoder_path=<folder> in the save_pretrained layout (config.json + weights), e.g. distilgpt2's")
+        raise InputError(
+            "decoder='distilgpt2' needs GPT-2's local folder",
+            where="parameter 'decoder_path'",
+            expected="decoder_path=<folder> in the save_pretrained layout (config.json + weights), e.g. distilgpt2's",
+        )
     if p.get("select_metric") == "rcb":
         missing = [a for a in RCB_ADAPTERS if adapter_status(a, p[f"{a}_weights"]) != "ready"]
         if missing:
-            raise InputError(f"select_metric='rcb' but {' and '.join(missing)} cannot run here: "
-                             + "; ".join(adapter_status(a, p[f"{a}_weights"]) for a in missing), where="parameter 'select_metric'",
-                             expected="local weights (chexbert_weights / radgraph_weights, or MLRG_CHEXBERT_WEIGHTS / MLRG_RADGRAPH_WEIGHTS) "
-                                      "and the f1chexbert and radgraph packages; or select_metric='bleu4+ce14', the offline stand-in")
+            raise InputError(
+                f"select_metric='rcb' but {' and '.join(missing)} cannot run here: "
+                + "; ".join(adapter_status(a, p[f"{a}_weights"]) for a in missing),
+                where="parameter 'select_metric'",
+                expected="local weights (chexbert_weights / radgraph_weights, or MLRG_CHEXBERT_WEIGHTS / "
+                "MLRG_RADGRAPH_WEIGHTS) "
+                "and the f1chexbert and radgraph packages; or select_metric='bleu4+ce14', the offline stand-in",
+            )
 
 # %% ../nbs/04_finetune.ipynb #8c391709
 FINETUNE_PRESETS = {
-    "mimic": Preset(dict(decoder="distilgpt2", max_length=100, max_prompt_length=200, batch_size=14, grad_accum=2, pt_lr=5e-6, ft_lr=5e-5,
-                         num_epochs=50, scheduler="plateau", plateau_factor=0.1, plateau_patience=5, early_stopping_patience=15,
-                         grad_clip=0.1, amp="bf16", seed=9233, gpu_id="0", dropout=0.1, num_beams=3, select_metric="rcb", freeze_image_encoder=True,
-                         cache_features=False, eval_batch_size=32, num_workers=8),
-                    required=(("pretrained_path", "run_dir"), "decoder_path"),
-                    help="MLRG's MIMIC-CXR settings: the stage-1 checkpoint, DistilGPT2 with cross-attention, batch 14 x 2, "
-                         "lr 5e-6 (stage-1 weights) / 5e-5 (new), plateau schedule on val RCB, early stopping 15, clip 0.1, bf16, beam 3"),
-    "iu": Preset(dict(max_views=2, use_prior_scan=False, use_prior_report=False, use_indication=False, max_length=60,
-                      num_epochs=100, select_metric="bleu4"),
-                 required=("data_path",),
-                 help="IU X-Ray in R2Gen's annotation.json: two views per study, no prior study and no indication, "
-                      "reports of at most 60 tokens, selected on val BLEU-4 as R2Gen"),
+    "mimic": Preset(
+        dict(
+            decoder="distilgpt2",
+            max_length=100,
+            max_prompt_length=200,
+            batch_size=14,
+            grad_accum=2,
+            pt_lr=5e-6,
+            ft_lr=5e-5,
+            num_epochs=50,
+            scheduler="plateau",
+            plateau_factor=0.1,
+            plateau_patience=5,
+            early_stopping_patience=15,
+            grad_clip=0.1,
+            amp="bf16",
+            seed=9233,
+            gpu_id="0",
+            dropout=0.1,
+            num_beams=3,
+            select_metric="rcb",
+            freeze_image_encoder=True,
+            cache_features=False,
+            eval_batch_size=32,
+            num_workers=8,
+        ),
+        required=(("pretrained_path", "run_dir"), "decoder_path"),
+        help="MLRG's MIMIC-CXR settings: the stage-1 checkpoint, DistilGPT2 with cross-attention, batch 14 x 2, "
+        "lr 5e-6 (stage-1 weights) / 5e-5 (new), plateau schedule on val RCB, early stopping 15, clip 0.1, bf16, "
+        "beam 3",
+    ),
+    "iu": Preset(
+        dict(
+            max_views=2,
+            use_prior_scan=False,
+            use_prior_report=False,
+            use_indication=False,
+            max_length=60,
+            num_epochs=100,
+            select_metric="bleu4",
+        ),
+        required=("data_path",),
+        help="IU X-Ray in R2Gen's annotation.json: two views per study, no prior study and no indication, "
+        "reports of at most 60 tokens, selected on val BLEU-4 as R2Gen",
+    ),
 }
 
-_TRAINING = TRAIN.subset(["batch_size", "num_epochs", "max_steps", "weight_decay", "scheduler", "plateau_factor", "plateau_patience",
-                          "warmup", "grad_accum", "grad_clip", "use_amp", "amp", "early_stopping_patience", "seed"],
-                         batch_size=8, num_epochs=2, scheduler="plateau", grad_clip=1.0)
+_TRAINING = TRAIN.subset(
+    [
+        "batch_size",
+        "num_epochs",
+        "max_steps",
+        "weight_decay",
+        "scheduler",
+        "plateau_factor",
+        "plateau_patience",
+        "warmup",
+        "grad_accum",
+        "grad_clip",
+        "use_amp",
+        "amp",
+        "early_stopping_patience",
+        "seed",
+    ],
+    batch_size=8,
+    num_epochs=2,
+    scheduler="plateau",
+    grad_clip=1.0,
+)
 
-FINETUNE = Params("finetune", "MLRG stage 2: report generation from the current views, the prior image, the indication and the prior report.", dict(
-    # --- data (as stage 1's) ---
-    **PRETRAIN.subset(["data_path", "image_root", "trust_pickle", "sample_unit", "max_views", "augment", "phantom_patients"]).params,
-    **PRETRAIN.subset(["tokenizer", "tokenizer_path"], tokenizer=None).params,
-    run_dir=Param(None, "a run folder: data from <run>/prepared and <run>/mimic, stage 1 from <run>/pretrain, outputs to <run>/finetune", kind=str),
-    max_length=Param(100, "report tokens, [BOS] and [EOS] included, in training and generation (MLRG: 100)", low=3),
-    max_prompt_length=Param(200, "prompt tokens (MLRG: 200)", low=6),
-    # --- initialisation and MLRG's ablations ---
-    pretrained_path=Param(None, "stage-1 checkpoint (mlrg.pretrain's best.pt); None: <run>/pretrain/best.pt with run_dir, else none", kind=str),
-    stage1_init=Param(True, "ablation: copy stage-1 weights by name and shape (False: every weight new)"),
-    use_indication=Param(True, "ablation: the indication in the prompt (False: [NHI])"),
-    use_prior_report=Param(True, "ablation: the prior study's findings in the prompt (False: [NHPR])"),
-    use_prior_scan=Param(True, "ablation: the prior image (False: its slot is masked)"),
-    use_auxiliary_views=Param(True, "ablation: the other views of the current study (False: the anchor alone)"),
-    # --- model ---
-    image_encoder=Param(None, "without a stage-1 checkpoint: a name from mlrg.models.list_image_encoders() (None: small_cnn)", kind=str,
-                        choices=lambda: list_image_encoders()),
-    image_size=Param(None, "without a stage-1 checkpoint: pixels (None: 64); with one, None keeps its size", kind=int, low=16),
-    d_model=Param(None, "without a stage-1 checkpoint: visual and prompt width (None: 128)", kind=int, low=8),
-    model_config=Param({}, 'further stage-1 visual keys without a checkpoint, e.g. {"fusion_depth": 2}'),
-    freeze_image_encoder=Param(True, "keep the image encoder fixed (MLRG freezes RAD-DINO)"),
-    image_pretrained_path=Param(None, "the image encoder's local weights or folder (rad_dino); None: the one stage 1 used", kind=str),
-    text_encoder=Param(None, "without a stage-1 checkpoint: the prompt encoder, small or cxr_bert (None: small)", kind=str, choices=("small", "cxr_bert")),
-    **PRETRAIN.subset(["text_pretrained_path", "text_layers", "trust_remote_code"]).params,
-    decoder=Param("small", "small (ReportDecoder sized by decoder_*) or distilgpt2 (GPT-2 from decoder_path, cross-attention added)",
-                  choices=("small", "distilgpt2")),
-    decoder_path=Param(None, "distilgpt2: GPT-2's local folder (config.json + weights; its tokenizer serves tokenizer='gpt2')", kind=str),
-    decoder_init=Param(None, "distilgpt2: a checkpoint of GPT-2 weights (e.g. cvt2distilgpt2's) loaded by name and shape instead of the folder's", kind=str),
-    cache_features=Param(None, "encode every image once and train on the cached features (None: on when frozen and not augmented)", kind=bool),
-    prompt_heads=Param(8, "heads of the prompt fusion layer", low=1),
-    decoder_layers=Param(2, "decoder blocks (MLRG: DistilGPT2, 6)", low=1),
-    decoder_heads=Param(8, "decoder attention heads (MLRG: 12)", low=1),
-    decoder_dim=Param(None, "decoder width (None: the visual width; MLRG: 768)", kind=int, low=8),
-    dropout=Param(0.0, "dropout of the prompt encoder, the prompt fusion layer and the decoder (MLRG: 0.1)", low=0, high=0.9),
-    label_smoothing=Param(0.0, "label smoothing of the token cross-entropy (MLRG: none)", low=0, high=0.9),
-    prompt_memory=Param(False, "not MLRG, a probe: the decoder also reads the prompt's tokens (MLRG: only through the fusion layer)"),
-    # --- training (mlrg.engine.fit) ---
-    pt_lr=Param(2e-4, "learning rate of the weights copied from stage 1 (MLRG: 5e-6)", low=0),
-    ft_lr=Param(1e-3, "learning rate of the new weights (MLRG: 5e-5)", low=0),
-    **_TRAINING.params,
-    # --- generation, selection and test ---
-    num_beams=Param(3, "beam width (1: greedy; MLRG: 3)", low=1),
-    min_length=Param(0, "generated tokens before [EOS] is allowed (MLRG: 0)", low=0),
-    no_repeat_ngram_size=Param(0, "block repeated n-grams of this size (0: off, as MLRG)", low=0),
-    repetition_penalty=Param(1.0, "multiply the log-probability of tokens already written (1: off, as MLRG)", low=1.0),
-    length_penalty=Param(1.0, "a beam's score is its log-probability over its length to this power (MLRG: 1)"),
-    select_metric=Param("bleu4+ce14", "val score that picks best.pt, drives the plateau schedule and early stopping",
-                        choices=tuple(SELECT_METRICS)),
-    val_num_beams=Param(None, "beam width on the val split during training (None: num_beams)", kind=int, low=1),
-    val_max_samples=Param(None, "generate at most this many val samples per evaluation (a seeded subset; None: all)", kind=int, low=1),
-    eval_batch_size=Param(32, "samples per generation batch", low=1),
-    test=Param(True, "after training, generate and score the test split with best.pt"),
-    meteor=Param(True, "METEOR in the test scores (needs Java; val scores never run it)"),
-    chexbert_weights=Param(None, "local CheXbert weights for select_metric='rcb' (None: $MLRG_CHEXBERT_WEIGHTS)", kind=str),
-    radgraph_weights=Param(None, "local RadGraph weights for select_metric='rcb' (None: $MLRG_RADGRAPH_WEIGHTS)", kind=str),
-    # --- output and system ---
-    **TRAIN_OUTPUT.params,
-    model_save_path=Param(None, "output folder; None: <run>/finetune, or a new folder (temp for the phantom, else outputs/)", kind=str),
-    num_threads=Param(None, "torch CPU threads (None: torch's default)", kind=int, low=1),
-    preset=Param(None, "named settings: mimic (the paper's, on MIMIC-CXR, for GPUs) or iu (IU X-Ray in R2Gen's annotation); "
-                 "given parameters still win", kind=str, choices=("mimic", "iu")),
-), rule=_check_finetune, presets=FINETUNE_PRESETS)
-
-# %% ../nbs/04_finetune.ipynb #8bb89ad2
-class ReportDataset(MLRGDataset):
-    "`MLRGDataset` whose prompt drops the indication / prior report when asked, and which serves cached image features when given."
-    def __init__(self, items, image_root, vocab, use_indication=True, use_prior_report=True, features=None, **kw):
-        super().__init__(items, image_root, vocab, **kw)
-        self.use_indication, self.use_prior_report, self.features = bool(use_indication), bool(use_prior_report), features
-
-    def prompt(self, it) -> tuple:
-        "Prompt ids and segment ids, with `[NHI]` / `[NHPR]` for a part this dataset leaves out."
-        return build_prompt(self.vocab, it.get("indication_pure") if self.use_indication else None,
-                            prior_findings(it) if self.use_prior_report else None, self.max_prompt_length)
-
-    def slots(self, it) -> list:
-        "(slot, image path, view position, temporal id) of each image of item `it`: anchor 0, auxiliary views 1.., prior V."
-        V = self.max_views
-        cur = list(zip(it["anchor_scan"]["image_path"], it["anchor_scan"]["view_position"]))[:1]
-        cur += list(zip(it["auxiliary_references"]["image_path"], it["auxiliary_references"]["view_position"]))[:V - 1]
-        out = [(k, p, vp, 0) for k, (p, vp) in enumerate(cur)]
-        if it.get("prior_study"):
-            ls = it["prior_study"]["latest_study"]
-            out.append((V, ls["image_path"], ls.get("view_position"), 1))
-        return out
-
-# %% ../nbs/04_finetune.ipynb #dbe65bc7
-class FeatureCache:
-    "The output tokens of a frozen image encoder, one row per image file: `rows` {path: row}, `tokens` (n_images, N, C)."
-    def __init__(self, rows: dict, tokens: torch.Tensor):
-        self.rows, self.tokens = dict(rows), tokens
-
-    def __len__(self): return len(self.rows)
-    def __getitem__(self, path): return self.tokens[self.rows[str(path)]]
-
-    @classmethod
-    @torch.no_grad()
-    def compute(cls, encoder, paths, load, batch_size=64, device="cpu", num_workers=0, progress=True):
-        "Run the frozen `encoder` once over the distinct `paths`, each read by `load(path)` -> (1, S, S) tensor."
-        from tqdm import tqdm  # text bars, as the rest of the project
-        if not getattr(encoder, "frozen", False):
-            raise InputError("the image encoder is not frozen", where="FeatureCache.compute", expected="a frozen encoder (its features never change)")
-        paths = list(dict.fromkeys(str(p) for p in paths))
-        loader = torch.utils.data.DataLoader(_Images(paths, load), batch_size=batch_size, num_workers=num_workers)
-        out = []
-        encoder = encoder.to(device).eval()
-        for x in tqdm(loader, desc="image features", unit="batch", disable=not progress, leave=False):
-            out.append(encoder(x.to(device))[0].float().cpu())
-        tokens = torch.cat(out) if out else torch.zeros(0, encoder.n_tokens, encoder.dim)
-        return cls({p: i for i, p in enumerate(paths)}, tokens)
-
-class _Images(torch.utils.data.Dataset):
-    "Images by path, read by `load`."
-    def __init__(self, paths, load): self.paths, self.load = paths, load
-    def __len__(self): return len(self.paths)
-    def __getitem__(self, i): return self.load(self.paths[i])
-
-# %% ../nbs/04_finetune.ipynb #30dc6e8d
-def _featured_item(self, i) -> dict:
-    "Sample `i` with the cached tokens of its image slots (`features`) instead of pixels."
-    if self.features is None: return MLRGDataset.__getitem__(self, i)
-    it, V = self.items[i], self.max_views
-    feats = torch.zeros(V + 1, *self.features.tokens.shape[1:])
-    mask = torch.zeros(V + 1, dtype=torch.bool)
-    views, temporal = torch.zeros(V + 1, dtype=torch.long), torch.zeros(V + 1, dtype=torch.long)
-    for k, p, vp, t in self.slots(it):
-        if p not in self.features.rows:
-            raise InputError(f"image {p} of item {it['id']} is not in the feature cache", where="ReportDataset.features",
-                             expected="a cache computed over every image of the splits used")
-        feats[k], mask[k], views[k], temporal[k] = self.features[p], True, view_id(vp), t
-    target = self.vocab.encode(it["findings"], bos_eos=True, max_length=self.max_length)
-    return {"images": torch.zeros(V + 1, 1, 1, 1), "features": feats, "image_mask": mask, "view_ids": views, "temporal_ids": temporal,
-            "has_prior": bool(it.get("prior_study")), **dict(zip(("prompt_ids", "prompt_segments"), map(torch.tensor, self.prompt(it)))),
-            "target_ids": torch.tensor(target), "id": it["id"], "study_id": it.get("study_id"), "findings": it["findings"]}
-
-ReportDataset.__getitem__ = _featured_item
-
-def report_collate(batch, pad_id=0) -> dict:
-    "`mlrg.data.collate`, plus the cached `features` (B, V+1, N, C) when the samples carry them."
-    out = collate(batch, pad_id)
-    if "features" in batch[0]: out["features"] = torch.stack([b["features"] for b in batch])
-    return out
-
-# %% ../nbs/04_finetune.ipynb #1cfe72ba
-class PromptFusion(nn.Module):
-    "memory = LN(memory + SelfAttn(memory)); LN(memory + CrossAttn(memory -> prompt)); LN(memory + FFN(memory))."
-    def __init__(self, dim, heads=8, mlp_ratio=4, dropout=0.0):
-        super().__init__()
-        if dim % heads: raise InputError(f"width {dim} is not a multiple of prompt_heads={heads}", where="parameter 'prompt_heads'")
-        self.self_attn = nn.MultiheadAttention(dim, heads, dropout=dropout, batch_first=True)
-        self.cross_attn = nn.MultiheadAttention(dim, heads, dropout=dropout, batch_first=True)
-        self.ff = nn.Sequential(nn.Linear(dim, dim * mlp_ratio), nn.GELU(), nn.Linear(dim * mlp_ratio, dim))
-        self.norm1, self.norm2, self.norm3 = nn.LayerNorm(dim), nn.LayerNorm(dim), nn.LayerNorm(dim)
-        self.drop = nn.Dropout(dropout)
-
-    def forward(self, memory, prompt, prompt_pad=None):
-        "`memory` (B, M, d) after attending to itself and to `prompt` (B, L, d); `prompt_pad` (B, L) True = padding."
-        x = self.norm1(memory + self.drop(self.self_attn(memory, memory, memory, need_weights=False)[0]))
-        x = self.norm2(x + self.drop(self.cross_attn(x, prompt, prompt, key_padding_mask=prompt_pad, need_weights=False)[0]))
-        return self.norm3(x + self.drop(self.ff(x)))
-
-# %% ../nbs/04_finetune.ipynb #d8ce8cdb
-def report_model_config(config: dict) -> dict:
-    "A complete, checked stage-2 model config from `config` (visual, prompt, prompt_heads, decoder, dropout, label_smoothing, prompt_memory)."
-    cfg = dict(config or {})
-    unknown = sorted(set(cfg) - {"visual", "prompt", "prompt_heads", "decoder", "dropout", "label_smoothing", "prompt_memory"})
-    if unknown: raise InputError(f"unknown model config key(s) {unknown}", where="model config")
-    vis = visual_config({**(cfg.get("visual") or {}), "mode": "mlrg"})
-    pr = {"encoder": "small", "dim": vis["d_model"], "depth": 2, "heads": 4, "max_len": 512, "pad_id": 0, **(cfg.get("prompt") or {})}
-    if not pr.get("vocab_size"): raise InputError("no vocabulary size", where="model config 'prompt'", expected="vocab_size=len(vocab)")
-    if pr["encoder"] not in ("small", "cxr_bert"): raise InputError(f"prompt encoder {pr['encoder']!r}", where="model config 'prompt'", expected="small or cxr_bert")
-    dec = decoder_config({"vocab_size": pr["vocab_size"], "d_model": vis["d_model"], **(cfg.get("decoder") or {})})
-    if dec["vocab_size"] != pr["vocab_size"]: raise InputError("prompt and decoder vocabularies differ", where="model config")
-    return {"visual": vis, "prompt": pr, "prompt_heads": int(cfg.get("prompt_heads", 8)), "decoder": dec,
-            "dropout": float(cfg.get("dropout", 0.1)), "label_smoothing": float(cfg.get("label_smoothing", 0.0)),
-            "prompt_memory": bool(cfg.get("prompt_memory", False))}
-
-# %% ../nbs/04_finetune.ipynb #8bee4e11
-class MLRGReportModel(nn.Module):
-    "MLRG stage 2: visual memory (anchor + fused tokens), prompt fusion, GPT-style decoder; forward(batch) -> {'loss'}."
-    def __init__(self, config: dict):
-        super().__init__()
-        cfg = self.config = report_model_config(config)
-        self.visual = VisualEncoder(cfg["visual"])
-        d, pr = self.visual.dim, cfg["prompt"]
-        if pr["encoder"] == "small":
-            tkw = dict(dim=pr["dim"], depth=pr["depth"], heads=pr["heads"], max_len=pr["max_len"], dropout=cfg["dropout"])
-        else:                                            # cxr_bert over the project's token ids; the segments are its token types
-            tkw = dict(n_layers=pr.get("n_layers"), trust_remote_code=pr.get("trust_remote_code", False), max_len=pr["max_len"])
-        self.text_encoder = build_text_encoder(pr["encoder"], vocab_size=pr["vocab_size"], pad_id=pr["pad_id"],
-                                               pretrained_path=pr.get("pretrained_path"), **tkw)
-        if not getattr(self.text_encoder, "native_segments", False): self.segment_embed = nn.Embedding(2, self.text_encoder.dim)
-        self.prompt_proj = nn.Linear(self.text_encoder.dim, d) if self.text_encoder.dim != d else nn.Identity()
-        self.type_embed = nn.Embedding(2, d)
-        self.memory_norm = nn.LayerNorm(d)
-        self.prompt_fusion = PromptFusion(d, cfg["prompt_heads"], 4, cfg["dropout"])
-        D = cfg["decoder"]["d_model"]
-        self.memory_proj = nn.Linear(d, D) if D != d else nn.Identity()
-        self.decoder = ReportDecoder(cfg["decoder"])
-
-# %% ../nbs/04_finetune.ipynb #687f1655
-def _visual_memory(self, batch) -> torch.Tensor:
-    "LayerNorm(anchor tokens + type 0 ; fused tokens + type 1): (B, 2N, d)."
-    vis = self.visual
-    if "features" in batch:
-        use = vis.used_slots(batch)
-        f = batch["features"]
-        tok = vis.image_proj(f[use].to(vis.image_proj.weight.dtype))
-        tokens = tok.new_zeros(*use.shape, tok.shape[1], tok.shape[2]).index_put((use,), tok)
-    else:
-        tokens, use = vis.encode_slots(batch)
-    emb = vis.embed_slots(tokens, batch)
-    anchor, fused = emb[:, 0], vis.fuse(emb, use)
-    t = self.type_embed.weight
-    return self.memory_norm(torch.cat([anchor + t[0], fused + t[1]], 1))
-
-def _encode_prompt(self, batch) -> torch.Tensor:
-    "The prompt's tokens (B, L, d): stage 1's text encoder with a segment embedding added (indication 0, prior report 1)."
-    ids, seg = batch["prompt_ids"], batch.get("prompt_segments")
-    seg = torch.zeros_like(ids) if seg is None else seg.clamp(0, 1)
-    if hasattr(self, "segment_embed"): tokens = self.text_encoder(ids, batch["prompt_mask"], added=self.segment_embed(seg), where="prompt_ids")[0]
-    else: tokens = self.text_encoder(ids, batch["prompt_mask"], segments=seg, where="prompt_ids")[0]
-    return self.prompt_proj(tokens)
-
-def _memory(self, batch) -> torch.Tensor:
-    "The decoder's memory (B, 2N, D): the visual memory after attending to the prompt (then the prompt's tokens, with `prompt_memory`)."
-    prompt = self.encode_prompt(batch)
-    m = self.prompt_fusion(self.visual_memory(batch), prompt, ~batch["prompt_mask"].bool())
-    if self.config["prompt_memory"]: m = torch.cat([m, prompt], 1)
-    return self.memory_proj(m)
-
-def _memory_mask(self, batch, memory) -> torch.Tensor | None:
-    "True for the memory tokens the decoder may read: None (all) unless the prompt's tokens, padding and all, are in it."
-    if not self.config["prompt_memory"]: return None
-    pm = batch["prompt_mask"].bool()
-    return torch.cat([pm.new_ones(pm.shape[0], memory.shape[1] - pm.shape[1]), pm], 1)
-
-MLRGReportModel.visual_memory, MLRGReportModel.encode_prompt = _visual_memory, _encode_prompt
-MLRGReportModel.memory, MLRGReportModel.memory_mask = _memory, _memory_mask
-
-# %% ../nbs/04_finetune.ipynb #c558e6cb
-def _forward(self, batch) -> dict:
-    "The teacher-forced loss of `batch` ({'loss'})."
-    m = self.memory(batch)
-    return {"loss": self.decoder.loss(batch["target_ids"], m, self.memory_mask(batch, m), self.config["label_smoothing"])}
-
-@torch.no_grad()
-def _generate(self, batch, num_beams=3, max_length=None, min_length=0, no_repeat_ngram_size=0, repetition_penalty=1.0,
-              length_penalty=1.0, use_cache=True, memory=None) -> list:
-    "Token ids (without [BOS]/[EOS]) of the report of each sample of `batch` (or of `memory`): beam search, greedy when `num_beams` is 1."
-    memory = self.memory(batch) if memory is None else memory
-    mask = self.memory_mask(batch, memory)
-    L = min(int(max_length or self.decoder.config["max_length"]), self.decoder.config["max_length"])
-    kw = dict(min_length=min_length, no_repeat_ngram_size=no_repeat_ngram_size, repetition_penalty=repetition_penalty)
-    if num_beams == 1: return greedy(self.decoder, memory, mask, L, use_cache, **kw)
-    return beam_search(self.decoder, memory, mask, num_beams, L, length_penalty, use_cache, **kw)
-
-MLRGReportModel.forward, MLRGReportModel.generate = _forward, _generate
+FINETUNE = Params(
+    "finetune",
+    "MLRG stage 2: report generation from the current views, the prior image, the indication and the prior report.",
+    dict(
+        # --- data (mlrg.inputs, as stage 1's) ---
+        **INPUTS.subset(
+            ["data_path", "image_root", "trust_pickle", "sample_unit", "max_views", "augment", "phantom_patients"]
+        ).params,
+        **INPUTS.subset(["tokenizer", "tokenizer_path"], tokenizer=None).params,
+        run_dir=Param(
+            None,
+            "a run folder: data from <run>/prepared and <run>/mimic, stage 1 from <run>/pretrain, outputs to "
+            "<run>/finetune",
+            kind=str,
+        ),
+        max_length=Param(100, "report tokens, [BOS] and [EOS] included, in training and generation (MLRG: 100)", low=3),
+        max_prompt_length=Param(200, "prompt tokens (MLRG: 200)", low=6),
+        # --- initialisation and MLRG's ablations ---
+        pretrained_path=Param(
+            None,
+            "stage-1 checkpoint (mlrg.pretrain's best.pt); None: <run>/pretrain/best.pt with run_dir, else none",
+            kind=str,
+        ),
+        stage1_init=Param(True, "ablation: copy stage-1 weights by name and shape (False: every weight new)"),
+        use_indication=Param(True, "ablation: the indication in the prompt (False: [NHI])"),
+        use_prior_report=Param(True, "ablation: the prior study's findings in the prompt (False: [NHPR])"),
+        use_prior_scan=Param(True, "ablation: the prior image (False: its slot is masked)"),
+        use_auxiliary_views=Param(True, "ablation: the other views of the current study (False: the anchor alone)"),
+        # --- model ---
+        image_encoder=Param(
+            None,
+            "without a stage-1 checkpoint: a name from mlrg.models.list_image_encoders() (None: small_cnn)",
+            kind=str,
+            choices=lambda: list_image_encoders(),
+        ),
+        image_size=Param(
+            None, "without a stage-1 checkpoint: pixels (None: 64); with one, None keeps its size", kind=int, low=16
+        ),
+        d_model=Param(None, "without a stage-1 checkpoint: visual and prompt width (None: 128)", kind=int, low=8),
+        model_config=Param({}, 'further stage-1 visual keys without a checkpoint, e.g. {"fusion_depth": 2}'),
+        freeze_image_encoder=Param(True, "keep the image encoder fixed (MLRG freezes RAD-DINO)"),
+        image_pretrained_path=Param(
+            None, "the image encoder's local weights or folder (rad_dino); None: the one stage 1 used", kind=str
+        ),
+        text_encoder=Param(
+            None,
+            "without a stage-1 checkpoint: the prompt encoder, small or cxr_bert (None: small)",
+            kind=str,
+            choices=("small", "cxr_bert"),
+        ),
+        **INPUTS.subset(["text_pretrained_path", "text_layers", "trust_remote_code"]).params,
+        decoder=Param(
+            "small",
+            "small (ReportDecoder sized by decoder_*) or distilgpt2 (GPT-2 from decoder_path, cross-attention added)",
+            choices=("small", "distilgpt2"),
+        ),
+        decoder_path=Param(
+            None,
+            "distilgpt2: GPT-2's local folder (config.json + weights; its tokenizer serves tokenizer='gpt2')",
+            kind=str,
+        ),
+        decoder_init=Param(
+            None,
+            "distilgpt2: a checkpoint of GPT-2 weights (e.g. cvt2distilgpt2's) loaded by name and shape instead "
+            "of the folder's",
+            kind=str,
+        ),
+        cache_features=Param(
+            None,
+            "encode every image once and train on the cached features (None: on when frozen and not augmented)",
+            kind=bool,
+        ),
+        prompt_heads=Param(8, "heads of the prompt fusion layer", low=1),
+        decoder_layers=Param(2, "decoder blocks (MLRG: DistilGPT2, 6)", low=1),
+        decoder_heads=Param(8, "decoder attention heads (MLRG: 12)", low=1),
+        decoder_dim=Param(None, "decoder width (None: the visual width; MLRG: 768)", kind=int, low=8),
+        dropout=Param(
+            0.0, "dropout of the prompt encoder, the prompt fusion layer and the decoder (MLRG: 0.1)", low=0, high=0.9
+        ),
+        label_smoothing=Param(0.0, "label smoothing of the token cross-entropy (MLRG: none)", low=0, high=0.9),
+        prompt_memory=Param(
+            False, "not MLRG, a probe: the decoder also reads the prompt's tokens (MLRG: only through the fusion layer)"
+        ),
+        # --- training (mlrg.engine.fit) ---
+        pt_lr=Param(2e-4, "learning rate of the weights copied from stage 1 (MLRG: 5e-6)", low=0),
+        ft_lr=Param(1e-3, "learning rate of the new weights (MLRG: 5e-5)", low=0),
+        **_TRAINING.params,
+        # --- generation, selection and test ---
+        num_beams=Param(3, "beam width (1: greedy; MLRG: 3)", low=1),
+        min_length=Param(0, "generated tokens before [EOS] is allowed (MLRG: 0)", low=0),
+        no_repeat_ngram_size=Param(0, "block repeated n-grams of this size (0: off, as MLRG)", low=0),
+        repetition_penalty=Param(
+            1.0, "multiply the log-probability of tokens already written (1: off, as MLRG)", low=1.0
+        ),
+        length_penalty=Param(1.0, "a beam's score is its log-probability over its length to this power (MLRG: 1)"),
+        select_metric=Param(
+            "bleu4+ce14",
+            "val score that picks best.pt, drives the plateau schedule and early stopping",
+            choices=tuple(SELECT_METRICS),
+        ),
+        val_num_beams=Param(None, "beam width on the val split during training (None: num_beams)", kind=int, low=1),
+        val_max_samples=Param(
+            None, "generate at most this many val samples per evaluation (a seeded subset; None: all)", kind=int, low=1
+        ),
+        eval_batch_size=Param(32, "samples per generation batch", low=1),
+        test=Param(True, "after training, generate and score the test split with best.pt"),
+        meteor=Param(True, "METEOR in the test scores (needs Java; val scores never run it)"),
+        chexbert_weights=Param(
+            None, "local CheXbert weights for select_metric='rcb' (None: $MLRG_CHEXBERT_WEIGHTS)", kind=str
+        ),
+        radgraph_weights=Param(
+            None, "local RadGraph weights for select_metric='rcb' (None: $MLRG_RADGRAPH_WEIGHTS)", kind=str
+        ),
+        # --- output and system ---
+        **TRAIN_OUTPUT.params,
+        model_save_path=Param(
+            None, "output folder; None: <run>/finetune, or a new folder (temp for the phantom, else outputs/)", kind=str
+        ),
+        num_threads=Param(None, "torch CPU threads (None: torch's default)", kind=int, low=1),
+        preset=Param(
+            None,
+            "named settings: mimic (the paper's, on MIMIC-CXR, for GPUs) or iu (IU X-Ray in R2Gen's annotation); "
+            "given parameters still win",
+            kind=str,
+            choices=("mimic", "iu"),
+        ),
+    ),
+    rule=_check_finetune,
+    presets=FINETUNE_PRESETS,
+)
 
 # %% ../nbs/04_finetune.ipynb #b8a08bbc
 def check_folder_sizes(table, config):
-    "An error when a backbone built from a local folder does not have the sizes of the stage-1 checkpoint's (another folder)."
-    where = {"visual.image_encoder.net.": ("image_pretrained_path", config["visual"].get("image_pretrained_path")),
-             "text_encoder.net.": ("text_pretrained_path", config["prompt"].get("pretrained_path"))}
+    """An error when a backbone built from a local folder does not have the sizes of the stage-1 checkpoint's (another
+    folder)."""
+    where = {
+        "visual.image_encoder.net.": ("image_pretrained_path", config["visual"].get("image_pretrained_path")),
+        "text_encoder.net.": ("text_pretrained_path", config["prompt"].get("pretrained_path")),
+    }
     for prefix, (param, folder) in where.items():
         bad = table[table.name.str.startswith(prefix) & (table.status == "new (shape mismatch)")]
         if len(bad):
             r = bad.iloc[0]
-            raise InputError(f"{len(bad)} of its tensors differ in shape from the stage-1 checkpoint's, e.g. {r['name'][len(prefix):]} "
-                             f"{r.model_shape} here vs {r.checkpoint_shape}", where=folder or f"parameter {param!r}",
-                             expected=f"the folder stage 1 was trained with ({param}), or one of the same sizes")
+            raise InputError(
+                f"{len(bad)} of its tensors differ in shape from the stage-1 checkpoint's, e.g. "
+                f"{r['name'][len(prefix) :]} "
+                f"{r.model_shape} here vs {r.checkpoint_shape}",
+                where=folder or f"parameter {param!r}",
+                expected=f"the folder stage 1 was trained with ({param}), or one of the same sizes",
+            )
+
 
 def load_stage1(model, source, print_fn=print) -> pd.DataFrame:
-    "Copy the tensors of stage-1 `source` (path, checkpoint, state dict or module) matching by name and shape; the table of every tensor."
+    """Copy the tensors of stage-1 `source` (path, checkpoint, state dict or module) matching by name and shape; the
+    table of every tensor."""
     return partial_load(model, source, "stage-1 initialisation", print_fn)
 
 # %% ../nbs/04_finetune.ipynb #93d53eff
@@ -389,178 +384,297 @@ def lr_groups(model, loaded, lr) -> dict:
     loaded = set(loaded)
     names = [n for n, p in model.named_parameters() if p.requires_grad]
     out = {}
+
     def cover(prefix, module):
         under = [n for n in names if n.startswith(prefix)]
-        if not under or not any(n in loaded for n in under): return
-        if all(n in loaded for n in under): out[prefix] = float(lr); return
-        for cname, child in module.named_children(): cover(f"{prefix}{cname}.", child)
+        if not under or not any(n in loaded for n in under):
+            return
+        if all(n in loaded for n in under):
+            out[prefix] = float(lr)
+            return
+        for cname, child in module.named_children():
+            cover(f"{prefix}{cname}.", child)
         for pname, _ in module.named_parameters(recurse=False):
-            if prefix + pname in loaded and prefix + pname in names: out[prefix + pname] = float(lr)
-    for cname, child in model.named_children(): cover(f"{cname}.", child)
+            if prefix + pname in loaded and prefix + pname in names:
+                out[prefix + pname] = float(lr)
+
+    for cname, child in model.named_children():
+        cover(f"{cname}.", child)
     for pname, _ in model.named_parameters(recurse=False):
-        if pname in loaded and pname in names: out[pname] = float(lr)
+        if pname in loaded and pname in names:
+            out[pname] = float(lr)
     return out
 
 # %% ../nbs/04_finetune.ipynb #21cf21a5
 def stage1_checkpoint(p) -> Path | None:
-    "The stage-1 checkpoint of parameters `p` (its architecture and vocabulary are used; its weights copied when `stage1_init`), or None."
-    if p["pretrained_path"] is not None: return Path(p["pretrained_path"])
+    """The stage-1 checkpoint of parameters `p` (its architecture and vocabulary are used; its weights copied when
+    `stage1_init`), or None."""
+    if p["pretrained_path"] is not None:
+        return Path(p["pretrained_path"])
     if p["run_dir"] is not None:
         best = RunFolder.create(p["run_dir"]).pretrain / "best.pt"
-        if best.is_file(): return best
+        if best.is_file():
+            return best
         if p["stage1_init"]:
-            raise InputError("no stage-1 checkpoint in the run folder", where=best,
-                             expected="stage 1 (mlrg pretrain / 03_pretrain) run into this run folder first, or stage1_init=False")
+            raise InputError(
+                "no stage-1 checkpoint in the run folder",
+                where=best,
+                expected="stage 1 (mlrg pretrain / 03_pretrain) run into this run folder first, or stage1_init=False",
+            )
     return None
 
-def load_finetune_data(p, stage1=None, log=None) -> dict:
-    "Items per split, image root, vocabulary (the stage-1 checkpoint's when given), phantom truth path and a description."
-    data = load_pretrain_data(p, log)
-    if data["items"].get("test"): check_image_files(data["items"], data["image_root"], splits=("test",))
+
+def load_finetune_data(p, stage1=None, log=None) -> Inputs:
+    """Items per split, image root, vocabulary (the stage-1 checkpoint's when given), phantom truth path and a
+    description."""
+    data = load_inputs(p, log)
+    if data.items.get("test"):
+        check_image_files(data.items, data.image_root, splits=("test",))
     if stage1 is not None and stage1.get("vocab"):
         v = vocab_from_state(stage1["vocab"])
         if p.get("tokenizer") not in (None, v.kind):
-            raise InputError(f"tokenizer={p['tokenizer']!r} but the stage-1 checkpoint was trained with the {v.kind} tokenizer", where="parameter 'tokenizer'",
-                             expected=f"None or {v.kind!r} (stage 2 reads text as stage 1 did)")
-        if v.state() != data["vocab"].state():
-            data["info"]["vocab_note"] = f"the stage-1 checkpoint's vocabulary ({len(v)} tokens) replaces {data['info']['vocab']}"
-        data["vocab"], data["info"]["vocab"], data["info"]["vocab_size"] = v, f"the stage-1 checkpoint's ({v.kind})", len(v)
-    truth = Path(data["image_root"]).parent / TRUTH_FILE
-    data["truth_path"] = truth if truth.is_file() else None
-    data["info"]["phantom_truth"] = str(truth) if truth.is_file() else None
+            raise InputError(
+                f"tokenizer={p['tokenizer']!r} but the stage-1 checkpoint was trained with the {v.kind} tokenizer",
+                where="parameter 'tokenizer'",
+                expected=f"None or {v.kind!r} (stage 2 reads text as stage 1 did)",
+            )
+        if v.state() != data.vocab.state():
+            data.info["vocab_note"] = (
+                f"the stage-1 checkpoint's vocabulary ({len(v)} tokens) replaces {data.info['vocab']}"
+            )
+        data.vocab, data.info["vocab"], data.info["vocab_size"] = (
+            v,
+            f"the stage-1 checkpoint's ({v.kind})",
+            len(v),
+        )
+    truth = Path(data.image_root).parent / TRUTH_FILE
+    data.truth_path = truth if truth.is_file() else None
+    data.info["phantom_truth"] = str(truth) if truth.is_file() else None
     return data
 
 # %% ../nbs/04_finetune.ipynb #947b013b
 STAGE2_VISUAL_DEFAULTS = {"image_encoder": "small_cnn", "image_size": 64, "d_model": 128}
 
+
 def model_config_for(p, vocab, stage1=None) -> dict:
     "The stage-2 model config of parameters `p`, vocabulary `vocab` and the stage-1 checkpoint dict `stage1` (or None)."
     base = dict(((stage1 or {}).get("config") or {}).get("model") or {})
-    vis = {k: base[k] for k in ("image_encoder", "image_size", "image_encoder_kw", "d_model", "fusion_depth", "fusion_heads",
-                                "fusion_mlp_ratio", "dropout") if k in base}
-    if not base: vis = {**STAGE2_VISUAL_DEFAULTS, **{k: v for k, v in p["model_config"].items()}}
-    vis.update({k: p[k] for k in ("image_encoder", "image_size", "d_model") if p[k] is not None and (not base or k == "image_size")})
-    # the image encoder's weights come from stage 1; a folder-built encoder (rad_dino) still needs its folder to be built
-    vis.update(mode="mlrg", image_pretrained_path=p["image_pretrained_path"] or base.get("image_pretrained_path"),
-               freeze_image_encoder=p["freeze_image_encoder"], is_prior_scan=p["use_prior_scan"], is_multiview_learning=p["use_auxiliary_views"])
+    # the architecture is stage 1's: its visual keys but those this stage sets (mode, folder, freezing, ablations)
+    arch = [
+        k for k in VISUAL_KEYS if k not in ("mode", "image_pretrained_path", "freeze_image_encoder", *ABLATION_FLAGS)
+    ]
+    vis = {k: base[k] for k in arch if k in base}
+    if not base:
+        vis = {**STAGE2_VISUAL_DEFAULTS, **{k: v for k, v in p["model_config"].items()}}
+    vis.update(
+        {
+            k: p[k]
+            for k in ("image_encoder", "image_size", "d_model")
+            if p[k] is not None and (not base or k == "image_size")
+        }
+    )
+    # the image encoder's weights come from stage 1; a folder-built encoder (rad_dino) still needs its folder to be
+    # built
+    vis.update(
+        mode="mlrg",
+        image_pretrained_path=p["image_pretrained_path"] or base.get("image_pretrained_path"),
+        freeze_image_encoder=p["freeze_image_encoder"],
+        is_prior_scan=p["use_prior_scan"],
+        is_multiview_learning=p["use_auxiliary_views"],
+    )
     d = visual_config(vis)["d_model"]
-    prompt = {"encoder": base.get("text_encoder") or p["text_encoder"] or "small", "vocab_size": len(vocab), "pad_id": vocab.pad_id,
-              "dim": base.get("text_dim", d), "depth": base.get("text_depth", 2), "heads": base.get("text_heads", 4),
-              "max_len": max(int(base.get("text_max_len", 512)), p["max_prompt_length"])}
+    prompt = {
+        "encoder": base.get("text_encoder") or p["text_encoder"] or "small",
+        "vocab_size": len(vocab),
+        "pad_id": vocab.pad_id,
+        "dim": base.get("text_dim", d),
+        "depth": base.get("text_depth", 2),
+        "heads": base.get("text_heads", 4),
+        "max_len": max(int(base.get("text_max_len", 512)), p["max_prompt_length"]),
+    }
     if prompt["encoder"] == "cxr_bert":
-        prompt.update(pretrained_path=p["text_pretrained_path"] or base.get("text_pretrained_path"),
-                      n_layers=base.get("text_layers") if base else p["text_layers"], trust_remote_code=p["trust_remote_code"])
-    dec = {"d_model": p["decoder_dim"] or d, "n_layers": p["decoder_layers"], "n_heads": p["decoder_heads"], "max_length": p["max_length"],
-           "dropout": p["dropout"], "pad_id": vocab.pad_id, "bos_id": vocab.bos_id, "eos_id": vocab.eos_id}
-    if p["decoder"] == "distilgpt2": dec.update({**gpt2_decoder_config(p["decoder_path"]), "dropout": p["dropout"]})
-    return report_model_config({"visual": vis, "prompt": prompt, "prompt_heads": p["prompt_heads"], "decoder": dec,
-                                "dropout": p["dropout"], "label_smoothing": p["label_smoothing"], "prompt_memory": p["prompt_memory"]})
+        prompt.update(
+            pretrained_path=p["text_pretrained_path"] or base.get("text_pretrained_path"),
+            n_layers=base.get("text_layers") if base else p["text_layers"],
+            trust_remote_code=p["trust_remote_code"],
+        )
+    dec = {
+        "d_model": p["decoder_dim"] or d,
+        "n_layers": p["decoder_layers"],
+        "n_heads": p["decoder_heads"],
+        "max_length": p["max_length"],
+        "dropout": p["dropout"],
+        "pad_id": vocab.pad_id,
+        "bos_id": vocab.bos_id,
+        "eos_id": vocab.eos_id,
+    }
+    if p["decoder"] == "distilgpt2":
+        dec.update({**gpt2_decoder_config(p["decoder_path"]), "dropout": p["dropout"]})
+    return report_model_config(
+        {
+            "visual": vis,
+            "prompt": prompt,
+            "prompt_heads": p["prompt_heads"],
+            "decoder": dec,
+            "dropout": p["dropout"],
+            "label_smoothing": p["label_smoothing"],
+            "prompt_memory": p["prompt_memory"],
+        }
+    )
 
 # %% ../nbs/04_finetune.ipynb #7b43b965
 def _features_for(p, model, items, ds_kw, log) -> FeatureCache | None:
     "The feature cache of every image `items` reference, when parameters `p` ask for one (None otherwise)."
     on = p["cache_features"] if p["cache_features"] is not None else (p["freeze_image_encoder"] and not p["augment"])
-    if not on: return None
-    probe = ReportDataset([], **ds_kw)
+    if not on:
+        return None
+    probe = MLRGDataset([], **ds_kw)
     paths = [path for its in items.values() for it in its for _, path, _, _ in probe.slots(it)]
     t0 = time.perf_counter()
-    fc = FeatureCache.compute(model.visual.image_encoder, paths, probe.image, batch_size=p["eval_batch_size"],
-                              device=_feature_device(p["gpu_id"]), num_workers=p["num_workers"], progress=p["progress"] and is_main_process())
+    fc = FeatureCache.compute(
+        model.visual.image_encoder,
+        paths,
+        probe.image,
+        batch_size=p["eval_batch_size"],
+        device=_feature_device(p["gpu_id"]),
+        num_workers=p["num_workers"],
+        progress=p["progress"] and is_main_process(),
+    )
     if is_main_process():
-        log.info("feature cache: %d images, tokens %s (%.0f MB) in %.1f s", len(fc), tuple(fc.tokens.shape[1:]),
-                 fc.tokens.numel() * 4 / 2**20, time.perf_counter() - t0)
+        log.info(
+            "feature cache: %d images, tokens %s (%.0f MB) in %.1f s",
+            len(fc),
+            tuple(fc.tokens.shape[1:]),
+            fc.tokens.numel() * 4 / 2**20,
+            time.perf_counter() - t0,
+        )
     return fc
+
 
 def _feature_device(gpu_id):
     "The device this process computes the features on: `gpu_id`'s, under torchrun with GPUs the local rank's."
     dev = get_device(gpu_id)
-    if dev.type == "cuda" and int(os.environ.get("WORLD_SIZE", "1")) > 1: return torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}")
+    if dev.type == "cuda" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        return torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}")
     return dev
+
 
 def _val_subset(items, n, seed) -> list:
     "At most `n` of `items` (a seeded subset in their order), or all when `n` is None."
-    if n is None or len(items) <= n: return list(items)
+    if n is None or len(items) <= n:
+        return list(items)
     keep = np.sort(np.random.default_rng(derive_seed(seed, "val subset")).choice(len(items), n, replace=False))
     return [items[i] for i in keep]
 
 # %% ../nbs/04_finetune.ipynb #0ce34da5
-def build_finetune(p: dict, data: dict | None = None, log=None) -> dict:
+@dataclass
+class FinetuneParts:
+    "What `build_finetune` puts together for a stage-2 run."
+
+    model: MLRGReportModel
+    model_config: dict
+    init_table: pd.DataFrame | None  # the stage-1 copy's table (None: no copy)
+    stage1_checkpoint: str | None
+    decoder_table: pd.DataFrame | None  # GPT-2's weights' table (distilgpt2)
+    backbones: dict
+    param_groups: dict | None  # {name prefix: lr} of the stage-1 weights
+    features: FeatureCache | None
+    train_ds: MLRGDataset
+    val_ds: MLRGDataset
+    test_ds: MLRGDataset
+    collate_fn: object
+    evaluator: ReportEvaluator
+    generation: dict
+    vocab: object
+    data: Inputs
+
+
+def build_finetune(p: dict, data: Inputs | None = None, log=None) -> FinetuneParts:
     "Model, init table, lr groups, datasets, collate function and evaluator for checked parameters `p`."
     log = log or get_logger()
     ck_path = stage1_checkpoint(p)
     stage1 = load_checkpoint(ck_path) if ck_path is not None else None
     data = data or load_finetune_data(p, stage1, log)
-    vocab, items = data["vocab"], data["items"]
+    vocab, items = data.vocab, data.items
     seed_everything(p["seed"])
     mcfg = model_config_for(p, vocab, stage1)
     model = MLRGReportModel(mcfg)
     copy = stage1 is not None and p["stage1_init"]
     table = load_stage1(model, stage1, print_fn=print if is_main_process() else None) if copy else None
-    if table is not None: check_folder_sizes(table, mcfg)
+    if table is not None:
+        check_folder_sizes(table, mcfg)
     loaded = set(table[table.status == "loaded"].name) if table is not None else set()
     decoder_table = None
-    if p["decoder"] == "distilgpt2":                     # GPT-2's weights by name and shape (its cross-attention from decoder_init only)
-        decoder_table = load_gpt2_weights(model.decoder, p["decoder_init"] or p["decoder_path"], p["trust_pickle"],
-                                          print_fn=print if is_main_process() else None)
-    ds_kw = dict(image_root=data["image_root"], vocab=vocab, image_size=mcfg["visual"]["image_size"], max_views=p["max_views"],
-                 max_length=p["max_length"], max_prompt_length=p["max_prompt_length"], use_indication=p["use_indication"],
-                 use_prior_report=p["use_prior_report"])
+    if p["decoder"] == "distilgpt2":  # GPT-2's weights by name and shape (its cross-attention from decoder_init only)
+        decoder_table = load_gpt2_weights(
+            model.decoder,
+            p["decoder_init"] or p["decoder_path"],
+            p["trust_pickle"],
+            print_fn=print if is_main_process() else None,
+        )
+    ds_kw = dict(
+        image_root=data.image_root,
+        vocab=vocab,
+        image_size=mcfg["visual"]["image_size"],
+        max_views=p["max_views"],
+        max_length=p["max_length"],
+        max_prompt_length=p["max_prompt_length"],
+        use_indication=p["use_indication"],
+        use_prior_report=p["use_prior_report"],
+    )
     features = _features_for(p, model, items, ds_kw, log)
-    train_ds = ReportDataset(items["train"], augment=p["augment"], seed=derive_seed(p["seed"], "augment"), features=features, **ds_kw)
-    val_ds = ReportDataset(_val_subset(items["val"], p["val_max_samples"], p["seed"]), features=features, **ds_kw)
-    test_ds = ReportDataset(items.get("test") or [], features=features, **ds_kw)
+    train_ds = MLRGDataset(
+        items["train"], augment=p["augment"], seed=derive_seed(p["seed"], "augment"), features=features, **ds_kw
+    )
+    val_ds = MLRGDataset(_val_subset(items["val"], p["val_max_samples"], p["seed"]), features=features, **ds_kw)
+    test_ds = MLRGDataset(items.get("test") or [], features=features, **ds_kw)
     generation = generation_settings(p)
-    evaluator = ReportEvaluator(val_ds, vocab, p["eval_batch_size"], {**generation, "num_beams": p["val_num_beams"] or p["num_beams"]},
-                                data["truth_path"], p["progress"],
-                                rcb_weights={a: p[f"{a}_weights"] for a in RCB_ADAPTERS} if p["select_metric"] == "rcb" else None)
-    used = backbones(vocab, mcfg["visual"]["image_encoder"], mcfg["visual"]["image_pretrained_path"], mcfg["prompt"]["encoder"],
-                     mcfg["prompt"].get("pretrained_path"), decoder=p["decoder"], decoder_source=p["decoder_init"] or p["decoder_path"])
-    return {"model": model, "model_config": mcfg, "init_table": table, "stage1_checkpoint": str(ck_path) if ck_path else None,
-            "decoder_table": decoder_table, "backbones": used,
-            "param_groups": lr_groups(model, loaded, p["pt_lr"]) or None, "features": features, "train_ds": train_ds,
-            "val_ds": val_ds, "test_ds": test_ds, "collate_fn": functools.partial(report_collate, pad_id=vocab.pad_id),
-            "evaluator": evaluator, "generation": generation, "vocab": vocab, "data": data}
-
-# %% ../nbs/04_finetune.ipynb #4a30d562
-GENERATION_KEYS = ("num_beams", "max_length", "min_length", "no_repeat_ngram_size", "repetition_penalty", "length_penalty")
-
-def generation_settings(p) -> dict:
-    "The generation keywords of `MLRGReportModel.generate` from parameters `p`."
-    return {k: p[k] for k in GENERATION_KEYS}
-
-@torch.no_grad()
-def generate_records(model, dataset, indices=None, batch_size=32, generation=None, with_loss=True, progress=False, desc="generate") -> list:
-    "One record per sample of `dataset` (at `indices`): id, study, reference, generated, prompt, has_prior (and loss terms)."
-    from tqdm import tqdm  # text bars, as the rest of the project
-    indices = list(range(len(dataset))) if indices is None else list(indices)
-    vocab, dev, out = dataset.vocab, next(model.parameters()).device, []
-    was = model.training; model.eval()
-    try:
-        for s in tqdm(range(0, len(indices), batch_size), desc=desc, unit="batch", disable=not progress, leave=False):
-            chunk = indices[s:s + batch_size]
-            batch = to_device(report_collate([dataset[i] for i in chunk], vocab.pad_id), dev)
-            memory = model.memory(batch)
-            ids = model.generate(batch, memory=memory, **(generation or {}))
-            if with_loss: loss_sum, tokens = token_losses(model, batch["target_ids"], memory, model.memory_mask(batch, memory))
-            for j, i in enumerate(chunk):
-                prompt = vocab.decode(batch["prompt_ids"][j][batch["prompt_mask"][j]], skip_special=False)
-                out.append({"index": i, "id": str(batch["id"][j]), "study": batch["study_id"][j], "reference": batch["findings"][j],
-                            "generated": vocab.decode(ids[j]), "prompt": prompt, "has_prior": bool(batch["has_prior"][j]),
-                            **({"loss_sum": float(loss_sum[j]), "tokens": int(tokens[j])} if with_loss else {})})
-    finally: model.train(was)
-    return out
-
-def token_losses(model, targets, memory, memory_mask=None) -> tuple:
-    "Per sample: the summed teacher-forced cross-entropy of `targets` (B, T) given `memory`, and the number of tokens scored."
-    pad = model.decoder.config["pad_id"]
-    logits = model.decoder(targets[:, :-1], memory, memory_mask)
-    ce = torch.nn.functional.cross_entropy(logits.transpose(1, 2).float(), targets[:, 1:], ignore_index=pad, reduction="none")
-    return ce.sum(1).cpu(), (targets[:, 1:] != pad).sum(1).cpu()
+    evaluator = ReportEvaluator(
+        val_ds,
+        vocab,
+        p["eval_batch_size"],
+        {**generation, "num_beams": p["val_num_beams"] or p["num_beams"]},
+        data.truth_path,
+        p["progress"],
+        rcb_weights={a: p[f"{a}_weights"] for a in RCB_ADAPTERS} if p["select_metric"] == "rcb" else None,
+    )
+    used = backbones(
+        vocab,
+        mcfg["visual"]["image_encoder"],
+        mcfg["visual"]["image_pretrained_path"],
+        mcfg["prompt"]["encoder"],
+        mcfg["prompt"].get("pretrained_path"),
+        decoder=p["decoder"],
+        decoder_source=p["decoder_init"] or p["decoder_path"],
+    )
+    return FinetuneParts(
+        model=model,
+        model_config=mcfg,
+        init_table=table,
+        stage1_checkpoint=str(ck_path) if ck_path else None,
+        decoder_table=decoder_table,
+        backbones=used,
+        param_groups=lr_groups(model, loaded, p["pt_lr"]) or None,
+        features=features,
+        train_ds=train_ds,
+        val_ds=val_ds,
+        test_ds=test_ds,
+        collate_fn=functools.partial(collate, pad_id=vocab.pad_id),
+        evaluator=evaluator,
+        generation=generation,
+        vocab=vocab,
+        data=data,
+    )
 
 # %% ../nbs/04_finetune.ipynb #4c2305c5
 def truth_labels(truth) -> dict:
     "{dicom_id: 14 labels (1.0 present, 0.0 absent)} from the records of `mlrg.evaluate.load_truth`."
-    return {im["dicom_id"]: [1.0 if r["findings"][o]["present"] else 0.0 for o in OBSERVATIONS] for r in truth.values() for im in r["images"]}
+    return {
+        im["dicom_id"]: [1.0 if r["findings"][o]["present"] else 0.0 for o in OBSERVATIONS]
+        for r in truth.values()
+        for im in r["images"]
+    }
+
 
 def ce_against_truth(texts, ids, labels) -> dict:
     "CE-14 / CE-5 (micro and macro) of the labels of `texts` against the true labels `labels[id]`."
@@ -568,18 +682,31 @@ def ce_against_truth(texts, ids, labels) -> dict:
 
 # %% ../nbs/04_finetune.ipynb #5d5e6350
 def score_records(records, truth=None, meteor=False) -> tuple:
-    "(flat scores, evaluate's full result) of `records` (from `generate_records`); `truth`: load_truth's records or None."
+    """(flat scores, evaluate's full result) of `records` (from `generate_records`); `truth`: load_truth's records or
+    None."""
     ids = [r["id"] for r in records]
     refs, hyps = [r["reference"] for r in records], [r["generated"] for r in records]
     tc = None
     if truth is not None:
-        tcs = truth_changes(truth); tc = {i: tcs.get(i) for i in ids}
-    res = evaluate(refs, hyps, ids, meteor=meteor, has_prior={r["id"]: r["has_prior"] for r in records}, truth_changes=tc)
+        tcs = truth_changes(truth)
+        tc = {i: tcs.get(i) for i in ids}
+    res = evaluate(
+        refs, hyps, ids, meteor=meteor, has_prior={r["id"]: r["has_prior"] for r in records}, truth_changes=tc
+    )
     n, ce = res["nlg"], res["ce"]
-    flat = {"bleu1": n["BLEU-1"], "bleu4": n["BLEU-4"], "rouge_l": n["ROUGE-L"], "cider": n["CIDEr"], "ce14": ce["CE-14"]["micro"]["f1"],
-            "ce14_macro": ce["CE-14"]["macro"]["f1"], "ce5": ce["CE-5"]["micro"]["f1"], "long_acc": res["longitudinal"]["accuracy"],
-            "temporal_f1": res["temporal_entity_f1"]["f1"]}
-    if meteor: flat["meteor"] = n.get("METEOR")
+    flat = {
+        "bleu1": n["BLEU-1"],
+        "bleu4": n["BLEU-4"],
+        "rouge_l": n["ROUGE-L"],
+        "cider": n["CIDEr"],
+        "ce14": ce["CE-14"]["micro"]["f1"],
+        "ce14_macro": ce["CE-14"]["macro"]["f1"],
+        "ce5": ce["CE-5"]["micro"]["f1"],
+        "long_acc": res["longitudinal"]["accuracy"],
+        "temporal_f1": res["temporal_entity_f1"]["f1"],
+    }
+    if meteor:
+        flat["meteor"] = n.get("METEOR")
     if truth is not None:
         lab = truth_labels(truth)
         if all(i in lab for i in ids):
@@ -587,87 +714,156 @@ def score_records(records, truth=None, meteor=False) -> tuple:
             res["ce_reference_vs_truth"] = ce_against_truth(refs, ids, lab)
             flat["ce14_truth"] = res["ce_vs_truth"]["CE-14"]["micro"]["f1"]
         lt = res.get("longitudinal_vs_truth")
-        if lt: flat["long_acc_truth"] = lt["accuracy"]
+        if lt:
+            flat["long_acc_truth"] = lt["accuracy"]
     flat["bleu4+ce14"] = flat["bleu4"] + flat["ce14"]
     return {k: (float("nan") if v is None else float(v)) for k, v in flat.items()}, res
 
 # %% ../nbs/04_finetune.ipynb #e0f666a8
 class ReportEvaluator:
     "fit's `evaluate(model, ctx)`: generate the val split (sharded, gathered), save the records, score them."
-    def __init__(self, dataset, vocab, batch_size=32, generation=None, truth_path=None, progress=False, name="val", rcb_weights=None):
+
+    def __init__(
+        self,
+        dataset,
+        vocab,
+        batch_size=32,
+        generation=None,
+        truth_path=None,
+        progress=False,
+        name="val",
+        rcb_weights=None,
+    ):
         self.dataset, self.vocab, self.batch_size, self.generation = dataset, vocab, batch_size, dict(generation or {})
         self.truth = load_truth(truth_path) if truth_path is not None else None
         self.progress, self.name, self.rcb_weights = progress, name, rcb_weights
 
     def __call__(self, model, ctx=None) -> dict:
         ctx = ctx or EvalContext(0, 0, Path(tempfile.mkdtemp(prefix="mlrg-eval-")))
-        mine = generate_records(model, self.dataset, ctx.shard(len(self.dataset)), self.batch_size, self.generation,
-                                progress=self.progress and ctx.main, desc=self.name)
+        mine = generate_records(
+            model,
+            self.dataset,
+            ctx.shard(len(self.dataset)),
+            self.batch_size,
+            self.generation,
+            progress=self.progress and ctx.main,
+            desc=self.name,
+        )
         recs = ctx.gather(mine)
-        if not ctx.main: return {}
+        if not ctx.main:
+            return {}
         recs.sort(key=lambda r: r["index"])
         ctx.save(recs, self.name)
         flat, _ = score_records(recs, self.truth)
-        if self.rcb_weights is not None: flat.update(rcb_scores(recs, flat["bleu4"], self.rcb_weights))
+        if self.rcb_weights is not None:
+            flat.update(rcb_scores(recs, flat["bleu4"], self.rcb_weights))
         loss = sum(r["loss_sum"] for r in recs) / max(1, sum(r["tokens"] for r in recs))
-        return {f"{self.name}_loss": loss, **{f"{self.name}_{k}": v for k, v in flat.items()}, f"{self.name}_n": len(recs)}
+        return {
+            f"{self.name}_loss": loss,
+            **{f"{self.name}_{k}": v for k, v in flat.items()},
+            f"{self.name}_n": len(recs),
+        }
 
 # %% ../nbs/04_finetune.ipynb #c4c65031
 PREDICTION_KEYS = ("id", "study", "reference", "generated", "prompt", "has_prior")
+
 
 def mlrg_csv_text(records) -> str:
     "MLRG's prediction CSV (dicom_id,labels,report) of `records`."
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
     w.writerow(["dicom_id", "labels", "report"])
-    for r in records: w.writerow([r["id"], r["reference"], r["generated"]])
+    for r in records:
+        w.writerow([r["id"], r["reference"], r["generated"]])
     return buf.getvalue()
+
 
 def write_predictions(records, json_path, csv_path=None) -> list:
     "Write `records` as JSON (PREDICTION_KEYS) and, when `csv_path` is given, as MLRG's CSV; atomically, together."
     files = {Path(json_path): json_text([{k: r.get(k) for k in PREDICTION_KEYS} for r in records])}
-    if csv_path is not None: files[Path(csv_path)] = mlrg_csv_text(records)
+    if csv_path is not None:
+        files[Path(csv_path)] = mlrg_csv_text(records)
     return write_set(files)
 
 # %% ../nbs/04_finetune.ipynb #28d25eb8
 _ENGINE_KEYS = [k for k in FINETUNE.params if k in TRAIN.params]
-_DATA_KEYS = ("sample_unit", "max_views", "max_length", "max_prompt_length", "augment", "use_indication", "use_prior_report")
+_DATA_KEYS = (
+    "sample_unit",
+    "max_views",
+    "max_length",
+    "max_prompt_length",
+    "augment",
+    "use_indication",
+    "use_prior_report",
+)
+
 
 def _out_dir(p, data) -> Path:
     "The folder a run with parameters `p` on `data` writes to (`mlrg.runs.output_folder`)."
-    return output_folder(p, "finetune", data["info"]["temp_dir"])
+    return output_folder(p, "finetune", data.info["temp_dir"])
+
 
 def fit_config(p, parts, out_dir) -> dict:
     "The config `fit` trains with (engine settings + model, data, generation and initialisation)."
-    return {**{k: p[k] for k in _ENGINE_KEYS}, "lr": p["ft_lr"], "param_groups": parts["param_groups"], "out_dir": str(out_dir),
-            "select_metric": f"val_{p['select_metric']}", "select_mode": SELECT_METRICS[p["select_metric"]],
-            "model": parts["model_config"], "stage": "finetune", "data": {k: p[k] for k in _DATA_KEYS},
-            "generation": parts["generation"], "init": {"stage1_checkpoint": parts["stage1_checkpoint"], "copied": parts["init_table"] is not None, "pt_lr": p["pt_lr"]},
-            "backbones": parts["backbones"],
-            "features_cached": parts["features"] is not None,
-            "source": {k: parts["data"]["info"][k] for k in ("annotation", "image_root", "samples")},
-            "eval": {k: p[k] for k in ("val_num_beams", "val_max_samples", "eval_batch_size")}}
+    return {
+        **{k: p[k] for k in _ENGINE_KEYS},
+        "lr": p["ft_lr"],
+        "param_groups": parts.param_groups,
+        "out_dir": str(out_dir),
+        "select_metric": f"val_{p['select_metric']}",
+        "select_mode": SELECT_METRICS[p["select_metric"]],
+        "model": parts.model_config,
+        "stage": "finetune",
+        "data": {k: p[k] for k in _DATA_KEYS},
+        "generation": parts.generation,
+        "init": {
+            "stage1_checkpoint": parts.stage1_checkpoint,
+            "copied": parts.init_table is not None,
+            "pt_lr": p["pt_lr"],
+        },
+        "backbones": parts.backbones,
+        "features_cached": parts.features is not None,
+        "source": {k: parts.data.info[k] for k in ("annotation", "image_root", "samples")},
+        "eval": {k: p[k] for k in ("val_num_beams", "val_max_samples", "eval_batch_size")},
+    }
 
 # %% ../nbs/04_finetune.ipynb #0c56f85d
 def run_test(model, parts, p, out_dir, checkpoint=None, log=None) -> dict:
-    "Generate the test split with `checkpoint`'s weights (default: the model as it is), write the predictions, score them."
+    """Generate the test split with `checkpoint`'s weights (default: the model as it is), write the predictions, score
+    them."""
     log = log or get_logger()
-    if checkpoint is not None: model.load_state_dict(load_checkpoint(checkpoint)["model"])
-    ds = parts["test_ds"]
-    if not len(ds): return {"n": 0, "note": "the test split is empty"}
-    recs = generate_records(model, ds, None, p["eval_batch_size"], parts["generation"], with_loss=False, progress=p["progress"], desc="test")
+    if checkpoint is not None:
+        model.load_state_dict(load_checkpoint(checkpoint)["model"])
+    ds = parts.test_ds
+    if not len(ds):
+        return {"n": 0, "note": "the test split is empty"}
+    recs = generate_records(
+        model, ds, None, p["eval_batch_size"], parts.generation, with_loss=False, progress=p["progress"], desc="test"
+    )
     out_dir = Path(out_dir)
     write_predictions(recs, out_dir / "test_predictions.json", out_dir / "test_predictions.csv")
-    truth = parts["evaluator"].truth          # read once, by the val evaluator
+    truth = parts.evaluator.truth  # read once, by the val evaluator
     flat, res = score_records(recs, truth, meteor=p["meteor"])
     with_prior = [r for r in recs if r["has_prior"]]
     prior_flat = score_records(with_prior, truth)[0] if with_prior else {}
     res.pop("per_sample", None)
-    out = {"n": len(recs), "n_with_prior": len(with_prior), "checkpoint": str(checkpoint) if checkpoint else None, "scores": flat,
-           "scores_with_prior": prior_flat, "predictions": str(out_dir / "test_predictions.json"),
-           "predictions_csv": str(out_dir / "test_predictions.csv"), "result": res}
+    out = {
+        "n": len(recs),
+        "n_with_prior": len(with_prior),
+        "checkpoint": str(checkpoint) if checkpoint else None,
+        "scores": flat,
+        "scores_with_prior": prior_flat,
+        "predictions": str(out_dir / "test_predictions.json"),
+        "predictions_csv": str(out_dir / "test_predictions.csv"),
+        "result": res,
+    }
     save_json(out, out_dir / "test_metrics.json")
-    log.info("test: %d reports -> %s; %s", len(recs), out_dir / "test_predictions.json", ", ".join(f"{k} {v:.3f}" for k, v in flat.items()))
+    log.info(
+        "test: %d reports -> %s; %s",
+        len(recs),
+        out_dir / "test_predictions.json",
+        ", ".join(f"{k} {v:.3f}" for k, v in flat.items()),
+    )
     return out
 
 # %% ../nbs/04_finetune.ipynb #5dfce5ae
@@ -675,19 +871,25 @@ def plot_curves(history, fig=None):
     "Loss (train and val) and the val scores over training, from fit's history / metrics.jsonl records."
     if fig is None:
         from matplotlib.figure import Figure
+
         fig = Figure(figsize=(13, 3.6))
     tr = [r for r in history if r.get("kind") == "train"]
     ev = [r for r in history if r.get("kind") == "eval"]
     a, b, c = fig.subplots(1, 3)
     a.plot([r["step"] for r in tr], [r.get("train_loss") for r in tr], lw=1, label="train")
     a.plot([r["step"] for r in ev], [r.get("val_loss") for r in ev], "o-", label="val")
-    a.set(xlabel="step", title="token cross-entropy"); a.legend(fontsize=8)
+    a.set(xlabel="step", title="token cross-entropy")
+    a.legend(fontsize=8)
     for k in ("bleu4", "ce14", "bleu4+ce14", "ce14_truth"):
-        if ev and f"val_{k}" in ev[0]: b.plot([r["step"] for r in ev], [r[f"val_{k}"] for r in ev], "o-", label=k)
-    b.set(xlabel="step", title="val scores"); b.legend(fontsize=8)
+        if ev and f"val_{k}" in ev[0]:
+            b.plot([r["step"] for r in ev], [r[f"val_{k}"] for r in ev], "o-", label=k)
+    b.set(xlabel="step", title="val scores")
+    b.legend(fontsize=8)
     for k in ("long_acc", "long_acc_truth", "cider"):
-        if ev and f"val_{k}" in ev[0]: c.plot([r["step"] for r in ev], [r[f"val_{k}"] for r in ev], "o-", label=k)
-    c.set(xlabel="step", title="val longitudinal / CIDEr"); c.legend(fontsize=8)
+        if ev and f"val_{k}" in ev[0]:
+            c.plot([r["step"] for r in ev], [r[f"val_{k}"] for r in ev], "o-", label=k)
+    c.set(xlabel="step", title="val longitudinal / CIDEr")
+    c.legend(fontsize=8)
     fig.tight_layout()
     return fig
 
@@ -695,51 +897,101 @@ def plot_curves(history, fig=None):
 def summarize(result, p, parts, out_dir, test=None) -> dict:
     "The run's summary: data, model, initialisation, training outcome, the val curve, the test scores."
     evals = [r for r in result["history"] if r.get("kind") == "eval"]
-    table = parts["init_table"]
-    init = {"stage1_checkpoint": parts["stage1_checkpoint"], "copied": table is not None,
-            "counts": table.status.value_counts().to_dict() if table is not None else None,
-            "decoder_counts": parts["decoder_table"].status.value_counts().to_dict() if parts["decoder_table"] is not None else None}
-    return {"stage": "finetune", "out_dir": str(out_dir), "best_checkpoint": result["paths"].get("best"),
-            "last_checkpoint": result["paths"].get("last"), "metrics": result["paths"].get("metrics"), "data": parts["data"]["info"],
-            "model": {"parameters": sum(x.numel() for x in parts["model"].parameters()),
-                      "trainable": sum(x.numel() for x in parts["model"].parameters() if x.requires_grad),
-                      "features_cached": parts["features"] is not None, **parts["model_config"]},
-            "init": init, "backbones": parts["backbones"], "param_groups": parts["param_groups"], "global_step": result["global_step"], "epochs": result["epoch"],
-            "stopped": result["stopped"], "train_seconds": round(result["seconds"], 2), "select_metric": p["select_metric"],
-            "best_step": result["best_step"], "best_val_score": result["best_metric"],
-            "curve": [{k: v for k, v in r.items() if k not in ("kind",)} for r in evals], "test": test, "params": dict(p)}
+    table = parts.init_table
+    init = {
+        "stage1_checkpoint": parts.stage1_checkpoint,
+        "copied": table is not None,
+        "counts": table.status.value_counts().to_dict() if table is not None else None,
+        "decoder_counts": parts.decoder_table.status.value_counts().to_dict()
+        if parts.decoder_table is not None
+        else None,
+    }
+    return {
+        "stage": "finetune",
+        "out_dir": str(out_dir),
+        "best_checkpoint": result["paths"].get("best"),
+        "last_checkpoint": result["paths"].get("last"),
+        "metrics": result["paths"].get("metrics"),
+        "data": parts.data.info,
+        "model": {
+            "parameters": sum(x.numel() for x in parts.model.parameters()),
+            "trainable": sum(x.numel() for x in parts.model.parameters() if x.requires_grad),
+            "features_cached": parts.features is not None,
+            **parts.model_config,
+        },
+        "init": init,
+        "backbones": parts.backbones,
+        "param_groups": parts.param_groups,
+        "global_step": result["global_step"],
+        "epochs": result["epoch"],
+        "stopped": result["stopped"],
+        "train_seconds": round(result["seconds"], 2),
+        "select_metric": p["select_metric"],
+        "best_step": result["best_step"],
+        "best_val_score": result["best_metric"],
+        "curve": [{k: v for k, v in r.items() if k not in ("kind",)} for r in evals],
+        "test": test,
+        "params": dict(p),
+    }
 
 # %% ../nbs/04_finetune.ipynb #7a425fed
 def finetune(params: dict | None = None, **overrides) -> dict:
     "Run stage 2 with `params` (see `FINETUNE`); returns the summary (on every process)."
     p = FINETUNE.check(params, **overrides)
     log = get_logger()
-    if p["num_threads"]: torch.set_num_threads(p["num_threads"])
-    check_output_folder(p, "finetune")   # before any work
-    if p["test"] and p["meteor"]: check_java()
+    if p["num_threads"]:
+        torch.set_num_threads(p["num_threads"])
+    check_output_folder(p, "finetune")  # before any work
+    if p["test"] and p["meteor"]:
+        check_java()
     parts = build_finetune(p, log=log)
-    out_dir = _out_dir(p, parts["data"])
-    if is_main_process(): log.info("finetune: %d train / %d val / %d test samples -> %s", len(parts["train_ds"]), len(parts["val_ds"]),
-                                   len(parts["test_ds"]), out_dir)
-    result = fit(parts["model"], parts["train_ds"], parts["collate_fn"], fit_config(p, parts, out_dir), evaluate=parts["evaluator"],
-                 vocab=parts["vocab"].state(), arch_keys=("model",), log=log)
+    out_dir = _out_dir(p, parts.data)
+    if is_main_process():
+        log.info(
+            "finetune: %d train / %d val / %d test samples -> %s",
+            len(parts.train_ds),
+            len(parts.val_ds),
+            len(parts.test_ds),
+            out_dir,
+        )
+    result = fit(
+        parts.model,
+        parts.train_ds,
+        parts.collate_fn,
+        fit_config(p, parts, out_dir),
+        evaluate=parts.evaluator,
+        vocab=parts.vocab.state(),
+        arch_keys=("model",),
+        log=log,
+    )
     test = None
     if is_main_process() and p["test"]:
         ck = result["paths"].get("best")
-        if ck is None:      # e.g. resumed from another folder's checkpoint and never improved on its best since
-            log.warning("no best.pt in %s (best step %s was not written here): the test split is written with last.pt", out_dir, result["best_step"])
+        if ck is None:  # e.g. resumed from another folder's checkpoint and never improved on its best since
+            log.warning(
+                "no best.pt in %s (best step %s was not written here): the test split is written with last.pt",
+                out_dir,
+                result["best_step"],
+            )
             ck = result["paths"]["last"]
-        test = run_test(parts["model"], parts, p, out_dir, ck, log)
+        test = run_test(parts.model, parts, p, out_dir, ck, log)
     summary = summarize(result, p, parts, out_dir, test)
     if is_main_process():
         save_json(summary, Path(out_dir) / "finetune_summary.json")
-        try: plot_curves(result["history"]).savefig(Path(out_dir) / "curves.png", dpi=100)
-        except Exception as e: log.warning("could not save curves.png: %s", e)
+        try:
+            plot_curves(result["history"]).savefig(Path(out_dir) / "curves.png", dpi=100)
+        except Exception as e:
+            log.warning("could not save curves.png: %s", e)
         if p["run_dir"] is not None:
-            RunFolder.create(p["run_dir"]).record("finetune", out_dir=str(out_dir), best_checkpoint=summary["best_checkpoint"],
-                                                   best_step=summary["best_step"], select_metric=p["select_metric"],
-                                                   best_val_score=summary["best_val_score"],
-                                                   **{f"test_{k}": v for k, v in ((test or {}).get("scores") or {}).items()})
+            RunFolder.create(p["run_dir"]).record(
+                "finetune",
+                out_dir=str(out_dir),
+                best_checkpoint=summary["best_checkpoint"],
+                best_step=summary["best_step"],
+                select_metric=p["select_metric"],
+                best_val_score=summary["best_val_score"],
+                **{f"test_{k}": v for k, v in ((test or {}).get("scores") or {}).items()},
+            )
     return summary
 
 # %% ../nbs/04_finetune.ipynb #dc33b112
@@ -747,113 +999,204 @@ def load_report_model(path, map_location="cpu") -> tuple:
     "(model in eval mode, Vocab, checkpoint) from a checkpoint written by `finetune`."
     ck = load_checkpoint(path, map_location)
     cfg = ck.get("config") if isinstance(ck, dict) else None
-    if not isinstance(cfg, dict) or cfg.get("stage") != "finetune" or not isinstance(cfg.get("model"), dict) or not ck.get("vocab"):
-        raise InputError("not a stage-2 checkpoint (no finetune config, model config or vocabulary)", where=path,
-                         expected="best.pt / last.pt written by mlrg finetune")
-    try: vocab = vocab_from_state(ck["vocab"])
-    except InputError as e: raise InputError(str(e), where=path) from None
+    if (
+        not isinstance(cfg, dict)
+        or cfg.get("stage") != "finetune"
+        or not isinstance(cfg.get("model"), dict)
+        or not ck.get("vocab")
+    ):
+        raise InputError(
+            "not a stage-2 checkpoint (no finetune config, model config or vocabulary)",
+            where=path,
+            expected="best.pt / last.pt written by mlrg finetune",
+        )
+    try:
+        vocab = vocab_from_state(ck["vocab"])
+    except InputError as e:
+        raise InputError(str(e), where=path) from None
     model = MLRGReportModel(cfg["model"])
     model.load_state_dict(ck["model"])
     return model.eval(), vocab, ck
 
-def dataset_for(ck, items, image_root, vocab=None) -> ReportDataset:
-    "A `ReportDataset` of `items` with the data and prompt settings checkpoint `ck` was trained with (pixels, no cache)."
+
+def dataset_for(ck, items, image_root, vocab=None) -> MLRGDataset:
+    "An `MLRGDataset` of `items` with the data and prompt settings checkpoint `ck` was trained with (pixels, no cache)."
     d = ck["config"]["data"]
     vocab = vocab or vocab_from_state(ck["vocab"])
-    return ReportDataset(items, image_root, vocab, use_indication=d["use_indication"], use_prior_report=d["use_prior_report"],
-                         image_size=ck["config"]["model"]["visual"]["image_size"], max_views=d["max_views"], max_length=d["max_length"],
-                         max_prompt_length=d["max_prompt_length"])
+    return MLRGDataset(
+        items,
+        image_root,
+        vocab,
+        use_indication=d["use_indication"],
+        use_prior_report=d["use_prior_report"],
+        image_size=ck["config"]["model"]["visual"]["image_size"],
+        max_views=d["max_views"],
+        max_length=d["max_length"],
+        max_prompt_length=d["max_prompt_length"],
+    )
 
 # %% ../nbs/04_finetune.ipynb #5e5f86d0
-GENERATE = Params("generate", "Write findings with a trained stage-2 checkpoint for one split of a prepared annotation.", dict(
-    checkpoint=Param(None, "a stage-2 checkpoint (best.pt of mlrg finetune)", kind=str, required=True),
-    annotation=Param(None, "MLRG annotation JSON (mlrg prepare's), R2Gen annotation.json or (with trust_pickle) datasets.pkl", kind=str, required=True),
-    split=Param("test", "the split to write", choices=("train", "val", "test")),
-    out=Param(None, "predictions: .json (records) or .csv (MLRG's dicom_id,labels,report)", kind=str, required=True),
-    image_root=Param(None, "the folder image paths are relative to; None: found beside the annotation", kind=str),
-    num_beams=Param(None, "beam width (None: the checkpoint's)", kind=int, low=1),
-    max_length=Param(None, "report tokens (None: the checkpoint's)", kind=int, low=2),
-    min_length=Param(None, "tokens before [EOS] (None: the checkpoint's)", kind=int, low=0),
-    no_repeat_ngram_size=Param(None, "n-gram blocking (None: the checkpoint's)", kind=int, low=0),
-    repetition_penalty=Param(None, "repetition penalty (None: the checkpoint's)", kind=float, low=1.0),
-    length_penalty=Param(None, "length penalty (None: the checkpoint's)", kind=float),
-    batch_size=Param(16, "samples per generation batch", low=1),
-    limit=Param(None, "only the first N samples of the split", kind=int, low=1),
-    trust_pickle=Param(False, "allow reading a .pkl annotation"),
-    gpu_id=Param(None, "'0', 'cuda:1', 'cpu' or None"),
-    quiet=Param(False, "no progress bar"),
-))
+GENERATE = Params(
+    "generate",
+    "Write findings with a trained stage-2 checkpoint for one split of a prepared annotation.",
+    dict(
+        checkpoint=Param(None, "a stage-2 checkpoint (best.pt of mlrg finetune)", kind=str, required=True),
+        annotation=Param(
+            None,
+            "MLRG annotation JSON (mlrg prepare's), R2Gen annotation.json or (with trust_pickle) datasets.pkl",
+            kind=str,
+            required=True,
+        ),
+        split=Param("test", "the split to write", choices=("train", "val", "test")),
+        out=Param(
+            None, "predictions: .json (records) or .csv (MLRG's dicom_id,labels,report)", kind=str, required=True
+        ),
+        image_root=Param(None, "the folder image paths are relative to; None: found beside the annotation", kind=str),
+        num_beams=Param(None, "beam width (None: the checkpoint's)", kind=int, low=1),
+        max_length=Param(None, "report tokens (None: the checkpoint's)", kind=int, low=2),
+        min_length=Param(None, "tokens before [EOS] (None: the checkpoint's)", kind=int, low=0),
+        no_repeat_ngram_size=Param(None, "n-gram blocking (None: the checkpoint's)", kind=int, low=0),
+        repetition_penalty=Param(None, "repetition penalty (None: the checkpoint's)", kind=float, low=1.0),
+        length_penalty=Param(None, "length penalty (None: the checkpoint's)", kind=float),
+        batch_size=Param(16, "samples per generation batch", low=1),
+        limit=Param(None, "only the first N samples of the split", kind=int, low=1),
+        trust_pickle=Param(False, "allow reading a .pkl annotation"),
+        gpu_id=Param(None, "'0', 'cuda:1', 'cpu' or None"),
+        quiet=Param(False, "no progress bar"),
+    ),
+)
 
-def generate_reports(checkpoint, annotation, split="test", out=None, image_root=None, batch_size=16, limit=None, trust_pickle=False,
-                     gpu_id=None, progress=True, **generation) -> list:
+
+def generate_reports(
+    checkpoint,
+    annotation,
+    split="test",
+    out=None,
+    image_root=None,
+    batch_size=16,
+    limit=None,
+    trust_pickle=False,
+    gpu_id=None,
+    progress=True,
+    **generation,
+) -> list:
     "Records of the reports `checkpoint` writes for `split` of `annotation` (written to `out` when given)."
     if out is not None and Path(out).suffix.lower() not in (".json", ".csv"):
         raise InputError(f"unknown output format {Path(out).suffix!r}", where=f"--out {out}", expected=".json or .csv")
     model, vocab, ck = load_report_model(checkpoint)
     items = read_annotation(annotation, trust_pickle=trust_pickle)
-    if split not in items or not items[split]: raise InputError(f"the {split} split is empty", where=annotation)
+    if split not in items or not items[split]:
+        raise InputError(f"the {split} split is empty", where=annotation)
     todo = items[split][:limit] if limit else items[split]
     root = image_root_for(Path(annotation), image_root)
     check_image_files({split: todo}, root, splits=(split,))
     gen = {**ck["config"]["generation"], **{k: v for k, v in generation.items() if v is not None}}
-    recs = generate_records(model.to(get_device(gpu_id)), dataset_for(ck, todo, root, vocab), None, batch_size, gen, with_loss=False,
-                            progress=progress, desc=f"generate {split}")
+    recs = generate_records(
+        model.to(get_device(gpu_id)),
+        dataset_for(ck, todo, root, vocab),
+        None,
+        batch_size,
+        gen,
+        with_loss=False,
+        progress=progress,
+        desc=f"generate {split}",
+    )
     if out is not None:
-        if Path(out).suffix.lower() == ".csv": write_set({Path(out): mlrg_csv_text(recs)})
-        else: write_predictions(recs, out)
+        if Path(out).suffix.lower() == ".csv":
+            write_set({Path(out): mlrg_csv_text(recs)})
+        else:
+            write_predictions(recs, out)
     return recs
 
 # %% ../nbs/04_finetune.ipynb #4ec12417
 def finetune_cli(argv=None) -> int:
     "`python -m mlrg.finetune [--name value ...]`."
     status, s = one_line_errors("mlrg.finetune", lambda: finetune(FINETUNE.cli(argv, prog="python -m mlrg.finetune")))
-    if status: return status
+    if status:
+        return status
     if is_main_process():
         t = (s["test"] or {}).get("scores") or {}
-        print(f"finetune: best step {s['best_step']} (val {s['select_metric']} {s['best_val_score']})"
-              + ("; test " + ", ".join(f"{k} {v:.3f}" for k, v in t.items()) if t else "") + f"\ncheckpoints, predictions and metrics: {s['out_dir']}")
+        print(
+            f"finetune: best step {s['best_step']} (val {s['select_metric']} {s['best_val_score']})"
+            + ("; test " + ", ".join(f"{k} {v:.3f}" for k, v in t.items()) if t else "")
+            + f"\ncheckpoints, predictions and metrics: {s['out_dir']}"
+        )
     return 0
+
 
 def _generate_from_cli(argv):
     a = GENERATE.cli(argv, prog="mlrg generate")
     gen = {k: a[k] for k in GENERATION_KEYS}
-    recs = generate_reports(a["checkpoint"], a["annotation"], a["split"], a["out"], a["image_root"], a["batch_size"], a["limit"],
-                            a["trust_pickle"], a["gpu_id"], not a["quiet"], **gen)
+    recs = generate_reports(
+        a["checkpoint"],
+        a["annotation"],
+        a["split"],
+        a["out"],
+        a["image_root"],
+        a["batch_size"],
+        a["limit"],
+        a["trust_pickle"],
+        a["gpu_id"],
+        not a["quiet"],
+        **gen,
+    )
     return f"generate: {len(recs)} reports of split {a['split']} -> {a['out']}"
+
 
 def generate_cli(argv=None) -> int:
     "`mlrg generate --checkpoint C --annotation A [--split test] --out P`."
     status, line = one_line_errors("mlrg generate", lambda: _generate_from_cli(argv))
-    if not status: print(line)
+    if not status:
+        print(line)
     return status
 
+
 if __name__ == "__main__" and not in_ipython():
-    from mlrg.finetune import finetune_cli as _cli      # the importable module's copy, not this __main__ one
+    from mlrg.finetune import finetune_cli as _cli  # the importable module's copy, not this __main__ one
+
     sys.exit(_cli())
 
 # %% ../nbs/04_finetune.ipynb #1b7f7e80
 def baseline_records(items, texts: dict) -> list:
     "Records (as `generate_records` makes them) of the texts {id: report} a baseline wrote for `items`."
-    return [{"id": str(it["id"]), "study": it.get("study_id"), "reference": it["findings"], "generated": texts[str(it["id"])],
-             "has_prior": bool(it.get("prior_study"))} for it in items]
+    return [
+        {
+            "id": str(it["id"]),
+            "study": it.get("study_id"),
+            "reference": it["findings"],
+            "generated": texts[str(it["id"])],
+            "has_prior": bool(it.get("prior_study")),
+        }
+        for it in items
+    ]
 
 # %% ../nbs/04_finetune.ipynb #92b5c616
 def diff_html(reference: str, generated: str) -> str:
-    "HTML of `generated` against `reference`, word by word: inserted words red, left-out reference words green and struck."
+    """HTML of `generated` against `reference`, word by word: inserted words red, left-out reference words green and
+    struck."""
     a, b = reference.replace(".", " .").split(), generated.split()
     out = []
     for op, i1, i2, j1, j2 in difflib.SequenceMatcher(a=a, b=b, autojunk=False).get_opcodes():
         if op in ("replace", "delete"):
-            out.append(f'<span style="background:#cfc;text-decoration:line-through">{html.escape(" ".join(a[i1:i2]))}</span>')
-        if op in ("replace", "insert"): out.append(f'<span style="background:#fcc">{html.escape(" ".join(b[j1:j2]))}</span>')
-        if op == "equal": out.append(html.escape(" ".join(b[j1:j2])))
+            out.append(
+                f'<span style="background:#cfc;text-decoration:line-through">{html.escape(" ".join(a[i1:i2]))}</span>'
+            )
+        if op in ("replace", "insert"):
+            out.append(f'<span style="background:#fcc">{html.escape(" ".join(b[j1:j2]))}</span>')
+        if op == "equal":
+            out.append(html.escape(" ".join(b[j1:j2])))
     return " ".join(out)
+
 
 def case_images(item, image_root, size=128) -> list:
     "(title, uint8 image) of the current views and the prior image of annotation `item`."
     root, out = Path(image_root), []
-    for k, (p, v) in enumerate(zip(item["anchor_scan"]["image_path"] + item["auxiliary_references"]["image_path"],
-                                   item["anchor_scan"]["view_position"] + item["auxiliary_references"]["view_position"])):
+    for k, (p, v) in enumerate(
+        zip(
+            item["anchor_scan"]["image_path"] + item["auxiliary_references"]["image_path"],
+            item["anchor_scan"]["view_position"] + item["auxiliary_references"]["view_position"],
+        )
+    ):
         out.append((("anchor " if k == 0 else "view ") + str(v), load_image(root / p, size)))
     if item.get("prior_study"):
         ls = item["prior_study"]["latest_study"]
@@ -861,37 +1204,21 @@ def case_images(item, image_root, size=128) -> list:
     return out
 
 # %% ../nbs/04_finetune.ipynb #446506a1
-@torch.no_grad()
-def attention_maps(model, batch, ids) -> torch.Tensor:
-    "Cross-attention (B, T, M) of each token after [BOS] of the reports `ids` (lists of token ids) over the memory, mean of heads and layers."
-    dec, cfg = model.decoder, model.decoder.config
-    T = max(len(s) for s in ids) + 1
-    tok = torch.full((len(ids), T), cfg["pad_id"], dtype=torch.long)
-    for i, s in enumerate(ids): tok[i, :len(s) + 1] = torch.tensor([cfg["bos_id"]] + list(s))
-    crosses = [b.cross for b in dec.blocks]
-    was = model.training; model.eval()
-    try:
-        for c in crosses: c.keep_weights = True
-        m = model.memory(batch)
-        dec(tok.to(next(model.parameters()).device), m, model.memory_mask(batch, m))
-        w = torch.stack([c.weights for c in crosses]).mean((0, 2))          # (B, T, M)
-    finally:
-        for c in crosses: c.keep_weights, c.weights = False, None
-        model.train(was)
-    return w[:, 1:].cpu()                                                 # weights when writing each token of `ids`
-
 def plot_attention(image, weights, words, n_tokens, fig=None):
     "Rows: the anchor's and the fused tokens' grids of `weights` (T, 2 * n_tokens) for each word, over `image`."
-    g = math.isqrt(n_tokens - 1)                     # the grid is the last g * g tokens (before it: global / CLS / register tokens)
+    g = math.isqrt(n_tokens - 1)  # the grid is the last g * g tokens (before it: global / CLS / register tokens)
     if fig is None:
         from matplotlib.figure import Figure
+
         fig = Figure(figsize=(1.8 * len(words), 3.8))
     axes = fig.subplots(2, len(words), squeeze=False)
     for j, word in enumerate(words):
         for r, (name, off) in enumerate((("anchor", 0), ("fused", n_tokens))):
-            m = weights[j, off + n_tokens - g * g:off + n_tokens].reshape(g, g).numpy()
+            m = weights[j, off + n_tokens - g * g : off + n_tokens].reshape(g, g).numpy()
             ax = axes[r, j]
-            ax.imshow(image, cmap="gray"); ax.imshow(m, cmap="inferno", alpha=0.5, extent=(0, image.shape[1], image.shape[0], 0))
-            ax.set_title(f"{word!r} ({name})", fontsize=8); ax.axis("off")
+            ax.imshow(image, cmap="gray")
+            ax.imshow(m, cmap="inferno", alpha=0.5, extent=(0, image.shape[1], image.shape[0], 0))
+            ax.set_title(f"{word!r} ({name})", fontsize=8)
+            ax.axis("off")
     fig.tight_layout()
     return fig

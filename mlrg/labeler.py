@@ -22,20 +22,28 @@ __all__ = ['POLICIES', 'LABEL', 'MENTIONS', 'CHANGE_PRIORITY', 'MESH_MAP', 'MESH
            'agreement_table', 'phantom_check']
 
 # %% ../nbs/05a_labeler.ipynb #be143159
-POLICIES = {"positive": "uncertain counts as positive on both sides (MLRG, f1chexbert)",
-            "negative": "uncertain counts as negative on both sides (R2Gen)",
-            "ignore": "only confirmed positives count; cells with an uncertain reference are left out (CheXpert U-Ignore)"}
+POLICIES = {
+    "positive": "uncertain counts as positive on both sides (MLRG, f1chexbert)",
+    "negative": "uncertain counts as negative on both sides (R2Gen)",
+    "ignore": "only confirmed positives count; cells with an uncertain reference are left out (CheXpert U-Ignore)",
+}
 
-LABEL = Params("label", "Rule-based CheXpert-style labels (a transparent proxy, not CheXbert).", dict(
-    reports_csv=Param(None, "CSV with one report per row", kind=str, flag="--in", required=True),
-    out=Param(None, "output CSV: the input columns + the 14 observations", kind=str, required=True, notebook=False),
-    text_column=Param("Report", "the column holding the report text"),
-    progress=Param(False, "show a progress bar", notebook=False),
-    uncertain_policy=Param("positive", "how -1 counts in the agreement tables", choices=lambda: tuple(POLICIES), cli=False),
-    max_iu_reports=Param(None, "cap on the IU X-Ray reports labelled (None: all)", kind=int, low=1, cli=False),
-    phantom_root=Param(None, "a phantom folder: check the labels against its truth", kind=str, cli=False),
-    run_dir=Param(None, "a run folder: write the labels and agreement there", kind=str, cli=False),
-))
+LABEL = Params(
+    "label",
+    "Rule-based CheXpert-style labels (a transparent proxy, not CheXbert).",
+    dict(
+        reports_csv=Param(None, "CSV with one report per row", kind=str, flag="--in", required=True),
+        out=Param(None, "output CSV: the input columns + the 14 observations", kind=str, required=True, notebook=False),
+        text_column=Param("Report", "the column holding the report text"),
+        progress=Param(False, "show a progress bar", notebook=False),
+        uncertain_policy=Param(
+            "positive", "how -1 counts in the agreement tables", choices=lambda: tuple(POLICIES), cli=False
+        ),
+        max_iu_reports=Param(None, "cap on the IU X-Ray reports labelled (None: all)", kind=int, low=1, cli=False),
+        phantom_root=Param(None, "a phantom folder: check the labels against its truth", kind=str, cli=False),
+        run_dir=Param(None, "a run folder: write the labels and agreement there", kind=str, cli=False),
+    ),
+)
 
 # %% ../nbs/05a_labeler.ipynb #76851765
 # Each entry: (observation or None for an exclusion, kind, regex). Order matters: at one position the first
@@ -46,95 +54,159 @@ LABEL = Params("label", "Rule-based CheXpert-style labels (a transparent proxy, 
 #   kind "x": an exclusion: the phrase is consumed and ignored ("pericardial effusion", "pleural line")
 MENTIONS = [
     # exclusions
-    (None, "x", r"pericardial effusions?|(?:soft tissue|subcutaneous|pleural|costophrenic|septal|kerley(?: b)?|fissural?|"
-                r"azygo-?esophageal|paraspinal|paratracheal|junction|skin|mach|vascular) lines?|"
-                r"no acute (?:cardio)?pulmonary (?:process|disease|abnormalit\w*|findings?)|"
-                r"(?:aortic|mitral|valvular|annular) (?:valve )?calcifications?|valve calcifications?|"
-                r"(?:vertebral|compression) (?:body )?collapse"),
+    (
+        None,
+        "x",
+        r"pericardial effusions?|(?:soft tissue|subcutaneous|pleural|costophrenic|septal|kerley(?: b)?|fissural?|"
+        r"azygo-?esophageal|paraspinal|paratracheal|junction|skin|mach|vascular) lines?|"
+        r"no acute (?:cardio)?pulmonary (?:process|disease|abnormalit\w*|findings?)|"
+        r"(?:aortic|mitral|valvular|annular) (?:valve )?calcifications?|valve calcifications?|"
+        r"(?:vertebral|compression) (?:body )?collapse",
+    ),
     # Lung Lesion first so that "nodular opacity" is a lesion, not an opacity
-    ("Lung Lesion", "m", r"nodular (?:opacit|densit)\w*|nodul\w*|mass(?:es)?\b|masslike|mass-like|tumou?rs?\b|neoplasm\w*|"
-                         r"carcinoma\w*|cavitary (?:lesion|mass)\w*|lung lesions?|pulmonary lesions?|metasta\w*"),
-    ("Pleural Other", "m", r"pleural (?:thickening|scar\w*|plaques?|calcifications?)|pleuro-?parenchymal (?:scar\w*|thickening)|"
-                           r"pleural-parenchymal (?:scar\w*|thickening)|fibrothorax|apical (?:pleural )?(?:cap|capping|thickening)"),
+    (
+        "Lung Lesion",
+        "m",
+        r"nodular (?:opacit|densit)\w*|nodul\w*|mass(?:es)?\b|masslike|mass-like|tumou?rs?\b|neoplasm\w*|"
+        r"carcinoma\w*|cavitary (?:lesion|mass)\w*|lung lesions?|pulmonary lesions?|metasta\w*",
+    ),
+    (
+        "Pleural Other",
+        "m",
+        r"pleural (?:thickening|scar\w*|plaques?|calcifications?)|pleuro-?parenchymal (?:scar\w*|thickening)|"
+        r"pleural-parenchymal (?:scar\w*|thickening)|fibrothorax|apical (?:pleural )?(?:cap|capping|thickening)",
+    ),
     ("Pleural Effusion", "m", r"(?:pleural )?effusions?|pleural fluid|hydrothorax|hydropneumothorax"),
     ("Pneumothorax", "m", r"pneumothora(?:x|ces)|\bptx\b"),
-    ("Edema", "m", r"edema(?:tous)?|heart failure|\bchf\b|(?:pulmonary )?(?:vascular|venous) congestion|pulmonary congestion|"
-                   r"congestive"),
+    (
+        "Edema",
+        "m",
+        r"edema(?:tous)?|heart failure|\bchf\b|(?:pulmonary )?(?:vascular|venous) congestion|pulmonary congestion|"
+        r"congestive",
+    ),
     ("Consolidation", "m", r"consolidat\w*"),
     ("Pneumonia", "m", r"pneumonias?|bronchopneumonia|infections?\b|infectious|pneumonitis"),
     ("Atelectasis", "m", r"atelecta\w*|(?:lobar |lung |lobe )?collapsed?\b"),
     ("Fracture", "m", r"fractur\w*|\bfx\b"),
-    ("Cardiomegaly", "m", r"cardiomegaly|cardiac enlargement|enlargement of the (?:cardiac silhouette|heart|cardiac shadow)"),
-    ("Enlarged Cardiomediastinum", "m", r"widen(?:ed|ing) (?:of the )?(?:superior )?mediastin\w*|mediastinal (?:widening|enlargement)|"
-                                        r"enlargement of the (?:cardio)?mediastin\w*"),
-    ("Lung Opacity", "m", r"opaci\w*|infiltrat\w*|air-? ?space (?:disease|process)|increased densit\w*|"
-                          r"(?:patchy|focal|hazy|streaky|linear|retrocardiac|basilar|basal|ill-defined|parenchymal|airspace) densit\w*|"
-                          r"reticula\w*|scar(?:s|ring|red)?\b|interstitial (?:markings?|pattern|lung disease|abnormalit\w*|prominence)|"
-                          r"ground-? ?glass"),
+    (
+        "Cardiomegaly",
+        "m",
+        r"cardiomegaly|cardiac enlargement|enlargement of the (?:cardiac silhouette|heart|cardiac shadow)",
+    ),
+    (
+        "Enlarged Cardiomediastinum",
+        "m",
+        r"widen(?:ed|ing) (?:of the )?(?:superior )?mediastin\w*|mediastinal (?:widening|enlargement)|"
+        r"enlargement of the (?:cardio)?mediastin\w*",
+    ),
+    (
+        "Lung Opacity",
+        "m",
+        r"opaci\w*|infiltrat\w*|air-? ?space (?:disease|process)|increased densit\w*|"
+        r"(?:patchy|focal|hazy|streaky|linear|retrocardiac|basilar|basal|ill-defined|parenchymal|airspace) densit\w*|"
+        r"reticula\w*|scar(?:s|ring|red)?\b|interstitial (?:markings?|pattern|lung disease|abnormalit\w*|prominence)|"
+        r"ground-? ?glass",
+    ),
     ("Lung Opacity", "n", r"(?:lungs?|lung fields?) (?:are|is|appear|remain)? ?(?:\w+ ){0,3}?clear\b|\bclear lungs?\b"),
-    ("Support Devices", "m", r"(?:endotracheal|tracheostomy|trach|chest|enteric|feeding|nasogastric|orogastric|dobhoff|"
-                             r"gastric|ng|og|et|mediastinal|pleural) tubes?|tubes?\b|\bett\b|\bngt\b|\bogt\b|"
-                             r"lines?\b|catheters?|picc|port-?a-?cath|portacath|mediport|\bport\b|pacemakers?|pacers?\b|"
-                             r"\bicd\b|defibrillators?|(?:prosthetic|mechanical|bioprosthetic|replacement) (?:\w+ )?valves?|"
-                             r"valve (?:replacement|prosthesis)|\btavr\b|wires?\b|leads\b|clips?\b|hardware|devices?\b|drains?\b|"
-                             r"stents?\b|staples\b|sutures?\b|coils?\b|(?:ivc|vena cava) filter|swan-?ganz|electrodes?|"
-                             r"\bsheath\b|\biabp\b|balloon pump|\blvad\b|loop recorder"),
+    (
+        "Support Devices",
+        "m",
+        r"(?:endotracheal|tracheostomy|trach|chest|enteric|feeding|nasogastric|orogastric|dobhoff|"
+        r"gastric|ng|og|et|mediastinal|pleural) tubes?|tubes?\b|\bett\b|\bngt\b|\bogt\b|"
+        r"lines?\b|catheters?|picc|port-?a-?cath|portacath|mediport|\bport\b|pacemakers?|pacers?\b|"
+        r"\bicd\b|defibrillators?|(?:prosthetic|mechanical|bioprosthetic|replacement) (?:\w+ )?valves?|"
+        r"valve (?:replacement|prosthesis)|\btavr\b|wires?\b|leads\b|clips?\b|hardware|devices?\b|drains?\b|"
+        r"stents?\b|staples\b|sutures?\b|coils?\b|(?:ivc|vena cava) filter|swan-?ganz|electrodes?|"
+        r"\bsheath\b|\biabp\b|balloon pump|\blvad\b|loop recorder",
+    ),
     # attribute mentions (need a qualifier)
-    ("Enlarged Cardiomediastinum", "a", r"cardio-?mediastinal (?:silhouettes?|contours?|shadow|size|width)|"
-                                        r"mediastinal (?:silhouettes?|contours?|width|shadow|size)|mediastinum"),
-    ("Cardiomegaly", "a", r"heart (?:size|shadow|silhouette)|cardiac (?:size|silhouette|contours?|shadow|diameter)|"
-                          r"size of the heart|heart\b"),
+    (
+        "Enlarged Cardiomediastinum",
+        "a",
+        r"cardio-?mediastinal (?:silhouettes?|contours?|shadow|size|width)|"
+        r"mediastinal (?:silhouettes?|contours?|width|shadow|size)|mediastinum",
+    ),
+    (
+        "Cardiomegaly",
+        "a",
+        r"heart (?:size|shadow|silhouette)|cardiac (?:size|silhouette|contours?|shadow|diameter)|"
+        r"size of the heart|heart\b",
+    ),
 ]
 
 _MENTION_RE = re.compile(r"\b(?:" + "|".join(f"(?P<g{i}>{p})" for i, (_, _, p) in enumerate(MENTIONS)) + ")")
 _GROUP_INFO = {f"g{i}": (obs, kind) for i, (obs, kind, _) in enumerate(MENTIONS)}
 
 # %% ../nbs/05a_labeler.ipynb #9335cec7
-# Scope breaks: sentence ends (not decimal points), semicolons, colons, contrastive words, relative "which",
-# an affirmative restart ("there is ..."), and a comma followed by a word of change ("no effusion, stable cardiomegaly").
+# Scope breaks: sentence ends (not decimal points), semicolons, colons, contrastive words, relative "which", an
+# affirmative restart ("there is ..."), and a comma followed by a word of change ("no effusion, stable cardiomegaly").
 _BREAK_RE = re.compile(
     r"[.!?](?!\d)|[;:]|\n\s*\n|"
     r"\b(?:but|however|although|though|whereas|while|which|except|aside from|apart from|otherwise|nevertheless|yet|"
     r"there (?:is|are|has been|have been|was|were)|there \w+ (?:be|been))\b|"
-    r",\s*(?=(?:and )?(?:new|increased|persistent|stable|unchanged|improved|worsened|decreased|enlarged)\b)")
+    r",\s*(?=(?:and )?(?:new|increased|persistent|stable|unchanged|improved|worsened|decreased|enlarged)\b)"
+)
 
 # %% ../nbs/05a_labeler.ipynb #9f5b4f21
 # Cues BEFORE a mention (the last one in the mention's clause governs it). PSEUDO cues are consumed so that
 # "no change in" or "not only" do not read as negations.
-_DDX = r"(?:atelecta|pneumonia|consolidat|infection|infectious|aspiration|scar|fibrosis|hemorrhage|edema|effusion|mass|nodule|malignan|neoplas|tumor)"
+_DDX = (
+    r"(?:atelecta|pneumonia|consolidat|infection|infectious|aspiration|scar|fibrosis|hemorrhage|edema|effusion|mass|"
+    r"nodule|malignan|neoplas|tumor)"
+)
 _PRE_CUES = [
-    # "atelectasis or pneumonia": a differential; it does not override an earlier negation ("no atelectasis or pneumonia")
+    # "atelectasis or pneumonia": a differential; it does not override an earlier negation
+    # ("no atelectasis or pneumonia")
     ("ORU", _DDX + r"\w* or(?= (?:\w+ )?" + _DDX + r")"),
-    ("PSEUDO", r"no (?:significant |appreciable |substantial |definite |major |interval |other )?(?:change|increase|worsening|"
-               r"improvement|decrease|progression|difference)|not only|no longer (?:requires|needs)|without change|"
-               r"not significantly changed|not changed|gram-negative|no doubt"),
+    (
+        "PSEUDO",
+        r"no (?:significant |appreciable |substantial |definite |major |interval |other )?(?:change|increase|worsening|"
+        r"improvement|decrease|progression|difference)|not only|no longer (?:requires|needs)|without change|"
+        r"not significantly changed|not changed|gram-negative|no doubt",
+    ),
     # weak uncertainty: inside a negated list ("no opacity to suggest pneumonia") the negation still governs
     ("WUNC", r"(?:to )?suggest\w*|suspicious(?: for)?|concern(?:ing)? for|worrisome for"),
-    ("UNC", r"cannot (?:be )?(?:excluded|exclude|ruled? out)|can ?not (?:be )?(?:excluded|exclude|ruled? out)|"
-            r"could not (?:be )?(?:excluded|exclude|ruled? out)|not (?:be )?(?:entirely |completely |definitely )?"
-            r"(?:excluded|ruled out)|difficult to (?:exclude|rule out)|"
-            r"may|might|could|possibl[ey]|probabl[ey]|likely|suspect\w*|question(?:able|ably)?|equivocal|versus|vs\.?|presum\w*|borderline|differential|"
-            r"indeterminate|uncertain|cannot distinguish|can't exclude|either"),
-    ("NEG", r"no|not|without|free of|negative for|clear of|absence of|absent|resolution of|resolved|rule out|ruled out|"
-            r"r/o|removal of|removed|neither|nor|denies|never|lack of|no evidence of|interval removal of"),
+    (
+        "UNC",
+        r"cannot (?:be )?(?:excluded|exclude|ruled? out)|can ?not (?:be )?(?:excluded|exclude|ruled? out)|"
+        r"could not (?:be )?(?:excluded|exclude|ruled? out)|not (?:be )?(?:entirely |completely |definitely )?"
+        r"(?:excluded|ruled out)|difficult to (?:exclude|rule out)|"
+        r"may|might|could|possibl[ey]|probabl[ey]|likely|suspect\w*|question(?:able|ably)?|equivocal|versus|vs\.?|presum\w*|borderline|differential|"
+        r"indeterminate|uncertain|cannot distinguish|can't exclude|either",
+    ),
+    (
+        "NEG",
+        r"no|not|without|free of|negative for|clear of|absence of|absent|resolution of|resolved|rule out|ruled out|"
+        r"r/o|removal of|removed|neither|nor|denies|never|lack of|no evidence of|interval removal of",
+    ),
 ]
 _PRE_RE = re.compile(r"\b(?:" + "|".join(f"(?P<{k}{i}>{p})" for i, (k, p) in enumerate(_PRE_CUES)) + r")(?!\w)")
 
 # %% ../nbs/05a_labeler.ipynb #ab71cc69
 _POST_CUES = [
-    ("UNC", r"(?:cannot|can ?not|could not|can't) (?:be )?(?:excluded|exclude|ruled? out|entirely excluded)|"
-            r"(?:is|are) not (?:entirely |completely |definitely )?(?:excluded|ruled out)|not (?:entirely )?excluded|"
-            r"(?:is|are) (?:also )?(?:possible|possibly|probable|likely|suspected|questioned|not excluded|"
-            r"a possibility|considered)|(?:may|might|could) (?:also )?be (?:present|seen|noted|developing|forming|there)|"
-            r"less likely|versus|vs\.?|or(?= (?:\w+ )?" + _DDX + r")"),
-    ("NEG", r"(?:is|are|was|were|has been|have been)? ?(?:not|no longer) (?:\w+ )?(?:seen|identified|visualized|visible|"
-            r"present|appreciated|demonstrated|evident|detected|noted|apparent|definitely seen|clearly seen|observed)|"
-            r"(?:has|have|had)? ?(?:completely |nearly |since |now )?resolved|(?:is|are) absent|"
-            r"(?:has|have) (?:been )?removed|(?:was|were|has been|have been) removed|ruled out|"
-            r"(?:is|are|has|have)? ?(?:since |subsequently )?cleared|no longer present"),
+    (
+        "UNC",
+        r"(?:cannot|can ?not|could not|can't) (?:be )?(?:excluded|exclude|ruled? out|entirely excluded)|"
+        r"(?:is|are) not (?:entirely |completely |definitely )?(?:excluded|ruled out)|not (?:entirely )?excluded|"
+        r"(?:is|are) (?:also )?(?:possible|possibly|probable|likely|suspected|questioned|not excluded|"
+        r"a possibility|considered)|(?:may|might|could) (?:also )?be (?:present|seen|noted|developing|forming|there)|"
+        r"less likely|versus|vs\.?|or(?= (?:\w+ )?" + _DDX + r")",
+    ),
+    (
+        "NEG",
+        r"(?:is|are|was|were|has been|have been)? ?(?:not|no longer) (?:\w+ )?(?:seen|identified|visualized|visible|"
+        r"present|appreciated|demonstrated|evident|detected|noted|apparent|definitely seen|clearly seen|observed)|"
+        r"(?:has|have|had)? ?(?:completely |nearly |since |now )?resolved|(?:is|are) absent|"
+        r"(?:has|have) (?:been )?removed|(?:was|were|has been|have been) removed|ruled out|"
+        r"(?:is|are|has|have)? ?(?:since |subsequently )?cleared|no longer present",
+    ),
     # words that affirm a mention end the post-scope (so "X is unchanged and Y has resolved" keeps X positive)
-    ("STOP", r"unchanged|persist\w*|again|present|seen|noted|(?:has|have) (?:increased|decreased|developed|worsened|improved)|"
-             r"stable|remains?|redemonstrated|identified|visible|demonstrated|appreciated"),
+    (
+        "STOP",
+        r"unchanged|persist\w*|again|present|seen|noted|"
+        r"(?:has|have) (?:increased|decreased|developed|worsened|improved)|"
+        r"stable|remains?|redemonstrated|identified|visible|demonstrated|appreciated",
+    ),
 ]
 _POST_RE = re.compile(r"\b(?:" + "|".join(f"(?P<{k}>{p})" for k, p in _POST_CUES) + r")(?!\w)")
 
@@ -144,10 +216,12 @@ _QUAL_RE = re.compile(
     r"\b(?:(?P<UNC>borderline(?: \w+)?|(?:may|might|could) be (?:\w+ )?(?:enlarged|prominent|large)|"
     r"(?:possibly|questionably|probably) (?:\w+ )?(?:enlarged|prominent|widened))|"
     r"(?P<NEG>not (?:\w+ )?(?:enlarged|widened|large|prominent)|no (?:\w+ )?(?:enlargement|widening|cardiomegaly)|"
-    r"normal|normal-sized|unremarkable|within (?:the )?normal limits|within normal|top-? ?normal|upper limits? of normal|"
+    r"normal|normal-sized|unremarkable|within (?:the )?normal limits|within normal|top-? ?normal|"
+    r"upper limits? of normal|"
     r"high-? ?normal|upper normal|stable normal|small|unchanged in size and normal|\bwnl\b)|"
     r"(?P<POS>enlarged|enlargement|enlarging|large|larger|prominent|prominence|widened|widening|increased|cardiomegaly|"
-    r"globular|massive|mildly enlarged|moderately enlarged|severely enlarged))\b")
+    r"globular|massive|mildly enlarged|moderately enlarged|severely enlarged))\b"
+)
 
 # %% ../nbs/05a_labeler.ipynb #88cfa0d8
 _WS_RE = re.compile(r"\s+")
@@ -156,7 +230,8 @@ _DEID_RE = re.compile(r"\bx{3,}\b|_{2,}")
 
 def normalize(text) -> str:
     "Lower-case, collapse white space (MIMIC wraps lines mid-sentence) and turn de-identified spans into `___`."
-    if text is None or (isinstance(text, float) and text != text): return ""
+    if text is None or (isinstance(text, float) and text != text):
+        return ""
     t = _WS_RE.sub(" ", str(text).lower()).strip()
     return _DEID_RE.sub("___", t)
 
@@ -178,7 +253,9 @@ def _spans(regex, text):
     "(starts, ends, kinds) of the matches of `regex` (kind = the name of the group that matched)."
     st, en, kd = [], [], []
     for m in regex.finditer(text):
-        st.append(m.start()); en.append(m.end()); kd.append(m.lastgroup)
+        st.append(m.start())
+        en.append(m.end())
+        kd.append(m.lastgroup)
     return st, en, kd
 
 
@@ -190,15 +267,18 @@ def _clause(breaks, s, e, n):
 
 # %% ../nbs/05a_labeler.ipynb #d1a0a0d6
 def _pre_cue_value(pre, cs, anchor):
-    "0 or -1 from the last cue of `pre` (spans of `_PRE_RE`) in the clause starting at `cs` and ending by `anchor`; else None."
+    "0 or -1 from the last cue of `pre` (spans of `_PRE_RE`) in the clause from `cs` up to `anchor`; else None."
     pre_s, pre_e, pre_k = pre
     j = bisect.bisect_right(pre_e, anchor) - 1
-    while j >= 0 and pre_s[j] >= cs and pre_k[j].startswith("PSEUDO"): j -= 1
+    while j >= 0 and pre_s[j] >= cs and pre_k[j].startswith("PSEUDO"):
+        j -= 1
     if j >= 0 and pre_s[j] >= cs and (pre_k[j].startswith("ORU") or pre_k[j].startswith("WUNC")):
         # a differential "X or Y" is uncertain unless a negation earlier in the clause covers the whole list
         value = -1
         while j >= 0 and pre_s[j] >= cs:
-            if pre_k[j].startswith("NEG"): value = 0; break
+            if pre_k[j].startswith("NEG"):
+                value = 0
+                break
             j -= 1
         return value
     if j >= 0 and pre_s[j] >= cs and pre_e[j] <= anchor:
@@ -207,7 +287,7 @@ def _pre_cue_value(pre, cs, anchor):
 
 
 def _post_cue_value(post, e, ce):
-    "0 or -1 from the first cue of `post` (spans of `_POST_RE`) after `e` in the clause ending at `ce`; 1 if none or STOP."
+    "0 or -1 from the first cue of `post` (`_POST_RE` spans) after `e` in the clause ending at `ce`; 1 if none or STOP."
     k = bisect.bisect_left(post[0], e)
     if k < len(post[0]) and post[0][k] < ce and post[2][k] != "STOP":
         return -1 if post[2][k] == "UNC" else 0
@@ -218,24 +298,27 @@ _ADJ_RE = re.compile(r"[\s,-]*(?:(?!and\b|the\b|is\b|are\b|with\b|of\b|to\b|but\
 
 
 def _qualifier(quals, s, e, cs, ce, text):
-    "The size qualifier of the attribute mention at [s, e): prenominal ('enlarged heart') first, then after, then before."
+    "The size qualifier of the attribute mention [s, e): prenominal ('enlarged heart'), else after, else before."
     qs, qe, qk = quals
     # a qualifier right before the mention ("normal heart size", "enlarged cardiac silhouette")
     j = bisect.bisect_right(qe, s) - 1
-    if j >= 0 and qs[j] >= cs and _ADJ_RE.fullmatch(text, qe[j], s): return qk[j], qs[j]
+    if j >= 0 and qs[j] >= cs and _ADJ_RE.fullmatch(text, qe[j], s):
+        return qk[j], qs[j]
     # the first qualifier after it in the clause that is not itself right before another noun it modifies
     k = bisect.bisect_left(qs, e)
     while k < len(qs) and qs[k] < ce:
         nxt = _MENTION_RE.match(text, qe[k] + 1) if qe[k] + 1 < len(text) else None
-        if nxt is None or _GROUP_INFO[nxt.lastgroup][1] != "a": return qk[k], qs[k]
+        if nxt is None or _GROUP_INFO[nxt.lastgroup][1] != "a":
+            return qk[k], qs[k]
         k += 1
-    if j >= 0 and qs[j] >= cs: return qk[j], qs[j]
+    if j >= 0 and qs[j] >= cs:
+        return qk[j], qs[j]
     return None
 
 # %% ../nbs/05a_labeler.ipynb #5e3a4cb8
 def find_mentions(text: str):
-    """The mentions in normalised `text`: a list of dicts with the observation, its span (`start`, `end`), its `text` and
-    its `value` (1 positive, 0 negative, -1 uncertain). Attribute mentions without a size qualifier are left out."""
+    """The mentions in normalised `text`: a list of dicts with the observation, its span (`start`, `end`), its `text`
+    and its `value` (1 positive, 0 negative, -1 uncertain). Attribute mentions without a size qualifier are left out."""
     breaks = [m.start() for m in _BREAK_RE.finditer(text)]
     pre = _spans(_PRE_RE, text)
     post = None
@@ -244,24 +327,33 @@ def find_mentions(text: str):
     n = len(text)
     for m in _MENTION_RE.finditer(text):
         obs, kind = _GROUP_INFO[m.lastgroup]
-        if kind == "x": continue
+        if kind == "x":
+            continue
         s, e = m.start(), m.end()
         cs, ce = _clause(breaks, s, e, n)
         if kind == "n":
-            out.append({"observation": obs, "start": s, "end": e, "value": 0, "text": m.group()}); continue
+            out.append({"observation": obs, "start": s, "end": e, "value": 0, "text": m.group()})
+            continue
         anchor = s
         if kind == "a":
-            if quals is None: quals = _spans(_QUAL_RE, text)
+            if quals is None:
+                quals = _spans(_QUAL_RE, text)
             q = _qualifier(quals, s, e, cs, ce, text)
-            if q is None: continue
+            if q is None:
+                continue
             qkind, qs = q
-            if qkind == "NEG": out.append({"observation": obs, "start": s, "end": e, "value": 0, "text": m.group()}); continue
-            if qkind == "UNC": out.append({"observation": obs, "start": s, "end": e, "value": -1, "text": m.group()}); continue
+            if qkind == "NEG":
+                out.append({"observation": obs, "start": s, "end": e, "value": 0, "text": m.group()})
+                continue
+            if qkind == "UNC":
+                out.append({"observation": obs, "start": s, "end": e, "value": -1, "text": m.group()})
+                continue
             anchor = max(s, qs)
         # the last pre-cue inside the clause, before the mention (or before its qualifier); else the first post-cue
         value = _pre_cue_value(pre, cs, anchor)
         if value is None:
-            if post is None: post = _spans(_POST_RE, text)
+            if post is None:
+                post = _spans(_POST_RE, text)
             value = _post_cue_value(post, e, ce)
         out.append({"observation": obs, "start": s, "end": e, "value": value, "text": m.group()})
     return out
@@ -271,14 +363,17 @@ def label_text(text) -> np.ndarray:
     "The 14 CheXpert labels of one report (float array; NaN = not mentioned)."
     t = normalize(text)
     out = np.full(len(OBSERVATIONS), np.nan)
-    if not t: return out
+    if not t:
+        return out
     rank = {1: 3, -1: 2, 0: 1}
     best = {}
     for mt in find_mentions(t):
         i = _OBS_INDEX[mt["observation"]]
         v = mt["value"]
-        if i not in best or rank[v] > rank[best[i]]: best[i] = v
-    for i, v in best.items(): out[i] = v
+        if i not in best or rank[v] > rank[best[i]]:
+            best[i] = v
+    for i, v in best.items():
+        out[i] = v
     others = [v for i, v in best.items() if i not in (_NF, _SD)]
     out[_NF] = 1.0 if not any(v in (1, -1) for v in others) else np.nan
     return out
@@ -291,17 +386,22 @@ def label_reports(texts, progress=False) -> np.ndarray:
     it = texts
     if progress:
         from tqdm import tqdm  # text bars: they render in terminals, JupyterLab and executed reports alike
+
         it = tqdm(texts, desc="labelling", unit="report")
-    for r, t in enumerate(it): out[r] = label_text(t)
+    for r, t in enumerate(it):
+        out[r] = label_text(t)
     return out
 
 # %% ../nbs/05a_labeler.ipynb #8992857a
 def apply_policy(labels, policy="positive"):
     """Binary labels from 1 / 0 / -1 / NaN: `policy` says what uncertain (-1) counts as: "positive" (MLRG, f1chexbert),
-    "negative" (R2Gen) or "ignore" (only confirmed positives). Per label the last two give the same binary value; in a CE
-    score `mlrg.evaluate` applies "ignore" as CheXpert's U-Ignore: cells whose reference is uncertain are left out (counted)."""
+    "negative" (R2Gen) or "ignore" (only confirmed positives). Per label the last two give the same binary value; in a
+    CE score `mlrg.evaluate` applies "ignore" as CheXpert's U-Ignore: cells whose reference is uncertain are left out
+    (counted)."""
     if policy not in POLICIES:
-        raise InputError(f"unknown uncertain policy {policy!r}", where="uncertain_policy", expected=" or ".join(map(repr, POLICIES)))
+        raise InputError(
+            f"unknown uncertain policy {policy!r}", where="uncertain_policy", expected=" or ".join(map(repr, POLICIES))
+        )
     a = np.asarray(labels, dtype=float)
     return (a == 1) | ((a == -1) if policy == "positive" else False)
 
@@ -309,29 +409,41 @@ def apply_policy(labels, policy="positive"):
 def label_frame(df, text_col="Report", progress=False):
     "A copy of `df` with the 14 observation columns (CheXpert order) filled from the reports in `text_col`."
     import pandas as pd
+
     if text_col not in df.columns:
         raise InputError(f"no column {text_col!r}", where="text_col", expected=f"one of {list(df.columns)}")
     labels = label_reports(df[text_col].tolist(), progress=progress)
     out = df.copy()
-    for i, o in enumerate(OBSERVATIONS): out[o] = labels[:, i]
+    for i, o in enumerate(OBSERVATIONS):
+        out[o] = labels[:, i]
     return out
 
 # %% ../nbs/05a_labeler.ipynb #09bea0f3
 def read_reports_csv(path, text_col="Report"):
     "Read a CSV of reports with clear errors for a missing file, non-UTF-8 bytes (with the line) or a missing column."
     import pandas as pd
+
     path = Path(path)
-    if not path.is_file(): raise InputError("file not found", where=path, expected="a CSV file of reports")
+    if not path.is_file():
+        raise InputError("file not found", where=path, expected="a CSV file of reports")
     raw = path.read_bytes()
-    try: text = raw.decode("utf-8-sig")
+    try:
+        text = raw.decode("utf-8-sig")
     except UnicodeDecodeError as e:
-        line = raw[:e.start].count(b"\n") + 1
-        raise InputError(f"not UTF-8 (byte 0x{raw[e.start]:02x} at line {line})", where=f"{path}:{line}",
-                         expected="a UTF-8 encoded CSV") from None
-    try: df = pd.read_csv(io.StringIO(text), dtype=str, keep_default_na=False)
-    except Exception as e: raise InputError(f"not a readable CSV ({e})", where=path) from None
+        line = raw[: e.start].count(b"\n") + 1
+        raise InputError(
+            f"not UTF-8 (byte 0x{raw[e.start]:02x} at line {line})",
+            where=f"{path}:{line}",
+            expected="a UTF-8 encoded CSV",
+        ) from None
+    try:
+        df = pd.read_csv(io.StringIO(text), dtype=str, keep_default_na=False)
+    except Exception as e:
+        raise InputError(f"not a readable CSV ({e})", where=path) from None
     if text_col not in df.columns:
-        raise InputError(f"no column {text_col!r}", where=path, expected=f"a text column; the file has {list(df.columns)}")
+        raise InputError(
+            f"no column {text_col!r}", where=path, expected=f"a text column; the file has {list(df.columns)}"
+        )
     return df
 
 # %% ../nbs/05a_labeler.ipynb #f75fbc43
@@ -347,7 +459,10 @@ def label_cli(argv=None):
     empty = int((df[a["text_column"]].str.strip() == "").sum())
     out = label_frame(df, a["text_column"], progress=a["progress"])
     write_labels_csv(out, a["out"])
-    print(f"labelled {len(out)} reports from {a['reports_csv']} -> {a['out']}" + (f" ({empty} with empty text: all blank)" if empty else ""))
+    print(
+        f"labelled {len(out)} reports from {a['reports_csv']} -> {a['out']}"
+        + (f" ({empty} with empty text: all blank)" if empty else "")
+    )
     return 0
 
 # %% ../nbs/05a_labeler.ipynb #d5806ae5
@@ -355,18 +470,35 @@ def label_cli(argv=None):
 # Change words and the label each one gives. Where several apply to one observation the order of `CHANGE_PRIORITY`
 # decides (new > worse > better > resolved > unchanged): the most actionable change wins.
 _CHANGE_CUES = [
-    ("better", r"partially resolved|partial resolution|nearly resolved|almost resolved|resolving|decreas\w*|improv\w*|"
-               r"smaller|less (?:prominent|conspicuous|extensive|pronounced|severe)|diminish\w*|reduc\w*|lessened|"
-               r"clearing|regress\w*|(?:has|have) become smaller"),
-    ("resolved", r"(?:has|have|had) (?:since |now |completely )?resolved|resolved|resolution|no longer (?:seen|visualized|visible|present|"
-                 r"identified|evident|apparent)|(?:has|have) cleared|interval removal|removed|removal|withdrawn"),
-    ("new", r"new|newly|interval (?:development|appearance|placement|insertion)|(?:has|have) developed|developing|"
-            r"(?:has|have) (?:been )?(?:placed|inserted|introduced)|placement|inserted|appeared|now (?:seen|present|noted)"),
-    ("worse", r"increas\w*|worsen\w*|enlarging|larger|progress\w*|more (?:prominent|conspicuous|extensive|pronounced|severe)|"
-              r"greater|extend\w* further|worse|grown|expanded|expanding"),
-    ("unchanged", r"unchanged|stable|stably|persistent|persists?|persisting|no (?:significant |appreciable |substantial |interval )?change|"
-                  r"not (?:significantly )?changed|similar|again (?:seen|noted|demonstrated)|redemonstrated|re-demonstrated|"
-                  r"remains?|remained|constant|without (?:significant |interval )?change|little change"),
+    (
+        "better",
+        r"partially resolved|partial resolution|nearly resolved|almost resolved|resolving|decreas\w*|improv\w*|"
+        r"smaller|less (?:prominent|conspicuous|extensive|pronounced|severe)|diminish\w*|reduc\w*|lessened|"
+        r"clearing|regress\w*|(?:has|have) become smaller",
+    ),
+    (
+        "resolved",
+        r"(?:has|have|had) (?:since |now |completely )?resolved|resolved|resolution|"
+        r"no longer (?:seen|visualized|visible|present|identified|evident|apparent)|"
+        r"(?:has|have) cleared|interval removal|removed|removal|withdrawn",
+    ),
+    (
+        "new",
+        r"new|newly|interval (?:development|appearance|placement|insertion)|(?:has|have) developed|developing|"
+        r"(?:has|have) (?:been )?(?:placed|inserted|introduced)|placement|inserted|appeared|now (?:seen|present|noted)",
+    ),
+    (
+        "worse",
+        r"increas\w*|worsen\w*|enlarging|larger|progress\w*|more (?:prominent|conspicuous|extensive|pronounced|severe)|"
+        r"greater|extend\w* further|worse|grown|expanded|expanding",
+    ),
+    (
+        "unchanged",
+        r"unchanged|stable|stably|persistent|persists?|persisting|"
+        r"no (?:significant |appreciable |substantial |interval )?change|"
+        r"not (?:significantly )?changed|similar|again (?:seen|noted|demonstrated)|redemonstrated|re-demonstrated|"
+        r"remains?|remained|constant|without (?:significant |interval )?change|little change",
+    ),
 ]
 CHANGE_PRIORITY = ["new", "worse", "better", "resolved", "unchanged"]
 _CHANGE_RE = re.compile(r"\b(?:" + "|".join(f"(?P<{k}>{p})" for k, p in _CHANGE_CUES) + r")\b")
@@ -376,9 +508,10 @@ _NO_NEW_RE = re.compile(r"\b(?:no|without) (?:\w+ )?new\b")
 # %% ../nbs/05a_labeler.ipynb #976c48e6
 def extract_changes(text) -> dict:
     """{observation: "new"|"worse"|"better"|"unchanged"|"resolved"} for the observations whose mentions carry a change
-    word in the same clause ("increased right effusion", "the ET tube has been removed", "no change in cardiomegaly")."""
+    word in their clause ("increased right effusion", "the ET tube has been removed", "no change in cardiomegaly")."""
     t = normalize(text)
-    if not t: return {}
+    if not t:
+        return {}
     breaks = [m.start() for m in _BREAK_RE.finditer(t)]
     cues = [(m.start(), m.end(), m.lastgroup) for m in _CHANGE_RE.finditer(t)]
     nonew = [(m.start(), m.end()) for m in _NO_NEW_RE.finditer(t)]
@@ -386,17 +519,28 @@ def extract_changes(text) -> dict:
     for mt in find_mentions(t):
         s, e = mt["start"], mt["end"]
         cs, ce = _clause(breaks, s, e, len(t))
-        inclause = [c for c in cues if cs <= c[0] and c[1] <= ce and not (c[0] < e and c[1] > s)
-                    and not (c[2] == "new" and any(a <= c[0] < b_ for a, b_ in nonew))]
-        if not inclause: continue
-        if mt["value"] == 0 and not any(k == "resolved" for _, _, k in inclause): continue   # negated, no resolution word
+        inclause = [
+            c
+            for c in cues
+            if cs <= c[0]
+            and c[1] <= ce
+            and not (c[0] < e and c[1] > s)
+            and not (c[2] == "new" and any(a <= c[0] < b_ for a, b_ in nonew))
+        ]
+        if not inclause:
+            continue
+        if mt["value"] == 0 and not any(k == "resolved" for _, _, k in inclause):
+            continue  # negated, no resolution word
         # the nearest change word to the mention
         c = min(inclause, key=lambda c: (s - c[1]) if c[1] <= s else (c[0] - e))
         kind = c[2]
-        if mt["value"] == 0 and kind != "resolved": kind = "resolved" if any(k == "resolved" for _, _, k in inclause) else None
-        if kind is None: continue
+        if mt["value"] == 0 and kind != "resolved":
+            kind = "resolved" if any(k == "resolved" for _, _, k in inclause) else None
+        if kind is None:
+            continue
         o = mt["observation"]
-        if o not in found or CHANGE_PRIORITY.index(kind) < CHANGE_PRIORITY.index(found[o]): found[o] = kind
+        if o not in found or CHANGE_PRIORITY.index(kind) < CHANGE_PRIORITY.index(found[o]):
+            found[o] = kind
     return found
 
 # %% ../nbs/05a_labeler.ipynb #afb1e5f5
@@ -404,8 +548,10 @@ def extract_changes(text) -> dict:
 def iu_xray_path():
     "Path of `NLMCXR_reports.tgz` inside the installed `torchxrayvision` package, or None when it is not installed."
     import importlib.util
-    spec = importlib.util.find_spec("torchxrayvision")   # locates the package without importing it (no torch import)
-    if spec is None or not spec.submodule_search_locations: return None
+
+    spec = importlib.util.find_spec("torchxrayvision")  # locates the package without importing it (no torch import)
+    if spec is None or not spec.submodule_search_locations:
+        return None
     p = Path(list(spec.submodule_search_locations)[0]) / "data" / "NLMCXR_reports.tgz"
     return p if p.is_file() else None
 
@@ -414,21 +560,34 @@ def load_iu_xray(max_reports=None, path=None):
     """The IU X-Ray reports as a list of dicts (id, findings, impression, mesh: list of MeSH major/minor terms), read at
     run time from the tgz (CC BY-NC-ND 4.0: never copy them into the repository)."""
     import tarfile, xml.etree.ElementTree as ET
+
     path = Path(path) if path else iu_xray_path()
     if path is None or not Path(path).is_file():
-        raise InputError("IU X-Ray reports not found", where="torchxrayvision/data/NLMCXR_reports.tgz",
-                         expected="the torchxrayvision package installed (pip install torchxrayvision)")
+        raise InputError(
+            "IU X-Ray reports not found",
+            where="torchxrayvision/data/NLMCXR_reports.tgz",
+            expected="the torchxrayvision package installed (pip install torchxrayvision)",
+        )
     out = []
     with tarfile.open(path, "r:gz") as tf:
-        members = sorted((m for m in tf.getmembers() if m.isfile() and m.name.endswith(".xml")),
-                         key=lambda m: int(re.sub(r"\D", "", Path(m.name).stem) or 0))
+        members = sorted(
+            (m for m in tf.getmembers() if m.isfile() and m.name.endswith(".xml")),
+            key=lambda m: int(re.sub(r"\D", "", Path(m.name).stem) or 0),
+        )
         for m in members:
-            if max_reports is not None and len(out) >= max_reports: break
+            if max_reports is not None and len(out) >= max_reports:
+                break
             root = ET.fromstring(tf.extractfile(m).read())
             sec = {a.get("Label"): (a.text or "").strip() for a in root.iter("AbstractText")}
             mesh = [(e.text or "").strip() for tag in ("major", "minor") for e in root.iter(tag)]
-            out.append({"id": Path(m.name).stem, "findings": sec.get("FINDINGS", ""), "impression": sec.get("IMPRESSION", ""),
-                        "mesh": [t for t in mesh if t]})
+            out.append(
+                {
+                    "id": Path(m.name).stem,
+                    "findings": sec.get("FINDINGS", ""),
+                    "impression": sec.get("IMPRESSION", ""),
+                    "mesh": [t for t in mesh if t],
+                }
+            )
     return out
 
 # %% ../nbs/05a_labeler.ipynb #41c4f525
@@ -439,34 +598,46 @@ MESH_MAP = {
     "Cardiomegaly": "Cardiomegaly",
     "Pulmonary Atelectasis": "Atelectasis",
     "Consolidation": "Consolidation",
-    "Pulmonary Edema": "Edema", "Pulmonary Congestion": "Edema", "Heart Failure": "Edema",
+    "Pulmonary Edema": "Edema",
+    "Pulmonary Congestion": "Edema",
+    "Heart Failure": "Edema",
     "Fractures, Bone": "Fracture",
-    "Nodule": "Lung Lesion", "Mass": "Lung Lesion",
-    "Opacity": "Lung Opacity", "Infiltrate": "Lung Opacity", "Airspace Disease": "Lung Opacity",
+    "Nodule": "Lung Lesion",
+    "Mass": "Lung Lesion",
+    "Opacity": "Lung Opacity",
+    "Infiltrate": "Lung Opacity",
+    "Airspace Disease": "Lung Opacity",
     "Pleural Effusion": "Pleural Effusion",
     "Pneumonia": "Pneumonia",
     "Pneumothorax": "Pneumothorax",
-    "Catheters, Indwelling": "Support Devices", "Tube, Inserted": "Support Devices", "Implanted Medical Device": "Support Devices",
-    "Surgical Instruments": "Support Devices", "Medical Device": "Support Devices", "Pacemaker, Artificial": "Support Devices",
+    "Catheters, Indwelling": "Support Devices",
+    "Tube, Inserted": "Support Devices",
+    "Implanted Medical Device": "Support Devices",
+    "Surgical Instruments": "Support Devices",
+    "Medical Device": "Support Devices",
+    "Pacemaker, Artificial": "Support Devices",
     "Stents": "Support Devices",
 }
 # headings that count only with a qualifier (MeSH subheading)
 MESH_QUALIFIED = {
     ("Cardiac Shadow", "enlarged"): "Cardiomegaly",
-    ("Mediastinum", "enlarged"): "Enlarged Cardiomediastinum", ("Mediastinum", "widened"): "Enlarged Cardiomediastinum",
+    ("Mediastinum", "enlarged"): "Enlarged Cardiomediastinum",
+    ("Mediastinum", "widened"): "Enlarged Cardiomediastinum",
     ("Mediastinum", "prominent"): "Enlarged Cardiomediastinum",
     ("Thickening", "pleura"): "Pleural Other",
 }
 
 
 def mesh_to_observations(terms):
-    "The CheXpert observations named by a report's MeSH terms: headings by `MESH_MAP`, heading/qualifier pairs by `MESH_QUALIFIED`."
+    "CheXpert observations of MeSH `terms`: headings by `MESH_MAP`, heading/qualifier pairs by `MESH_QUALIFIED`."
     out = set()
     for t in terms:
         parts = [p.strip() for p in t.split("/")]
-        if parts[0] in MESH_MAP: out.add(MESH_MAP[parts[0]])
+        if parts[0] in MESH_MAP:
+            out.add(MESH_MAP[parts[0]])
         for q in parts[1:]:
-            if (parts[0], q) in MESH_QUALIFIED: out.add(MESH_QUALIFIED[(parts[0], q)])
+            if (parts[0], q) in MESH_QUALIFIED:
+                out.add(MESH_QUALIFIED[(parts[0], q)])
     return out
 
 # %% ../nbs/05a_labeler.ipynb #e90497c7
@@ -474,8 +645,10 @@ def agreement_table(pred, truth, observations=None):
     """Per-observation TP/FP/FN, precision, recall, F1 of binary predictions `pred` (n, 14 bool) against `truth`
     (list of sets of observation names), plus micro and macro rows over `observations` (default: all in truth)."""
     import pandas as pd
+
     pred = np.asarray(pred, dtype=bool)
-    if observations is None: observations = [o for o in OBSERVATIONS if any(o in t for t in truth)]
+    if observations is None:
+        observations = [o for o in OBSERVATIONS if any(o in t for t in truth)]
     rows = []
     for o in observations:
         i = _OBS_INDEX[o]
@@ -487,41 +660,58 @@ def agreement_table(pred, truth, observations=None):
     tp, fp, fn = df.tp.sum(), df.fp.sum(), df.fn.sum()
     micro = dict(observation="micro", support=int(df.support.sum()), tp=int(tp), fp=int(fp), fn=int(fn))
     micro.update(zip(["precision", "recall", "f1"], prf(tp, fp, fn)))
-    macro = dict(observation="macro", support=int(df.support.sum()), tp=int(tp), fp=int(fp), fn=int(fn),
-                 precision=df.precision.mean(), recall=df.recall.mean(), f1=df.f1.mean())
+    macro = dict(
+        observation="macro",
+        support=int(df.support.sum()),
+        tp=int(tp),
+        fp=int(fp),
+        fn=int(fn),
+        precision=df.precision.mean(),
+        recall=df.recall.mean(),
+        f1=df.f1.mean(),
+    )
     return pd.concat([df, pd.DataFrame([micro, macro])], ignore_index=True)
 
 # %% ../nbs/05a_labeler.ipynb #27eeaa8b
 # ---- phantom check (reports are split into sections by mlrg.data.parse_report, the parser `prepare` uses)
 def phantom_check(root, policy="positive", reportable_only=True, progress=True):
     """Label FINDINGS + IMPRESSION of every phantom report under `root` and compare the positives with the truth.
-    `reportable_only`: a finding counts as true only when it is visible on one of the study's acquired projections (a
-    lateral-only effusion cannot be reported from a single AP film; No Finding is recomputed from the reportable findings).
+    `reportable_only`: a finding counts as true only when it is visible on one of the study's acquired projections
+    (a lateral-only effusion cannot be reported from a single AP film; No Finding is recomputed from the reportable
+    findings).
     Returns (table with micro/macro rows, per-study frame)."""
     import pandas as pd
     from mlrg.core import report_relpath
     from mlrg.data import parse_report
     from mlrg.phantom import read_truth
+
     root = Path(root)
     truth = read_truth(root)
     texts, sets, ids = [], [], []
     for rec in truth:
         sid, st = str(rec["subject_id"]), rec["study_id"]
         f = root / "files" / report_relpath(sid, st)
-        if not f.is_file(): raise InputError("report missing", where=f)
+        if not f.is_file():
+            raise InputError("report missing", where=f)
         sec = parse_report(f.read_text(encoding="utf-8"))
         texts.append(((sec["findings"] or "") + "\n" + (sec["impression"] or "")).strip())
         proj = {im["projection"] for im in rec["images"]}
-        s = {o for o, v in rec["findings"].items() if v.get("present") and o != "No Finding"
-             and (not reportable_only or set(v.get("views") or []) & proj)}
-        if not (s - {"Support Devices"}): s.add("No Finding")
+        s = {
+            o
+            for o, v in rec["findings"].items()
+            if v.get("present") and o != "No Finding" and (not reportable_only or set(v.get("views") or []) & proj)
+        }
+        if not (s - {"Support Devices"}):
+            s.add("No Finding")
         sets.append(s)
         ids.append(st)
     pred = label_reports(texts, progress=progress)
     pos = apply_policy(pred, policy)
     obs = [o for o in OBSERVATIONS if any(o in s for s in sets)]
     table = agreement_table(pos, sets, obs)
-    frame = pd.DataFrame(pred, columns=OBSERVATIONS); frame.insert(0, "study_id", ids); frame.insert(1, "text", texts)
+    frame = pd.DataFrame(pred, columns=OBSERVATIONS)
+    frame.insert(0, "study_id", ids)
+    frame.insert(1, "text", texts)
     frame["truth"] = [sorted(s) for s in sets]
     frame["positive"] = [sorted(o for o, p in zip(OBSERVATIONS, row) if p) for row in pos]
     return table, frame

@@ -17,9 +17,11 @@ __all__ = ['roc_auc', 'prf', 'balanced_accuracy']
 def roc_auc(y, score):
     "Area under the ROC curve (ties counted half); NaN when `y` holds one class only."
     y, score = np.asarray(y, dtype=bool).ravel(), np.asarray(score, dtype=float).ravel()
-    if y.shape != score.shape: raise InputError(f"{y.size} labels but {score.size} scores", where="roc_auc")
+    if y.shape != score.shape:
+        raise InputError(f"{y.size} labels but {score.size} scores", where="roc_auc")
     npos, nneg = int(y.sum()), int((~y).sum())
-    if npos == 0 or nneg == 0: return float("nan")
+    if npos == 0 or nneg == 0:
+        return float("nan")
     r = pd.Series(score).rank(method="average").to_numpy()
     return float((r[y].sum() - npos * (npos + 1) / 2) / (npos * nneg))
 
@@ -34,5 +36,6 @@ def prf(tp, fp, fn):
 def balanced_accuracy(y_true, y_pred):
     "Mean recall over the classes present in `y_true` (NaN when it is empty)."
     y_true, y_pred = np.asarray(y_true), np.asarray(y_pred)
-    if y_true.size == 0: return float("nan")
+    if y_true.size == 0:
+        return float("nan")
     return float(np.mean([(y_pred[y_true == c] == c).mean() for c in np.unique(y_true)]))

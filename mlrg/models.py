@@ -17,7 +17,17 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .core import InputError, Param, Params, derive_seed, get_logger, hub_folder, hub_transformers, require_package
+from mlrg.core import (
+    InputError,
+    Param,
+    Params,
+    derive_seed,
+    patch,
+    get_logger,
+    hub_folder,
+    hub_transformers,
+    require_package,
+)
 from .data import CXR_MEAN, CXR_STD, VIEW_POSITIONS, collate
 from .engine import load_checkpoint
 
@@ -32,13 +42,21 @@ __all__ = ['MODELS', 'IMAGENET_MEAN', 'IMAGENET_STD', 'IMAGE_ENCODERS', 'BERT_KI
            'VisualEncoder', 'study_groups', 'MLRGPretrainModel', 'load_visual_state', 'partial_load', 'summarize_init']
 
 # %% ../nbs/02_models.ipynb #c6631748
-MODELS = Params("models", "The models notebook: a forward pass, the ablation flags and the speed of one image encoder.", dict(
-    image_encoder=Param("small_cnn", "a name from list_image_encoders(); hub ones need local weights",
-                        choices=lambda: list_image_encoders(), cli=False),
-    image_size=Param(128, "pixels (square)", low=16, cli=False),
-    batch_size=Param(4, "samples in the random batch", low=1, cli=False),
-    seed=Param(0, "drives every random number here", cli=False),
-))
+MODELS = Params(
+    "models",
+    "The models notebook: a forward pass, the ablation flags and the speed of one image encoder.",
+    dict(
+        image_encoder=Param(
+            "small_cnn",
+            "a name from list_image_encoders(); hub ones need local weights",
+            choices=lambda: list_image_encoders(),
+            cli=False,
+        ),
+        image_size=Param(128, "pixels (square)", low=16, cli=False),
+        batch_size=Param(4, "samples in the random batch", low=1, cli=False),
+        seed=Param(0, "drives every random number here", cli=False),
+    ),
+)
 
 # %% ../nbs/02_models.ipynb #888d77fb
 def dummy_batch(batch_size=4, image_size=128, max_views=3, vocab_size=50, seed=0, max_text=24):
@@ -49,25 +67,44 @@ def dummy_batch(batch_size=4, image_size=128, max_views=3, vocab_size=50, seed=0
         n_cur = 1 + (i % max_views) if max_views > 1 else 1
         has_prior = i % 2 == 0
         images = torch.randn(max_views + 1, 1, image_size, image_size, generator=g)
-        mask = torch.zeros(max_views + 1, dtype=torch.bool); mask[:n_cur] = True; mask[max_views] = has_prior
+        mask = torch.zeros(max_views + 1, dtype=torch.bool)
+        mask[:n_cur] = True
+        mask[max_views] = has_prior
         views = torch.zeros(max_views + 1, dtype=torch.long)
         views[:n_cur] = torch.randint(1, len(VIEW_POSITIONS) + 1, (n_cur,), generator=g)
-        if has_prior: views[max_views] = int(torch.randint(1, len(VIEW_POSITIONS) + 1, (1,), generator=g))
+        if has_prior:
+            views[max_views] = int(torch.randint(1, len(VIEW_POSITIONS) + 1, (1,), generator=g))
         images[~mask] = 0
-        temporal = torch.zeros(max_views + 1, dtype=torch.long); temporal[max_views] = int(has_prior)
+        temporal = torch.zeros(max_views + 1, dtype=torch.long)
+        temporal[max_views] = int(has_prior)
         n_txt = int(torch.randint(3, max_text + 1, (1,), generator=g))
         target = torch.cat([torch.tensor([2]), torch.randint(9, vocab_size, (n_txt,), generator=g), torch.tensor([3])])
-        items.append({"images": images, "image_mask": mask, "view_ids": views, "temporal_ids": temporal, "has_prior": has_prior,
-                      "prompt_ids": torch.tensor([4, 6, 5, 7]), "target_ids": target, "id": f"dummy-{i}",
-                      "study_id": 50000000 + i // 2, "findings": f"random report {i}"})
+        items.append(
+            {
+                "images": images,
+                "image_mask": mask,
+                "view_ids": views,
+                "temporal_ids": temporal,
+                "has_prior": has_prior,
+                "prompt_ids": torch.tensor([4, 6, 5, 7]),
+                "target_ids": target,
+                "id": f"dummy-{i}",
+                "study_id": 50000000 + i // 2,
+                "findings": f"random report {i}",
+            }
+        )
     return collate(items)
 
 # %% ../nbs/02_models.ipynb #1347e8fc
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
+
 class ImageEncoder(nn.Module):
-    "Base class: normalised grayscale (B, 1, S, S) -> tokens (B, N, D) with `tokens[:, 0]` the global token, and global (B, D)."
+    """Base class: normalised grayscale (B, 1, S, S) -> tokens (B, N, D) with `tokens[:, 0]` the global token, and
+    global (B, D)."""
+
     fixed_size = False  # True when the encoder only accepts the image size it was built for
+
     def __init__(self, dim, image_size, mean=CXR_MEAN, std=CXR_STD):
         super().__init__()
         self.dim, self.image_size, self.mean, self.std = int(dim), int(image_size), float(mean), float(std)
@@ -77,13 +114,15 @@ class ImageEncoder(nn.Module):
     def count_tokens(self, size) -> int:
         "Tokens per image (N) at `size` px; each subclass says."
         raise NotImplementedError
+
     def tokens(self, x):
         "Tokens (B, N, D) of normalised images `x` (B, 1, S, S), the global token first; each subclass computes them."
         raise NotImplementedError
 
     def freeze(self):
         "Stop gradients into the encoder and keep it in eval mode, even when its parent is put in train mode."
-        for p in self.parameters(): p.requires_grad_(False)
+        for p in self.parameters():
+            p.requires_grad_(False)
         self.frozen = True
         return self.eval()
 
@@ -104,10 +143,17 @@ class ImageEncoder(nn.Module):
     def forward(self, x):
         "Tokens (B, N, D) and the global token (B, D) of `x`, after checking its shape (no graph when frozen)."
         if x.ndim != 4 or x.shape[1] != 1:
-            raise InputError(f"images of shape {tuple(x.shape)}", where=f"{self.name} input", expected="(B, 1, S, S) normalised grayscale")
+            raise InputError(
+                f"images of shape {tuple(x.shape)}",
+                where=f"{self.name} input",
+                expected="(B, 1, S, S) normalised grayscale",
+            )
         if self.fixed_size and tuple(x.shape[-2:]) != (self.image_size, self.image_size):
-            raise InputError(f"{self.name} was built for {self.image_size} px but got {tuple(x.shape[-2:])}", where="image_size",
-                             expected=f"images of {self.image_size} x {self.image_size} (build it with image_size={x.shape[-1]})")
+            raise InputError(
+                f"{self.name} was built for {self.image_size} px but got {tuple(x.shape[-2:])}",
+                where="image_size",
+                expected=f"images of {self.image_size} x {self.image_size} (build it with image_size={x.shape[-1]})",
+            )
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.frozen):
             t = self.tokens(x)
         return t, t[:, 0]
@@ -115,58 +161,84 @@ class ImageEncoder(nn.Module):
 # %% ../nbs/02_models.ipynb #71dd7fde
 def load_weights_file(path, what="weights", trust_pickle=False) -> dict:
     "A state dict from a local file `path` (nothing is ever downloaded)."
-    if path is None: raise InputError(f"no {what} file given", where="pretrained_path", expected="a local weights file")
+    if path is None:
+        raise InputError(f"no {what} file given", where="pretrained_path", expected="a local weights file")
     p = Path(path).expanduser()
     if not p.is_file():
-        raise InputError(f"{what} file not found", where=p, expected="a local weights file (mlrg never downloads weights)")
+        raise InputError(
+            f"{what} file not found", where=p, expected="a local weights file (mlrg never downloads weights)"
+        )
     try:
         sd = torch.load(p, map_location="cpu", weights_only=True)
     except Exception as e:
         if not trust_pickle:
-            raise InputError(f"cannot read {what} as plain tensors ({type(e).__name__}); if it is a pickled model you trust, "
-                             "pass trust_pickle=True", where=p, expected="a state dict saved with torch.save(model.state_dict())") from None
+            raise InputError(
+                f"cannot read {what} as plain tensors ({type(e).__name__}); if it is a pickled model you trust, "
+                "pass trust_pickle=True",
+                where=p,
+                expected="a state dict saved with torch.save(model.state_dict())",
+            ) from None
         sd = torch.load(p, map_location="cpu", weights_only=False)
-    if isinstance(sd, nn.Module): sd = sd.state_dict()
+    if isinstance(sd, nn.Module):
+        sd = sd.state_dict()
     for k in ("state_dict", "model", "model_state_dict"):
-        if isinstance(sd, dict) and isinstance(sd.get(k), dict): sd = sd[k]
+        if isinstance(sd, dict) and isinstance(sd.get(k), dict):
+            sd = sd[k]
     if not isinstance(sd, dict) or not all(torch.is_tensor(v) for v in sd.values()):
         raise InputError(f"{what} file holds no state dict", where=p, expected="a dict of parameter name -> tensor")
-    if sd and all(k.startswith("module.") for k in sd): sd = {k[len("module."):]: v for k, v in sd.items()}
+    if sd and all(k.startswith("module.") for k in sd):
+        sd = {k[len("module.") :]: v for k, v in sd.items()}
     return sd
 
 # %% ../nbs/02_models.ipynb #76919cfc
 def load_into(module, sd, where, drop=()):
-    "Load state dict `sd` into `module` strictly, except for keys starting with a prefix in `drop` (e.g. a classifier head)."
+    """Load state dict `sd` into `module` strictly, except for keys starting with a prefix in `drop` (e.g. a classifier
+    head)."""
     sd = {k: v for k, v in sd.items() if not k.startswith(tuple(drop))}
     try:
         missing, unexpected = module.load_state_dict(sd, strict=False)
     except RuntimeError as e:
-        raise InputError(f"weights do not fit {type(module).__name__}: {str(e).splitlines()[-1].strip()}", where=where) from None
+        raise InputError(
+            f"weights do not fit {type(module).__name__}: {str(e).splitlines()[-1].strip()}", where=where
+        ) from None
     missing = [k for k in missing if not k.startswith(tuple(drop))]
     if missing or unexpected:
-        raise InputError(f"weights do not fit {type(module).__name__}: {len(missing)} missing (e.g. {missing[:3]}), "
-                         f"{len(unexpected)} unexpected (e.g. {unexpected[:3]})", where=where)
+        raise InputError(
+            f"weights do not fit {type(module).__name__}: {len(missing)} missing (e.g. {missing[:3]}), "
+            f"{len(unexpected)} unexpected (e.g. {unexpected[:3]})",
+            where=where,
+        )
     return module
 
 # %% ../nbs/02_models.ipynb #ce277c0c
 IMAGE_ENCODERS = {}
 
+
 def register_image_encoder(name, doc, frozen=False):
-    "Decorator: register `fn(image_size, pretrained_path, **kw) -> ImageEncoder` under `name`; `frozen`: frozen unless asked otherwise."
+    """Decorator: register `fn(image_size, pretrained_path, **kw) -> ImageEncoder` under `name`; `frozen`: frozen unless
+    asked otherwise."""
+
     def deco(fn):
         IMAGE_ENCODERS[name] = (fn, doc, bool(frozen))
         return fn
+
     return deco
+
 
 def list_image_encoders() -> list:
     "Names of the registered image encoders."
     return list(IMAGE_ENCODERS)
 
+
 def build_image_encoder(name, pretrained_path=None, freeze=False, image_size=224, **kw) -> ImageEncoder:
-    "The image encoder `name`, with weights from the local file/folder `pretrained_path`, frozen if `freeze` (None: the encoder's default)."
+    """The image encoder `name`, with weights from the local file/folder `pretrained_path`, frozen if `freeze` (None:
+    the encoder's default)."""
     if name not in IMAGE_ENCODERS:
-        raise InputError(f"unknown image encoder {name!r}", where="image_encoder", expected=f"one of {list_image_encoders()}")
-    if int(image_size) < 16: raise InputError(f"image_size={image_size}", where="image_size", expected=">= 16")
+        raise InputError(
+            f"unknown image encoder {name!r}", where="image_encoder", expected=f"one of {list_image_encoders()}"
+        )
+    if int(image_size) < 16:
+        raise InputError(f"image_size={image_size}", where="image_size", expected=">= 16")
     enc = IMAGE_ENCODERS[name][0](image_size=int(image_size), pretrained_path=pretrained_path, **kw)
     enc.name = name
     return enc.freeze() if (IMAGE_ENCODERS[name][2] if freeze is None else freeze) else enc
@@ -174,20 +246,28 @@ def build_image_encoder(name, pretrained_path=None, freeze=False, image_size=224
 # %% ../nbs/02_models.ipynb #4da764e0
 def conv_bn(cin, cout, k=3, stride=1):
     "Conv (no bias) + BatchNorm + ReLU."
-    return nn.Sequential(nn.Conv2d(cin, cout, k, stride, k // 2, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
+    return nn.Sequential(
+        nn.Conv2d(cin, cout, k, stride, k // 2, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)
+    )
+
 
 class Residual(nn.Module):
     "x + f(x)."
+
     def __init__(self, f):
         super().__init__()
         self.f = f
-    def forward(self, x): return x + self.f(x)
+
+    def forward(self, x):
+        return x + self.f(x)
 
 # %% ../nbs/02_models.ipynb #2c1fed1b
 def _halve(s, times=1):
     "The side `s` after `times` stride-2 stages (`ceil` at each halving)."
-    for _ in range(times): s = (s + 1) // 2
+    for _ in range(times):
+        s = (s + 1) // 2
     return s
+
 
 def grid_tokens(fmap):
     "Feature map (B, C, h, w) -> tokens (B, 1 + h*w, C): the mean of the grid first, then the grid row by row."
@@ -196,81 +276,124 @@ def grid_tokens(fmap):
 
 # %% ../nbs/02_models.ipynb #1c0a4caf
 class SmallCNN(ImageEncoder):
-    "A small CNN for a CPU: a 4x4 stride-4 stem, then stride-2 stages with a residual block each; S/16 grid of `dim` channels."
+    """A small CNN for a CPU: a 4x4 stride-4 stem, then stride-2 stages with a residual block each; S/16 grid of `dim`
+    channels."""
+
     def __init__(self, image_size, widths=(32, 64, 128), dim=256, **kw):
         self.n_down = len(widths) - 1
         super().__init__(dim, image_size, **kw)
-        layers, cin = [nn.Conv2d(1, widths[0], 4, 4, bias=False), nn.BatchNorm2d(widths[0]), nn.ReLU(inplace=True)], widths[0]
+        layers, cin = (
+            [nn.Conv2d(1, widths[0], 4, 4, bias=False), nn.BatchNorm2d(widths[0]), nn.ReLU(inplace=True)],
+            widths[0],
+        )
         for w in widths[1:]:
-            layers += [conv_bn(cin, w, stride=2), Residual(nn.Sequential(nn.Conv2d(w, w, 3, 1, 1, bias=False), nn.BatchNorm2d(w)))]
+            layers += [
+                conv_bn(cin, w, stride=2),
+                Residual(nn.Sequential(nn.Conv2d(w, w, 3, 1, 1, bias=False), nn.BatchNorm2d(w))),
+            ]
             cin = w
         layers.append(conv_bn(cin, dim, k=1))
         self.body = nn.Sequential(*layers)
-    def count_tokens(self, size): return 1 + _halve(size // 4, self.n_down) ** 2
-    def tokens(self, x): return grid_tokens(self.body(x))
+
+    def count_tokens(self, size):
+        return 1 + _halve(size // 4, self.n_down) ** 2
+
+    def tokens(self, x):
+        return grid_tokens(self.body(x))
+
 
 @register_image_encoder("small_cnn", "small CNN for a CPU (default; trained from scratch)")
 def _small_cnn(image_size, pretrained_path=None, trust_pickle=False, **kw):
     enc = SmallCNN(image_size, **kw)
-    if pretrained_path is not None: load_into(enc, load_weights_file(pretrained_path, "small_cnn weights", trust_pickle), pretrained_path)
+    if pretrained_path is not None:
+        load_into(enc, load_weights_file(pretrained_path, "small_cnn weights", trust_pickle), pretrained_path)
     return enc
 
 # %% ../nbs/02_models.ipynb #cf46301e
 class SmallViT(ImageEncoder):
     "A small ViT for a CPU: CLS + (S/patch)^2 patch tokens."
+
     def __init__(self, image_size, patch_size=16, dim=128, depth=4, heads=4, mlp_ratio=4, dropout=0.0, **kw):
         self.patch_size = int(patch_size)
         super().__init__(dim, image_size, **kw)
-        if dim % heads: raise InputError(f"dim={dim} is not a multiple of heads={heads}", where="small_vit")
+        if dim % heads:
+            raise InputError(f"dim={dim} is not a multiple of heads={heads}", where="small_vit")
         self.grid = image_size // self.patch_size
         self.patch = nn.Conv2d(1, dim, self.patch_size, self.patch_size)
         self.cls = nn.Parameter(torch.zeros(1, 1, dim))
-        self.pos = nn.Parameter(torch.randn(1, 1 + self.grid ** 2, dim) * 0.02)
-        layer = nn.TransformerEncoderLayer(dim, heads, dim * mlp_ratio, dropout, activation="gelu", batch_first=True, norm_first=True)
+        self.pos = nn.Parameter(torch.randn(1, 1 + self.grid**2, dim) * 0.02)
+        layer = nn.TransformerEncoderLayer(
+            dim, heads, dim * mlp_ratio, dropout, activation="gelu", batch_first=True, norm_first=True
+        )
         self.blocks = nn.TransformerEncoder(layer, depth, enable_nested_tensor=False)
         self.norm = nn.LayerNorm(dim)
-    def count_tokens(self, size): return 1 + (size // self.patch_size) ** 2
+
+    def count_tokens(self, size):
+        return 1 + (size // self.patch_size) ** 2
+
     def positions(self, g):
         "Position embeddings for a g x g patch grid."
-        if g == self.grid: return self.pos
+        if g == self.grid:
+            return self.pos
         p = self.pos[:, 1:].reshape(1, self.grid, self.grid, -1).permute(0, 3, 1, 2)
         p = F.interpolate(p, size=(g, g), mode="bicubic", align_corners=False).permute(0, 2, 3, 1).reshape(1, g * g, -1)
         return torch.cat([self.pos[:, :1], p], 1)
+
     def tokens(self, x):
         p = self.patch(x)
-        t = torch.cat([self.cls.expand(x.shape[0], -1, -1), p.flatten(2).transpose(1, 2)], 1) + self.positions(p.shape[-1])
+        t = torch.cat([self.cls.expand(x.shape[0], -1, -1), p.flatten(2).transpose(1, 2)], 1) + self.positions(
+            p.shape[-1]
+        )
         return self.norm(self.blocks(t))
+
 
 @register_image_encoder("small_vit", "small ViT for a CPU (trained from scratch)")
 def _small_vit(image_size, pretrained_path=None, trust_pickle=False, **kw):
     enc = SmallViT(image_size, **kw)
-    if pretrained_path is not None: load_into(enc, load_weights_file(pretrained_path, "small_vit weights", trust_pickle), pretrained_path)
+    if pretrained_path is not None:
+        load_into(enc, load_weights_file(pretrained_path, "small_vit weights", trust_pickle), pretrained_path)
     return enc
 
 # %% ../nbs/02_models.ipynb #629f8049
 def _torchvision():
     "torchvision, or an InputError saying how to install it."
-    try: return importlib.import_module("torchvision")
+    try:
+        return importlib.import_module("torchvision")
     except ImportError:
-        raise InputError("torchvision is not installed", where="image_encoder", expected="pip install torchvision") from None
+        raise InputError(
+            "torchvision is not installed", where="image_encoder", expected="pip install torchvision"
+        ) from None
+
 
 class TorchvisionResNet(ImageEncoder):
     "A torchvision ResNet without its head: grid tokens of the last stage."
+
     def __init__(self, arch, image_size, pretrained_path=None, trust_pickle=False, **kw):
         net = getattr(_torchvision().models, arch)(weights=None)
         if pretrained_path is not None:
-            load_into(net, load_weights_file(pretrained_path, f"{arch} weights", trust_pickle), pretrained_path, drop=("fc.",))
+            load_into(
+                net, load_weights_file(pretrained_path, f"{arch} weights", trust_pickle), pretrained_path, drop=("fc.",)
+            )
         super().__init__(net.fc.in_features, image_size, **kw)
-        self.body = nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool, net.layer1, net.layer2, net.layer3, net.layer4)
-    def count_tokens(self, size): return 1 + _halve(size, 5) ** 2
-    def tokens(self, x): return grid_tokens(self.body(self.imagenet_rgb(x)))
+        self.body = nn.Sequential(
+            net.conv1, net.bn1, net.relu, net.maxpool, net.layer1, net.layer2, net.layer3, net.layer4
+        )
+
+    def count_tokens(self, size):
+        return 1 + _halve(size, 5) ** 2
+
+    def tokens(self, x):
+        return grid_tokens(self.body(self.imagenet_rgb(x)))
 
 # %% ../nbs/02_models.ipynb #30fe0fe0
 class TorchvisionViT(ImageEncoder):
     "torchvision's ViT-B/16 without its head: CLS + patch tokens."
+
     fixed_size = True
+
     def __init__(self, image_size, pretrained_path=None, trust_pickle=False, **kw):
-        if image_size % 16: raise InputError(f"image_size={image_size}", where="image_size", expected="a multiple of 16 for vit_b_16")
+        if image_size % 16:
+            raise InputError(f"image_size={image_size}", where="image_size", expected="a multiple of 16 for vit_b_16")
         tv = _torchvision()
         net = tv.models.vit_b_16(weights=None, image_size=image_size)
         if pretrained_path is not None:
@@ -282,64 +405,99 @@ class TorchvisionViT(ImageEncoder):
         net.heads = nn.Identity()
         super().__init__(net.hidden_dim, image_size, **kw)
         self.net = net
-    def count_tokens(self, size): return 1 + (size // 16) ** 2
+
+    def count_tokens(self, size):
+        return 1 + (size // 16) ** 2
+
     def tokens(self, x):
         x = self.net._process_input(self.imagenet_rgb(x))
         return self.net.encoder(torch.cat([self.net.class_token.expand(x.shape[0], -1, -1), x], 1))
 
 # %% ../nbs/02_models.ipynb #4ff478d3
 @register_image_encoder("resnet18", "torchvision ResNet-18 (local ImageNet .pth optional)")
-def _resnet18(image_size, pretrained_path=None, **kw): return TorchvisionResNet("resnet18", image_size, pretrained_path, **kw)
+def _resnet18(image_size, pretrained_path=None, **kw):
+    return TorchvisionResNet("resnet18", image_size, pretrained_path, **kw)
+
 
 @register_image_encoder("resnet50", "torchvision ResNet-50 (local ImageNet .pth optional)")
-def _resnet50(image_size, pretrained_path=None, **kw): return TorchvisionResNet("resnet50", image_size, pretrained_path, **kw)
+def _resnet50(image_size, pretrained_path=None, **kw):
+    return TorchvisionResNet("resnet50", image_size, pretrained_path, **kw)
+
 
 @register_image_encoder("vit_b_16", "torchvision ViT-B/16 (local ImageNet .pth optional)")
-def _vit_b_16(image_size, pretrained_path=None, **kw): return TorchvisionViT(image_size, pretrained_path, **kw)
+def _vit_b_16(image_size, pretrained_path=None, **kw):
+    return TorchvisionViT(image_size, pretrained_path, **kw)
 
 # %% ../nbs/02_models.ipynb #6c79c2d0
 def xrv_cache_dir() -> Path:
     "torchxrayvision's weights cache (where its own downloads land): ~/.torchxrayvision/models_data."
     return Path(os.path.expanduser("~")) / ".torchxrayvision" / "models_data"
 
-
-
 # %% ../nbs/02_models.ipynb #e8fda67c
 class XRVDenseNet(ImageEncoder):
     "torchxrayvision's DenseNet-121 features: ReLU of the last feature map as grid tokens."
-    def __init__(self, image_size, pretrained_path=None, xrv_weights="densenet121-res224-all", trust_pickle=False, **kw):
+
+    def __init__(
+        self, image_size, pretrained_path=None, xrv_weights="densenet121-res224-all", trust_pickle=False, **kw
+    ):
         xrv = require_package("torchxrayvision", "the xrv_densenet121 image encoder")
         urls = xrv.models.model_urls
         if xrv_weights not in urls:
-            raise InputError(f"unknown torchxrayvision weights {xrv_weights!r}", where="xrv_weights",
-                             expected=f"one of {[k for k in urls if k.startswith('densenet')]}")
+            raise InputError(
+                f"unknown torchxrayvision weights {xrv_weights!r}",
+                where="xrv_weights",
+                expected=f"one of {[k for k in urls if k.startswith('densenet')]}",
+            )
         fname = urls[xrv_weights]["weights_url"].rsplit("/", 1)[-1]
         if pretrained_path is None:
             cached = xrv_cache_dir() / fname
             if not cached.is_file():
-                raise InputError(f"xrv_densenet121 needs its weights on local disk, and {fname} is not in {xrv_cache_dir()}",
-                                 where="pretrained_path", expected=f"pretrained_path=<local file>, or that file (from "
-                                 f"{urls[xrv_weights]['weights_url']}, fetched on a machine with network) put in {xrv_cache_dir()}")
+                raise InputError(
+                    f"xrv_densenet121 needs its weights on local disk, and {fname} is not in {xrv_cache_dir()}",
+                    where="pretrained_path",
+                    expected=f"pretrained_path=<local file>, or that file (from "
+                    f"{urls[xrv_weights]['weights_url']}, fetched on a machine with network) put in {xrv_cache_dir()}",
+                )
             pretrained_path = cached
         net = xrv.models.DenseNet(weights=None, num_classes=len(urls[xrv_weights]["labels"]))
-        load_into(net, load_weights_file(pretrained_path, "torchxrayvision weights", trust_pickle), pretrained_path, drop=("op_threshs",))
+        load_into(
+            net,
+            load_weights_file(pretrained_path, "torchxrayvision weights", trust_pickle),
+            pretrained_path,
+            drop=("op_threshs",),
+        )
         super().__init__(net.classifier.in_features, image_size, **kw)
         self.features = net.features
-    def count_tokens(self, size): return 1 + (_halve(size, 2) // 8) ** 2
-    def tokens(self, x): return grid_tokens(F.relu(self.features((2 * self.unit(x) - 1) * 1024)))
+
+    def count_tokens(self, size):
+        return 1 + (_halve(size, 2) // 8) ** 2
+
+    def tokens(self, x):
+        return grid_tokens(F.relu(self.features((2 * self.unit(x) - 1) * 1024)))
 
 # %% ../nbs/02_models.ipynb #dd73fd81
 class HubViT(ImageEncoder):
-    "A `transformers` Dinov2 (RAD-DINO) from a local folder: pooled output + CLS (+ registers) + patch tokens of the last layer."
+    """A `transformers` Dinov2 (RAD-DINO) from a local folder: pooled output + CLS (+ registers) + patch tokens of the
+    last layer."""
+
     kinds = ("dinov2",)
+
     def __init__(self, image_size, pretrained_path=None, param="image_pretrained_path", **kw):
         tr = hub_transformers("the rad_dino image encoder")
-        path, cfg = hub_folder(pretrained_path, "rad_dino", param, kinds=self.kinds,
-                               hint="e.g. `huggingface-cli download microsoft/rad-dino --local-dir DIR` on a machine with network")
+        path, cfg = hub_folder(
+            pretrained_path,
+            "rad_dino",
+            param,
+            kinds=self.kinds,
+            hint="e.g. `huggingface-cli download microsoft/rad-dino --local-dir DIR` on a machine with network",
+        )
         self.patch_size, self.n_extra = int(cfg.get("patch_size", 14)), 1 + int(cfg.get("num_register_tokens", 0) or 0)
         if image_size % self.patch_size:
-            raise InputError(f"image_size={image_size} is not a multiple of the patch size {self.patch_size} of {path}", where="parameter 'image_size'",
-                             expected=f"a multiple of {self.patch_size} (RAD-DINO: 518)")
+            raise InputError(
+                f"image_size={image_size} is not a multiple of the patch size {self.patch_size} of {path}",
+                where="parameter 'image_size'",
+                expected=f"a multiple of {self.patch_size} (RAD-DINO: 518)",
+            )
         net = tr.AutoModel.from_pretrained(str(path), local_files_only=True)
         pp = path / "preprocessor_config.json"
         if pp.is_file():
@@ -350,7 +508,10 @@ class HubViT(ImageEncoder):
             rgb_mean, rgb_std = IMAGENET_MEAN, IMAGENET_STD
         super().__init__(int(cfg["hidden_size"]), image_size, **kw)
         self.net, self.rgb_mean, self.rgb_std, self.folder = net, tuple(rgb_mean), tuple(rgb_std), str(path)
-    def count_tokens(self, size): return 1 + self.n_extra + (size // self.patch_size) ** 2
+
+    def count_tokens(self, size):
+        return 1 + self.n_extra + (size // self.patch_size) ** 2
+
     def tokens(self, x):
         m, s = x.new_tensor(self.rgb_mean).view(1, 3, 1, 1), x.new_tensor(self.rgb_std).view(1, 3, 1, 1)
         out = self.net(pixel_values=(self.unit(x).expand(-1, 3, -1, -1) - m) / s)
@@ -358,94 +519,165 @@ class HubViT(ImageEncoder):
 
 # %% ../nbs/02_models.ipynb #9ca8c72f
 @register_image_encoder("xrv_densenet121", "torchxrayvision DenseNet-121 (needs the package + local weights)")
-def _xrv(image_size, pretrained_path=None, **kw): return XRVDenseNet(image_size, pretrained_path, **kw)
+def _xrv(image_size, pretrained_path=None, **kw):
+    return XRVDenseNet(image_size, pretrained_path, **kw)
 
-@register_image_encoder("rad_dino", "RAD-DINO ViT-B/14 via transformers (needs mlrg[hub] + a local folder; frozen by default)", frozen=True)
-def _rad_dino(image_size, pretrained_path=None, **kw): return HubViT(image_size, pretrained_path, **kw)
+
+@register_image_encoder(
+    "rad_dino", "RAD-DINO ViT-B/14 via transformers (needs mlrg[hub] + a local folder; frozen by default)", frozen=True
+)
+def _rad_dino(image_size, pretrained_path=None, **kw):
+    return HubViT(image_size, pretrained_path, **kw)
 
 # %% ../nbs/02_models.ipynb #c6d96a33
 def pool_tokens(x, mask, pooling="mean"):
-    "The pooled embedding (B, D) of tokens `x` (B, L, D): the first token, or the mean of those where `mask` (B, L) is True."
-    if pooling == "first": return x[:, 0]
+    """The pooled embedding (B, D) of tokens `x` (B, L, D): the first token, or the mean of those where `mask` (B, L) is
+    True."""
+    if pooling == "first":
+        return x[:, 0]
     m = mask.unsqueeze(-1).to(x.dtype)
     return (x * m).sum(1) / m.sum(1).clamp(min=1)
 
+
 class SmallTextEncoder(nn.Module):
     "A small transformer over project token ids -> tokens (B, L, D) and pooled (B, D)."
+
     uses_raw_text = False
-    def __init__(self, vocab_size, pad_id=0, dim=128, depth=2, heads=4, mlp_ratio=4, max_len=512, dropout=0.0, pooling="mean"):
+
+    def __init__(
+        self, vocab_size, pad_id=0, dim=128, depth=2, heads=4, mlp_ratio=4, max_len=512, dropout=0.0, pooling="mean"
+    ):
         super().__init__()
-        if not vocab_size or int(vocab_size) < 2: raise InputError(f"vocab_size={vocab_size}", where="vocab_size", expected="len(Vocab) (>= 2)")
-        if pooling not in ("mean", "first"): raise InputError(f"pooling={pooling!r}", where="text_pooling", expected="'mean' or 'first'")
-        if dim % heads: raise InputError(f"text dim={dim} is not a multiple of heads={heads}", where="text_heads")
-        self.dim, self.pad_id, self.max_len, self.pooling, self.vocab_size = int(dim), int(pad_id), int(max_len), pooling, int(vocab_size)
+        if not vocab_size or int(vocab_size) < 2:
+            raise InputError(f"vocab_size={vocab_size}", where="vocab_size", expected="len(Vocab) (>= 2)")
+        if pooling not in ("mean", "first"):
+            raise InputError(f"pooling={pooling!r}", where="text_pooling", expected="'mean' or 'first'")
+        if dim % heads:
+            raise InputError(f"text dim={dim} is not a multiple of heads={heads}", where="text_heads")
+        self.dim, self.pad_id, self.max_len, self.pooling, self.vocab_size = (
+            int(dim),
+            int(pad_id),
+            int(max_len),
+            pooling,
+            int(vocab_size),
+        )
         self.embed = nn.Embedding(self.vocab_size, dim, padding_idx=self.pad_id)
         self.pos = nn.Parameter(torch.randn(1, self.max_len, dim) * 0.02)
-        layer = nn.TransformerEncoderLayer(dim, heads, dim * mlp_ratio, dropout, activation="gelu", batch_first=True, norm_first=True)
+        layer = nn.TransformerEncoderLayer(
+            dim, heads, dim * mlp_ratio, dropout, activation="gelu", batch_first=True, norm_first=True
+        )
         self.blocks = nn.TransformerEncoder(layer, depth, enable_nested_tensor=False)
         self.norm = nn.LayerNorm(dim)
 
     def forward(self, ids, mask=None, added=None, where="target_ids"):
-        "`ids` (B, L) -> (tokens, pooled); `added` (B, L, D): embeddings added to the input (stage 2's segment embedding)."
-        if ids.ndim != 2: raise InputError(f"token ids of shape {tuple(ids.shape)}", where=where, expected="(B, L)")
+        """`ids` (B, L) -> (tokens, pooled); `added` (B, L, D): embeddings added to the input (stage 2's segment
+        embedding)."""
+        if ids.ndim != 2:
+            raise InputError(f"token ids of shape {tuple(ids.shape)}", where=where, expected="(B, L)")
         if ids.shape[1] > self.max_len:
-            raise InputError(f"{ids.shape[1]} tokens but the text encoder holds {self.max_len} positions", where=f"{where} (text_max_len)")
+            raise InputError(
+                f"{ids.shape[1]} tokens but the text encoder holds {self.max_len} positions",
+                where=f"{where} (text_max_len)",
+            )
         if ids.numel() and (int(ids.max()) >= self.vocab_size or int(ids.min()) < 0):
-            raise InputError(f"token id {int(ids.max())} outside the vocabulary of {self.vocab_size}", where=where, expected="the vocabulary the model was built with")
+            raise InputError(
+                f"token id {int(ids.max())} outside the vocabulary of {self.vocab_size}",
+                where=where,
+                expected="the vocabulary the model was built with",
+            )
         mask = (ids != self.pad_id) if mask is None else mask.bool()
-        x = self.embed(ids) + self.pos[:, :ids.shape[1]]
+        x = self.embed(ids) + self.pos[:, : ids.shape[1]]
         x = self.norm(self.blocks(x if added is None else x + added, src_key_padding_mask=~mask))
         return x, pool_tokens(x, mask, self.pooling)
 
 # %% ../nbs/02_models.ipynb #39efb0ce
 BERT_KINDS = ("bert", "cxr-bert")
 
+
 class HubTextEncoder(nn.Module):
-    "CXR-BERT (a `transformers` BERT) from a local folder, cut to `n_layers`: over the project's token ids (MLRG) or raw text."
+    """CXR-BERT (a `transformers` BERT) from a local folder, cut to `n_layers`: over the project's token ids (MLRG) or
+    raw text."""
+
     native_segments = True
-    def __init__(self, pretrained_path=None, n_layers=None, max_len=512, trust_remote_code=False, vocab_size=None, pad_id=0,
-                 pooling="first", dropout=None):
+
+    def __init__(
+        self,
+        pretrained_path=None,
+        n_layers=None,
+        max_len=512,
+        trust_remote_code=False,
+        vocab_size=None,
+        pad_id=0,
+        pooling="first",
+        dropout=None,
+    ):
         super().__init__()
         tr = hub_transformers("the cxr_bert text encoder")
-        path, cfg = hub_folder(pretrained_path, "cxr_bert", "text_pretrained_path", kinds=BERT_KINDS,
-                               hint="e.g. `huggingface-cli download microsoft/BiomedVLP-CXR-BERT-specialized --local-dir DIR`")
+        path, cfg = hub_folder(
+            pretrained_path,
+            "cxr_bert",
+            "text_pretrained_path",
+            kinds=BERT_KINDS,
+            hint="e.g. `huggingface-cli download microsoft/BiomedVLP-CXR-BERT-specialized --local-dir DIR`",
+        )
         if cfg.get("auto_map") and not trust_remote_code:
-            raise InputError("cxr_bert: the folder holds its own model code (config.json has auto_map)", where=path,
-                             expected="trust_remote_code=True, if you trust the code in that folder")
+            raise InputError(
+                "cxr_bert: the folder holds its own model code (config.json has auto_map)",
+                where=path,
+                expected="trust_remote_code=True, if you trust the code in that folder",
+            )
         config = tr.AutoConfig.from_pretrained(str(path), local_files_only=True, trust_remote_code=trust_remote_code)
         if n_layers:
             if int(n_layers) > config.num_hidden_layers:
-                raise InputError(f"text_layers={n_layers} but {path} has {config.num_hidden_layers} layers", where="parameter 'text_layers'",
-                                 expected=f"at most {config.num_hidden_layers}")
+                raise InputError(
+                    f"text_layers={n_layers} but {path} has {config.num_hidden_layers} layers",
+                    where="parameter 'text_layers'",
+                    expected=f"at most {config.num_hidden_layers}",
+                )
             config.num_hidden_layers = int(n_layers)
-        if dropout is not None: config.hidden_dropout_prob = config.attention_probs_dropout_prob = float(dropout)
-        net = tr.AutoModel.from_pretrained(str(path), config=config, local_files_only=True, trust_remote_code=trust_remote_code)
-        self.net = getattr(net, "bert", net)              # the encoder only: CXR-BERT's MLM and projection heads go unused
-        if getattr(self.net, "pooler", None) is not None: self.net.pooler = None   # unused too (DDP needs every weight used)
+        if dropout is not None:
+            config.hidden_dropout_prob = config.attention_probs_dropout_prob = float(dropout)
+        net = tr.AutoModel.from_pretrained(
+            str(path), config=config, local_files_only=True, trust_remote_code=trust_remote_code
+        )
+        self.net = getattr(net, "bert", net)  # the encoder only: CXR-BERT's MLM and projection heads go unused
+        if getattr(self.net, "pooler", None) is not None:
+            self.net.pooler = None  # unused too (DDP needs every weight used)
         self.uses_raw_text, self.pooling, self.folder = vocab_size is None, pooling, str(path)
         self.dim, self.pad_id = int(config.hidden_size), int(pad_id)
         self.max_len = min(int(max_len), int(config.max_position_embeddings))
         if self.uses_raw_text:
-            self.tokenizer = tr.AutoTokenizer.from_pretrained(str(path), local_files_only=True, trust_remote_code=trust_remote_code)
-        else:                                            # the project's vocabulary: new word embeddings, as MLRG
+            self.tokenizer = tr.AutoTokenizer.from_pretrained(
+                str(path), local_files_only=True, trust_remote_code=trust_remote_code
+            )
+        else:  # the project's vocabulary: new word embeddings, as MLRG
             emb = nn.Embedding(int(vocab_size), self.dim, padding_idx=self.pad_id)
             nn.init.normal_(emb.weight, std=float(getattr(config, "initializer_range", 0.02)))
-            with torch.no_grad(): emb.weight[self.pad_id].zero_()
+            with torch.no_grad():
+                emb.weight[self.pad_id].zero_()
             self.net.set_input_embeddings(emb)
             self.net.config.vocab_size = self.vocab_size = int(vocab_size)
 
     def forward(self, ids, mask=None, added=None, where="target_ids", segments=None):
-        "(tokens (B, L, D), pooled (B, D)) of token ids `ids` (B, L) with `segments` as token types, or of raw texts `ids` (a list)."
+        """(tokens (B, L, D), pooled (B, D)) of token ids `ids` (B, L) with `segments` as token types, or of raw texts
+        `ids` (a list)."""
         if self.uses_raw_text:
             dev = next(self.net.parameters()).device
-            b = self.tokenizer(list(ids), padding=True, truncation=True, max_length=self.max_len, return_tensors="pt").to(dev)
+            b = self.tokenizer(
+                list(ids), padding=True, truncation=True, max_length=self.max_len, return_tensors="pt"
+            ).to(dev)
             ids, mask = b["input_ids"], b["attention_mask"].bool()
         else:
-            if added is not None: raise InputError("cxr_bert takes segments as token types, not added embeddings", where=where)
+            if added is not None:
+                raise InputError("cxr_bert takes segments as token types, not added embeddings", where=where)
             if ids.shape[1] > self.max_len:
                 raise InputError(f"{ids.shape[1]} tokens but {self.folder} holds {self.max_len} positions", where=where)
             if ids.numel() and (int(ids.max()) >= self.vocab_size or int(ids.min()) < 0):
-                raise InputError(f"token id {int(ids.max())} outside the vocabulary of {self.vocab_size}", where=where, expected="the vocabulary the model was built with")
+                raise InputError(
+                    f"token id {int(ids.max())} outside the vocabulary of {self.vocab_size}",
+                    where=where,
+                    expected="the vocabulary the model was built with",
+                )
             mask = (ids != self.pad_id) if mask is None else mask.bool()
         x = self.net(input_ids=ids, attention_mask=mask.long(), token_type_ids=segments).last_hidden_state
         return x, pool_tokens(x, mask, self.pooling)
@@ -453,51 +685,70 @@ class HubTextEncoder(nn.Module):
 # %% ../nbs/02_models.ipynb #26d2aefb
 TEXT_ENCODERS = ("small", "cxr_bert")
 
+
 def build_text_encoder(name="small", vocab_size=None, pad_id=0, pretrained_path=None, **kw):
-    "The text encoder `name`: 'small' (project vocabulary, random init) or 'cxr_bert' (local folder, `transformers`; raw text without `vocab_size`)."
+    """The text encoder `name`: 'small' (project vocabulary, random init) or 'cxr_bert' (local folder, `transformers`;
+    raw text without `vocab_size`)."""
     if name == "small":
         enc = SmallTextEncoder(vocab_size, pad_id, **kw)
-        if pretrained_path is not None: load_into(enc, load_weights_file(pretrained_path, "text encoder weights"), pretrained_path)
+        if pretrained_path is not None:
+            load_into(enc, load_weights_file(pretrained_path, "text encoder weights"), pretrained_path)
         return enc
-    if name == "cxr_bert": return HubTextEncoder(pretrained_path, vocab_size=vocab_size, pad_id=pad_id, **kw)
+    if name == "cxr_bert":
+        return HubTextEncoder(pretrained_path, vocab_size=vocab_size, pad_id=pad_id, **kw)
     raise InputError(f"unknown text encoder {name!r}", where="text_encoder", expected=f"one of {list(TEXT_ENCODERS)}")
 
 # %% ../nbs/02_models.ipynb #96c8d85c
 class CrossAttentionLayer(nn.Module):
     "Pre-norm: x + CrossAttn(LN(x), LN(memory)); x + FFN(LN(x))."
+
     def __init__(self, dim, heads=8, mlp_ratio=4, dropout=0.0):
         super().__init__()
         self.norm_q, self.norm_kv, self.norm_ff = nn.LayerNorm(dim), nn.LayerNorm(dim), nn.LayerNorm(dim)
         self.attn = nn.MultiheadAttention(dim, heads, dropout=dropout, batch_first=True)
-        self.ff = nn.Sequential(nn.Linear(dim, dim * mlp_ratio), nn.GELU(), nn.Dropout(dropout), nn.Linear(dim * mlp_ratio, dim))
+        self.ff = nn.Sequential(
+            nn.Linear(dim, dim * mlp_ratio), nn.GELU(), nn.Dropout(dropout), nn.Linear(dim * mlp_ratio, dim)
+        )
         self.drop = nn.Dropout(dropout)
+
     def forward(self, x, memory, memory_pad=None):
         kv = self.norm_kv(memory)
         x = x + self.drop(self.attn(self.norm_q(x), kv, kv, key_padding_mask=memory_pad, need_weights=False)[0])
         return x + self.drop(self.ff(self.norm_ff(x)))
 
+
 class LongitudinalFusion(nn.Module):
-    "Anchor tokens (B, N, D) cross-attend to memory tokens (B, M, D) (+ a learned null token); `memory_pad` True = ignore."
+    """Anchor tokens (B, N, D) cross-attend to memory tokens (B, M, D) (+ a learned null token); `memory_pad` True =
+    ignore."""
+
     def __init__(self, dim, depth=3, heads=8, mlp_ratio=4, dropout=0.0):
         super().__init__()
-        if dim % heads: raise InputError(f"d_model={dim} is not a multiple of fusion_heads={heads}", where="fusion_heads")
+        if dim % heads:
+            raise InputError(f"d_model={dim} is not a multiple of fusion_heads={heads}", where="fusion_heads")
         self.null = nn.Parameter(torch.randn(1, 1, dim) * 0.02)
         self.layers = nn.ModuleList(CrossAttentionLayer(dim, heads, mlp_ratio, dropout) for _ in range(depth))
         self.norm = nn.LayerNorm(dim)
+
     def forward(self, anchor, memory=None, memory_pad=None):
         B, _, D = anchor.shape
         memory = anchor.new_zeros(B, 0, D) if memory is None else memory
-        pad = torch.zeros(B, memory.shape[1], dtype=torch.bool, device=anchor.device) if memory_pad is None else memory_pad.bool()
+        pad = (
+            torch.zeros(B, memory.shape[1], dtype=torch.bool, device=anchor.device)
+            if memory_pad is None
+            else memory_pad.bool()
+        )
         memory = torch.cat([self.null.expand(B, -1, -1), memory], 1)
         pad = torch.cat([pad.new_zeros(B, 1), pad], 1)
         x = anchor
-        for layer in self.layers: x = layer(x, memory, pad)
+        for layer in self.layers:
+            x = layer(x, memory, pad)
         return self.norm(x)
 
 # %% ../nbs/02_models.ipynb #e48e8b83
 def soft_cross_entropy(logits, target):
     "Per-row cross-entropy of `logits` (N, M) against target distributions (N, M)."
     return -(target * F.log_softmax(logits, dim=-1)).sum(-1)
+
 
 def same_group(groups):
     "Boolean (N, N): groups[i] == groups[j]."
@@ -535,8 +786,10 @@ def soft_infonce(img, txt, groups, temperature=0.5):
 # %% ../nbs/02_models.ipynb #218152c2
 CLIP_SCALE_INIT, CLIP_SCALE_MAX = math.log(1 / 0.07), 100.0
 
+
 def clip_loss(img, txt, logit_scale, max_scale=CLIP_SCALE_MAX):
-    "Loss (c): CLIP's symmetric cross-entropy with learnable `logit_scale` (log of the inverse temperature), scale capped."
+    """Loss (c): CLIP's symmetric cross-entropy with learnable `logit_scale` (log of the inverse temperature), scale
+    capped."""
     i, t = F.normalize(img, dim=-1), F.normalize(txt, dim=-1)
     logits = logit_scale.exp().clamp(max=max_scale) * i @ t.T
     y = torch.arange(len(i), device=i.device)
@@ -544,111 +797,194 @@ def clip_loss(img, txt, logit_scale, max_scale=CLIP_SCALE_MAX):
 
 # %% ../nbs/02_models.ipynb #f28be9c7
 DEFAULT_PRETRAIN_CONFIG = dict(
-    mode="mlrg",                       # "mlrg" (fusion + losses a, b) or "medclip" (anchor vs report, CLIP loss)
-    image_encoder="small_cnn", image_size=128, image_pretrained_path=None, image_encoder_kw={},
-    freeze_image_encoder=None,         # None -> the encoder's default (rad_dino frozen, as MLRG; the others trained)
-    d_model=128, proj_dim=128,         # fusion width; width of the contrastive embeddings (sized for a 2-core CPU)
-    fusion_depth=3, fusion_heads=8, fusion_mlp_ratio=4, dropout=0.0,
-    text_encoder="small", vocab_size=None, pad_id=0, text_dim=128, text_depth=2, text_heads=4, text_max_len=512,
-    text_pooling="mean", text_pretrained_path=None, text_encoder_kw={},
-    text_layers=None, trust_remote_code=False,  # cxr_bert: keep its first N layers (MLRG: 6); run the model code in its folder
-    is_multiview_learning=None, is_prior_scan=None, using_mpc_loss=None,  # None -> on for "mlrg", off for "medclip"
-    temperature=0.5, mpc_weight=1.0, text_weight=1.0,
-    clip_logit_scale_init=CLIP_SCALE_INIT, clip_logit_scale_max=CLIP_SCALE_MAX,
+    mode="mlrg",  # "mlrg" (fusion + losses a, b) or "medclip" (anchor vs report, CLIP loss)
+    image_encoder="small_cnn",
+    image_size=128,
+    image_pretrained_path=None,
+    image_encoder_kw={},
+    freeze_image_encoder=None,  # None -> the encoder's default (rad_dino frozen, as MLRG; the others trained)
+    d_model=128,
+    proj_dim=128,  # fusion width; width of the contrastive embeddings (sized for a 2-core CPU)
+    fusion_depth=3,
+    fusion_heads=8,
+    fusion_mlp_ratio=4,
+    dropout=0.0,
+    text_encoder="small",
+    vocab_size=None,
+    pad_id=0,
+    text_dim=128,
+    text_depth=2,
+    text_heads=4,
+    text_max_len=512,
+    text_pooling="mean",
+    text_pretrained_path=None,
+    text_encoder_kw={},
+    text_layers=None,
+    trust_remote_code=False,  # cxr_bert: keep its first N layers (MLRG: 6); run the model code in its folder
+    is_multiview_learning=None,
+    is_prior_scan=None,
+    using_mpc_loss=None,  # None -> on for "mlrg", off for "medclip"
+    temperature=0.5,
+    mpc_weight=1.0,
+    text_weight=1.0,
+    clip_logit_scale_init=CLIP_SCALE_INIT,
+    clip_logit_scale_max=CLIP_SCALE_MAX,
 )
 ABLATION_FLAGS = ("is_multiview_learning", "is_prior_scan", "using_mpc_loss")
-VISUAL_KEYS = ("mode", "image_encoder", "image_size", "image_pretrained_path", "freeze_image_encoder", "image_encoder_kw",
-               "d_model", "fusion_depth", "fusion_heads", "fusion_mlp_ratio", "dropout", "is_multiview_learning", "is_prior_scan")
+VISUAL_KEYS = (
+    "mode",
+    "image_encoder",
+    "image_size",
+    "image_pretrained_path",
+    "freeze_image_encoder",
+    "image_encoder_kw",
+    "d_model",
+    "fusion_depth",
+    "fusion_heads",
+    "fusion_mlp_ratio",
+    "dropout",
+    "is_multiview_learning",
+    "is_prior_scan",
+)
 
 # %% ../nbs/02_models.ipynb #484e251c
 def _resolve_config(config, overrides) -> dict:
-    "Defaults, then `config`, then `overrides`; unknown keys, an unknown mode and ablation flags that contradict it are errors."
+    """Defaults, then `config`, then `overrides`; unknown keys, an unknown mode and ablation flags that contradict it
+    are errors."""
     cfg = {**DEFAULT_PRETRAIN_CONFIG, **(config or {}), **overrides}
     unknown = sorted(set(cfg) - set(DEFAULT_PRETRAIN_CONFIG))
-    if unknown: raise InputError(f"unknown config key(s) {unknown}", where="config", expected=f"keys among {sorted(DEFAULT_PRETRAIN_CONFIG)}")
-    if cfg["mode"] not in ("mlrg", "medclip"): raise InputError(f"mode={cfg['mode']!r}", where="mode", expected="'mlrg' or 'medclip'")
+    if unknown:
+        raise InputError(
+            f"unknown config key(s) {unknown}", where="config", expected=f"keys among {sorted(DEFAULT_PRETRAIN_CONFIG)}"
+        )
+    if cfg["mode"] not in ("mlrg", "medclip"):
+        raise InputError(f"mode={cfg['mode']!r}", where="mode", expected="'mlrg' or 'medclip'")
     for f in ABLATION_FLAGS:
-        if cfg[f] is None: cfg[f] = cfg["mode"] == "mlrg"
+        if cfg[f] is None:
+            cfg[f] = cfg["mode"] == "mlrg"
         elif cfg["mode"] == "medclip" and cfg[f]:
-            raise InputError(f"{f}=True has no meaning in medclip mode", where=f, expected="False or None in medclip mode")
+            raise InputError(
+                f"{f}=True has no meaning in medclip mode", where=f, expected="False or None in medclip mode"
+            )
         cfg[f] = bool(cfg[f])
     if cfg["freeze_image_encoder"] is None and cfg["image_encoder"] in IMAGE_ENCODERS:
         cfg["freeze_image_encoder"] = IMAGE_ENCODERS[cfg["image_encoder"]][2]
     return cfg
 
+
 def pretrain_config(config=None, **overrides) -> dict:
     "A complete stage-1 config: defaults, then `config`, then `overrides`; unknown keys and bad values are errors."
     cfg = _resolve_config(config, overrides)
     if (cfg["text_encoder"] == "small" or cfg["mode"] == "mlrg") and not cfg["vocab_size"]:
-        raise InputError("vocab_size is required for the small text encoder and in mlrg mode", where="vocab_size", expected="len(vocab)")
-    if not cfg["temperature"] or cfg["temperature"] <= 0: raise InputError(f"temperature={cfg['temperature']}", where="temperature", expected="> 0")
+        raise InputError(
+            "vocab_size is required for the small text encoder and in mlrg mode",
+            where="vocab_size",
+            expected="len(vocab)",
+        )
+    if not cfg["temperature"] or cfg["temperature"] <= 0:
+        raise InputError(f"temperature={cfg['temperature']}", where="temperature", expected="> 0")
     return cfg
 
+
 def visual_config(config=None, **overrides) -> dict:
-    "The `VISUAL_KEYS` of a stage-1 config, completed and checked as `pretrain_config` does; the other keys need only be known."
+    """The `VISUAL_KEYS` of a stage-1 config, completed and checked as `pretrain_config` does; the other keys need only
+    be known."""
     given = {**(config or {}), **overrides}
     cfg = _resolve_config({k: v for k, v in given.items() if k in VISUAL_KEYS or k not in DEFAULT_PRETRAIN_CONFIG}, {})
     return {k: cfg[k] for k in VISUAL_KEYS}
 
 # %% ../nbs/02_models.ipynb #d5d2fd71
 class VisualEncoder(nn.Module):
-    "A sample's images -> projected tokens with view / temporal embeddings -> the anchor fused with its other views and its prior."
+    """A sample's images -> projected tokens with view / temporal embeddings -> the anchor fused with its other views
+    and its prior."""
+
     def __init__(self, config=None, after_projection=None, **overrides):
         super().__init__()
         cfg = self.config = visual_config(config, **overrides)
         self.mode, d = cfg["mode"], cfg["d_model"]
-        self.image_encoder = build_image_encoder(cfg["image_encoder"], pretrained_path=cfg["image_pretrained_path"],
-                                                 freeze=cfg["freeze_image_encoder"], image_size=cfg["image_size"], **cfg["image_encoder_kw"])
+        self.image_encoder = build_image_encoder(
+            cfg["image_encoder"],
+            pretrained_path=cfg["image_pretrained_path"],
+            freeze=cfg["freeze_image_encoder"],
+            image_size=cfg["image_size"],
+            **cfg["image_encoder_kw"],
+        )
         self.image_proj = nn.Linear(self.image_encoder.dim, d)
-        # `MLRGPretrainModel` builds its image head here, so a seed gives it the same initial weights as before this class existed
-        if after_projection is not None: after_projection()
+        # `MLRGPretrainModel` builds its image head here, so a seed gives it the same initial weights as before this
+        # class existed
+        if after_projection is not None:
+            after_projection()
         if self.mode == "mlrg":
             self.view_embed = nn.Embedding(len(VIEW_POSITIONS) + 1, d, padding_idx=0)
             self.temporal_embed = nn.Embedding(2, d)
-            self.fusion = LongitudinalFusion(d, cfg["fusion_depth"], cfg["fusion_heads"], cfg["fusion_mlp_ratio"], cfg["dropout"])
+            self.fusion = LongitudinalFusion(
+                d, cfg["fusion_depth"], cfg["fusion_heads"], cfg["fusion_mlp_ratio"], cfg["dropout"]
+            )
         self.dim, self.n_tokens = d, self.image_encoder.n_tokens
 
     def used_slots(self, batch):
         "Boolean (B, V+1): the image slots this model encodes (the anchor; auxiliary views / prior per the flags)."
         mask = batch["image_mask"].bool()
         if mask.ndim != 2 or not mask[:, 0].all():
-            raise InputError("every sample needs an anchor image in slot 0", where="image_mask[:, 0]", expected="True for every sample")
+            raise InputError(
+                "every sample needs an anchor image in slot 0",
+                where="image_mask[:, 0]",
+                expected="True for every sample",
+            )
         use = torch.zeros_like(mask)
         use[:, 0] = True
         if self.mode == "mlrg":
             V = mask.shape[1] - 1
-            if self.config["is_multiview_learning"]: use[:, 1:V] = mask[:, 1:V]
-            if self.config["is_prior_scan"]: use[:, V] = mask[:, V] & batch["has_prior"].to(mask.device).bool()
+            if self.config["is_multiview_learning"]:
+                use[:, 1:V] = mask[:, 1:V]
+            if self.config["is_prior_scan"]:
+                use[:, V] = mask[:, V] & batch["has_prior"].to(mask.device).bool()
         return use
 
 # %% ../nbs/02_models.ipynb #a2bc2447
-def _encode_slots(self, batch):
+@patch
+def encode_slots(self: VisualEncoder, batch):
     "Projected tokens (B, V+1, N, d) of the used image slots (zeros in the others), and the used slots (B, V+1)."
     images = batch["images"]
-    if images.ndim != 5: raise InputError(f"images of shape {tuple(images.shape)}", where="batch['images']", expected="(B, V+1, 1, S, S)")
+    if images.ndim != 5:
+        raise InputError(
+            f"images of shape {tuple(images.shape)}", where="batch['images']", expected="(B, V+1, 1, S, S)"
+        )
     use = self.used_slots(batch)
     B, V1 = use.shape
-    tok = self.image_proj(self.image_encoder(images[use])[0])          # (M, N, d), M = used images, row-major
+    tok = self.image_proj(self.image_encoder(images[use])[0])  # (M, N, d), M = used images, row-major
     return tok.new_zeros(B, V1, tok.shape[1], tok.shape[2]).index_put((use,), tok), use
 
-def _embed_slots(self, tokens, batch):
+
+@patch
+def embed_slots(self: VisualEncoder, tokens, batch):
     "`tokens` (B, V+1, N, d) plus the view-position and temporal embedding of each slot (mlrg mode)."
     vid, tid = batch["view_ids"].long(), batch["temporal_ids"].long()
     if int(vid.max()) > len(VIEW_POSITIONS) or int(vid.min()) < 0 or int(tid.max()) > 1 or int(tid.min()) < 0:
-        raise InputError("view_ids / temporal_ids out of range", where="batch", expected=f"view ids 0..{len(VIEW_POSITIONS)} (mlrg.data.view_id), temporal ids 0/1")
+        raise InputError(
+            "view_ids / temporal_ids out of range",
+            where="batch",
+            expected=f"view ids 0..{len(VIEW_POSITIONS)} (mlrg.data.view_id), temporal ids 0/1",
+        )
     return tokens + (self.view_embed(vid) + self.temporal_embed(tid))[:, :, None]
 
-def _fuse(self, emb, used):
-    "The anchor's tokens (slot 0 of `emb`, (B, V+1, N, d)) after attending to the tokens of the other `used` slots: (B, N, d)."
+
+@patch
+def fuse(self: VisualEncoder, emb, used):
+    """The anchor's tokens (slot 0 of `emb`, (B, V+1, N, d)) after attending to the tokens of the other `used` slots:
+    (B, N, d)."""
     B, V1, N, d = emb.shape
     mem_slots = [k for k in range(1, V1) if bool(used[:, k].any())]
     memory = emb[:, mem_slots].reshape(B, len(mem_slots) * N, d)
     pad = (~used[:, mem_slots]).repeat_interleave(N, dim=1)
     return self.fusion(emb[:, 0], memory, pad)
 
-def _visual_forward(self, batch) -> dict:
+
+@patch
+def forward(self: VisualEncoder, batch) -> dict:
     """`tokens` (B, V+1, N, d), `used` (B, V+1) and `global` (B, V+1, d) of every slot; the anchor's tokens with their
-    embeddings `anchor_tokens` (B, N, d); in mlrg mode also `fused_tokens` (B, N, d) and their global token `fused_global`."""
+    embeddings `anchor_tokens` (B, N, d); in mlrg mode also `fused_tokens` (B, N, d) and their global token
+    `fused_global`."""
     tokens, use = self.encode_slots(batch)
     out = {"tokens": tokens, "used": use, "global": tokens[:, :, 0]}
     if self.mode != "mlrg":
@@ -660,12 +996,12 @@ def _visual_forward(self, batch) -> dict:
     out["fused_global"] = out["fused_tokens"][:, 0]
     return out
 
-def _global_embedding(self, out) -> torch.Tensor:
-    "Each sample's image embedding (B, d) from `forward`'s output: the fused global token (mlrg), the anchor's (medclip)."
-    return out["fused_global"] if self.mode == "mlrg" else out["global"][:, 0]
 
-VisualEncoder.encode_slots, VisualEncoder.embed_slots, VisualEncoder.fuse = _encode_slots, _embed_slots, _fuse
-VisualEncoder.forward, VisualEncoder.global_embedding = _visual_forward, _global_embedding
+@patch
+def global_embedding(self: VisualEncoder, out) -> torch.Tensor:
+    """Each sample's image embedding (B, d) from `forward`'s output: the fused global token (mlrg), the anchor's
+    (medclip)."""
+    return out["fused_global"] if self.mode == "mlrg" else out["global"][:, 0]
 
 # %% ../nbs/02_models.ipynb #0c6c7507
 def study_groups(batch) -> torch.Tensor:
@@ -673,32 +1009,57 @@ def study_groups(batch) -> torch.Tensor:
     sids = batch.get("study_id") or [None] * len(batch["images"])
     index, out = {}, []
     for i, s in enumerate(sids):
-        out.append(index.setdefault(("study", str(s)), len(index)) if s is not None else index.setdefault(("sample", i), len(index)))
+        out.append(
+            index.setdefault(("study", str(s)), len(index))
+            if s is not None
+            else index.setdefault(("sample", i), len(index))
+        )
     return torch.tensor(out, dtype=torch.long)
 
 # %% ../nbs/02_models.ipynb #2e449012
 class MLRGPretrainModel(nn.Module):
     "MLRG stage 1 (multi-view longitudinal contrastive pretraining) or a MedCLIP-style CLIP model, from a config dict."
+
     def __init__(self, config=None, **overrides):
         super().__init__()
         cfg = self.config = pretrain_config(config, **overrides)
         self.mode, d, p = cfg["mode"], cfg["d_model"], cfg["proj_dim"]
-        heads = []  # the image head is built right after the visual projection: the initial weights of a seed stay as they were
+        # the image head is built right after the visual projection: the initial weights of a seed stay as they were
+        heads = []
         self.visual = VisualEncoder(cfg, after_projection=lambda: heads.append(nn.Linear(d, p)))
         self.image_head = heads[0]
-        if self.mode != "mlrg": self.logit_scale = nn.Parameter(torch.tensor(float(cfg["clip_logit_scale_init"])))
+        if self.mode != "mlrg":
+            self.logit_scale = nn.Parameter(torch.tensor(float(cfg["clip_logit_scale_init"])))
         tkw = dict(cfg["text_encoder_kw"])
         if cfg["text_encoder"] == "small":
-            tkw = dict(dim=cfg["text_dim"], depth=cfg["text_depth"], heads=cfg["text_heads"], max_len=cfg["text_max_len"],
-                       dropout=cfg["dropout"], pooling=cfg["text_pooling"], **tkw)
-        else:                                            # cxr_bert: the project's token ids in mlrg mode, its own tokenizer in medclip mode
-            tkw = dict(n_layers=cfg["text_layers"], trust_remote_code=cfg["trust_remote_code"], max_len=cfg["text_max_len"],
-                       pooling=cfg["text_pooling"], **tkw)
-        self.text_encoder = build_text_encoder(cfg["text_encoder"], vocab_size=cfg["vocab_size"] if self.mode == "mlrg" or cfg["text_encoder"] == "small" else None,
-                                               pad_id=cfg["pad_id"], pretrained_path=cfg["text_pretrained_path"], **tkw)
+            tkw = dict(
+                dim=cfg["text_dim"],
+                depth=cfg["text_depth"],
+                heads=cfg["text_heads"],
+                max_len=cfg["text_max_len"],
+                dropout=cfg["dropout"],
+                pooling=cfg["text_pooling"],
+                **tkw,
+            )
+        else:  # cxr_bert: the project's token ids in mlrg mode, its own tokenizer in medclip mode
+            tkw = dict(
+                n_layers=cfg["text_layers"],
+                trust_remote_code=cfg["trust_remote_code"],
+                max_len=cfg["text_max_len"],
+                pooling=cfg["text_pooling"],
+                **tkw,
+            )
+        self.text_encoder = build_text_encoder(
+            cfg["text_encoder"],
+            vocab_size=cfg["vocab_size"] if self.mode == "mlrg" or cfg["text_encoder"] == "small" else None,
+            pad_id=cfg["pad_id"],
+            pretrained_path=cfg["text_pretrained_path"],
+            **tkw,
+        )
         self.text_head = nn.Linear(self.text_encoder.dim, p)
         # built last, so switching the loss on or off leaves every other layer's initial weights unchanged
-        if self.mode == "mlrg": self.mpc_head = nn.Linear(d, p) if cfg["using_mpc_loss"] else None
+        if self.mode == "mlrg":
+            self.mpc_head = nn.Linear(d, p) if cfg["using_mpc_loss"] else None
 
     def encode_visual(self, batch) -> dict:
         "The visual encoder's outputs for `batch` (see `VisualEncoder.forward`)."
@@ -715,12 +1076,15 @@ class MLRGPretrainModel(nn.Module):
     def encode_texts(self, batch) -> torch.Tensor:
         "L2-normalised report embeddings (B, proj_dim), one per sample (for retrieval)."
         te = self.text_encoder
-        if te.uses_raw_text: _, pooled = te(batch["findings"])
-        else: _, pooled = te(batch["target_ids"], batch.get("target_mask"))
+        if te.uses_raw_text:
+            _, pooled = te(batch["findings"])
+        else:
+            _, pooled = te(batch["target_ids"], batch.get("target_mask"))
         return F.normalize(self.text_head(pooled), dim=-1)
 
 # %% ../nbs/02_models.ipynb #72fc7169
-def _pretrain_forward(self, batch) -> dict:
+@patch
+def forward(self: MLRGPretrainModel, batch) -> dict:
     "The loss (`loss` and its terms) and the image and report embeddings (`image_emb`, `text_emb`) of one batch."
     vis = self.encode_visual(batch)
     img, txt = self.image_embedding(vis), self.encode_texts(batch)
@@ -743,62 +1107,103 @@ def _pretrain_forward(self, batch) -> dict:
         out["loss"] = out["loss"] + self.config["mpc_weight"] * out["loss_mpc"]
     return out
 
-MLRGPretrainModel.forward = _pretrain_forward
-
 # %% ../nbs/02_models.ipynb #c89153c0
 def _state_dict_of(source) -> tuple:
     "(state dict, where it came from) of a checkpoint path, a checkpoint dict, a state dict or a module."
-    if isinstance(source, nn.Module): return source.state_dict(), type(source).__name__
-    if isinstance(source, (str, os.PathLike)): return _state_dict_of(load_checkpoint(source))[0], str(source)
-    if isinstance(source, dict) and isinstance(source.get("model"), dict): source = source["model"]
-    if isinstance(source, dict) and all(torch.is_tensor(v) for v in source.values()): return source, "state dict"
-    raise InputError(f"cannot read weights from a {type(source).__name__}", where="load_visual_state",
-                     expected="a checkpoint path, a checkpoint dict with 'model', a state dict or a module")
+    if isinstance(source, nn.Module):
+        return source.state_dict(), type(source).__name__
+    if isinstance(source, (str, os.PathLike)):
+        return _state_dict_of(load_checkpoint(source))[0], str(source)
+    if isinstance(source, dict) and isinstance(source.get("model"), dict):
+        source = source["model"]
+    if isinstance(source, dict) and all(torch.is_tensor(v) for v in source.values()):
+        return source, "state dict"
+    raise InputError(
+        f"cannot read weights from a {type(source).__name__}",
+        where="load_visual_state",
+        expected="a checkpoint path, a checkpoint dict with 'model', a state dict or a module",
+    )
+
 
 def load_visual_state(visual, source, prefix="visual.", strict=False, print_fn=print) -> pd.DataFrame:
     """Copy the tensors of `source` named `prefix` + a name of `visual` into `visual`; returns a table of every tensor
     (name, status, model and checkpoint shapes), with status loaded, missing, shape mismatch or unexpected."""
     sd, where = _state_dict_of(source)
-    theirs = {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
+    theirs = {k[len(prefix) :]: v for k, v in sd.items() if k.startswith(prefix)}
     if not theirs:
-        raise InputError(f"no tensor name starts with {prefix!r} (names like {list(sd)[:3]})", where=where,
-                         expected="a stage-1 checkpoint, or the prefix of the visual encoder's tensors in it")
+        raise InputError(
+            f"no tensor name starts with {prefix!r} (names like {list(sd)[:3]})",
+            where=where,
+            expected="a stage-1 checkpoint, or the prefix of the visual encoder's tensors in it",
+        )
     rows, take = [], {}
     for k, v in visual.state_dict().items():
         w = theirs.get(k)
         status = "missing" if w is None else "shape mismatch" if w.shape != v.shape else "loaded"
-        if status == "loaded": take[k] = w
-        rows.append(dict(name=k, status=status, model_shape=tuple(v.shape), checkpoint_shape=None if w is None else tuple(w.shape)))
+        if status == "loaded":
+            take[k] = w
+        rows.append(
+            dict(
+                name=k,
+                status=status,
+                model_shape=tuple(v.shape),
+                checkpoint_shape=None if w is None else tuple(w.shape),
+            )
+        )
     ours = {r["name"] for r in rows}
-    rows += [dict(name=k, status="unexpected", model_shape=None, checkpoint_shape=tuple(w.shape)) for k, w in theirs.items() if k not in ours]
+    rows += [
+        dict(name=k, status="unexpected", model_shape=None, checkpoint_shape=tuple(w.shape))
+        for k, w in theirs.items()
+        if k not in ours
+    ]
     table = pd.DataFrame(rows, columns=["name", "status", "model_shape", "checkpoint_shape"])
     bad = table[table.status != "loaded"]
     if strict and len(bad):
-        raise InputError(f"{len(bad)} of the visual tensors do not load: " + ", ".join(f"{r.name} ({r.status})" for r in bad.head(5).itertuples()),
-                         where=where, expected="a checkpoint of a model with the same visual config")
+        raise InputError(
+            f"{len(bad)} of the visual tensors do not load: "
+            + ", ".join(f"{r.name} ({r.status})" for r in bad.head(5).itertuples()),
+            where=where,
+            expected="a checkpoint of a model with the same visual config",
+        )
     visual.load_state_dict(take, strict=False)
     if print_fn:
         counts = table.status.value_counts()
-        print_fn(f"load_visual_state: {counts.get('loaded', 0)} of {len(visual.state_dict())} tensors loaded from {where}"
-                 + "".join(f", {counts[s]} {s}" for s in ("missing", "shape mismatch", "unexpected") if s in counts))
-        if len(bad): print_fn(bad.to_string(index=False))
+        print_fn(
+            f"load_visual_state: {counts.get('loaded', 0)} of {len(visual.state_dict())} tensors loaded from {where}"
+            + "".join(f", {counts[s]} {s}" for s in ("missing", "shape mismatch", "unexpected") if s in counts)
+        )
+        if len(bad):
+            print_fn(bad.to_string(index=False))
     return table
+
 
 def partial_load(module, source, what="weights", print_fn=print) -> pd.DataFrame:
     """Copy the tensors of `source` (path, checkpoint, state dict or module) whose name and shape match `module`'s; the
-    table of every tensor, with status loaded, new, new (shape mismatch) or skipped (the source's, unused) and trainable."""
+    table of every tensor, with status loaded, new, new (shape mismatch) or skipped (the source's, unused) and
+    trainable."""
     t = load_visual_state(module, source, prefix="", print_fn=None)
-    t["status"] = t.status.map({"loaded": "loaded", "missing": "new", "shape mismatch": "new (shape mismatch)", "unexpected": "skipped"})
+    t["status"] = t.status.map(
+        {"loaded": "loaded", "missing": "new", "shape mismatch": "new (shape mismatch)", "unexpected": "skipped"}
+    )
     t["trainable"] = t.name.isin({n for n, p in module.named_parameters() if p.requires_grad})
     if print_fn:
         c = t.status.value_counts()
-        print_fn(f"{what}: {c.get('loaded', 0)} tensors loaded, {c.get('new', 0) + c.get('new (shape mismatch)', 0)} new "
-                 f"({c.get('new (shape mismatch)', 0)} of them for a shape mismatch), {c.get('skipped', 0)} of the source's skipped")
+        print_fn(
+            f"{what}: {c.get('loaded', 0)} tensors loaded, {c.get('new', 0) + c.get('new (shape mismatch)', 0)} new "
+            f"({c.get('new (shape mismatch)', 0)} of them for a shape mismatch), {c.get('skipped', 0)} of the "
+            f"source's skipped"
+        )
         print_fn(summarize_init(t).to_string())
     return t
 
+
 def summarize_init(table) -> pd.DataFrame:
     "Tensors and parameters per top-level module and status, from `partial_load`'s table."
-    t = table.assign(module=table.name.str.split(".").str[0],
-                     numel=[int(np.prod(s)) if s is not None else int(np.prod(c)) for s, c in zip(table.model_shape, table.checkpoint_shape)])
+    t = table.assign(
+        module=table.name.str.split(".").str[0],
+        numel=[
+            int(np.prod(s)) if s is not None else int(np.prod(c))
+            for s, c in zip(table.model_shape, table.checkpoint_shape)
+        ],
+    )
     return t.groupby(["module", "status"]).agg(tensors=("name", "size"), values=("numel", "sum"))

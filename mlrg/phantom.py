@@ -19,9 +19,26 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm  # text bars: they render in terminals, JupyterLab and executed reports alike
 
-from .core import (OBSERVATIONS, InputError, Param, Params, atomic_write, derive_seed, ensure_writable, get_logger, jsonl_text,
-                       load_json, move_aside, read_jsonl, remove_stale_temps, report_relpath, save_json, save_jsonl, study_dir,
-                       write_set)
+from mlrg.core import (
+    OBSERVATIONS,
+    InputError,
+    Param,
+    Params,
+    atomic_write,
+    derive_seed,
+    ensure_writable,
+    get_logger,
+    jsonl_text,
+    load_json,
+    move_aside,
+    read_jsonl,
+    remove_stale_temps,
+    report_relpath,
+    save_json,
+    save_jsonl,
+    study_dir,
+    write_set,
+)
 
 # %% auto #0
 __all__ = ['TRUTH_FILE', 'METADATA_COLUMNS', 'PRESETS', 'DEVICES', 'CHANGES', 'SEVERITY_WORDS', 'STATED', 'PHANTOM', 'PROFILES',
@@ -31,264 +48,525 @@ __all__ = ['TRUTH_FILE', 'METADATA_COLUMNS', 'PRESETS', 'DEVICES', 'CHANGES', 'S
            'phantom_cli']
 
 # %% ../nbs/01a_phantom.ipynb #ae9548f5
-TRUTH_FILE = "phantom-truth.jsonl"   # the ground truth the real dataset lacks
-METADATA_COLUMNS = ["dicom_id", "subject_id", "study_id", "PerformedProcedureStepDescription", "ViewPosition", "Rows",
-                    "Columns", "StudyDate", "StudyTime", "ProcedureCodeSequence_CodeMeaning",
-                    "ViewCodeSequence_CodeMeaning", "PatientOrientationCodeSequence_CodeMeaning"]
+TRUTH_FILE = "phantom-truth.jsonl"  # the ground truth the real dataset lacks
+METADATA_COLUMNS = [
+    "dicom_id",
+    "subject_id",
+    "study_id",
+    "PerformedProcedureStepDescription",
+    "ViewPosition",
+    "Rows",
+    "Columns",
+    "StudyDate",
+    "StudyTime",
+    "ProcedureCodeSequence_CodeMeaning",
+    "ViewCodeSequence_CodeMeaning",
+    "PatientOrientationCodeSequence_CodeMeaning",
+]
 PRESETS = {"tiny": {"patients": 40, "size": 128}, "demo": {"patients": 1000, "size": 256}}
 DEVICES = ["endotracheal tube", "nasogastric tube", "central venous catheter", "pacemaker"]
 CHANGES = ["new", "worse", "better", "unchanged", "resolved"]
 SEVERITY_WORDS = {
-    "Atelectasis": ["minimal", "mild", "moderate"], "Cardiomegaly": ["mild", "moderate", "severe"],
-    "Consolidation": ["patchy", "moderate", "extensive"], "Edema": ["mild", "moderate", "severe"],
+    "Atelectasis": ["minimal", "mild", "moderate"],
+    "Cardiomegaly": ["mild", "moderate", "severe"],
+    "Consolidation": ["patchy", "moderate", "extensive"],
+    "Edema": ["mild", "moderate", "severe"],
     "Enlarged Cardiomediastinum": ["mild", "moderate", "marked"],
     "Fracture": ["nondisplaced", "minimally displaced", "displaced"],
-    "Lung Lesion": ["small", "moderate", "large"], "Pleural Effusion": ["small", "moderate", "large"],
-    "Pleural Other": ["mild", "moderate", "marked"], "Pneumothorax": ["small", "moderate", "large"]}
+    "Lung Lesion": ["small", "moderate", "large"],
+    "Pleural Effusion": ["small", "moderate", "large"],
+    "Pleural Other": ["mild", "moderate", "marked"],
+    "Pneumothorax": ["small", "moderate", "large"],
+}
 # the observations a radiologist states directly; Lung Opacity, Pneumonia and No Finding are derived from them
-STATED = ["Atelectasis", "Cardiomegaly", "Consolidation", "Edema", "Enlarged Cardiomediastinum", "Fracture",
-          "Lung Lesion", "Pleural Effusion", "Pleural Other", "Pneumothorax"]
+STATED = [
+    "Atelectasis",
+    "Cardiomegaly",
+    "Consolidation",
+    "Edema",
+    "Enlarged Cardiomediastinum",
+    "Fracture",
+    "Lung Lesion",
+    "Pleural Effusion",
+    "Pleural Other",
+    "Pneumothorax",
+]
 
 # %% ../nbs/01a_phantom.ipynb #44b066ca
-PHANTOM = Params("phantom", "Write the MIMIC-CXR-JPG-shaped phantom dataset.", dict(
-    out_dir=Param(None, "where to write (created if missing); notebook: None -> a temporary folder", kind=str, flag="--out",
-                  required=True),
-    run_dir=Param(None, "a run folder (name or path): write into its mimic/ folder", kind=str, cli=False),
-    preset=Param("tiny", "tiny (40 patients, 128 px) or demo (1000 patients, 256 px)", choices=tuple(PRESETS)),
-    patients=Param(None, "number of patients (overrides the preset)", kind=int, low=1, high=1_000_000),
-    size=Param(None, "image size in pixels (overrides the preset)", kind=int, low=32),
-    seed=Param(0, "drives every random choice of the dataset"),
-    workers=Param(None, "processes (None: 1 for fewer than 64 patients, else 2)", kind=int, low=1),
-    learnability_seconds=Param(20, "training budget of the learnability check at the end, in seconds (0: skip it)", kind=float,
-                               low=0, cli=False),
-    overwrite=Param(False, "a folder holding other data is moved aside (to <folder>.replaced-<time>) instead of refused"),
-    quiet=Param(False, "no progress bar", notebook=False),
-))
+PHANTOM = Params(
+    "phantom",
+    "Write the MIMIC-CXR-JPG-shaped phantom dataset.",
+    dict(
+        out_dir=Param(
+            None,
+            "where to write (created if missing); notebook: None -> a temporary folder",
+            kind=str,
+            flag="--out",
+            required=True,
+        ),
+        run_dir=Param(None, "a run folder (name or path): write into its mimic/ folder", kind=str, cli=False),
+        preset=Param("tiny", "tiny (40 patients, 128 px) or demo (1000 patients, 256 px)", choices=tuple(PRESETS)),
+        patients=Param(None, "number of patients (overrides the preset)", kind=int, low=1, high=1_000_000),
+        size=Param(None, "image size in pixels (overrides the preset)", kind=int, low=32),
+        seed=Param(0, "drives every random choice of the dataset"),
+        workers=Param(None, "processes (None: 1 for fewer than 64 patients, else 2)", kind=int, low=1),
+        learnability_seconds=Param(
+            20,
+            "training budget of the learnability check at the end, in seconds (0: skip it)",
+            kind=float,
+            low=0,
+            cli=False,
+        ),
+        overwrite=Param(
+            False, "a folder holding other data is moved aside (to <folder>.replaced-<time>) instead of refused"
+        ),
+        quiet=Param(False, "no progress bar", notebook=False),
+    ),
+)
 
 # %% ../nbs/01a_phantom.ipynb #9e1ecd8e
-PROFILES = {"outpatient": .34, "cardiac": .24, "icu": .20, "pneumonia": .12, "oncology": .06, "trauma": .04}
+PROFILES = {"outpatient": 0.34, "cardiac": 0.24, "icu": 0.20, "pneumonia": 0.12, "oncology": 0.06, "trauma": 0.04}
 LOBES = ["right upper lobe", "right middle lobe", "right lower lobe", "left upper lobe", "lingula", "left lower lobe"]
 _ORDINALS = ["", "first", "second", "third", "fourth", "fifth", "sixth", "seventh", "eighth", "ninth", "tenth"]
 _CVC_KINDS = ["right internal jugular", "left subclavian", "right PICC"]
 
-def _lobe_side(lobe): return "right" if lobe.startswith("right") else "left"
+
+def _lobe_side(lobe):
+    return "right" if lobe.startswith("right") else "left"
+
 
 def _pick(rng, options, p=None):
     "One of `options` (a list), drawn with `rng`."
     return options[int(rng.choice(len(options), p=p))]
 
-def _grade(rng, p=(.5, .35, .15)):
+
+def _grade(rng, p=(0.5, 0.35, 0.15)):
     "A severity grade 1..len(p), drawn with probabilities `p` (normalised)."
     p = np.asarray(p, dtype=float)
     return int(rng.choice(np.arange(1, len(p) + 1), p=p / p.sum()))
 
-def _blank(): return {"grade": 0, "side": None}
 
-def _step(g, rng, p_new, p_up, p_down, p_res, gmax=3, new_p=(.5, .35, .15)):
+def _blank():
+    return {"grade": 0, "side": None}
+
+
+def _step(g, rng, p_new, p_up, p_down, p_res, gmax=3, new_p=(0.5, 0.35, 0.15)):
     "One Markov step of an ordinal grade."
-    if g == 0: return _grade(rng, new_p[:gmax]) if rng.random() < p_new else 0
+    if g == 0:
+        return _grade(rng, new_p[:gmax]) if rng.random() < p_new else 0
     r = rng.random()
-    if r < p_res: return 0
-    if r < p_res + p_up: return min(gmax, g + 1)
-    if r < p_res + p_up + p_down: return g - 1
+    if r < p_res:
+        return 0
+    if r < p_res + p_up:
+        return min(gmax, g + 1)
+    if r < p_res + p_up + p_down:
+        return g - 1
     return g
 
 # %% ../nbs/01a_phantom.ipynb #4478ef36
 _P = {  # per profile: probability at the first study, then p_new per later study
-    "Cardiomegaly": {"outpatient": (.08, .01), "cardiac": (.75, .08), "icu": (.3, .03), "pneumonia": (.15, .02), "oncology": (.1, .01), "trauma": (.05, .0)},
-    "Enlarged Cardiomediastinum": {"outpatient": (.02, .005), "cardiac": (.12, .02), "icu": (.08, .02), "pneumonia": (.03, .01), "oncology": (.25, .05), "trauma": (.3, .05)},
-    "Pleural Effusion": {"outpatient": (.12, .06), "cardiac": (.45, .3), "icu": (.35, .25), "pneumonia": (.3, .2), "oncology": (.35, .2), "trauma": (.2, .15)},
-    "Edema": {"outpatient": (.02, .02), "cardiac": (.45, .3), "icu": (.25, .2), "pneumonia": (.05, .05), "oncology": (.03, .03), "trauma": (.02, .02)},
-    "Consolidation": {"outpatient": (.07, .05), "cardiac": (.06, .06), "icu": (.25, .15), "pneumonia": (.8, .2), "oncology": (.1, .08), "trauma": (.1, .08)},
-    "Atelectasis": {"outpatient": (.10, .08), "cardiac": (.2, .15), "icu": (.4, .3), "pneumonia": (.2, .15), "oncology": (.2, .15), "trauma": (.3, .2)},
-    "Pneumothorax": {"outpatient": (.01, .01), "cardiac": (.0, .01), "icu": (.06, .05), "pneumonia": (.0, .01), "oncology": (.03, .03), "trauma": (.45, .08)},
-    "Lung Lesion": {"outpatient": (.04, .005), "cardiac": (.02, .005), "icu": (.02, .0), "pneumonia": (.02, .0), "oncology": (.9, .05), "trauma": (.02, .0)},
-    "Fracture": {"outpatient": (.01, .0), "cardiac": (.01, .0), "icu": (.04, .01), "pneumonia": (.0, .0), "oncology": (.03, .01), "trauma": (.75, .05)},
-    "Pleural Other": {"outpatient": (.04, .0), "cardiac": (.04, .0), "icu": (.02, .0), "pneumonia": (.02, .0), "oncology": (.15, .01), "trauma": (.05, .0)},
+    "Cardiomegaly": {
+        "outpatient": (0.08, 0.01),
+        "cardiac": (0.75, 0.08),
+        "icu": (0.3, 0.03),
+        "pneumonia": (0.15, 0.02),
+        "oncology": (0.1, 0.01),
+        "trauma": (0.05, 0.0),
+    },
+    "Enlarged Cardiomediastinum": {
+        "outpatient": (0.02, 0.005),
+        "cardiac": (0.12, 0.02),
+        "icu": (0.08, 0.02),
+        "pneumonia": (0.03, 0.01),
+        "oncology": (0.25, 0.05),
+        "trauma": (0.3, 0.05),
+    },
+    "Pleural Effusion": {
+        "outpatient": (0.12, 0.06),
+        "cardiac": (0.45, 0.3),
+        "icu": (0.35, 0.25),
+        "pneumonia": (0.3, 0.2),
+        "oncology": (0.35, 0.2),
+        "trauma": (0.2, 0.15),
+    },
+    "Edema": {
+        "outpatient": (0.02, 0.02),
+        "cardiac": (0.45, 0.3),
+        "icu": (0.25, 0.2),
+        "pneumonia": (0.05, 0.05),
+        "oncology": (0.03, 0.03),
+        "trauma": (0.02, 0.02),
+    },
+    "Consolidation": {
+        "outpatient": (0.07, 0.05),
+        "cardiac": (0.06, 0.06),
+        "icu": (0.25, 0.15),
+        "pneumonia": (0.8, 0.2),
+        "oncology": (0.1, 0.08),
+        "trauma": (0.1, 0.08),
+    },
+    "Atelectasis": {
+        "outpatient": (0.10, 0.08),
+        "cardiac": (0.2, 0.15),
+        "icu": (0.4, 0.3),
+        "pneumonia": (0.2, 0.15),
+        "oncology": (0.2, 0.15),
+        "trauma": (0.3, 0.2),
+    },
+    "Pneumothorax": {
+        "outpatient": (0.01, 0.01),
+        "cardiac": (0.0, 0.01),
+        "icu": (0.06, 0.05),
+        "pneumonia": (0.0, 0.01),
+        "oncology": (0.03, 0.03),
+        "trauma": (0.45, 0.08),
+    },
+    "Lung Lesion": {
+        "outpatient": (0.04, 0.005),
+        "cardiac": (0.02, 0.005),
+        "icu": (0.02, 0.0),
+        "pneumonia": (0.02, 0.0),
+        "oncology": (0.9, 0.05),
+        "trauma": (0.02, 0.0),
+    },
+    "Fracture": {
+        "outpatient": (0.01, 0.0),
+        "cardiac": (0.01, 0.0),
+        "icu": (0.04, 0.01),
+        "pneumonia": (0.0, 0.0),
+        "oncology": (0.03, 0.01),
+        "trauma": (0.75, 0.05),
+    },
+    "Pleural Other": {
+        "outpatient": (0.04, 0.0),
+        "cardiac": (0.04, 0.0),
+        "icu": (0.02, 0.0),
+        "pneumonia": (0.02, 0.0),
+        "oncology": (0.15, 0.01),
+        "trauma": (0.05, 0.0),
+    },
 }
 # p_up, p_down, p_resolve per later study, and the highest grade
-_DYN = {"Cardiomegaly": (.05, .04, .0, 3), "Enlarged Cardiomediastinum": (.05, .05, .02, 2),
-        "Pleural Effusion": (.22, .22, .2, 3), "Edema": (.2, .25, .3, 3), "Consolidation": (.15, .25, .3, 3),
-        "Atelectasis": (.15, .2, .35, 3), "Pneumothorax": (.15, .3, .4, 3), "Lung Lesion": (.12, .05, .0, 3),
-        "Fracture": (.0, .0, .0, 2), "Pleural Other": (.0, .0, .0, 2)}
-_DEV_P = {"endotracheal tube": {"icu": (.55, .3, .4), "trauma": (.3, .2, .5), "*": (.02, .02, .6)},  # first, place, remove
-          "nasogastric tube": {"icu": (.35, .25, .4), "trauma": (.2, .15, .5), "*": (.02, .02, .6)},
-          "central venous catheter": {"icu": (.6, .35, .3), "oncology": (.3, .1, .2), "trauma": (.3, .2, .4), "cardiac": (.1, .06, .4), "*": (.04, .03, .5)},
-          "pacemaker": {"cardiac": (.25, .04, .0), "*": (.02, .0, .0)}}
+_DYN = {
+    "Cardiomegaly": (0.05, 0.04, 0.0, 3),
+    "Enlarged Cardiomediastinum": (0.05, 0.05, 0.02, 2),
+    "Pleural Effusion": (0.22, 0.22, 0.2, 3),
+    "Edema": (0.2, 0.25, 0.3, 3),
+    "Consolidation": (0.15, 0.25, 0.3, 3),
+    "Atelectasis": (0.15, 0.2, 0.35, 3),
+    "Pneumothorax": (0.15, 0.3, 0.4, 3),
+    "Lung Lesion": (0.12, 0.05, 0.0, 3),
+    "Fracture": (0.0, 0.0, 0.0, 2),
+    "Pleural Other": (0.0, 0.0, 0.0, 2),
+}
+_DEV_P = {
+    "endotracheal tube": {
+        "icu": (0.55, 0.3, 0.4),
+        "trauma": (0.3, 0.2, 0.5),
+        "*": (0.02, 0.02, 0.6),
+    },  # first, place, remove
+    "nasogastric tube": {"icu": (0.35, 0.25, 0.4), "trauma": (0.2, 0.15, 0.5), "*": (0.02, 0.02, 0.6)},
+    "central venous catheter": {
+        "icu": (0.6, 0.35, 0.3),
+        "oncology": (0.3, 0.1, 0.2),
+        "trauma": (0.3, 0.2, 0.4),
+        "cardiac": (0.1, 0.06, 0.4),
+        "*": (0.04, 0.03, 0.5),
+    },
+    "pacemaker": {"cardiac": (0.25, 0.04, 0.0), "*": (0.02, 0.0, 0.0)},
+}
 
 # grade distribution of a finding when it appears (small effusions and patchy consolidation are the commonest)
-_NEW_P = {"Pleural Effusion": (.6, .27, .13), "Consolidation": (.55, .3, .15)}
+_NEW_P = {"Pleural Effusion": (0.6, 0.27, 0.13), "Consolidation": (0.55, 0.3, 0.15)}
 
-def _dev_p(name, profile): d = _DEV_P[name]; return d.get(profile, d["*"])
+
+def _dev_p(name, profile):
+    d = _DEV_P[name]
+    return d.get(profile, d["*"])
 
 # %% ../nbs/01a_phantom.ipynb #4b01e357
 def _new_detail(obs, st, rng):
     "Fill the non-grade attributes of an observation that has just appeared."
     f = st[obs]
     if obs == "Pleural Effusion":
-        if st["Edema"]["grade"] or st["Cardiomegaly"]["grade"] >= 2: f["side"] = _pick(rng, ["bilateral", "right", "left"], [.55, .3, .15])
-        elif st["Consolidation"]["grade"]: f["side"] = _lobe_side(st["Consolidation"]["lobe"])
-        elif st["Lung Lesion"]["grade"]: f["side"] = st["Lung Lesion"]["side"]
-        else: f["side"] = _pick(rng, ["right", "left", "bilateral"], [.45, .35, .2])
+        if st["Edema"]["grade"] or st["Cardiomegaly"]["grade"] >= 2:
+            f["side"] = _pick(rng, ["bilateral", "right", "left"], [0.55, 0.3, 0.15])
+        elif st["Consolidation"]["grade"]:
+            f["side"] = _lobe_side(st["Consolidation"]["lobe"])
+        elif st["Lung Lesion"]["grade"]:
+            f["side"] = st["Lung Lesion"]["side"]
+        else:
+            f["side"] = _pick(rng, ["right", "left", "bilateral"], [0.45, 0.35, 0.2])
     elif obs in ("Consolidation",):
-        f["lobe"] = _pick(rng, LOBES, [.08, .08, .22, .08, .08, .46]); f["side"] = _lobe_side(f["lobe"])
+        f["lobe"] = _pick(rng, LOBES, [0.08, 0.08, 0.22, 0.08, 0.08, 0.46])
+        f["side"] = _lobe_side(f["lobe"])
     elif obs == "Atelectasis":
-        f["loc"] = _pick(rng, ["bibasilar", "left basilar", "right basilar", "retrocardiac"], [.3, .15, .2, .35])
-        f["side"] = {"bibasilar": "bilateral", "left basilar": "left", "right basilar": "right", "retrocardiac": "left"}[f["loc"]]
+        f["loc"] = _pick(rng, ["bibasilar", "left basilar", "right basilar", "retrocardiac"], [0.3, 0.15, 0.2, 0.35])
+        f["side"] = {
+            "bibasilar": "bilateral",
+            "left basilar": "left",
+            "right basilar": "right",
+            "retrocardiac": "left",
+        }[f["loc"]]
     elif obs == "Lung Lesion":
-        f["lobe"] = _pick(rng, LOBES, [.3, .1, .15, .25, .05, .15]); f["side"] = _lobe_side(f["lobe"])
-        f["pos"] = [float(rng.uniform(-.6, .6)), float(rng.uniform(-.5, .5)), float(rng.uniform(-.4, .4))]  # jitter, depth
+        f["lobe"] = _pick(rng, LOBES, [0.3, 0.1, 0.15, 0.25, 0.05, 0.15])
+        f["side"] = _lobe_side(f["lobe"])
+        f["pos"] = [
+            float(rng.uniform(-0.6, 0.6)),
+            float(rng.uniform(-0.5, 0.5)),
+            float(rng.uniform(-0.4, 0.4)),
+        ]  # jitter, depth
         f["mm"] = 0
     elif obs in ("Pneumothorax", "Pleural Other"):
         f["side"] = _pick(rng, ["right", "left"])
     elif obs == "Fracture":
-        f["side"] = _pick(rng, ["right", "left"]); f["rib"] = int(rng.integers(4, 10))
+        f["side"] = _pick(rng, ["right", "left"])
+        f["rib"] = int(rng.integers(4, 10))
     return f
 
-def _lesion_mm(g, rng): return int(round([0, 12, 22, 40][g] * rng.uniform(.85, 1.2)))
+
+def _lesion_mm(g, rng):
+    return int(round([0, 12, 22, 40][g] * rng.uniform(0.85, 1.2)))
 
 # %% ../nbs/01a_phantom.ipynb #79271456
 def initial_state(rng, profile):
     "The state at a patient's first study."
     st = {o: _blank() for o in STATED}
-    for obs in ["Cardiomegaly", "Edema", "Consolidation", "Lung Lesion", "Pleural Effusion", "Enlarged Cardiomediastinum",
-                "Atelectasis", "Pneumothorax", "Fracture", "Pleural Other"]:
+    for obs in [
+        "Cardiomegaly",
+        "Edema",
+        "Consolidation",
+        "Lung Lesion",
+        "Pleural Effusion",
+        "Enlarged Cardiomediastinum",
+        "Atelectasis",
+        "Pneumothorax",
+        "Fracture",
+        "Pleural Other",
+    ]:
         p0 = _P[obs][profile][0]
-        if obs == "Pleural Effusion" and st["Edema"]["grade"]: p0 = max(p0, .6)
+        if obs == "Pleural Effusion" and st["Edema"]["grade"]:
+            p0 = max(p0, 0.6)
         if rng.random() < p0:
             gmax = _DYN[obs][3]
-            st[obs]["grade"] = _grade(rng, _NEW_P.get(obs, (.5, .35, .15))[:gmax])
+            st[obs]["grade"] = _grade(rng, _NEW_P.get(obs, (0.5, 0.35, 0.15))[:gmax])
             _new_detail(obs, st, rng)
-    if st["Lung Lesion"]["grade"]: st["Lung Lesion"]["mm"] = _lesion_mm(st["Lung Lesion"]["grade"], rng)
-    st["infectious"] = bool(profile in ("pneumonia", "icu") or rng.random() < .4)
+    if st["Lung Lesion"]["grade"]:
+        st["Lung Lesion"]["mm"] = _lesion_mm(st["Lung Lesion"]["grade"], rng)
+    st["infectious"] = bool(profile in ("pneumonia", "icu") or rng.random() < 0.4)
     st["devices"] = {d: None for d in DEVICES}
     for d in DEVICES:
-        if rng.random() < _dev_p(d, profile)[0]: st["devices"][d] = _device_kind(d, rng)
-    if st["devices"]["nasogastric tube"] and not st["devices"]["endotracheal tube"] and rng.random() < .5:
+        if rng.random() < _dev_p(d, profile)[0]:
+            st["devices"][d] = _device_kind(d, rng)
+    if st["devices"]["nasogastric tube"] and not st["devices"]["endotracheal tube"] and rng.random() < 0.5:
         st["devices"]["nasogastric tube"] = None
     return st
 
+
 def _device_kind(d, rng):
     "The kind of device `d` when it is placed: a central line's route, a pacemaker's leads, else 'standard'."
-    if d == "central venous catheter": return _pick(rng, _CVC_KINDS, [.5, .2, .3])
-    if d == "pacemaker": return _pick(rng, ["dual-lead", "single-lead"], [.7, .3])
+    if d == "central venous catheter":
+        return _pick(rng, _CVC_KINDS, [0.5, 0.2, 0.3])
+    if d == "pacemaker":
+        return _pick(rng, ["dual-lead", "single-lead"], [0.7, 0.3])
     return "standard"
 
 # %% ../nbs/01a_phantom.ipynb #af6e6534
 def evolve_state(st, rng, profile, days):
     "The state at the next study, `days` after the previous one (0 for an exact repeat)."
     st = copy.deepcopy(st)
-    if days == 0: return st
-    scale = .5 if days < 1 else (1.0 if days < 120 else 1.4)
-    for obs in ["Cardiomegaly", "Edema", "Consolidation", "Lung Lesion", "Pleural Effusion", "Enlarged Cardiomediastinum",
-                "Atelectasis", "Pneumothorax", "Fracture", "Pleural Other"]:
+    if days == 0:
+        return st
+    scale = 0.5 if days < 1 else (1.0 if days < 120 else 1.4)
+    for obs in [
+        "Cardiomegaly",
+        "Edema",
+        "Consolidation",
+        "Lung Lesion",
+        "Pleural Effusion",
+        "Enlarged Cardiomediastinum",
+        "Atelectasis",
+        "Pneumothorax",
+        "Fracture",
+        "Pleural Other",
+    ]:
         p_up, p_down, p_res, gmax = _DYN[obs]
         p_new = _P[obs][profile][1]
-        if obs == "Pleural Effusion" and st["Edema"]["grade"]: p_new = max(p_new, .35)
-        if obs == "Pneumothorax" and st["devices"]["central venous catheter"]: p_new += .04
-        if obs == "Edema" and st["Cardiomegaly"]["grade"]: p_new += .05
+        if obs == "Pleural Effusion" and st["Edema"]["grade"]:
+            p_new = max(p_new, 0.35)
+        if obs == "Pneumothorax" and st["devices"]["central venous catheter"]:
+            p_new += 0.04
+        if obs == "Edema" and st["Cardiomegaly"]["grade"]:
+            p_new += 0.05
         g0 = st[obs]["grade"]
-        g = _step(g0, rng, min(.9, p_new * scale), p_up * scale, p_down * scale, min(.9, p_res * scale), gmax,
-                  _NEW_P.get(obs, (.5, .35, .15))[:gmax])
+        g = _step(
+            g0,
+            rng,
+            min(0.9, p_new * scale),
+            p_up * scale,
+            p_down * scale,
+            min(0.9, p_res * scale),
+            gmax,
+            _NEW_P.get(obs, (0.5, 0.35, 0.15))[:gmax],
+        )
         if g0 == 0 and g > 0:
-            st[obs] = _blank(); st[obs]["grade"] = g; _new_detail(obs, st, rng)
-            if obs == "Lung Lesion": st[obs]["mm"] = _lesion_mm(g, rng)
-        elif g == 0: st[obs] = _blank()
+            st[obs] = _blank()
+            st[obs]["grade"] = g
+            _new_detail(obs, st, rng)
+            if obs == "Lung Lesion":
+                st[obs]["mm"] = _lesion_mm(g, rng)
+        elif g == 0:
+            st[obs] = _blank()
         else:
             st[obs]["grade"] = g
-            if obs == "Lung Lesion" and g != g0: st[obs]["mm"] = _lesion_mm(g, rng)
-    if st["Consolidation"]["grade"] and rng.random() < .1: st["infectious"] = not st["infectious"]
+            if obs == "Lung Lesion" and g != g0:
+                st[obs]["mm"] = _lesion_mm(g, rng)
+    if st["Consolidation"]["grade"] and rng.random() < 0.1:
+        st["infectious"] = not st["infectious"]
     for d in DEVICES:
         first, place, remove = _dev_p(d, profile)
         if st["devices"][d] is None:
-            if rng.random() < place * (1 if days < 30 else .5): st["devices"][d] = _device_kind(d, rng)
-        elif rng.random() < remove * scale: st["devices"][d] = None
-    if st["devices"]["endotracheal tube"] is None and st["devices"]["nasogastric tube"] and rng.random() < .5:
+            if rng.random() < place * (1 if days < 30 else 0.5):
+                st["devices"][d] = _device_kind(d, rng)
+        elif rng.random() < remove * scale:
+            st["devices"][d] = None
+    if st["devices"]["endotracheal tube"] is None and st["devices"]["nasogastric tube"] and rng.random() < 0.5:
         st["devices"]["nasogastric tube"] = None
     return st
 
 # %% ../nbs/01a_phantom.ipynb #2b4a76f4
 BOTH = ["frontal", "lateral"]
 
+
 def visible_views(obs, f):
     "Projections on which observation `obs` with attributes `f` (grade > 0) can be seen."
     g = f["grade"]
-    if obs == "Pleural Effusion": return ["lateral"] if g == 1 else BOTH
-    if obs == "Consolidation": return ["lateral"] if g == 1 and f.get("lobe") == "left lower lobe" else BOTH
-    if obs == "Atelectasis": return ["lateral"] if g == 1 and f.get("loc") == "retrocardiac" else BOTH
-    if obs == "Lung Lesion": return ["frontal"] if g == 1 else BOTH
-    if obs == "Enlarged Cardiomediastinum": return ["frontal"] if g == 1 else BOTH
-    if obs in ("Fracture", "Pleural Other", "Pneumothorax"): return ["frontal"]
+    if obs == "Pleural Effusion":
+        return ["lateral"] if g == 1 else BOTH
+    if obs == "Consolidation":
+        return ["lateral"] if g == 1 and f.get("lobe") == "left lower lobe" else BOTH
+    if obs == "Atelectasis":
+        return ["lateral"] if g == 1 and f.get("loc") == "retrocardiac" else BOTH
+    if obs == "Lung Lesion":
+        return ["frontal"] if g == 1 else BOTH
+    if obs == "Enlarged Cardiomediastinum":
+        return ["frontal"] if g == 1 else BOTH
+    if obs in ("Fracture", "Pleural Other", "Pneumothorax"):
+        return ["frontal"]
     return BOTH
 
 # %% ../nbs/01a_phantom.ipynb #a2470da6
-def _absent(): return {"present": False, "grade": 0, "side": None, "severity": None, "views": []}
+def _absent():
+    return {"present": False, "grade": 0, "side": None, "severity": None, "views": []}
+
 
 def _entry(obs, f, word_of=None):
-    "The findings entry of stated observation `obs` with state attributes `f` (severity words of `word_of`, default `obs`)."
+    """The findings entry of stated observation `obs` with state attributes `f` (severity words of `word_of`, default
+    `obs`)."""
     g = f["grade"]
-    if not g: return _absent()
-    return {"present": True, "grade": int(g), "side": f.get("side"), "severity": SEVERITY_WORDS[word_of or obs][g - 1],
-            "views": visible_views(obs, f)}
+    if not g:
+        return _absent()
+    return {
+        "present": True,
+        "grade": int(g),
+        "side": f.get("side"),
+        "severity": SEVERITY_WORDS[word_of or obs][g - 1],
+        "views": visible_views(obs, f),
+    }
+
 
 def findings_of(st):
     "The 14-observation `findings` dict of a truth record, from a state."
     out = {o: _entry(o, st[o]) for o in STATED}
     cons, atel = out["Consolidation"], out["Atelectasis"]
     if cons["present"] or atel["present"]:
-        g = max(cons["grade"], atel["grade"]); sides = {x["side"] for x in (cons, atel) if x["present"]}
+        g = max(cons["grade"], atel["grade"])
+        sides = {x["side"] for x in (cons, atel) if x["present"]}
         views = [v for v in BOTH if v in cons["views"] + atel["views"]]
-        out["Lung Opacity"] = {"present": True, "grade": g, "side": sides.pop() if len(sides) == 1 else "bilateral",
-                               "severity": ["mild", "moderate", "severe"][g - 1], "views": views}
-    else: out["Lung Opacity"] = _absent()
+        out["Lung Opacity"] = {
+            "present": True,
+            "grade": g,
+            "side": sides.pop() if len(sides) == 1 else "bilateral",
+            "severity": ["mild", "moderate", "severe"][g - 1],
+            "views": views,
+        }
+    else:
+        out["Lung Opacity"] = _absent()
     out["Pneumonia"] = dict(cons, views=list(cons["views"])) if cons["present"] and st["infectious"] else _absent()
     n_dev = sum(v is not None for v in st["devices"].values())
-    out["Support Devices"] = ({"present": True, "grade": min(3, n_dev), "side": None, "severity": None, "views": list(BOTH)}
-                              if n_dev else _absent())
+    out["Support Devices"] = (
+        {"present": True, "grade": min(3, n_dev), "side": None, "severity": None, "views": list(BOTH)}
+        if n_dev
+        else _absent()
+    )
     normal = not any(out[o]["present"] for o in out if o != "Support Devices")
-    out["No Finding"] = ({"present": True, "grade": 1, "side": None, "severity": None, "views": list(BOTH)} if normal else _absent())
+    out["No Finding"] = (
+        {"present": True, "grade": 1, "side": None, "severity": None, "views": list(BOTH)} if normal else _absent()
+    )
     return {o: out[o] for o in OBSERVATIONS}
 
 # %% ../nbs/01a_phantom.ipynb #cc0092d3
 def change_of(prior, cur):
     "The `change` dict: each observation (but No Finding) present in `prior` or `cur` findings -> its change."
-    if prior is None: return {}
+    if prior is None:
+        return {}
     out = {}
     for o in OBSERVATIONS:
-        if o == "No Finding": continue
+        if o == "No Finding":
+            continue
         p, c = prior[o]["grade"], cur[o]["grade"]
-        if p == 0 and c == 0: continue
+        if p == 0 and c == 0:
+            continue
         out[o] = "new" if p == 0 else "resolved" if c == 0 else "worse" if c > p else "better" if c < p else "unchanged"
     return out
 
 # %% ../nbs/01a_phantom.ipynb #d02f0d3b
-def _cap(s): return s[:1].upper() + s[1:]
-def _a(s): return ("an " if s[:1].lower() in "aeiou" else "a ") + s
+def _cap(s):
+    return s[:1].upper() + s[1:]
+
+
+def _a(s):
+    return ("an " if s[:1].lower() in "aeiou" else "a ") + s
+
 
 _MASS = {"Consolidation", "Atelectasis", "Edema", "Cardiomegaly", "Enlarged Cardiomediastinum", "Pleural Other"}
 
-_OPACITY_NOUNS = {"Consolidation": ["consolidative opacity", "opacity compatible with consolidation", "airspace opacity and consolidation"],
-                  "Atelectasis": ["atelectatic opacity", "opacity compatible with atelectasis", "opacity reflecting atelectasis"]}
+_OPACITY_NOUNS = {
+    "Consolidation": [
+        "consolidative opacity",
+        "opacity compatible with consolidation",
+        "airspace opacity and consolidation",
+    ],
+    "Atelectasis": ["atelectatic opacity", "opacity compatible with atelectasis", "opacity reflecting atelectasis"],
+}
+
 
 def _np(obs, f, det, variant=0):
     "(noun phrase with severity, definite noun phrase, plural) for a present observation."
     sev, side = f["severity"], f["side"]
     loc = det.get("locations", {}).get(obs)
     if obs == "Pleural Effusion":
-        pl = side == "bilateral"; n = "pleural effusions" if pl else "pleural effusion"
+        pl = side == "bilateral"
+        n = "pleural effusions" if pl else "pleural effusion"
         return f"{sev} {side} {n}", f"the {side} {n}", pl
-    if obs == "Pneumothorax": return f"{sev} {side} pneumothorax", f"the {side} pneumothorax", False
+    if obs == "Pneumothorax":
+        return f"{sev} {side} pneumothorax", f"the {side} pneumothorax", False
     if obs in _OPACITY_NOUNS:  # radiologists name the opacity and what it reflects: CheXpert labels both
         noun = _OPACITY_NOUNS[obs][variant % len(_OPACITY_NOUNS[obs])]
         return f"{sev} {loc} {noun}", f"the {loc} {noun}", False
-    if obs == "Edema": return f"{sev} pulmonary edema", "pulmonary edema", False
-    if obs == "Cardiomegaly": return f"{sev} cardiomegaly", "cardiomegaly", False
-    if obs == "Enlarged Cardiomediastinum": return f"{sev} widening of the mediastinum", "the mediastinal widening", False
+    if obs == "Edema":
+        return f"{sev} pulmonary edema", "pulmonary edema", False
+    if obs == "Cardiomegaly":
+        return f"{sev} cardiomegaly", "cardiomegaly", False
+    if obs == "Enlarged Cardiomediastinum":
+        return f"{sev} widening of the mediastinum", "the mediastinal widening", False
     if obs == "Lung Lesion":
         noun = "mass" if f["grade"] == 3 else "nodule"
         return f"{loc} {noun} measuring approximately {det.get('lesion_mm', 10)} mm", f"the {loc} {noun}", False
-    if obs == "Fracture": return f"{sev} {loc} fracture", f"the {loc} fracture", False
-    if obs == "Pleural Other": return f"{sev} {side} apical pleural thickening", f"the {side} apical pleural thickening", False
+    if obs == "Fracture":
+        return f"{sev} {loc} fracture", f"the {loc} fracture", False
+    if obs == "Pleural Other":
+        return f"{sev} {side} apical pleural thickening", f"the {side} apical pleural thickening", False
     raise KeyError(obs)
 
 # %% ../nbs/01a_phantom.ipynb #d090b967
@@ -297,53 +575,105 @@ def _sentence(obs, f, det, change, rng, hedge=False):
     npx, dfn, pl = _np(obs, f, det, variant=int(rng.integers(3)))
     pl = pl or obs in _MASS  # mass nouns take no article
     has, is_ = ("have", "are") if pl and obs not in _MASS else ("has", "is")
-    now = f"now measuring approximately {det.get('lesion_mm', 10)} mm" if obs == "Lung Lesion" else f"now {f['severity']}"
+    now = (
+        f"now measuring approximately {det.get('lesion_mm', 10)} mm" if obs == "Lung Lesion" else f"now {f['severity']}"
+    )
     grow = "has increased in size" if obs in ("Lung Lesion", "Pneumothorax") else f"{has} increased"
     shrink = "has decreased in size" if obs in ("Lung Lesion", "Pneumothorax") else f"{has} decreased"
     if change == "resolved":
-        return _pick(rng, [f"{_cap(dfn)} {has} resolved.", f"Interval resolution of {dfn}.",
-                           f"{_cap(dfn)} {is_} no longer seen."])
+        return _pick(
+            rng,
+            [f"{_cap(dfn)} {has} resolved.", f"Interval resolution of {dfn}.", f"{_cap(dfn)} {is_} no longer seen."],
+        )
     if hedge and change in (None, "new"):
         new = "new " if change == "new" else ""
         art = (lambda x: x) if pl else _a
-        return _pick(rng, [f"Possible {new}{npx}.", f"{_cap(art(new + npx))} cannot be excluded.",
-                           f"There may be {art(new + npx)}."])
+        return _pick(
+            rng,
+            [f"Possible {new}{npx}.", f"{_cap(art(new + npx))} cannot be excluded.", f"There may be {art(new + npx)}."],
+        )
     if change is None:
         there = "There are" if pl and obs not in _MASS else "There is"
-        return _pick(rng, [f"{_cap(npx)}.", f"{there} {npx if pl else _a(npx)}.", f"{_cap(npx if pl else _a(npx))} {is_} seen."])
+        return _pick(
+            rng, [f"{_cap(npx)}.", f"{there} {npx if pl else _a(npx)}.", f"{_cap(npx if pl else _a(npx))} {is_} seen."]
+        )
     if change == "new":
-        return _pick(rng, [f"New {npx}.", f"There {'are' if pl and obs not in _MASS else 'is'} {'' if pl else 'a '}new {npx}.",
-                           f"Interval development of {npx if pl else _a(npx)}."])
+        return _pick(
+            rng,
+            [
+                f"New {npx}.",
+                f"There {'are' if pl and obs not in _MASS else 'is'} {'' if pl else 'a '}new {npx}.",
+                f"Interval development of {npx if pl else _a(npx)}.",
+            ],
+        )
     if change == "worse":
-        return _pick(rng, [f"{_cap(dfn)} {grow}, {now}.", f"Interval increase in {dfn}, {now}.",
-                           f"Worsening {dfn.removeprefix('the ')}, {now}."])
+        return _pick(
+            rng,
+            [
+                f"{_cap(dfn)} {grow}, {now}.",
+                f"Interval increase in {dfn}, {now}.",
+                f"Worsening {dfn.removeprefix('the ')}, {now}.",
+            ],
+        )
     if change == "better":
-        return _pick(rng, [f"{_cap(dfn)} {shrink}, {now}.", f"Interval decrease in {dfn}, {now}.",
-                           f"Improving {dfn.removeprefix('the ')}, {now}."])
-    return _pick(rng, [f"Unchanged {npx}.", f"Stable {npx}.", f"{_cap(dfn)} {is_} unchanged.",
-                       f"Persistent {npx}, not significantly changed."])
+        return _pick(
+            rng,
+            [
+                f"{_cap(dfn)} {shrink}, {now}.",
+                f"Interval decrease in {dfn}, {now}.",
+                f"Improving {dfn.removeprefix('the ')}, {now}.",
+            ],
+        )
+    return _pick(
+        rng,
+        [
+            f"Unchanged {npx}.",
+            f"Stable {npx}.",
+            f"{_cap(dfn)} {is_} unchanged.",
+            f"Persistent {npx}, not significantly changed.",
+        ],
+    )
 
 # %% ../nbs/01a_phantom.ipynb #dbe08d1d
 _DEV_TEXT = {
-    "endotracheal tube": (["Endotracheal tube terminates approximately {cm} cm above the carina.",
-                           "The endotracheal tube is in standard position, {cm} cm above the carina.",
-                           "ET tube tip is {cm} cm above the carina."],
-                          ["Interval placement of an endotracheal tube, terminating {cm} cm above the carina.",
-                           "An endotracheal tube has been placed with its tip {cm} cm above the carina."],
-                          ["Interval removal of the endotracheal tube.", "The endotracheal tube has been removed."]),
-    "nasogastric tube": (["Nasogastric tube courses below the diaphragm into the stomach.",
-                          "An enteric tube terminates in the stomach."],
-                         ["Interval placement of a nasogastric tube, which terminates in the stomach.",
-                          "A nasogastric tube has been placed, the tip in the stomach."],
-                         ["Interval removal of the nasogastric tube.", "The enteric tube has been removed."]),
-    "central venous catheter": (["{kind} catheter terminates in the {tip}.", "{kind} line with tip in the {tip}."],
-                                ["Interval placement of a {kind_l} catheter with the tip in the {tip}.",
-                                 "New {kind_l} line terminates in the {tip}."],
-                                ["Interval removal of the {kind_l} catheter.", "The {kind_l} line has been removed."]),
-    "pacemaker": (["Left-sided pacemaker with {leads} in standard position.", "{Pm} pacemaker device is unchanged in position."],
-                  ["Interval placement of a left-sided pacemaker with {leads}.", "New left chest wall pacemaker with {leads}."],
-                  ["Interval removal of the pacemaker.", "The pacemaker has been removed."]),
+    "endotracheal tube": (
+        [
+            "Endotracheal tube terminates approximately {cm} cm above the carina.",
+            "The endotracheal tube is in standard position, {cm} cm above the carina.",
+            "ET tube tip is {cm} cm above the carina.",
+        ],
+        [
+            "Interval placement of an endotracheal tube, terminating {cm} cm above the carina.",
+            "An endotracheal tube has been placed with its tip {cm} cm above the carina.",
+        ],
+        ["Interval removal of the endotracheal tube.", "The endotracheal tube has been removed."],
+    ),
+    "nasogastric tube": (
+        [
+            "Nasogastric tube courses below the diaphragm into the stomach.",
+            "An enteric tube terminates in the stomach.",
+        ],
+        [
+            "Interval placement of a nasogastric tube, which terminates in the stomach.",
+            "A nasogastric tube has been placed, the tip in the stomach.",
+        ],
+        ["Interval removal of the nasogastric tube.", "The enteric tube has been removed."],
+    ),
+    "central venous catheter": (
+        ["{kind} catheter terminates in the {tip}.", "{kind} line with tip in the {tip}."],
+        [
+            "Interval placement of a {kind_l} catheter with the tip in the {tip}.",
+            "New {kind_l} line terminates in the {tip}.",
+        ],
+        ["Interval removal of the {kind_l} catheter.", "The {kind_l} line has been removed."],
+    ),
+    "pacemaker": (
+        ["Left-sided pacemaker with {leads} in standard position.", "{Pm} pacemaker device is unchanged in position."],
+        ["Interval placement of a left-sided pacemaker with {leads}.", "New left chest wall pacemaker with {leads}."],
+        ["Interval removal of the pacemaker.", "The pacemaker has been removed."],
+    ),
 }
+
 
 def _device_sentences(rec, prior, rng, det):
     "Sentences about each device (present, placed or removed) and whether any is present."
@@ -351,14 +681,24 @@ def _device_sentences(rec, prior, rng, det):
     pk = (prior or {}).get("details", {}).get("device_kinds", {})
     for d in DEVICES:
         now, before = bool(rec["devices"].get(d)), bool(prior and prior["devices"].get(d))
-        if not now and not before: continue
+        if not now and not before:
+            continue
         kind = kinds.get(d) or pk.get(d) or ""
-        kind_l = {"right internal jugular": "right internal jugular central venous", "left subclavian": "left subclavian central venous",
-                  "right PICC": "right-sided PICC"}.get(kind, "central venous")
-        fmt = dict(cm=det.get("ett_cm", 4), kind=_cap(kind_l), kind_l=kind_l,
-                   tip=_pick(rng, ["mid SVC", "low SVC", "cavoatrial junction"]),
-                   leads="leads in the right atrium and right ventricle" if kind == "dual-lead" else "a lead in the right ventricle",
-                   Pm=_cap(kind or "dual-lead"))
+        kind_l = {
+            "right internal jugular": "right internal jugular central venous",
+            "left subclavian": "left subclavian central venous",
+            "right PICC": "right-sided PICC",
+        }.get(kind, "central venous")
+        fmt = dict(
+            cm=det.get("ett_cm", 4),
+            kind=_cap(kind_l),
+            kind_l=kind_l,
+            tip=_pick(rng, ["mid SVC", "low SVC", "cavoatrial junction"]),
+            leads="leads in the right atrium and right ventricle"
+            if kind == "dual-lead"
+            else "a lead in the right ventricle",
+            Pm=_cap(kind or "dual-lead"),
+        )
         same, placed, removed = _DEV_TEXT[d]
         which = removed if not now else placed if (prior is not None and not before) else same
         out.append((_pick(rng, which).format(**fmt), 1.0 if now else 0.0))
@@ -366,26 +706,52 @@ def _device_sentences(rec, prior, rng, det):
 
 # %% ../nbs/01a_phantom.ipynb #df83b88f
 _NEG = {
-    ("Pleural Effusion", "Pneumothorax"): ["No pleural effusion or pneumothorax.", "There is no pleural effusion or pneumothorax.",
-                                           "No pneumothorax or pleural effusion is seen."],
+    ("Pleural Effusion", "Pneumothorax"): [
+        "No pleural effusion or pneumothorax.",
+        "There is no pleural effusion or pneumothorax.",
+        "No pneumothorax or pleural effusion is seen.",
+    ],
     ("Pleural Effusion",): ["No pleural effusion.", "There is no pleural effusion."],
     ("Pneumothorax",): ["No pneumothorax.", "There is no pneumothorax."],
-    ("Consolidation",): ["No focal consolidation.", "The lungs are clear without focal consolidation.",
-                         "There is no focal consolidation."],
-    ("Consolidation", "Pneumonia"): ["There is no focal consolidation to suggest pneumonia.", "No consolidation concerning for pneumonia."],
+    ("Consolidation",): [
+        "No focal consolidation.",
+        "The lungs are clear without focal consolidation.",
+        "There is no focal consolidation.",
+    ],
+    ("Consolidation", "Pneumonia"): [
+        "There is no focal consolidation to suggest pneumonia.",
+        "No consolidation concerning for pneumonia.",
+    ],
     ("Edema",): ["No pulmonary edema.", "There is no pulmonary edema.", "No evidence of pulmonary edema."],
     ("Cardiomegaly",): ["Heart size is normal.", "The heart is normal in size.", "Normal heart size."],
-    ("Enlarged Cardiomediastinum",): ["The cardiomediastinal silhouette is normal.", "Normal mediastinal contours.",
-                                      "Mediastinal contours are within normal limits."],
-    ("Cardiomegaly", "Enlarged Cardiomediastinum"): ["Heart size and mediastinal contours are normal.",
-                                                     "The heart size and cardiomediastinal silhouette are normal."],
+    ("Enlarged Cardiomediastinum",): [
+        "The cardiomediastinal silhouette is normal.",
+        "Normal mediastinal contours.",
+        "Mediastinal contours are within normal limits.",
+    ],
+    ("Cardiomegaly", "Enlarged Cardiomediastinum"): [
+        "Heart size and mediastinal contours are normal.",
+        "The heart size and cardiomediastinal silhouette are normal.",
+    ],
     ("Fracture",): ["No displaced rib fracture is seen.", "No acute rib fracture."],
     ("Lung Lesion",): ["No suspicious pulmonary nodules.", "No pulmonary nodule or mass is seen."],
 }
 REASONS = {
-    "dyspnea": ["shortness of breath", "dyspnea", "worsening dyspnea", "CHF exacerbation, eval for pulmonary edema",
-                "hypoxia", "increasing oxygen requirement", "eval for fluid overload"],
-    "fever": ["fever and cough", "productive cough, eval for pneumonia", "fever, leukocytosis", "cough and fever, r/o pneumonia"],
+    "dyspnea": [
+        "shortness of breath",
+        "dyspnea",
+        "worsening dyspnea",
+        "CHF exacerbation, eval for pulmonary edema",
+        "hypoxia",
+        "increasing oxygen requirement",
+        "eval for fluid overload",
+    ],
+    "fever": [
+        "fever and cough",
+        "productive cough, eval for pneumonia",
+        "fever, leukocytosis",
+        "cough and fever, r/o pneumonia",
+    ],
     "intubation": ["intubated, eval ET tube placement", "s/p intubation", "ETT placement"],
     "intubated": ["intubated patient, eval for interval change", "respiratory failure, intubated"],
     "line": ["s/p line placement, eval line position", "new central line, please eval position", "line placement"],
@@ -399,34 +765,58 @@ REASONS = {
     "weakness": ["weakness", "altered mental status", "fatigue"],
 }
 
+
 def _indication(det, rng):
     "The INDICATION text: the clinical reason of `det` in one of MIMIC's usual forms (the age blanked out as ___)."
     x = _pick(rng, REASONS[det.get("reason", "chest pain")])
     man = "man" if det.get("sex", "M") == "M" else "woman"
-    form = int(rng.choice(5, p=[.45, .2, .15, .1, .1]))
-    if form == 0: return f"___-year-old {man} with {x}."
-    if form == 1: return f"___ year old {man} with {x}  // {_pick(rng, ['eval for acute process', 'interval change?', 'eval', 'r/o acute process'])}"
-    if form == 2: return f"History: ___{det.get('sex', 'M')} with {x}"
-    if form == 3: return _cap(x) + "."
+    form = int(rng.choice(5, p=[0.45, 0.2, 0.15, 0.1, 0.1]))
+    if form == 0:
+        return f"___-year-old {man} with {x}."
+    if form == 1:
+        return (
+            f"___ year old {man} with {x}  // "
+            f"{_pick(rng, ['eval for acute process', 'interval change?', 'eval', 'r/o acute process'])}"
+        )
+    if form == 2:
+        return f"History: ___{det.get('sex', 'M')} with {x}"
+    if form == 3:
+        return _cap(x) + "."
     return f"___{det.get('sex', 'M')} with {x}."
 
 # %% ../nbs/01a_phantom.ipynb #42b64478
 _EXAM = {"pa_lat": "CHEST (PA AND LAT)", "portable": "CHEST (PORTABLE AP)", "single": "CHEST (SINGLE VIEW)"}
 
+
 def _reported(f, projections):
     "Is a finding visible on one of the acquired projections?"
     return f["present"] and bool(set(f["views"]) & set(projections))
 
-_P_NEG = {"Pleural Effusion": .75, "Pneumothorax": .7, "Consolidation": .7, "Edema": .45, "Cardiomegaly": .7,
-          "Enlarged Cardiomediastinum": .55, "Fracture": .12, "Lung Lesion": .05}   # chance of negating an absent finding
+
+_P_NEG = {
+    "Pleural Effusion": 0.75,
+    "Pneumothorax": 0.7,
+    "Consolidation": 0.7,
+    "Edema": 0.45,
+    "Cardiomegaly": 0.7,
+    "Enlarged Cardiomediastinum": 0.55,
+    "Fracture": 0.12,
+    "Lung Lesion": 0.05,
+}  # chance of negating an absent finding
+
 
 def _negations(silent, F, rng):
     "Negative statements, each with its 0 labels, for some of the `silent` observations (absent and not yet mentioned)."
     out = []
     for keys in sorted(_NEG, key=len, reverse=True):
         main = keys[0]
-        if all(k in silent or k == "Pneumonia" for k in keys) and (len(keys) == 1 or rng.random() < .5) and rng.random() < _P_NEG[main]:
-            if "Pneumonia" in keys and F["Pneumonia"]["present"]: continue
+        if (
+            all(k in silent or k == "Pneumonia" for k in keys)
+            and (len(keys) == 1 or rng.random() < 0.5)
+            and rng.random() < _P_NEG[main]
+        ):
+            if "Pneumonia" in keys and F["Pneumonia"]["present"]:
+                continue
             out.append((_pick(rng, _NEG[keys]), {k: 0.0 for k in keys}))
             silent -= set(keys)
     return out
@@ -439,44 +829,84 @@ def _statements(rec, prior, rng):
     pproj = {im["projection"] for im in prior["images"]} if prior else set()
     F, ch = rec["findings"], rec["change"]
     out = [(s, {"Support Devices": v}) for s, v in _device_sentences(rec, prior, rng, det)]
-    order = ["Consolidation", "Edema", "Atelectasis", "Lung Lesion", "Pleural Effusion", "Pneumothorax", "Pleural Other",
-             "Cardiomegaly", "Enlarged Cardiomediastinum", "Fracture"]
+    order = [
+        "Consolidation",
+        "Edema",
+        "Atelectasis",
+        "Lung Lesion",
+        "Pleural Effusion",
+        "Pneumothorax",
+        "Pleural Other",
+        "Cardiomegaly",
+        "Enlarged Cardiomediastinum",
+        "Fracture",
+    ]
     silent = set()  # absent, neither reported nor negated yet
     for o in order:
         f = F[o]
         if _reported(f, proj):
-            hedge = f["grade"] == 1 and o in ("Pleural Effusion", "Pneumothorax", "Consolidation", "Lung Lesion", "Atelectasis", "Edema") \
-                and rng.random() < .3
+            hedge = (
+                f["grade"] == 1
+                and o in ("Pleural Effusion", "Pneumothorax", "Consolidation", "Lung Lesion", "Atelectasis", "Edema")
+                and rng.random() < 0.3
+            )
             s = _sentence(o, f, det, ch.get(o) if prior else None, rng, hedge)
             lab = {o: -1.0 if hedge else 1.0}
-            if o in _OPACITY_NOUNS: lab["Lung Opacity"] = lab[o]
-            if o == "Pleural Effusion" and f["views"] == ["lateral"] and "frontal" in proj and rng.random() < .5:
+            if o in _OPACITY_NOUNS:
+                lab["Lung Opacity"] = lab[o]
+            if o == "Pleural Effusion" and f["views"] == ["lateral"] and "frontal" in proj and rng.random() < 0.5:
                 s = s[:-1] + ", seen only on the lateral view."
             if o == "Consolidation" and F["Pneumonia"]["present"]:
-                if rng.random() < .5: s, lab["Pneumonia"] = s[:-1] + ", consistent with pneumonia.", 1.0
-                else: s, lab["Pneumonia"] = s[:-1] + _pick(rng, [", concerning for pneumonia.", "; infection cannot be excluded."]), -1.0
+                if rng.random() < 0.5:
+                    s, lab["Pneumonia"] = s[:-1] + ", consistent with pneumonia.", 1.0
+                else:
+                    s, lab["Pneumonia"] = (
+                        s[:-1] + _pick(rng, [", concerning for pneumonia.", "; infection cannot be excluded."]),
+                        -1.0,
+                    )
             out.append((s, lab))
         elif prior and ch.get(o) == "resolved" and _reported(prior["findings"][o], pproj):
             lab = {o: 0.0, **({"Lung Opacity": 0.0} if o in _OPACITY_NOUNS else {})}
-            if o == "Consolidation" and prior["findings"]["Pneumonia"]["present"]: lab["Pneumonia"] = 0.0
+            if o == "Consolidation" and prior["findings"]["Pneumonia"]["present"]:
+                lab["Pneumonia"] = 0.0
             out.append((_sentence(o, prior["findings"][o], prior.get("details", {}), "resolved", rng), lab))
-        elif not f["present"]: silent.add(o)
+        elif not f["present"]:
+            silent.add(o)
     return out + _negations(silent, F, rng)
 
 # %% ../nbs/01a_phantom.ipynb #26a91f1d
 def _impression(rec, prior, stmts, rng):
-    "The (sentence, labels) pairs of the impression: up to 5 of the positive, device-change and resolution statements, else a normal one."
+    """The (sentence, labels) pairs of the impression: up to 5 of the positive, device-change and resolution statements,
+    else a normal one."""
     pos = [(s, l) for s, l in stmts if any(v != 0 for k, v in l.items() if k != "Support Devices")]
-    dev = [(s, l) for s, l in stmts if "Support Devices" in l and (prior is not None and ("nterval" in s or "has been" in s or "New" in s))]
+    dev = [
+        (s, l)
+        for s, l in stmts
+        if "Support Devices" in l and (prior is not None and ("nterval" in s or "has been" in s or "New" in s))
+    ]
     res = [(s, l) for s, l in stmts if prior is not None and any(w in s for w in ("resol", "no longer"))]
     keep = (pos[:3] + dev + res)[:5]
     if not keep:
-        if prior is not None and rng.random() < .5: return [("No significant interval change.", {})]
-        return [(_pick(rng, ["No acute cardiopulmonary process.", "No acute intrathoracic process.",
-                             "No acute cardiopulmonary abnormality."]), {})]
+        if prior is not None and rng.random() < 0.5:
+            return [("No significant interval change.", {})]
+        return [
+            (
+                _pick(
+                    rng,
+                    [
+                        "No acute cardiopulmonary process.",
+                        "No acute intrathoracic process.",
+                        "No acute cardiopulmonary abnormality.",
+                    ],
+                ),
+                {},
+            )
+        ]
     return keep
 
-def _wrap(s, width=78): return [" " + l for l in textwrap.wrap(s, width - 1)] or [" "]
+
+def _wrap(s, width=78):
+    return [" " + l for l in textwrap.wrap(s, width - 1)] or [" "]
 
 # %% ../nbs/01a_phantom.ipynb #c9f1f224
 def compose_report(rec, prior=None, rng=None):
@@ -486,30 +916,56 @@ def compose_report(rec, prior=None, rng=None):
     stmts = _statements(rec, prior, rng)
     proj = [im["view"] or im["projection"] for im in rec["images"]]
     exam = _EXAM[det.get("exam", "pa_lat")]
-    intro = {"pa_lat": ["PA and lateral views of the chest provided.", "Frontal and lateral views of the chest were obtained.", ""],
-             "portable": ["Portable AP view of the chest.", "Single portable view of the chest.", ""],
-             "single": ["Single frontal view of the chest.", ""]}[det.get("exam", "pa_lat")]
+    intro = {
+        "pa_lat": [
+            "PA and lateral views of the chest provided.",
+            "Frontal and lateral views of the chest were obtained.",
+            "",
+        ],
+        "portable": ["Portable AP view of the chest.", "Single portable view of the chest.", ""],
+        "single": ["Single frontal view of the chest.", ""],
+    }[det.get("exam", "pa_lat")]
     findings = [x for x in [_pick(rng, intro)] if x] + [s for s, _ in stmts]
     imp = _impression(rec, prior, stmts, rng)
-    if rec.get("has_findings_section", True) is False: imp = stmts if stmts else imp
-    secs = [("EXAMINATION", exam), ("INDICATION", _indication(det, rng)),
-            ("TECHNIQUE", {"pa_lat": "Chest PA and lateral", "portable": "Portable AP chest", "single": "Single view of the chest"}[det.get("exam", "pa_lat")]),
-            ("COMPARISON", ("___" if rng.random() < .6 else "Chest radiograph from ___.") if prior else "None.")]
+    if rec.get("has_findings_section", True) is False:
+        imp = stmts if stmts else imp
+    secs = [
+        ("EXAMINATION", exam),
+        ("INDICATION", _indication(det, rng)),
+        (
+            "TECHNIQUE",
+            {"pa_lat": "Chest PA and lateral", "portable": "Portable AP chest", "single": "Single view of the chest"}[
+                det.get("exam", "pa_lat")
+            ],
+        ),
+        ("COMPARISON", ("___" if rng.random() < 0.6 else "Chest radiograph from ___.") if prior else "None."),
+    ]
     text = [" " * 33 + "FINAL REPORT"]
-    for h, body in secs: text += _wrap(f"{h}:  {body}") + [" "]
-    if rec.get("has_findings_section", True) is not False: text += [" FINDINGS: ", " "] + _wrap(" ".join(findings)) + [" "]
+    for h, body in secs:
+        text += _wrap(f"{h}:  {body}") + [" "]
+    if rec.get("has_findings_section", True) is not False:
+        text += [" FINDINGS: ", " "] + _wrap(" ".join(findings)) + [" "]
     text += [" IMPRESSION: ", " "] + _wrap(" ".join(s for s, _ in imp))
     labels = {}
     for _, lab in stmts + imp:
-        for k, v in lab.items(): labels.setdefault(k, []).append(v)
-    final = {o: (1.0 if 1.0 in labels[o] else -1.0 if -1.0 in labels[o] else 0.0) if o in labels else None for o in OBSERVATIONS}
-    final["No Finding"] = 1.0 if not any(final[o] in (1.0, -1.0) for o in OBSERVATIONS if o not in ("No Finding", "Support Devices")) else None
+        for k, v in lab.items():
+            labels.setdefault(k, []).append(v)
+    final = {
+        o: (1.0 if 1.0 in labels[o] else -1.0 if -1.0 in labels[o] else 0.0) if o in labels else None
+        for o in OBSERVATIONS
+    }
+    final["No Finding"] = (
+        1.0
+        if not any(final[o] in (1.0, -1.0) for o in OBSERVATIONS if o not in ("No Finding", "Support Devices"))
+        else None
+    )
     return "\n".join(text) + "\n", final
 
 # %% ../nbs/01a_phantom.ipynb #27d15bce
 def write_report(rec, prior=None, rng=None):
     "The report text for truth record `rec` (its prior study's record `prior`), phrased with `rng`."
     return compose_report(rec, prior, rng)[0]
+
 
 def findings_text(rec, prior=None, rng=None):
     "Only the findings paragraph (as one line) of the report `write_report` would write with the same `rng`."
@@ -520,19 +976,24 @@ def findings_text(rec, prior=None, rng=None):
 @functools.lru_cache(maxsize=4)
 def _grid(size):
     "Coordinate grids and a small bank of smooth noise textures for images of `size` pixels."
-    ax = ((np.arange(size, dtype=np.float32) + .5) / size * 2 - 1).astype(np.float32)
+    ax = ((np.arange(size, dtype=np.float32) + 0.5) / size * 2 - 1).astype(np.float32)
     Y, X = np.meshgrid(ax, ax, indexing="ij")
     rs = np.random.default_rng(20250101 + size)
-    f = np.fft.fftfreq(size)[:, None] * size; fx = np.fft.rfftfreq(size)[None, :] * size
+    f = np.fft.fftfreq(size)[:, None] * size
+    fx = np.fft.rfftfreq(size)[None, :] * size
     bank = []
     for cut in (6.0, 6.0, 18.0, 18.0, 40.0, 40.0):
-        w = np.fft.irfft2(np.fft.rfft2(rs.standard_normal((size, size))) * np.exp(-(f ** 2 + fx ** 2) / (2 * cut ** 2)), s=(size, size))
+        w = np.fft.irfft2(
+            np.fft.rfft2(rs.standard_normal((size, size))) * np.exp(-(f**2 + fx**2) / (2 * cut**2)), s=(size, size)
+        )
         bank.append(((w - w.mean()) / w.std()).astype(np.float32))
     return X, Y, bank
 
+
 def _ramp(d, e):
     "A soft step: 0 for d << 0, 1 for d >> 0, linear over a width e."
-    return np.clip(d * (1.0 / e) + .5, 0, 1)
+    return np.clip(d * (1.0 / e) + 0.5, 0, 1)
+
 
 def _tex(bank, k, rng):
     "Texture `k` of the bank, rolled by a random offset."
@@ -543,13 +1004,23 @@ def _tex(bank, k, rng):
 def image_geometry(rng, view, supine=False):
     "Per-image variation: habitus, inspiration, rotation, shift, mediastinal shift (patient rotation), exposure, noise."
     ap = view == "AP"
-    return {"w": float(rng.uniform(.86, 1.08)), "insp": float(rng.normal(.03 if ap else 0, .04)),
-            "rot": float(np.deg2rad(np.clip(rng.normal(0, 1.6), -4, 4))), "dx": float(rng.normal(0, .025)),
-            "dy": float(rng.normal(0, .025)), "med": float(rng.normal(0, .015)), "ap": ap, "supine": bool(supine),
-            "contrast": float(rng.uniform(1.25, 1.6)), "black": float(rng.uniform(-.02, .06)),
-            "gamma": float(rng.uniform(.8, 1.2)), "noise": float(rng.uniform(.012, .03) * (1.4 if ap else 1)),
-            "bubble": bool(rng.random() < .75), "ett_cm": int(rng.integers(3, 7)),
-            "sulcus": float(rng.uniform(0, 1))}  # depth of soft tissue over a normal posterior sulcus (lateral view)
+    return {
+        "w": float(rng.uniform(0.86, 1.08)),
+        "insp": float(rng.normal(0.03 if ap else 0, 0.04)),
+        "rot": float(np.deg2rad(np.clip(rng.normal(0, 1.6), -4, 4))),
+        "dx": float(rng.normal(0, 0.025)),
+        "dy": float(rng.normal(0, 0.025)),
+        "med": float(rng.normal(0, 0.015)),
+        "ap": ap,
+        "supine": bool(supine),
+        "contrast": float(rng.uniform(1.25, 1.6)),
+        "black": float(rng.uniform(-0.02, 0.06)),
+        "gamma": float(rng.uniform(0.8, 1.2)),
+        "noise": float(rng.uniform(0.012, 0.03) * (1.4 if ap else 1)),
+        "bubble": bool(rng.random() < 0.75),
+        "ett_cm": int(rng.integers(3, 7)),
+        "sulcus": float(rng.uniform(0, 1)),
+    }  # depth of soft tissue over a normal posterior sulcus (lateral view)
 
 # %% ../nbs/01a_phantom.ipynb #e407e449
 def _to_xy(u, v, geo):
@@ -558,19 +1029,25 @@ def _to_xy(u, v, geo):
     xp, yp = u * geo["w"] + geo["dx"], v + geo["dy"]
     return c * xp - s * yp, s * xp + c * yp
 
+
 def _uv(X, Y, geo):
     "Image coordinate grids `X`, `Y` to body coordinates `u`, `v` (the inverse of `_to_xy`), in float32."
     c, s = np.float32(np.cos(geo["rot"])), np.float32(np.sin(geo["rot"]))
-    return ((c * X + s * Y) - np.float32(geo["dx"])) * np.float32(1 / geo["w"]), (-s * X + c * Y) - np.float32(geo["dy"])
+    return ((c * X + s * Y) - np.float32(geo["dx"])) * np.float32(1 / geo["w"]), (-s * X + c * Y) - np.float32(
+        geo["dy"]
+    )
 
 # %% ../nbs/01a_phantom.ipynb #d28f50df
 def _smooth(pts, n=3):
     "Chaikin corner cutting of a polyline."
     p = np.asarray(pts, dtype=np.float64)
     for _ in range(n):
-        q = np.empty((2 * len(p) - 2, 2)); q[0::2] = .75 * p[:-1] + .25 * p[1:]; q[1::2] = .25 * p[:-1] + .75 * p[1:]
+        q = np.empty((2 * len(p) - 2, 2))
+        q[0::2] = 0.75 * p[:-1] + 0.25 * p[1:]
+        q[1::2] = 0.25 * p[:-1] + 0.75 * p[1:]
         p = np.vstack([p[:1], q, p[-1:]])
     return p
+
 
 def _stroke(canvas, pts, geo, value, width=1):
     "Add a line through body-coordinate points `pts` to `canvas` (max-composited), `width` pixels wide."
@@ -578,17 +1055,23 @@ def _stroke(canvas, pts, geo, value, width=1):
     p = _smooth(pts)
     seg = np.linalg.norm(np.diff(p, axis=0), axis=1)
     n = max(2, int(seg.sum() * size))  # about two samples per pixel
-    t = np.concatenate([[0], np.cumsum(seg)]); s = np.linspace(0, t[-1], n)
+    t = np.concatenate([[0], np.cumsum(seg)])
+    s = np.linspace(0, t[-1], n)
     u, v = np.interp(s, t, p[:, 0]), np.interp(s, t, p[:, 1])
     X, Y = _to_xy(u, v, geo)
-    c, r = (X + 1) / 2 * size - .5, (Y + 1) / 2 * size - .5
+    c, r = (X + 1) / 2 * size - 0.5, (Y + 1) / 2 * size - 0.5
     rad = (width - 1) / 2
-    offs = [(dy, dx) for dy in range(-int(np.ceil(rad)), int(np.ceil(rad)) + 1)
-            for dx in range(-int(np.ceil(rad)), int(np.ceil(rad)) + 1) if dy * dy + dx * dx <= rad * rad + .3]
+    offs = [
+        (dy, dx)
+        for dy in range(-int(np.ceil(rad)), int(np.ceil(rad)) + 1)
+        for dx in range(-int(np.ceil(rad)), int(np.ceil(rad)) + 1)
+        if dy * dy + dx * dx <= rad * rad + 0.3
+    ]
     for dy, dx in offs:
         ri, ci = np.rint(r).astype(int) + dy, np.rint(c).astype(int) + dx
         ok = (ri >= 0) & (ri < size) & (ci >= 0) & (ci < size)
         canvas[ri[ok], ci[ok]] = np.maximum(canvas[ri[ok], ci[ok]], value)
+
 
 def _line_px(size):
     "Width in pixels of tubes and catheters: 2 px at 256 px, so they survive downsampling to 128 px."
@@ -600,6 +1083,7 @@ def _bronchi(u, v, cu, cv, tex):
     ang = np.arctan2(v - cv, u - cu)
     return np.clip(np.cos(ang * 9 + 1.5 * tex) * 4 - 3.2, 0, 1)
 
+
 def _blob(u, v, cu, cv, ru, rv):
     "A soft elliptic blob (1 at the centre, 0 outside), cheap: a clipped paraboloid squared."
     q = np.clip(1 - ((u - cu) * (1 / ru)) ** 2 - ((v - cv) * (1 / rv)) ** 2, 0, 1)
@@ -608,87 +1092,118 @@ def _blob(u, v, cu, cv, ru, rv):
 # %% ../nbs/01a_phantom.ipynb #7202e69d
 def _frontal_body(u, v, au):
     "The chest wall and arms of the frontal view: (attenuation `A`, body mask, the body's half-width per row `bw`)."
-    bw = .86 - 2.0 * np.clip(-.74 - v, 0, None)
-    body = _ramp(bw - au, .05)
-    A = .40 * body * (.9 + .1 * np.clip(1 - u * u, 0, 1)) + .22 * _ramp(au - .93, .06) * _ramp(.3 - v, .2)
+    bw = 0.86 - 2.0 * np.clip(-0.74 - v, 0, None)
+    body = _ramp(bw - au, 0.05)
+    A = 0.40 * body * (0.9 + 0.1 * np.clip(1 - u * u, 0, 1)) + 0.22 * _ramp(au - 0.93, 0.06) * _ramp(0.3 - v, 0.2)
     return A, body, bw
 
+
 def _frontal_lungs(u, v, geo, e):
-    "The lung fields: their sum (thinner at the periphery) and, per side, (mask, centre, half-width, dome level, diaphragm)."
-    lung = np.zeros_like(u); sides = {}
+    """The lung fields: their sum (thinner at the periphery) and, per side, (mask, centre, half-width, dome level,
+    diaphragm)."""
+    lung = np.zeros_like(u)
+    sides = {}
     for sgn, side in ((-1, "right"), (1, "left")):
-        cx = sgn * .37 + geo["med"] * .3
-        wx0 = .30 if side == "right" else .285
-        bv = (.40 if side == "right" else .45) + geo["insp"]
-        apex = -.80
-        frac = np.clip((v - apex) * (1 / (bv + .1 - apex)), 0, 1)
-        wx = wx0 * (.30 + .70 * frac ** .35)
+        cx = sgn * 0.37 + geo["med"] * 0.3
+        wx0 = 0.30 if side == "right" else 0.285
+        bv = (0.40 if side == "right" else 0.45) + geo["insp"]
+        apex = -0.80
+        frac = np.clip((v - apex) * (1 / (bv + 0.1 - apex)), 0, 1)
+        wx = wx0 * (0.30 + 0.70 * frac**0.35)
         a = np.clip((u - cx) * (1 / wx0), -1.25, 1.25)
-        yd = bv + .11 * a * a
-        top = apex + .30 * ((u - cx + sgn * .06) * (1 / wx0)) ** 2
+        yd = bv + 0.11 * a * a
+        top = apex + 0.30 * ((u - cx + sgn * 0.06) * (1 / wx0)) ** 2
         m = _ramp(wx - np.abs(u - cx), e) * _ramp(yd - v, e) * _ramp(v - top, 2 * e)
         sides[side] = (m, cx, wx0, bv, yd)
-        lung += m * (.78 + .22 * _ramp(wx - np.abs(u - cx) - .09, .18))  # the periphery is thinner
+        lung += m * (0.78 + 0.22 * _ramp(wx - np.abs(u - cx) - 0.09, 0.18))  # the periphery is thinner
     return lung, sides
 
 # %% ../nbs/01a_phantom.ipynb #ab4f241f
 def _frontal_mediastinum(u, v, st, geo, sides, e):
     "Heart, mediastinum, aortic knob and trachea: (solid mask, trachea mask, heart centre `hx`, `hv` and scale `hs`)."
     ap, insp = geo["ap"], geo["insp"]
-    hs = [1, 1.17, 1.32, 1.48][st["Cardiomegaly"]["grade"]] * (1.13 if ap else 1.0) * (1 - .25 * insp)
-    hx, hv = .08 + geo["med"] + .05 * (hs - 1), sides["right"][3] + .12 - .21 * hs ** .5
-    hu = (u - hx) * (1 / (.30 * hs)); hw = (v - hv) * (1 / (.22 * hs ** .5))
-    heart = _ramp(1 - hu * hu - hw * hw + .25 * hu * hw, .25)
-    mw = .095 * (1 + .42 * st["Enlarged Cardiomediastinum"]["grade"] * _ramp(hv - .05 - v, .1)) * (1.08 if ap else 1)
-    med = _ramp(mw - np.abs(u - geo["med"] - .01), e) * _ramp(v + .98, e)
-    knob = _blob(u, v, .10 + geo["med"], -.36, .065, .06)
+    hs = [1, 1.17, 1.32, 1.48][st["Cardiomegaly"]["grade"]] * (1.13 if ap else 1.0) * (1 - 0.25 * insp)
+    hx, hv = 0.08 + geo["med"] + 0.05 * (hs - 1), sides["right"][3] + 0.12 - 0.21 * hs**0.5
+    hu = (u - hx) * (1 / (0.30 * hs))
+    hw = (v - hv) * (1 / (0.22 * hs**0.5))
+    heart = _ramp(1 - hu * hu - hw * hw + 0.25 * hu * hw, 0.25)
+    mw = (
+        0.095 * (1 + 0.42 * st["Enlarged Cardiomediastinum"]["grade"] * _ramp(hv - 0.05 - v, 0.1)) * (1.08 if ap else 1)
+    )
+    med = _ramp(mw - np.abs(u - geo["med"] - 0.01), e) * _ramp(v + 0.98, e)
+    knob = _blob(u, v, 0.10 + geo["med"], -0.36, 0.065, 0.06)
     solid = np.maximum(np.maximum(heart, med), np.minimum(knob * 2, 1))
-    trach = _ramp(.026 - np.abs(u - geo["med"] * .5), e) * _ramp(-.30 - v, e)
+    trach = _ramp(0.026 - np.abs(u - geo["med"] * 0.5), e) * _ramp(-0.30 - v, e)
     return solid, trach, hx, hv, hs
 
 # %% ../nbs/01a_phantom.ipynb #46d25c49
 def _frontal_markings(u, v, geo, ed, tex_c, tex_m, tex_f):
     "The lung markings of the frontal view (0..), fuller with edema of grade `ed`."
-    du, dv = np.abs(u - geo["med"]) - .13, v + .05
+    du, dv = np.abs(u - geo["med"]) - 0.13, v + 0.05
     r = np.sqrt(du * du + dv * dv)
     ang = np.arctan2(dv, du)
-    vessels = np.clip(np.cos(ang * 24 + 2.2 * tex_c) * 3.5 - 2.4, 0, 1) * np.clip(1 - r * 1.25, 0, 1) * (.5 + .5 * np.clip(tex_m + 1, 0, 2))
-    vessels += .25 * np.clip(tex_f, 0, 2) * np.clip(.8 - r, 0, 1)
-    vessels *= (1 + .35 * ed)
+    vessels = (
+        np.clip(np.cos(ang * 24 + 2.2 * tex_c) * 3.5 - 2.4, 0, 1)
+        * np.clip(1 - r * 1.25, 0, 1)
+        * (0.5 + 0.5 * np.clip(tex_m + 1, 0, 2))
+    )
+    vessels += 0.25 * np.clip(tex_f, 0, 2) * np.clip(0.8 - r, 0, 1)
+    vessels *= 1 + 0.35 * ed
     return vessels
 
 # %% ../nbs/01a_phantom.ipynb #dc4e2f6c
-_LOBE_UV = {"right upper lobe": (-.36, -.45), "right middle lobe": (-.24, .12), "right lower lobe": (-.40, .30),
-            "left upper lobe": (.36, -.42), "lingula": (.30, .10), "left lower lobe": (.22, .30)}
+_LOBE_UV = {
+    "right upper lobe": (-0.36, -0.45),
+    "right middle lobe": (-0.24, 0.12),
+    "right lower lobe": (-0.40, 0.30),
+    "left upper lobe": (0.36, -0.42),
+    "lingula": (0.30, 0.10),
+    "left lower lobe": (0.22, 0.30),
+}
+
 
 def _frontal_airspace(u, v, st, geo, sides, tex_c, tex_m):
-    "The densities (`D`) that a pleural effusion, a consolidation and atelectasis add inside the lungs on the frontal view."
+    """The densities (`D`) that a pleural effusion, a consolidation and atelectasis add inside the lungs on the frontal
+    view."""
     D = np.zeros_like(u)
     pe = st["Pleural Effusion"]
     if pe["grade"] >= 2:
-        for side in (["right", "left"] if pe["side"] == "bilateral" else [pe["side"]]):
+        for side in ["right", "left"] if pe["side"] == "bilateral" else [pe["side"]]:
             m, cx, wx0, bv, yd = sides[side]
-            h = [0, 0, .24, .46][pe["grade"]]
+            h = [0, 0, 0.24, 0.46][pe["grade"]]
             if geo["ap"] and geo["supine"]:
-                D += m * np.clip((v - (bv - h - .55)) * (1 / (h + .55)), 0, 1) * (.10 + .06 * pe["grade"])
+                D += m * np.clip((v - (bv - h - 0.55)) * (1 / (h + 0.55)), 0, 1) * (0.10 + 0.06 * pe["grade"])
             else:
                 lateral = np.clip(np.abs(u - cx) * (1 / wx0), 0, 1)
-                level = bv + .11 - h - .10 * lateral ** 2
-                D += m * _ramp(v - level, .05) * .36
+                level = bv + 0.11 - h - 0.10 * lateral**2
+                D += m * _ramp(v - level, 0.05) * 0.36
     co = st["Consolidation"]
     if co["grade"] and not (co["grade"] == 1 and co["lobe"] == "left lower lobe"):
-        cu, cv = _LOBE_UV[co["lobe"]]; cu += geo["med"] * .5
-        rad = .09 + .075 * co["grade"]
-        patch = np.clip(_blob(u, v, cu, cv, rad, rad * .9) * 2.2, 0, 1)   # flat-topped: a dense patch, not a faint blob
-        D += patch * np.clip(.8 + .5 * tex_c, 0, 1.4) * (.22 + .05 * co["grade"]) * (1 - .55 * _bronchi(u, v, cu, cv, tex_m))
+        cu, cv = _LOBE_UV[co["lobe"]]
+        cu += geo["med"] * 0.5
+        rad = 0.09 + 0.075 * co["grade"]
+        patch = np.clip(_blob(u, v, cu, cv, rad, rad * 0.9) * 2.2, 0, 1)  # flat-topped: a dense patch, not a faint blob
+        D += (
+            patch
+            * np.clip(0.8 + 0.5 * tex_c, 0, 1.4)
+            * (0.22 + 0.05 * co["grade"])
+            * (1 - 0.55 * _bronchi(u, v, cu, cv, tex_m))
+        )
     at = st["Atelectasis"]
     if at["grade"] and not (at["grade"] == 1 and at["loc"] == "retrocardiac"):
-        sl = {"bibasilar": ["right", "left"], "left basilar": ["left"], "right basilar": ["right"], "retrocardiac": ["left"]}[at["loc"]]
+        sl = {
+            "bibasilar": ["right", "left"],
+            "left basilar": ["left"],
+            "right basilar": ["right"],
+            "retrocardiac": ["left"],
+        }[at["loc"]]
         for side in sl:
             m, cx, wx0, bv, yd = sides[side]
-            lv = bv - .06 - .03 * at["grade"]
-            band = _ramp(.012 + .006 * at["grade"] - np.abs(v - lv - .08 * (u - cx)), .012) * _ramp(.22 - np.abs(u - cx), .05)
-            D += band * (.10 + .04 * at["grade"]) + m * _ramp(v - lv, .1) * .02 * at["grade"]
+            lv = bv - 0.06 - 0.03 * at["grade"]
+            band = _ramp(0.012 + 0.006 * at["grade"] - np.abs(v - lv - 0.08 * (u - cx)), 0.012) * _ramp(
+                0.22 - np.abs(u - cx), 0.05
+            )
+            D += band * (0.10 + 0.04 * at["grade"]) + m * _ramp(v - lv, 0.1) * 0.02 * at["grade"]
     return D
 
 # %% ../nbs/01a_phantom.ipynb #09ac8f1e
@@ -696,90 +1211,144 @@ def _frontal_edema_lesion(u, v, st, geo, sides, lung, D, A, tex_c, size):
     "Add edema and a nodule or mass to the densities `D` (and the nodule's rim to the attenuation `A`), in place."
     ed = st["Edema"]["grade"]
     if ed:
-        hil = _blob(np.abs(u - geo["med"]), v, .22, -.02, .34 + .06 * ed, .40 + .05 * ed)
-        D += hil * (.03 + .07 * ed) * (1 + .3 * tex_c)
+        hil = _blob(np.abs(u - geo["med"]), v, 0.22, -0.02, 0.34 + 0.06 * ed, 0.40 + 0.05 * ed)
+        D += hil * (0.03 + 0.07 * ed) * (1 + 0.3 * tex_c)
         if ed >= 2:  # Kerley B lines at the lateral bases
             for side in ("right", "left"):
                 m, cx, wx0, bv, yd = sides[side]
-                strip = _ramp(np.abs(u - cx) - (wx0 - .07), .02) * _ramp(v - (bv - .25), .05)
-                D += strip * m * np.clip(np.cos(v * (2 * np.pi / .028)) * 3 - 2, 0, 1) * .05
-        if ed == 3: D += lung * .07
+                strip = _ramp(np.abs(u - cx) - (wx0 - 0.07), 0.02) * _ramp(v - (bv - 0.25), 0.05)
+                D += strip * m * np.clip(np.cos(v * (2 * np.pi / 0.028)) * 3 - 2, 0, 1) * 0.05
+        if ed == 3:
+            D += lung * 0.07
     le = st["Lung Lesion"]
     if le["grade"]:
-        cu, cv = _LOBE_UV[le["lobe"]]; cu += le["pos"][0] * .08; cv += le["pos"][1] * .12
+        cu, cv = _LOBE_UV[le["lobe"]]
+        cu += le["pos"][0] * 0.08
+        cv += le["pos"][1] * 0.12
         rad = max(le["mm"] / 300, 3.5 / size)
-        D += _ramp(rad - np.sqrt((u - cu) ** 2 + (v - cv) ** 2) * (1 + .08 * tex_c), .01) * (.26 + .03 * le["grade"])
-        A += _ramp(rad - np.sqrt((u - cu) ** 2 + (v - cv) ** 2), .01) * .03
+        D += _ramp(rad - np.sqrt((u - cu) ** 2 + (v - cv) ** 2) * (1 + 0.08 * tex_c), 0.01) * (
+            0.26 + 0.03 * le["grade"]
+        )
+        A += _ramp(rad - np.sqrt((u - cu) ** 2 + (v - cv) ** 2), 0.01) * 0.03
 
 # %% ../nbs/01a_phantom.ipynb #6e1fa24c
 def _frontal_pleura(u, v, st, sides, A, size):
-    "Add a pneumothorax's pleural line and apical pleural thickening to `A` in place; returns the pneumothorax's clear rim (0..1)."
+    """Add a pneumothorax's pleural line and apical pleural thickening to `A` in place; returns the pneumothorax's clear
+    rim (0..1)."""
     clear = np.zeros_like(u)
     pt = st["Pneumothorax"]
     if pt["grade"]:
         m, cx, wx0, bv, yd = sides[pt["side"]]
-        f = [0, .16, .30, .50][pt["grade"]]
+        f = [0, 0.16, 0.30, 0.50][pt["grade"]]
         sg = -1 if pt["side"] == "right" else 1
-        ru, rv = wx0 * 1.05 * (1 - f), (bv + .8) * .62 * (1 - .7 * f)
-        q = np.sqrt(((u - cx + sg * .05 * f) * (1 / ru)) ** 2 + ((v - (bv - rv + .12)) * (1 / rv)) ** 2)
-        clear = m * _ramp(q - 1, .02)
-        A += m * np.clip(1.5 - np.abs(q - 1) * ru * (size / 1.5), 0, 1) * .16  # visceral pleural line
+        ru, rv = wx0 * 1.05 * (1 - f), (bv + 0.8) * 0.62 * (1 - 0.7 * f)
+        q = np.sqrt(((u - cx + sg * 0.05 * f) * (1 / ru)) ** 2 + ((v - (bv - rv + 0.12)) * (1 / rv)) ** 2)
+        clear = m * _ramp(q - 1, 0.02)
+        A += m * np.clip(1.5 - np.abs(q - 1) * ru * (size / 1.5), 0, 1) * 0.16  # visceral pleural line
     po = st["Pleural Other"]
     if po["grade"]:
         m, cx, wx0, bv, yd = sides[po["side"]]
-        A += m * _ramp(-.62 - v + .02 * po["grade"], .03) * (.08 + .03 * po["grade"]) * _ramp(.8 - .0 * v, .1)
+        A += m * _ramp(-0.62 - v + 0.02 * po["grade"], 0.03) * (0.08 + 0.03 * po["grade"]) * _ramp(0.8 - 0.0 * v, 0.1)
     return clear
 
 # %% ../nbs/01a_phantom.ipynb #7ca23841
 def _frontal_bones(u, v, au, st, geo, bw, e, size):
-    "The attenuation that the spine, the ribs (with a fracture's gap and callus) and the clavicles add to a frontal view."
+    """The attenuation that the spine, the ribs (with a fracture's gap and callus) and the clavicles add to a frontal
+    view."""
     insp = geo["insp"]
-    sp = _ramp(.055 - np.abs(u - geo["med"] * .6), e) * (.85 + .15 * np.cos(v * (2 * np.pi / .11)))
-    th = _ramp(bw - .06 - au, .03) * _ramp(.72 + insp - v, .06) * _ramp(v + .92, .05)
-    post = np.clip(np.cos((v + .10 * au - .38 * au * au) * (2 * np.pi / (.125 + .02 * (v + 1)))) * 3 - 1.9, 0, 1)
-    ant = np.clip(np.cos((v + .38 * au) * (2 * np.pi / .16)) * 3 - 2.2, 0, 1)
+    sp = _ramp(0.055 - np.abs(u - geo["med"] * 0.6), e) * (0.85 + 0.15 * np.cos(v * (2 * np.pi / 0.11)))
+    th = _ramp(bw - 0.06 - au, 0.03) * _ramp(0.72 + insp - v, 0.06) * _ramp(v + 0.92, 0.05)
+    post = np.clip(np.cos((v + 0.10 * au - 0.38 * au * au) * (2 * np.pi / (0.125 + 0.02 * (v + 1)))) * 3 - 1.9, 0, 1)
+    ant = np.clip(np.cos((v + 0.38 * au) * (2 * np.pi / 0.16)) * 3 - 2.2, 0, 1)
     fr = st["Fracture"]
     if fr["grade"]:
         fs = -1 if fr["side"] == "right" else 1
-        fu, fv = fs * .62, -.75 + .125 * fr["rib"] * .82 + insp * .5
-        gap = _ramp(.012 * fr["grade"] - np.abs((u - fu) + .3 * (v - fv)), 2.0 / size) * _ramp(.05 - np.abs(v - fv), .02)
-        post = post * (1 - gap) + _blob(u, v, fu + .02 * fs, fv, .04, .03) * .35
-    clv = -.60 - .32 * (au - .08) + .28 * (au - .3) ** 2
-    clav = _ramp(.024 - np.abs(v - clv), e) * _ramp(au - .05, e) * _ramp(.62 - au, e)
-    return .07 * sp + th * (.06 * post + .025 * ant) * (.6 + .4 * _ramp(.45 + insp - v, .3)) + .11 * clav
+        fu, fv = fs * 0.62, -0.75 + 0.125 * fr["rib"] * 0.82 + insp * 0.5
+        gap = _ramp(0.012 * fr["grade"] - np.abs((u - fu) + 0.3 * (v - fv)), 2.0 / size) * _ramp(
+            0.05 - np.abs(v - fv), 0.02
+        )
+        post = post * (1 - gap) + _blob(u, v, fu + 0.02 * fs, fv, 0.04, 0.03) * 0.35
+    clv = -0.60 - 0.32 * (au - 0.08) + 0.28 * (au - 0.3) ** 2
+    clav = _ramp(0.024 - np.abs(v - clv), e) * _ramp(au - 0.05, e) * _ramp(0.62 - au, e)
+    return 0.07 * sp + th * (0.06 * post + 0.025 * ant) * (0.6 + 0.4 * _ramp(0.45 + insp - v, 0.3)) + 0.11 * clav
 
 # %% ../nbs/01a_phantom.ipynb #407753b4
 def _devices_frontal(size, st, geo, hx, hv, hs):
-    "The attenuation of the devices of state `st` on a frontal view (0 without devices); `hx`, `hv`, `hs` place the heart for the pacemaker leads."
+    """The attenuation of the devices of state `st` on a frontal view (0 without devices); `hx`, `hv`, `hs` place the
+    heart for the pacemaker leads."""
     dev = st["devices"]
-    if not any(dev.values()): return 0
+    if not any(dev.values()):
+        return 0
     X, Y, _ = _grid(size)
     can = np.zeros((size, size), np.float32)
     w = _line_px(size)
     m = geo["med"]
     if dev["endotracheal tube"]:
-        tip = -.30 - .04 * geo["ett_cm"]
-        _stroke(can, [(m * .5 + .01, -1.05), (m * .5, -.6), (m * .5, tip)], geo, .16, width=3 * w)
-        _stroke(can, [(m * .5 + .012, -1.05), (m * .5 + .004, -.6), (m * .5 + .004, tip)], geo, .34, width=w)
+        tip = -0.30 - 0.04 * geo["ett_cm"]
+        _stroke(can, [(m * 0.5 + 0.01, -1.05), (m * 0.5, -0.6), (m * 0.5, tip)], geo, 0.16, width=3 * w)
+        _stroke(can, [(m * 0.5 + 0.012, -1.05), (m * 0.5 + 0.004, -0.6), (m * 0.5 + 0.004, tip)], geo, 0.34, width=w)
     if dev["nasogastric tube"]:
-        _stroke(can, [(m * .5 - .03, -1.05), (m - .02, -.4), (m + .02, .2), (.25, _left_dome(st, geo) + .18), (.36, _left_dome(st, geo) + .22)], geo, .28, width=w)
+        _stroke(
+            can,
+            [
+                (m * 0.5 - 0.03, -1.05),
+                (m - 0.02, -0.4),
+                (m + 0.02, 0.2),
+                (0.25, _left_dome(st, geo) + 0.18),
+                (0.36, _left_dome(st, geo) + 0.22),
+            ],
+            geo,
+            0.28,
+            width=w,
+        )
     k = dev["central venous catheter"]
     if k:
-        tipv = -.18
-        path = {"right internal jugular": [(-.16, -1.05), (-.12, -.72), (m - .05, -.5), (m - .04, tipv)],
-                "left subclavian": [(.62, -.70), (.35, -.66), (.12, -.58), (m - .04, -.45), (m - .04, tipv)],
-                "right PICC": [(-1.05, -.55), (-.75, -.58), (-.45, -.66), (-.12, -.6), (m - .05, -.45), (m - .04, tipv + .05)]}[k]
-        _stroke(can, path, geo, .30, width=w)
+        tipv = -0.18
+        path = {
+            "right internal jugular": [(-0.16, -1.05), (-0.12, -0.72), (m - 0.05, -0.5), (m - 0.04, tipv)],
+            "left subclavian": [(0.62, -0.70), (0.35, -0.66), (0.12, -0.58), (m - 0.04, -0.45), (m - 0.04, tipv)],
+            "right PICC": [
+                (-1.05, -0.55),
+                (-0.75, -0.58),
+                (-0.45, -0.66),
+                (-0.12, -0.6),
+                (m - 0.05, -0.45),
+                (m - 0.04, tipv + 0.05),
+            ],
+        }[k]
+        _stroke(can, path, geo, 0.30, width=w)
     k = dev["pacemaker"]
     if k:
         u, v = _uv(X, Y, geo)
-        gen = _ramp(.07 - np.abs(u - .48), 2.0 / size) * _ramp(.05 - np.abs(v + .56), 2.0 / size)
-        can = np.maximum(can, gen * .65)
-        _stroke(can, [(.46, -.56), (.30, -.62), (.08, -.55), (m - .02, -.2), (hx - .12, hv - .05), (hx + .05, hv + .12 * hs)], geo, .45, width=w)
-        if k == "dual-lead": _stroke(can, [(.46, -.54), (.28, -.6), (.08, -.52), (m - .03, -.22), (m - .10, hv - .16)], geo, .45, width=w)
+        gen = _ramp(0.07 - np.abs(u - 0.48), 2.0 / size) * _ramp(0.05 - np.abs(v + 0.56), 2.0 / size)
+        can = np.maximum(can, gen * 0.65)
+        _stroke(
+            can,
+            [
+                (0.46, -0.56),
+                (0.30, -0.62),
+                (0.08, -0.55),
+                (m - 0.02, -0.2),
+                (hx - 0.12, hv - 0.05),
+                (hx + 0.05, hv + 0.12 * hs),
+            ],
+            geo,
+            0.45,
+            width=w,
+        )
+        if k == "dual-lead":
+            _stroke(
+                can,
+                [(0.46, -0.54), (0.28, -0.6), (0.08, -0.52), (m - 0.03, -0.22), (m - 0.10, hv - 0.16)],
+                geo,
+                0.45,
+                width=w,
+            )
     return can
 
-def _left_dome(st, geo): return .45 + geo["insp"]
+
+def _left_dome(st, geo):
+    return 0.45 + geo["insp"]
 
 # %% ../nbs/01a_phantom.ipynb #a9340abd
 def _render_frontal(size, st, geo, rng):
@@ -787,7 +1356,7 @@ def _render_frontal(size, st, geo, rng):
     X, Y, bank = _grid(size)
     u, v = _uv(X, Y, geo)
     au = np.abs(u)
-    e = max(.012, 2.5 / size)
+    e = max(0.012, 2.5 / size)
     tex_c, tex_m, tex_f = _tex(bank, 0, rng), _tex(bank, 2, rng), _tex(bank, 4, rng)
     A, body, bw = _frontal_body(u, v, au)
     lung, sides = _frontal_lungs(u, v, geo, e)
@@ -797,62 +1366,85 @@ def _render_frontal(size, st, geo, rng):
     D = _frontal_airspace(u, v, st, geo, sides, tex_c, tex_m)
     _frontal_edema_lesion(u, v, st, geo, sides, lung, D, A, tex_c, size)
     clear = _frontal_pleura(u, v, st, sides, A, size)
-    D = np.minimum(D, .36)
-    air = air * (1 - .18 * _ramp(v - .05, .5))  # soft tissue over the bases
-    A = A - .30 * air * (1 - D * 2.6).clip(0, 1) * (1 + .08 * tex_c) + air * (1 - clear) * (1 - D * 2).clip(0, 1) * vessels * .05
-    A -= .09 * clear * air
-    A -= .10 * trach
+    D = np.minimum(D, 0.36)
+    air = air * (1 - 0.18 * _ramp(v - 0.05, 0.5))  # soft tissue over the bases
+    A = (
+        A
+        - 0.30 * air * (1 - D * 2.6).clip(0, 1) * (1 + 0.08 * tex_c)
+        + air * (1 - clear) * (1 - D * 2).clip(0, 1) * vessels * 0.05
+    )
+    A -= 0.09 * clear * air
+    A -= 0.10 * trach
     A += _frontal_bones(u, v, au, st, geo, bw, e, size)
-    if geo["ap"]: A += .045 * _ramp(au - (.6 - .18 * (v + .7)), .03) * _ramp(.15 - v, .1) * _ramp(v + .72, .05) * body  # scapulae
-    if geo["bubble"]: A -= .12 * _blob(u, v, .33, sides["left"][3] + .2, .09, .05)  # gastric bubble
+    if geo["ap"]:
+        A += (
+            0.045 * _ramp(au - (0.6 - 0.18 * (v + 0.7)), 0.03) * _ramp(0.15 - v, 0.1) * _ramp(v + 0.72, 0.05) * body
+        )  # scapulae
+    if geo["bubble"]:
+        A -= 0.12 * _blob(u, v, 0.33, sides["left"][3] + 0.2, 0.09, 0.05)  # gastric bubble
     A += _devices_frontal(size, st, geo, hx, hv, hs)
     return A
 
 # %% ../nbs/01a_phantom.ipynb #2c50d4a2
-_LOBE_LAT = {"right upper lobe": (.05, -.42), "left upper lobe": (.0, -.45), "right middle lobe": (-.30, .12),
-             "lingula": (-.28, .08), "right lower lobe": (.33, .32), "left lower lobe": (.40, .34)}
+_LOBE_LAT = {
+    "right upper lobe": (0.05, -0.42),
+    "left upper lobe": (0.0, -0.45),
+    "right middle lobe": (-0.30, 0.12),
+    "lingula": (-0.28, 0.08),
+    "right lower lobe": (0.33, 0.32),
+    "left lower lobe": (0.40, 0.34),
+}
+
 
 def _lateral_body(u, v):
     "The chest wall and raised arms of the lateral view: (attenuation `A`, body mask, anterior chest wall `front`)."
-    front = -.74 + .10 * (v + .1) ** 2
-    back = .80 - .06 * (v + .1) ** 2
-    body = _ramp(u - front, .05) * _ramp(back - u, .05)
-    A = .42 * body + .10 * _ramp(-.45 - v, .25) * _ramp(.5 - np.abs(u + .05), .2)  # raised arms over the upper chest
+    front = -0.74 + 0.10 * (v + 0.1) ** 2
+    back = 0.80 - 0.06 * (v + 0.1) ** 2
+    body = _ramp(u - front, 0.05) * _ramp(back - u, 0.05)
+    A = 0.42 * body + 0.10 * _ramp(-0.45 - v, 0.25) * _ramp(
+        0.5 - np.abs(u + 0.05), 0.2
+    )  # raised arms over the upper chest
     return A, body, front
 
+
 def _lateral_chest(u, v, st, geo, front, e):
-    "Lungs, hemidiaphragms, heart, retrosternal space, hila, trachea: (lung mask, air, trachea, diaphragm line, diaphragm level, heart centre `hx`, `hv`)."
+    """Lungs, hemidiaphragms, heart, retrosternal space, hila, trachea: (lung mask, air, trachea, diaphragm line,
+    diaphragm level, heart centre `hx`, `hv`)."""
     insp = geo["insp"]
-    fl = front + .11
-    bl = .64 - .05 * (v + .1) ** 2
-    yd = .30 + insp + .30 * np.clip((u + .55) * (1 / 1.2), 0, 1) ** 1.7 - .06 * (1 - ((u - .05) * (1 / .7)) ** 2)
-    ell = 1 - ((u - .03) * (1 / .64)) ** 4 - ((v + .05) * (1 / .80)) ** 2
-    lung_raw = _ramp(ell, .06) * _ramp(u - fl, e) * _ramp(bl - u, e) * _ramp(yd - v, e)
-    yd2 = yd + .035  # the other hemidiaphragm, a little lower
-    dd = _ramp(.012 - np.abs(v - yd2), e) * _ramp(u - fl, e) * _ramp(bl - u, e) * .05
-    hs = [1, 1.12, 1.24, 1.36][st["Cardiomegaly"]["grade"]] * (1 - .2 * insp)
-    hx, hv = -.25 + .10 * (hs - 1), .24 + insp * .6
-    heart = _ramp(1 - ((u - hx) * (1 / (.31 * hs))) ** 2 - ((v - hv) * (1 / (.30 * hs ** .5))) ** 2, .25) * _ramp(.7 - v, .1)
+    fl = front + 0.11
+    bl = 0.64 - 0.05 * (v + 0.1) ** 2
+    yd = 0.30 + insp + 0.30 * np.clip((u + 0.55) * (1 / 1.2), 0, 1) ** 1.7 - 0.06 * (1 - ((u - 0.05) * (1 / 0.7)) ** 2)
+    ell = 1 - ((u - 0.03) * (1 / 0.64)) ** 4 - ((v + 0.05) * (1 / 0.80)) ** 2
+    lung_raw = _ramp(ell, 0.06) * _ramp(u - fl, e) * _ramp(bl - u, e) * _ramp(yd - v, e)
+    yd2 = yd + 0.035  # the other hemidiaphragm, a little lower
+    dd = _ramp(0.012 - np.abs(v - yd2), e) * _ramp(u - fl, e) * _ramp(bl - u, e) * 0.05
+    hs = [1, 1.12, 1.24, 1.36][st["Cardiomegaly"]["grade"]] * (1 - 0.2 * insp)
+    hx, hv = -0.25 + 0.10 * (hs - 1), 0.24 + insp * 0.6
+    heart = _ramp(1 - ((u - hx) * (1 / (0.31 * hs))) ** 2 - ((v - hv) * (1 / (0.30 * hs**0.5))) ** 2, 0.25) * _ramp(
+        0.7 - v, 0.1
+    )
     ecm = st["Enlarged Cardiomediastinum"]["grade"]
-    retro = _blob(u, v, -.38, -.30, .16, .22) * (.35 * ecm)  # filling of the retrosternal clear space
-    hilum = _blob(u, v, .02, -.05, .14, .16)
-    air = lung_raw * (1 - np.clip(heart + retro + hilum * .6, 0, 1))
-    trach = _ramp(.03 - np.abs(u - (-.10 + .12 * (v + 1))), e) * _ramp(-.28 - v, e)
+    retro = _blob(u, v, -0.38, -0.30, 0.16, 0.22) * (0.35 * ecm)  # filling of the retrosternal clear space
+    hilum = _blob(u, v, 0.02, -0.05, 0.14, 0.16)
+    air = lung_raw * (1 - np.clip(heart + retro + hilum * 0.6, 0, 1))
+    trach = _ramp(0.03 - np.abs(u - (-0.10 + 0.12 * (v + 1))), e) * _ramp(-0.28 - v, e)
     return lung_raw, air, trach, dd, yd, hx, hv
 
 # %% ../nbs/01a_phantom.ipynb #7ca0f94a
 def _lateral_pleural_fluid(u, v, st, geo, lung_raw, yd, body, D, A):
     "Add the posterior sulcus and a pleural effusion's meniscus to the densities `D` and the attenuation `A`, in place."
     pe = st["Pleural Effusion"]
-    post = np.clip((u - .05) * (1 / .55), 0, 1)
-    bottom = np.minimum(yd, -.05 + .8 * np.sqrt(np.clip(1 - ((u - .03) * (1 / .64)) ** 4, 0, 1)))  # the lung's lower edge
+    post = np.clip((u - 0.05) * (1 / 0.55), 0, 1)
+    bottom = np.minimum(
+        yd, -0.05 + 0.8 * np.sqrt(np.clip(1 - ((u - 0.03) * (1 / 0.64)) ** 4, 0, 1))
+    )  # the lung's lower edge
     # a normal posterior sulcus is sometimes shallow (overlying soft tissue): a mimic of a small effusion
-    D += lung_raw * _ramp(v - (bottom - .055 * geo.get("sulcus", 0) * post ** 1.6), .025) * .30
+    D += lung_raw * _ramp(v - (bottom - 0.055 * geo.get("sulcus", 0) * post**1.6), 0.025) * 0.30
     if pe["grade"]:
-        h = [0, .10, .24, .42][pe["grade"]] * (1.2 if pe["side"] == "bilateral" else 1)
-        level = bottom - h * (.15 + .85 * post ** 1.6) - .07 * post ** 3   # meniscus: climbs the posterior chest wall
-        D += lung_raw * _ramp(v - level, .025) * .36
-        A += _ramp(v - level, .025) * _ramp(yd + .02 - v, .02) * _ramp(u - .2, .1) * body * .05
+        h = [0, 0.10, 0.24, 0.42][pe["grade"]] * (1.2 if pe["side"] == "bilateral" else 1)
+        level = bottom - h * (0.15 + 0.85 * post**1.6) - 0.07 * post**3  # meniscus: climbs the posterior chest wall
+        D += lung_raw * _ramp(v - level, 0.025) * 0.36
+        A += _ramp(v - level, 0.025) * _ramp(yd + 0.02 - v, 0.02) * _ramp(u - 0.2, 0.1) * body * 0.05
 
 # %% ../nbs/01a_phantom.ipynb #33def645
 def _lateral_opacities(u, v, st, geo, lung_raw, D, A, tex_c):
@@ -861,66 +1453,95 @@ def _lateral_opacities(u, v, st, geo, lung_raw, D, A, tex_c):
     co = st["Consolidation"]
     if co["grade"]:
         cu, cv = _LOBE_LAT[co["lobe"]]
-        rad = .13 + .05 * co["grade"]
-        blob = _blob(u, v, cu, cv, rad, rad) * np.clip(.75 + .5 * tex_c, 0, 1.4) * (.16 + .06 * co["grade"])
-        if co["lobe"] == "left lower lobe": A += _blob(u, v, cu + .06, cv, rad + .06, rad) * (.09 + .03 * co["grade"])  # over the spine too
+        rad = 0.13 + 0.05 * co["grade"]
+        blob = _blob(u, v, cu, cv, rad, rad) * np.clip(0.75 + 0.5 * tex_c, 0, 1.4) * (0.16 + 0.06 * co["grade"])
+        if co["lobe"] == "left lower lobe":
+            A += _blob(u, v, cu + 0.06, cv, rad + 0.06, rad) * (0.09 + 0.03 * co["grade"])  # over the spine too
         D += blob
     at = st["Atelectasis"]
     if at["grade"]:
-        lv = .22 + insp - .02 * at["grade"]
-        band = _ramp(.012 + .006 * at["grade"] - np.abs(v - lv - .25 * (u - .25)), .012) * _ramp(.25 - np.abs(u - .25), .05)
-        D += band * (.09 + .04 * at["grade"])
+        lv = 0.22 + insp - 0.02 * at["grade"]
+        band = _ramp(0.012 + 0.006 * at["grade"] - np.abs(v - lv - 0.25 * (u - 0.25)), 0.012) * _ramp(
+            0.25 - np.abs(u - 0.25), 0.05
+        )
+        D += band * (0.09 + 0.04 * at["grade"])
         if at["loc"] == "retrocardiac":
-            D += _blob(u, v, .38, .34, .17, .15) * (.14 + .04 * at["grade"])
-            A += _blob(u, v, .46, .34, .2, .16) * (.08 + .03 * at["grade"])
+            D += _blob(u, v, 0.38, 0.34, 0.17, 0.15) * (0.14 + 0.04 * at["grade"])
+            A += _blob(u, v, 0.46, 0.34, 0.2, 0.16) * (0.08 + 0.03 * at["grade"])
     ed = st["Edema"]["grade"]
     if ed:
-        D += _blob(u, v, .0, -.05, .35 + .05 * ed, .4) * (.04 + .035 * ed) * (1 + .3 * tex_c)
-        if ed == 3: D += lung_raw * .05
+        D += _blob(u, v, 0.0, -0.05, 0.35 + 0.05 * ed, 0.4) * (0.04 + 0.035 * ed) * (1 + 0.3 * tex_c)
+        if ed == 3:
+            D += lung_raw * 0.05
     le = st["Lung Lesion"]
     if le["grade"] >= 2:
-        cu, cv = le["pos"][2], _LOBE_UV[le["lobe"]][1] + le["pos"][1] * .12
+        cu, cv = le["pos"][2], _LOBE_UV[le["lobe"]][1] + le["pos"][1] * 0.12
         rad = le["mm"] / 300
-        D += _ramp(rad - np.sqrt((u - cu) ** 2 + (v - cv) ** 2) * (1 + .08 * tex_c), .01) * (.24 + .03 * le["grade"])
+        D += _ramp(rad - np.sqrt((u - cu) ** 2 + (v - cv) ** 2) * (1 + 0.08 * tex_c), 0.01) * (
+            0.24 + 0.03 * le["grade"]
+        )
 
 # %% ../nbs/01a_phantom.ipynb #1d266a59
 def _lateral_markings(u, v, ed, tex_c, tex_m, tex_f):
     "The lung markings of the lateral view (0..), fuller with edema of grade `ed`."
-    du, dv = u - .02, v + .05
+    du, dv = u - 0.02, v + 0.05
     ang = np.arctan2(dv, du)
-    vessels = np.clip(np.cos(ang * 22 + 2.2 * tex_c) * 3.5 - 2.4, 0, 1) * _blob(u, v, .02, -.05, .8, .8) * (.5 + .5 * np.clip(tex_m + 1, 0, 2))
-    return (vessels + .25 * np.clip(tex_f, 0, 2) * _blob(u, v, .02, -.05, .7, .7)) * (1 + .35 * ed)
+    vessels = (
+        np.clip(np.cos(ang * 22 + 2.2 * tex_c) * 3.5 - 2.4, 0, 1)
+        * _blob(u, v, 0.02, -0.05, 0.8, 0.8)
+        * (0.5 + 0.5 * np.clip(tex_m + 1, 0, 2))
+    )
+    return (vessels + 0.25 * np.clip(tex_f, 0, 2) * _blob(u, v, 0.02, -0.05, 0.7, 0.7)) * (1 + 0.35 * ed)
+
 
 def _lateral_bones(u, v, front, body, lung_raw, e):
     "The attenuation that the spine, the sternum and the posterior ribs add to a lateral view."
-    sx = .47 + .05 * v * v
-    spine = _ramp(u - sx, e) * _ramp(sx + .19 - u, e) * (.7 + .3 * np.clip(np.cos(v * (2 * np.pi / .11)) * 3 + 1.5, 0, 1))
-    spine *= 1.05 - .25 * (v + 1) / 2
-    stern = _ramp(.025 - np.abs(u - (front + .035)), e) * _ramp(.35 - v, .05) * _ramp(v + .62, .05)
-    ribs = np.clip(np.cos((v - .45 * u) * (2 * np.pi / .14)) * 3 - 2.1, 0, 1) * _ramp(u - .1, .2) * lung_raw
-    return .12 * spine * body + .08 * stern + .03 * ribs
+    sx = 0.47 + 0.05 * v * v
+    spine = (
+        _ramp(u - sx, e)
+        * _ramp(sx + 0.19 - u, e)
+        * (0.7 + 0.3 * np.clip(np.cos(v * (2 * np.pi / 0.11)) * 3 + 1.5, 0, 1))
+    )
+    spine *= 1.05 - 0.25 * (v + 1) / 2
+    stern = _ramp(0.025 - np.abs(u - (front + 0.035)), e) * _ramp(0.35 - v, 0.05) * _ramp(v + 0.62, 0.05)
+    ribs = np.clip(np.cos((v - 0.45 * u) * (2 * np.pi / 0.14)) * 3 - 2.1, 0, 1) * _ramp(u - 0.1, 0.2) * lung_raw
+    return 0.12 * spine * body + 0.08 * stern + 0.03 * ribs
 
 # %% ../nbs/01a_phantom.ipynb #6a1860c9
 def _devices_lateral(size, st, geo, hx, hv):
-    "The attenuation of the devices of state `st` on a lateral view (0 without devices); `hx`, `hv` place the heart for the pacemaker lead."
+    """The attenuation of the devices of state `st` on a lateral view (0 without devices); `hx`, `hv` place the heart
+    for the pacemaker lead."""
     dev = st["devices"]
-    if not any(dev.values()): return 0
+    if not any(dev.values()):
+        return 0
     X, Y, _ = _grid(size)
     can = np.zeros((size, size), np.float32)
     w = _line_px(size)
     if dev["endotracheal tube"]:
-        tip = -.30 - .04 * geo["ett_cm"]
-        _stroke(can, [(-.45, -1.05), (-.22, -.85), (-.04 + .12 * (tip + .3), tip)], geo, .16, width=3 * w)
-        _stroke(can, [(-.44, -1.05), (-.21, -.85), (-.03 + .12 * (tip + .3), tip)], geo, .30, width=w)
+        tip = -0.30 - 0.04 * geo["ett_cm"]
+        _stroke(can, [(-0.45, -1.05), (-0.22, -0.85), (-0.04 + 0.12 * (tip + 0.3), tip)], geo, 0.16, width=3 * w)
+        _stroke(can, [(-0.44, -1.05), (-0.21, -0.85), (-0.03 + 0.12 * (tip + 0.3), tip)], geo, 0.30, width=w)
     if dev["nasogastric tube"]:
-        _stroke(can, [(-.30, -1.05), (.08, -.6), (.18, .1), (.05, .5 + geo["insp"]), (-.15, .62 + geo["insp"])], geo, .26, width=w)
+        _stroke(
+            can,
+            [(-0.30, -1.05), (0.08, -0.6), (0.18, 0.1), (0.05, 0.5 + geo["insp"]), (-0.15, 0.62 + geo["insp"])],
+            geo,
+            0.26,
+            width=w,
+        )
     if dev["central venous catheter"]:
-        _stroke(can, [(-.05, -1.05), (-.08, -.6), (-.12, -.35), (-.14, -.15)], geo, .26, width=w)
+        _stroke(can, [(-0.05, -1.05), (-0.08, -0.6), (-0.12, -0.35), (-0.14, -0.15)], geo, 0.26, width=w)
     if dev["pacemaker"]:
         u, v = _uv(X, Y, geo)
-        gen = _ramp(.025 - np.abs(u + .68), 2.0 / size) * _ramp(.06 - np.abs(v + .5), 2.0 / size)
-        can = np.maximum(can, gen * .65)
-        _stroke(can, [(-.68, -.5), (-.4, -.55), (-.12, -.35), (hx + .05, hv - .1), (hx - .05, hv + .12)], geo, .42, width=w)
+        gen = _ramp(0.025 - np.abs(u + 0.68), 2.0 / size) * _ramp(0.06 - np.abs(v + 0.5), 2.0 / size)
+        can = np.maximum(can, gen * 0.65)
+        _stroke(
+            can,
+            [(-0.68, -0.5), (-0.4, -0.55), (-0.12, -0.35), (hx + 0.05, hv - 0.1), (hx - 0.05, hv + 0.12)],
+            geo,
+            0.42,
+            width=w,
+        )
     return can
 
 # %% ../nbs/01a_phantom.ipynb #4ed7bc69
@@ -928,17 +1549,22 @@ def _render_lateral(size, st, geo, rng):
     "The attenuation map (before exposure, gamma and noise) of state `st` on a lateral (LATERAL or LL) view."
     X, Y, bank = _grid(size)
     u, v = _uv(X, Y, geo)
-    e = max(.012, 2.5 / size)
+    e = max(0.012, 2.5 / size)
     tex_c, tex_m, tex_f = _tex(bank, 0, rng), _tex(bank, 2, rng), _tex(bank, 4, rng)
     A, body, front = _lateral_body(u, v)
     lung_raw, air, trach, dd, yd, hx, hv = _lateral_chest(u, v, st, geo, front, e)
     D = np.zeros_like(u)
     _lateral_pleural_fluid(u, v, st, geo, lung_raw, yd, body, D, A)
     _lateral_opacities(u, v, st, geo, lung_raw, D, A, tex_c)
-    D = np.minimum(D, .36)
+    D = np.minimum(D, 0.36)
     vessels = _lateral_markings(u, v, st["Edema"]["grade"], tex_c, tex_m, tex_f)
-    A = A - .30 * air * (1 - D * 2.6).clip(0, 1) * (1 + .1 * tex_c) + air * (1 - D * 2).clip(0, 1) * vessels * .04 + dd
-    A -= .09 * trach
+    A = (
+        A
+        - 0.30 * air * (1 - D * 2.6).clip(0, 1) * (1 + 0.1 * tex_c)
+        + air * (1 - D * 2).clip(0, 1) * vessels * 0.04
+        + dd
+    )
+    A -= 0.09 * trach
     A += _lateral_bones(u, v, front, body, lung_raw, e)
     A += _devices_lateral(size, st, geo, hx, hv)
     return A
@@ -950,13 +1576,14 @@ def render_image(size, st, projection, geo, rng):
     I = np.clip((A - geo["black"]) * geo["contrast"], 0, 1)
     I = I ** geo["gamma"]
     I += rng.standard_normal((size, size), dtype=np.float32) * np.float32(geo["noise"])
-    return (np.clip(I, 0, 1) * 255 + .5).astype(np.uint8)
+    return (np.clip(I, 0, 1) * 255 + 0.5).astype(np.uint8)
 
 # %% ../nbs/01a_phantom.ipynb #9458a09a
 def n_studies(seed, i):
     "How many studies patient `i` has (1 to about 6)."
     r = np.random.default_rng(derive_seed(seed, "patient", i, "n_studies"))
-    return int(r.choice(np.arange(1, 8), p=[.30, .24, .18, .12, .08, .05, .03]))
+    return int(r.choice(np.arange(1, 8), p=[0.30, 0.24, 0.18, 0.12, 0.08, 0.05, 0.03]))
+
 
 def assign_ids(seed, patients):
     "Unique random subject ids (one per patient) and study ids (a list per patient)."
@@ -965,34 +1592,53 @@ def assign_ids(seed, patients):
     counts = [n_studies(seed, i) for i in range(patients)]
     sid = (50_000_000 + r.choice(10_000_000, size=sum(counts), replace=False)).tolist()
     out, k = [], 0
-    for c in counts: out.append(sid[k:k + c]); k += c
+    for c in counts:
+        out.append(sid[k : k + c])
+        k += c
     return subj, out
+
 
 def _dicom_id(rng):
     "A random MIMIC-style dicom_id: five 8-digit hex groups."
-    return "-".join(f"{int(x):08x}" for x in rng.integers(0, 2 ** 32, size=5, dtype=np.uint64))
+    return "-".join(f"{int(x):08x}" for x in rng.integers(0, 2**32, size=5, dtype=np.uint64))
 
 # %% ../nbs/01a_phantom.ipynb #29409096
-_VIEW_META = {"PA": ("postero-anterior", "Erect"), "AP": ("antero-posterior", "Erect"), "LATERAL": ("lateral", "Erect"),
-              "LL": ("left lateral", "Erect"), "": ("", "")}
+_VIEW_META = {
+    "PA": ("postero-anterior", "Erect"),
+    "AP": ("antero-posterior", "Erect"),
+    "LATERAL": ("lateral", "Erect"),
+    "LL": ("left lateral", "Erect"),
+    "": ("", ""),
+}
+
 
 def _study_layout(rng, st, profile):
     "(exam kind, [(view as in metadata, projection)], supine) of one study."
     icu = st["devices"]["endotracheal tube"] or st["devices"]["central venous catheter"] or profile == "icu"
-    portable = rng.random() < (.85 if st["devices"]["endotracheal tube"] else .6 if icu else .15)
-    lat = lambda: "LL" if rng.random() < .15 else "LATERAL"
+    portable = rng.random() < (0.85 if st["devices"]["endotracheal tube"] else 0.6 if icu else 0.15)
+    lat = lambda: "LL" if rng.random() < 0.15 else "LATERAL"
     if portable:
         r = rng.random()
-        views = [("AP", "frontal")] if r < .85 else [("AP", "frontal"), ("AP", "frontal")] if r < .93 else [("AP", "frontal"), (lat(), "lateral")]
-        exam, supine = "portable", bool(rng.random() < .35)
+        views = (
+            [("AP", "frontal")]
+            if r < 0.85
+            else [("AP", "frontal"), ("AP", "frontal")]
+            if r < 0.93
+            else [("AP", "frontal"), (lat(), "lateral")]
+        )
+        exam, supine = "portable", bool(rng.random() < 0.35)
     else:
         r = rng.random()
-        if r < .05: views, exam = [("PA", "frontal")], "single"
-        elif r < .90: views, exam = [("PA", "frontal"), (lat(), "lateral")], "pa_lat"
-        elif r < .96: views, exam = [("PA", "frontal"), (lat(), "lateral"), (lat(), "lateral")], "pa_lat"
-        else: views, exam = [("PA", "frontal"), ("PA", "frontal"), (lat(), "lateral")], "pa_lat"
+        if r < 0.05:
+            views, exam = [("PA", "frontal")], "single"
+        elif r < 0.90:
+            views, exam = [("PA", "frontal"), (lat(), "lateral")], "pa_lat"
+        elif r < 0.96:
+            views, exam = [("PA", "frontal"), (lat(), "lateral"), (lat(), "lateral")], "pa_lat"
+        else:
+            views, exam = [("PA", "frontal"), ("PA", "frontal"), (lat(), "lateral")], "pa_lat"
         supine = False
-    views = [("" if rng.random() < .04 else v, p) for v, p in views]  # a missing ViewPosition
+    views = [("" if rng.random() < 0.04 else v, p) for v, p in views]  # a missing ViewPosition
     return exam, views, supine
 
 # %% ../nbs/01a_phantom.ipynb #3f704bfb
@@ -1000,26 +1646,41 @@ def _reason(st, prev, profile, rng):
     "The clinical reason behind the indication, correlated with the state."
     c = []
     dev, pdev = st["devices"], (prev or {}).get("devices", {})
-    if dev["endotracheal tube"] and not pdev.get("endotracheal tube"): c += ["intubation"] * 3
-    if dev["central venous catheter"] and not pdev.get("central venous catheter"): c += ["line"] * 3
-    if dev["pacemaker"] and not pdev.get("pacemaker"): c += ["pacemaker"] * 3
-    if dev["endotracheal tube"]: c += ["intubated"]
-    if st["Edema"]["grade"] or st["Pleural Effusion"]["grade"] >= 2: c += ["dyspnea"] * 3
-    if st["Consolidation"]["grade"] and st["infectious"]: c += ["fever"] * 3
-    if st["Pneumothorax"]["grade"]: c += ["pneumothorax"] * 2
-    if st["Fracture"]["grade"]: c += ["fall"] * 2
-    if st["Lung Lesion"]["grade"]: c += ["nodule"] * 2
+    if dev["endotracheal tube"] and not pdev.get("endotracheal tube"):
+        c += ["intubation"] * 3
+    if dev["central venous catheter"] and not pdev.get("central venous catheter"):
+        c += ["line"] * 3
+    if dev["pacemaker"] and not pdev.get("pacemaker"):
+        c += ["pacemaker"] * 3
+    if dev["endotracheal tube"]:
+        c += ["intubated"]
+    if st["Edema"]["grade"] or st["Pleural Effusion"]["grade"] >= 2:
+        c += ["dyspnea"] * 3
+    if st["Consolidation"]["grade"] and st["infectious"]:
+        c += ["fever"] * 3
+    if st["Pneumothorax"]["grade"]:
+        c += ["pneumothorax"] * 2
+    if st["Fracture"]["grade"]:
+        c += ["fall"] * 2
+    if st["Lung Lesion"]["grade"]:
+        c += ["nodule"] * 2
     generic = ["chest pain", "cough", "preop", "weakness", "dyspnea", "fever"]
-    if not c or rng.random() < .2: return _pick(rng, generic)
+    if not c or rng.random() < 0.2:
+        return _pick(rng, generic)
     return _pick(rng, c)
+
 
 def _next_time(rng, t, profile, k):
     "Date-time of the next study after `t` and the gap in days (0 for an exact tie)."
     r = rng.random()
-    if r < .04: return t, 0.0
-    if r < .20: dt = _dt.timedelta(hours=float(rng.uniform(1, 10)))
-    elif profile in ("icu", "trauma") and r < .7: dt = _dt.timedelta(days=float(rng.uniform(.6, 5)))
-    else: dt = _dt.timedelta(days=float(np.exp(rng.normal(3.5, 1.4))) + .5)
+    if r < 0.04:
+        return t, 0.0
+    if r < 0.20:
+        dt = _dt.timedelta(hours=float(rng.uniform(1, 10)))
+    elif profile in ("icu", "trauma") and r < 0.7:
+        dt = _dt.timedelta(days=float(rng.uniform(0.6, 5)))
+    else:
+        dt = _dt.timedelta(days=float(np.exp(rng.normal(3.5, 1.4))) + 0.5)
     t2 = t + dt
     return t2.replace(microsecond=int(rng.integers(0, 1000)) * 1000), dt.total_seconds() / 86400
 
@@ -1029,44 +1690,86 @@ def simulate_patient(seed, i, subject_id, study_ids):
     rs = np.random.default_rng(derive_seed(seed, "patient", i))
     profile = _pick(rs, list(PROFILES), list(PROFILES.values()))
     sex = _pick(rs, ["M", "F"])
-    t = _dt.datetime(int(rs.integers(2110, 2190)), 1, 1) + _dt.timedelta(days=int(rs.integers(0, 365)),
-                                                                          seconds=int(rs.integers(6 * 3600, 23 * 3600)))
+    t = _dt.datetime(int(rs.integers(2110, 2190)), 1, 1) + _dt.timedelta(
+        days=int(rs.integers(0, 365)), seconds=int(rs.integers(6 * 3600, 23 * 3600))
+    )
     t = t.replace(microsecond=int(rs.integers(0, 1000)) * 1000)
     recs, states, plans, prev_st, prev_f = [], [], [], None, None
     for k, sid in enumerate(study_ids):
-        if k == 0: st, days = initial_state(rs, profile), None
+        if k == 0:
+            st, days = initial_state(rs, profile), None
         else:
             t, days = _next_time(rs, t, profile, k)
             st = evolve_state(prev_st, rs, profile, days)
-        if st["devices"]["endotracheal tube"] and "ett_cm" not in st: st["ett_cm"] = int(rs.integers(3, 7))
-        if not st["devices"]["endotracheal tube"]: st.pop("ett_cm", None)
-        exam, views, supine = _study_layout(rs, st, profile) if days != 0 else (plans[-1]["exam"], plans[-1]["views"], plans[-1]["supine"])
+        if st["devices"]["endotracheal tube"] and "ett_cm" not in st:
+            st["ett_cm"] = int(rs.integers(3, 7))
+        if not st["devices"]["endotracheal tube"]:
+            st.pop("ett_cm", None)
+        exam, views, supine = (
+            _study_layout(rs, st, profile)
+            if days != 0
+            else (plans[-1]["exam"], plans[-1]["views"], plans[-1]["supine"])
+        )
         fnd = findings_of(st)
-        det = {"profile": profile, "sex": sex, "exam": exam, "supine": supine,
-               "reason": _reason(st, prev_st, profile, rs) if days != 0 else recs[-1]["details"]["reason"],
-               "locations": {o: v for o, v in [("Consolidation", st["Consolidation"].get("lobe")), ("Atelectasis", st["Atelectasis"].get("loc")),
-                                               ("Lung Lesion", st["Lung Lesion"].get("lobe")),
-                                               ("Fracture", f"{st['Fracture'].get('side')} {_ORDINALS[st['Fracture'].get('rib', 0)]} rib" if st["Fracture"]["grade"] else None)] if v},
-               "device_kinds": {d: v for d, v in st["devices"].items() if v}}
-        if st["Lung Lesion"]["grade"]: det["lesion_mm"] = st["Lung Lesion"]["mm"]
-        if "ett_cm" in st: det["ett_cm"] = st["ett_cm"]
+        det = {
+            "profile": profile,
+            "sex": sex,
+            "exam": exam,
+            "supine": supine,
+            "reason": _reason(st, prev_st, profile, rs) if days != 0 else recs[-1]["details"]["reason"],
+            "locations": {
+                o: v
+                for o, v in [
+                    ("Consolidation", st["Consolidation"].get("lobe")),
+                    ("Atelectasis", st["Atelectasis"].get("loc")),
+                    ("Lung Lesion", st["Lung Lesion"].get("lobe")),
+                    (
+                        "Fracture",
+                        f"{st['Fracture'].get('side')} {_ORDINALS[st['Fracture'].get('rib', 0)]} rib"
+                        if st["Fracture"]["grade"]
+                        else None,
+                    ),
+                ]
+                if v
+            },
+            "device_kinds": {d: v for d, v in st["devices"].items() if v},
+        }
+        if st["Lung Lesion"]["grade"]:
+            det["lesion_mm"] = st["Lung Lesion"]["mm"]
+        if "ett_cm" in st:
+            det["ett_cm"] = st["ett_cm"]
         images = [{"dicom_id": _dicom_id(rs), "view": v, "projection": p} for v, p in views]
-        rec = {"subject_id": int(subject_id), "study_id": int(sid), "study_order": k,
-               "prior_study_id": recs[-1]["study_id"] if recs else None,
-               "study_date": int(t.strftime("%Y%m%d")), "study_time": round(float(t.strftime("%H%M%S")) + t.microsecond / 1e6, 3),
-               "images": images, "findings": fnd, "devices": {d: bool(st["devices"][d]) for d in DEVICES},
-               "change": change_of(prev_f, fnd), "has_findings_section": bool(rs.random() >= .04), "details": det}
-        recs.append(rec); states.append(st); plans.append({"exam": exam, "views": views, "supine": supine})
+        rec = {
+            "subject_id": int(subject_id),
+            "study_id": int(sid),
+            "study_order": k,
+            "prior_study_id": recs[-1]["study_id"] if recs else None,
+            "study_date": int(t.strftime("%Y%m%d")),
+            "study_time": round(float(t.strftime("%H%M%S")) + t.microsecond / 1e6, 3),
+            "images": images,
+            "findings": fnd,
+            "devices": {d: bool(st["devices"][d]) for d in DEVICES},
+            "change": change_of(prev_f, fnd),
+            "has_findings_section": bool(rs.random() >= 0.04),
+            "details": det,
+        }
+        recs.append(rec)
+        states.append(st)
+        plans.append({"exam": exam, "views": views, "supine": supine})
         prev_st, prev_f = st, fnd
     return recs, states
 
 # %% ../nbs/01a_phantom.ipynb #70e7629d
 def _jpeg(img, quality=90):
     "The bytes of 8-bit grayscale image `img` as a JPEG file."
-    buf = io.BytesIO(); Image.fromarray(img, mode="L").save(buf, format="JPEG", quality=quality); return buf.getvalue()
+    buf = io.BytesIO()
+    Image.fromarray(img, mode="L").save(buf, format="JPEG", quality=quality)
+    return buf.getvalue()
+
 
 def _write_patient(args):
-    "Draw and write the images and reports of one patient (`args`: seed, index, subject id, study ids, size, output folder); returns its metadata rows, CheXpert rows and truth records."
+    """Draw and write the images and reports of one patient (`args`: seed, index, subject id, study ids, size, output
+    folder); returns its metadata rows, CheXpert rows and truth records."""
     seed, i, subject_id, study_ids, size, out = args
     out = Path(out)
     recs, states = simulate_patient(seed, i, subject_id, study_ids)
@@ -1075,17 +1778,39 @@ def _write_patient(args):
     meta, chex = [], []
     files = out / "files"
     for k, (rec, st) in enumerate(zip(recs, states)):
-        sdir = files / study_dir(subject_id, rec["study_id"]); sdir.mkdir(parents=True, exist_ok=True)
+        sdir = files / study_dir(subject_id, rec["study_id"])
+        sdir.mkdir(parents=True, exist_ok=True)
         det = rec["details"]
         desc = _EXAM[det["exam"]]
         for im in rec["images"]:
-            geo = image_geometry(ri, im["view"] or ("AP" if det["exam"] == "portable" and im["projection"] == "frontal" else "PA"), det["supine"])
+            geo = image_geometry(
+                ri,
+                im["view"] or ("AP" if det["exam"] == "portable" and im["projection"] == "frontal" else "PA"),
+                det["supine"],
+            )
             geo["ett_cm"] = st.get("ett_cm", 4)
-            atomic_write(sdir / f"{im['dicom_id']}.jpg", _jpeg(render_image(size, st, im["projection"], geo, ri)), fsync=False)
+            atomic_write(
+                sdir / f"{im['dicom_id']}.jpg", _jpeg(render_image(size, st, im["projection"], geo, ri)), fsync=False
+            )
             vc, orient = _VIEW_META[im["view"]]
-            if im["view"] == "AP" and det["supine"]: orient = "Recumbent"
-            meta.append([im["dicom_id"], subject_id, rec["study_id"], desc, im["view"], size, size, rec["study_date"],
-                         rec["study_time"], desc, vc, orient])
+            if im["view"] == "AP" and det["supine"]:
+                orient = "Recumbent"
+            meta.append(
+                [
+                    im["dicom_id"],
+                    subject_id,
+                    rec["study_id"],
+                    desc,
+                    im["view"],
+                    size,
+                    size,
+                    rec["study_date"],
+                    rec["study_time"],
+                    desc,
+                    vc,
+                    orient,
+                ]
+            )
         text, lab = compose_report(rec, recs[k - 1] if k else None, rt)
         atomic_write(files / report_relpath(subject_id, rec["study_id"]), text.encode(), fsync=False)
         chex.append([subject_id, rec["study_id"]] + [lab[o] for o in OBSERVATIONS])
@@ -1094,58 +1819,79 @@ def _write_patient(args):
 # %% ../nbs/01a_phantom.ipynb #f80c10fa
 def _csv(rows, header):
     "The text of a csv file with `header` and `rows` (a cell quoted when it holds a comma or a quote; None as empty)."
+
     def cell(x):
-        if x is None or x == "": return ""
+        if x is None or x == "":
+            return ""
         s = str(x)
         return f'"{s}"' if ("," in s or '"' in s) else s
+
     return ",".join(header) + "\n" + "".join(",".join(cell(x) for x in r) + "\n" for r in rows)
+
 
 def _split_of(seed, patients):
     "train / validate / test per patient (80/10/10, at least one of each when there are 3 or more patients)."
     r = np.random.default_rng(derive_seed(seed, "split"))
     order = r.permutation(patients)
-    n_val = max(1, round(.1 * patients)) if patients >= 3 else 0
-    n_test = max(1, round(.1 * patients)) if patients >= 3 else 0
+    n_val = max(1, round(0.1 * patients)) if patients >= 3 else 0
+    n_test = max(1, round(0.1 * patients)) if patients >= 3 else 0
     out = ["train"] * patients
-    for j in order[:n_val]: out[j] = "validate"
-    for j in order[n_val:n_val + n_test]: out[j] = "test"
+    for j in order[:n_val]:
+        out[j] = "validate"
+    for j in order[n_val : n_val + n_test]:
+        out[j] = "test"
     return out
 
 # %% ../nbs/01a_phantom.ipynb #33831c60
 def _tune_malloc():
     "Raise glibc's mmap and trim thresholds (Linux only; a no-op elsewhere)."
-    if not sys.platform.startswith("linux"): return
+    if not sys.platform.startswith("linux"):
+        return
     try:
         import ctypes
+
         libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(-3, 32 << 20)   # M_MMAP_THRESHOLD
+        libc.mallopt(-3, 32 << 20)  # M_MMAP_THRESHOLD
         libc.mallopt(-1, 128 << 20)  # M_TRIM_THRESHOLD
-    except (OSError, AttributeError): pass
+    except (OSError, AttributeError):
+        pass
 
 # %% ../nbs/01a_phantom.ipynb #e5fda848
 INFO_FILE = "phantom-info.json"
 
+
 def phantom_folder(out, parameters: dict, overwrite=False) -> str:
     "What writing the phantom `parameters` into folder `out` means: 'write', 'rewrite' (an interrupted one) or 'done'."
     out = Path(out)
-    if out.exists() and not out.is_dir(): raise InputError("is a file", where=out, expected="a folder for the phantom")
-    if not out.exists() or not any(out.iterdir()): return "write"
+    if out.exists() and not out.is_dir():
+        raise InputError("is a file", where=out, expected="a folder for the phantom")
+    if not out.exists() or not any(out.iterdir()):
+        return "write"
     info = load_json(out / INFO_FILE) if (out / INFO_FILE).is_file() else None
     old = (info or {}).get("parameters", {})
     keys = ("patients", "seed", "size")
     if info is not None and all(old.get(k) == parameters[k] for k in keys):
         return "done" if info.get("complete", True) else "rewrite"
-    what = (f"a phantom with other parameters ({', '.join(f'{k} {old.get(k)} -> {parameters[k]}' for k in keys if old.get(k) != parameters[k])})"
-            if info is not None else f"files the phantom did not write ({', '.join(sorted(p.name for p in out.iterdir())[:4])}, ...)")
+    what = (
+        f"a phantom with other parameters "
+        f"({', '.join(f'{k} {old.get(k)} -> {parameters[k]}' for k in keys if old.get(k) != parameters[k])})"
+        if info is not None
+        else f"files the phantom did not write ({', '.join(sorted(p.name for p in out.iterdir())[:4])}, ...)"
+    )
     if not overwrite:
-        raise InputError(f"holds {what}", where=out, expected="an empty or new folder, the same phantom parameters, or overwrite=True to move it aside")
+        raise InputError(
+            f"holds {what}",
+            where=out,
+            expected="an empty or new folder, the same phantom parameters, or overwrite=True to move it aside",
+        )
     aside = move_aside(out)
     get_logger().warning("moved %s aside to %s", out, aside)
     return "write"
 
 # %% ../nbs/01a_phantom.ipynb #9031f54b
 def write_phantom(out_dir, patients=None, seed=0, size=None, workers=None, progress=True, preset=None, overwrite=False):
-    "Write the phantom MIMIC-CXR-JPG + MIMIC-CXR dataset into `out_dir`; returns the info dict (also in `phantom-info.json`)."
+    """Write the phantom MIMIC-CXR-JPG + MIMIC-CXR dataset into `out_dir`; returns the info dict (also in
+    `phantom-info.json`)."""
     if preset is not None and preset not in PRESETS:
         raise InputError(f"unknown preset {preset!r}", where="preset", expected=" or ".join(PRESETS))
     p = PRESETS.get(preset or "tiny")
@@ -1154,52 +1900,85 @@ def write_phantom(out_dir, patients=None, seed=0, size=None, workers=None, progr
     for name, val, lo in (("patients", patients, 1), ("size", size, 32)):
         if not isinstance(val, (int, np.integer)) or isinstance(val, bool) or val < lo:
             raise InputError(f"{name}={val!r}", where=name, expected=f"an integer >= {lo}")
-    if patients > 1_000_000: raise InputError(f"patients={patients}", where="patients", expected="at most 1,000,000")
+    if patients > 1_000_000:
+        raise InputError(f"patients={patients}", where="patients", expected="at most 1,000,000")
     patients, size, seed = int(patients), int(size), int(seed)
     out, parameters = Path(out_dir), {"patients": patients, "seed": seed, "size": size, "preset": preset or "tiny"}
     todo = phantom_folder(out, parameters, overwrite)
     if todo == "done":
-        get_logger().info("%s already holds this phantom (patients %d, seed %d, size %d): kept as it is", out, patients, seed, size)
+        get_logger().info(
+            "%s already holds this phantom (patients %d, seed %d, size %d): kept as it is", out, patients, seed, size
+        )
         return load_json(out / INFO_FILE)
-    ensure_writable(out, "phantom folder"); remove_stale_temps(out)
+    ensure_writable(out, "phantom folder")
+    remove_stale_temps(out)
     save_json({"parameters": parameters, "complete": False}, out / INFO_FILE)
     t0 = time.perf_counter()
     subj, sids = assign_ids(seed, patients)
     jobs = [(seed, i, subj[i], sids[i], size, str(out)) for i in range(patients)]
-    if workers is None: workers = 1 if patients < 64 else min(2, os.cpu_count() or 1)
+    if workers is None:
+        workers = 1 if patients < 64 else min(2, os.cpu_count() or 1)
     workers = max(1, int(workers))
     _tune_malloc()
     meta, chex, truth = [], [], []
     bar = tqdm(total=patients, desc="phantom patients", disable=not progress)
     if workers == 1:
         results = map(_write_patient, jobs)
-        for m, c, r in results: meta += m; chex += c; truth += r; bar.update()
+        for m, c, r in results:
+            meta += m
+            chex += c
+            truth += r
+            bar.update()
     else:
         import multiprocessing as mp
+
         ctx = mp.get_context("fork" if sys.platform.startswith("linux") else "spawn")
         with ctx.Pool(workers, initializer=_tune_malloc) as pool:
-            for m, c, r in pool.imap(_write_patient, jobs, chunksize=4): meta += m; chex += c; truth += r; bar.update()
+            for m, c, r in pool.imap(_write_patient, jobs, chunksize=4):
+                meta += m
+                chex += c
+                truth += r
+                bar.update()
     bar.close()
     split = _split_of(seed, patients)
     sp_of = {s: split[i] for i, s in enumerate(subj)}
-    meta.sort(key=lambda r: (r[1], r[2], r[0])); chex.sort(key=lambda r: (r[0], r[1]))
-    write_set({out / "mimic-cxr-2.0.0-metadata.csv": _csv(meta, METADATA_COLUMNS),
-               out / "mimic-cxr-2.0.0-split.csv": _csv([[m[0], m[2], m[1], sp_of[m[1]]] for m in meta], ["dicom_id", "study_id", "subject_id", "split"]),
-               out / "mimic-cxr-2.0.0-chexpert.csv": _csv(chex, ["subject_id", "study_id", *OBSERVATIONS]),
-               out / TRUTH_FILE: jsonl_text(truth)})
-    info = {"parameters": parameters, "complete": True,
-            "counts": {"patients": patients, "studies": len(truth), "images": len(meta),
-                       "reports_without_findings": sum(not r["has_findings_section"] for r in truth),
-                       "split_patients": {s: split.count(s) for s in ("train", "validate", "test")}},
-            "seconds": round(time.perf_counter() - t0, 2), "mlrg_version": _version()}
+    meta.sort(key=lambda r: (r[1], r[2], r[0]))
+    chex.sort(key=lambda r: (r[0], r[1]))
+    write_set(
+        {
+            out / "mimic-cxr-2.0.0-metadata.csv": _csv(meta, METADATA_COLUMNS),
+            out / "mimic-cxr-2.0.0-split.csv": _csv(
+                [[m[0], m[2], m[1], sp_of[m[1]]] for m in meta], ["dicom_id", "study_id", "subject_id", "split"]
+            ),
+            out / "mimic-cxr-2.0.0-chexpert.csv": _csv(chex, ["subject_id", "study_id", *OBSERVATIONS]),
+            out / TRUTH_FILE: jsonl_text(truth),
+        }
+    )
+    info = {
+        "parameters": parameters,
+        "complete": True,
+        "counts": {
+            "patients": patients,
+            "studies": len(truth),
+            "images": len(meta),
+            "reports_without_findings": sum(not r["has_findings_section"] for r in truth),
+            "split_patients": {s: split.count(s) for s in ("train", "validate", "test")},
+        },
+        "seconds": round(time.perf_counter() - t0, 2),
+        "mlrg_version": _version(),
+    }
     save_json(info, out / INFO_FILE)
     return info
+
 
 def _version():
     "The installed mlrg version ('unknown' when it cannot be read)."
     try:
-        import mlrg; return getattr(mlrg, "__version__", "unknown")
-    except Exception: return "unknown"
+        import mlrg
+
+        return getattr(mlrg, "__version__", "unknown")
+    except Exception:
+        return "unknown"
 
 # %% ../nbs/01a_phantom.ipynb #6fa2904f
 def read_truth(path) -> list:
@@ -1209,11 +1988,22 @@ def read_truth(path) -> list:
 
 # %% ../nbs/01a_phantom.ipynb #b2734edf
 def phantom_cli(argv=None):
-    "The `mlrg phantom` command: write a phantom dataset as `argv` (see `PHANTOM`) asks, print a summary line, return 0."
+    """The `mlrg phantom` command: write a phantom dataset as `argv` (see `PHANTOM`) asks, print a summary line, return
+    0."""
     p = PHANTOM.cli(argv, prog="mlrg phantom")
-    info = write_phantom(p["out_dir"], patients=p["patients"], seed=p["seed"], size=p["size"], workers=p["workers"],
-                         progress=not p["quiet"], preset=p["preset"], overwrite=p["overwrite"])
+    info = write_phantom(
+        p["out_dir"],
+        patients=p["patients"],
+        seed=p["seed"],
+        size=p["size"],
+        workers=p["workers"],
+        progress=not p["quiet"],
+        preset=p["preset"],
+        overwrite=p["overwrite"],
+    )
     c = info["counts"]
-    print(f"phantom: {c['patients']} patients, {c['studies']} studies, {c['images']} images "
-          f"({c['reports_without_findings']} reports without FINDINGS) in {info['seconds']:.1f} s -> {p['out_dir']}")
+    print(
+        f"phantom: {c['patients']} patients, {c['studies']} studies, {c['images']} images "
+        f"({c['reports_without_findings']} reports without FINDINGS) in {info['seconds']:.1f} s -> {p['out_dir']}"
+    )
     return 0

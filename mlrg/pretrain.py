@@ -7,28 +7,26 @@ from __future__ import annotations
 
 import functools
 import math
-import os
 import sys
-import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import torch
 import torch.nn.functional as F
 
-from .core import InputError, Param, Params, Preset, derive_seed, get_logger, read_jsonl, save_json, seed_everything
-from .data import CHEXPERT_LABELS, BPETokenizer, MLRGDataset, Vocab, collate, prepare, read_annotation, vocab_from_state
+from .core import InputError, Param, Params, Preset, derive_seed, get_logger, save_json, seed_everything
+from .data import CHEXPERT_LABELS, MLRGDataset, collate, vocab_from_state
+from .inputs import INPUTS, Inputs, backbones, load_inputs
 from .engine import TRAIN, TRAIN_OUTPUT, fit, is_main_process, load_checkpoint, to_device
 from .metrics import roc_auc
 from .runs import RunFolder, check_output_folder, in_ipython, one_line_errors, output_folder
 from .models import MLRGPretrainModel, list_image_encoders, pretrain_config
 
 # %% auto #0
-__all__ = ['PRETRAIN_PRESETS', 'PRETRAIN', 'write_tiny_phantom', 'image_root_for', 'check_image_files', 'by_study', 'backbones',
-           'tokenizer_for', 'load_pretrain_data', 'recall_at_k', 'probe_labels', 'fit_logistic', 'linear_probe',
-           'PretrainEvaluator', 'model_config_for', 'build_pretrain', 'debug_report', 'load_pretrained', 'plot_history',
+__all__ = ['PRETRAIN_PRESETS', 'PRETRAIN', 'recall_at_k', 'probe_labels', 'fit_logistic', 'linear_probe', 'PretrainEvaluator',
+           'model_config_for', 'PretrainParts', 'build_pretrain', 'debug_report', 'load_pretrained', 'plot_history',
            'summarize', 'pretrain', 'pretrain_cli']
 
 # %% ../nbs/03_pretrain.ipynb #5a2a6d5f
@@ -36,184 +34,152 @@ def _check_recall_ks(p):
     "Recall@K cut-offs: a non-empty list of integers >= 1, sorted and de-duplicated."
     ks = p["recall_ks"]
     if not ks or not all(isinstance(k, (int, np.integer)) and not isinstance(k, bool) and k >= 1 for k in ks):
-        raise InputError(f"recall_ks={ks!r}", where="parameter 'recall_ks'", expected="a non-empty list of integers >= 1")
+        raise InputError(
+            f"recall_ks={ks!r}", where="parameter 'recall_ks'", expected="a non-empty list of integers >= 1"
+        )
     p["recall_ks"] = sorted({int(k) for k in ks})
 
 # %% ../nbs/03_pretrain.ipynb #8ca5778a
 PRETRAIN_PRESETS = {
-    "mimic": Preset(dict(image_encoder="rad_dino", image_size=518, freeze_image_encoder=True, text_encoder="cxr_bert", text_layers=6,
-                         tokenizer="gpt2", max_length=100, batch_size=32, grad_accum=2, lr=5e-5, num_epochs=50, scheduler="plateau",
-                         plateau_factor=0.1, plateau_patience=5, early_stopping_patience=15, grad_clip=0.1, amp="bf16", seed=9233, gpu_id="0",
-                         model_config={"d_model": 768, "proj_dim": 768}, eval_batch_size=64, num_workers=8),
-                    required=(("data_path", "run_dir"), "image_pretrained_path", "text_pretrained_path", "tokenizer_path"),
-                    help="MLRG's MIMIC-CXR settings: RAD-DINO at 518 px (frozen), CXR-BERT cut to 6 layers, GPT-2's tokenizer, "
-                         "batch 32 x 2, lr 5e-5, plateau schedule, early stopping 15, clip 0.1, bf16, seed 9233"),
-    "iu": Preset(dict(max_views=2, is_prior_scan=False, max_length=60, num_epochs=30),
-                 required=("data_path",),
-                 help="IU X-Ray in R2Gen's annotation.json: two views per study, no prior study, reports of at most 60 tokens"),
+    "mimic": Preset(
+        dict(
+            image_encoder="rad_dino",
+            image_size=518,
+            freeze_image_encoder=True,
+            text_encoder="cxr_bert",
+            text_layers=6,
+            tokenizer="gpt2",
+            max_length=100,
+            batch_size=32,
+            grad_accum=2,
+            lr=5e-5,
+            num_epochs=50,
+            scheduler="plateau",
+            plateau_factor=0.1,
+            plateau_patience=5,
+            early_stopping_patience=15,
+            grad_clip=0.1,
+            amp="bf16",
+            seed=9233,
+            gpu_id="0",
+            model_config={"d_model": 768, "proj_dim": 768},
+            eval_batch_size=64,
+            num_workers=8,
+        ),
+        required=(("data_path", "run_dir"), "image_pretrained_path", "text_pretrained_path", "tokenizer_path"),
+        help="MLRG's MIMIC-CXR settings: RAD-DINO at 518 px (frozen), CXR-BERT cut to 6 layers, GPT-2's tokenizer, "
+        "batch 32 x 2, lr 5e-5, plateau schedule, early stopping 15, clip 0.1, bf16, seed 9233",
+    ),
+    "iu": Preset(
+        dict(max_views=2, is_prior_scan=False, max_length=60, num_epochs=30),
+        required=("data_path",),
+        help="IU X-Ray in R2Gen's annotation.json: two views per study, no prior study, reports of at most 60 tokens",
+    ),
 }
 
-_TRAINING = TRAIN.subset(["batch_size", "num_epochs", "max_steps", "lr", "weight_decay", "warmup", "scheduler", "grad_accum",
-                          "grad_clip", "use_amp", "amp", "early_stopping_patience", "seed", "plateau_factor", "plateau_patience"],
-                         batch_size=16, num_epochs=2, lr=5e-4)
+_TRAINING = TRAIN.subset(
+    [
+        "batch_size",
+        "num_epochs",
+        "max_steps",
+        "lr",
+        "weight_decay",
+        "warmup",
+        "scheduler",
+        "grad_accum",
+        "grad_clip",
+        "use_amp",
+        "amp",
+        "early_stopping_patience",
+        "seed",
+        "plateau_factor",
+        "plateau_patience",
+    ],
+    batch_size=16,
+    num_epochs=2,
+    lr=5e-4,
+)
 
-PRETRAIN = Params("pretrain", "MLRG stage 1: multi-view longitudinal contrastive (or MedCLIP-style) pretraining.", dict(
-    # --- data ---
-    data_path=Param(None, "MLRG annotation JSON, R2Gen annotation.json or MedCLIP datasets.pkl; None: the tiny phantom", kind=str),
-    image_root=Param(None, "the folder image paths are relative to (MIMIC-CXR-JPG files/); None: found beside the annotation", kind=str),
-    trust_pickle=Param(False, "allow reading a .pkl annotation (unpickling runs whatever code the file holds)"),
-    run_dir=Param(None, "a run folder: data from <run>/prepared and <run>/mimic, outputs to <run>/pretrain", kind=str),
-    sample_unit=Param("image", "image: every image is an anchor (MLRG); study: one anchor per study", choices=("image", "study")),
-    max_views=Param(3, "current images per sample: the anchor and up to max_views-1 auxiliary views", low=1),
-    max_length=Param(100, "report tokens, [BOS] and [EOS] included (MLRG: 100)", low=3),
-    augment=Param(False, "light affine / brightness / contrast jitter of training images (never a horizontal flip)"),
-    phantom_patients=Param(24, "patients in the phantom written when data_path and run_dir are None", low=4),
-    # --- model (mlrg.models.pretrain_config) ---
-    mode=Param("mlrg", "mlrg: longitudinal fusion and losses (a) + (b); medclip: anchor vs report, CLIP loss", choices=("mlrg", "medclip")),
-    image_encoder=Param("small_cnn", "a name from mlrg.models.list_image_encoders()", choices=lambda: list_image_encoders()),
-    image_size=Param(64, "pixels (square); 128 for the demo, 518 for RAD-DINO", low=16),
-    image_pretrained_path=Param(None, "local weights for the image encoder (never downloaded)", kind=str),
-    freeze_image_encoder=Param(None, "keep the image encoder's weights fixed (None: the encoder's default; rad_dino frozen, as MLRG)", kind=bool),
-    text_encoder=Param("small", "small (project vocabulary) or cxr_bert (local folder, needs mlrg[hub])", choices=("small", "cxr_bert")),
-    text_pretrained_path=Param(None, "local folder of the text encoder (cxr_bert)", kind=str),
-    text_layers=Param(None, "cxr_bert: keep its first N layers (MLRG: 6; None: all)", kind=int, low=1),
-    trust_remote_code=Param(False, "cxr_bert: run the model code in its folder (CXR-BERT ships its own; only for a folder you trust)"),
-    tokenizer=Param("word", "word: the project's word vocabulary; gpt2: GPT-2's BPE with MLRG's tokens (tokenizer_path, mlrg[hub])",
-                    choices=("word", "gpt2")),
-    tokenizer_path=Param(None, "local folder of GPT-2's tokenizer (vocab.json + merges.txt, or tokenizer.json) for tokenizer='gpt2'", kind=str),
-    is_multiview_learning=Param(None, "MLRG ablation: auxiliary views (None: on in mlrg mode, off in medclip mode)", kind=bool),
-    is_prior_scan=Param(None, "MLRG ablation: the prior image (None: as the mode)", kind=bool),
-    using_mpc_loss=Param(None, "MLRG ablation: the image-image multi-positive loss (None: as the mode)", kind=bool),
-    model_config=Param({}, 'further pretrain_config keys, e.g. {"d_model": 256, "temperature": 0.5}'),
-    # --- training (mlrg.engine.fit) ---
-    **_TRAINING.params,
-    # --- evaluation ---
-    eval_batch_size=Param(64, "samples per validation batch", low=1),
-    recall_ks=Param([1, 5, 10], "Recall@K cut-offs"),
-    linear_probe=Param(True, "the CheXpert linear probe at each evaluation"),
-    uncertain=Param("ignore", "probe labels: -1 (uncertain) is ignored, or counted as zeros / ones", choices=("ignore", "zeros", "ones")),
-    probe_max_train=Param(2000, "train-split samples embedded for the probe (a seeded subset when there are more)", low=2),
-    probe_l2=Param(1e-3, "L2 penalty of the probe's logistic regressions (on standardised features)", low=0),
-    # --- output and system ---
-    **TRAIN_OUTPUT.params,
-    model_save_path=Param(None, "checkpoint folder; None: <run>/pretrain, or a new folder (temp for the phantom, else outputs/)", kind=str),
-    num_threads=Param(None, "torch CPU threads (None: torch's default); 1 helps on a busy, shared machine", kind=int, low=1),
-    debug=Param(False, "a few batches only: print shapes and timings, then train debug_batches steps"),
-    debug_batches=Param(3, "optimizer steps of a debug run", low=1),
-    preset=Param(None, "named settings: mimic (the paper's, on MIMIC-CXR, for GPUs) or iu (IU X-Ray in R2Gen's annotation); "
-                 "given parameters still win", kind=str, choices=("mimic", "iu")),
-), rule=_check_recall_ks, presets=PRETRAIN_PRESETS)
-
-# %% ../nbs/03_pretrain.ipynb #cdf77613
-def write_tiny_phantom(folder, patients=40, seed=0, sample_unit="image") -> Path:
-    "A phantom MIMIC-CXR-JPG dataset in `folder`/mimic, prepared into `folder`/prepared; returns the annotation path."
-    from mlrg.phantom import write_phantom
-    folder = Path(folder)
-    write_phantom(folder / "mimic", patients=int(patients), seed=int(seed), size=128, progress=False, workers=1)
-    ann = folder / "prepared" / "annotation.json"
-    prepare(folder / "mimic", ann, sample_unit=sample_unit, progress=False)
-    return ann
-
-# %% ../nbs/03_pretrain.ipynb #c66b27fa
-def image_root_for(ann: Path, image_root=None) -> Path:
-    "The folder `ann`'s relative image paths start from: `image_root`, else the one `mlrg prepare` recorded, else a usual place."
-    if image_root is not None:
-        root = Path(image_root)
-        if not root.is_dir(): raise InputError("folder not found", where=f"parameter 'image_root' ({root})", expected="the folder image paths are relative to")
-        return root
-    summary = ann.parent / "prepare_summary.json"
-    if summary.is_file():
-        try:
-            import json as _json
-            s = _json.loads(summary.read_text(encoding="utf-8"))
-            if Path(s.get("annotation", "")).resolve() == ann.resolve() and (Path(s["mimic_root"]) / "files").is_dir():
-                return Path(s["mimic_root"]) / "files"
-        except (ValueError, KeyError, TypeError, OSError): pass
-    for cand in (ann.parent.parent / "mimic" / "files", ann.parent / "files", ann.parent / "images"):
-        if cand.is_dir(): return cand
-    raise InputError("cannot find the image folder", where=f"parameter 'data_path' ({ann})",
-                     expected="set image_root to the folder the annotation's image paths are relative to (MIMIC-CXR-JPG files/)")
-
-# %% ../nbs/03_pretrain.ipynb #be7b4d33
-def _item_paths(it):
-    "The image paths an annotation item references: its anchor, its auxiliary views and its prior."
-    out = list(it["anchor_scan"]["image_path"]) + list(it["auxiliary_references"]["image_path"])
-    if it.get("prior_study"): out.append(it["prior_study"]["latest_study"]["image_path"])
-    return out
-
-def check_image_files(items, image_root, splits=("train", "val")) -> int:
-    "The number of image files referenced by `items[split]`; an `InputError` naming the first missing one and the count."
-    root, missing, n = Path(image_root), [], 0
-    for s in splits:
-        for i, it in enumerate(items[s]):
-            for p in _item_paths(it):
-                n += 1
-                q = Path(p) if Path(p).is_absolute() else root / p
-                if not q.is_file(): missing.append(f"{q} ({s}[{i}], id {it['id']})")
-    if missing:
-        raise InputError(f"{len(missing)} of {n} image files referenced by the annotation are missing, e.g. {missing[0]}",
-                         where=f"image_root {root}", expected="every image of the train and val splits on disk")
-    return n
-
-# %% ../nbs/03_pretrain.ipynb #159d0d8c
-def by_study(items) -> list:
-    "One item per study (the first, which `mlrg prepare` makes the preferred view); items without a study_id are kept."
-    seen, out = set(), []
-    for it in items:
-        s = it.get("study_id")
-        if s is not None:
-            if s in seen: continue
-            seen.add(s)
-        out.append(it)
-    return out
-
-# %% ../nbs/03_pretrain.ipynb #4c6915ee
-def backbones(vocab, image_encoder, image_pretrained_path=None, text_encoder="small", text_pretrained_path=None, **more) -> dict:
-    "What a model is built from (encoder names, their local weights or folders, the tokenizer), for its checkpoint and summary."
-    tok = f"gpt2 BPE, {len(vocab)} tokens, from {vocab.source}" if vocab.kind == "gpt2" else f"word vocabulary, {len(vocab)} tokens"
-    return {"image_encoder": image_encoder, "image_pretrained_path": image_pretrained_path, "text_encoder": text_encoder,
-            "text_pretrained_path": text_pretrained_path, "tokenizer": tok, **more}
-
-def tokenizer_for(p: dict) -> BPETokenizer:
-    "GPT-2's tokenizer with MLRG's tokens from `p['tokenizer_path']` (else `p['decoder_path']`, stage 2's GPT-2 folder)."
-    path = p.get("tokenizer_path") or p.get("decoder_path")
-    return BPETokenizer.from_folder(path, param="tokenizer_path")
-
-def load_pretrain_data(p: dict, log=None) -> dict:
-    "Items per split, image root, vocabulary and where they came from, for parameters `p`."
-    log = log or get_logger()
-    src, tmp = None, None
-    if p["data_path"] is not None: ann, src = Path(p["data_path"]), "data_path"
-    elif p["run_dir"] is not None:
-        rf = RunFolder.create(p["run_dir"])
-        ann, src = rf.annotation, "run_dir"
-        if not ann.is_file(): raise InputError("the run folder has no prepared annotation", where=ann, expected="`mlrg prepare` (or 01_data) run into this run folder first")
-    else:
-        tmp = Path(tempfile.mkdtemp(prefix="mlrg-pretrain-"))
-        ann = write_tiny_phantom(tmp, p["phantom_patients"], derive_seed(p["seed"], "phantom") % 2**31, p["sample_unit"])
-        src = "phantom"
-    items = read_annotation(ann, trust_pickle=p["trust_pickle"])
-    if src == "run_dir" and p["image_root"] is None: image_root = RunFolder.create(p["run_dir"]).mimic / "files"
-    elif ann.suffix in (".pkl", ".pickle") and p["image_root"] is None: image_root = ann.parent
-    else: image_root = image_root_for(ann, p["image_root"])
-    n_images = {s: len(items[s]) for s in items}
-    if p["sample_unit"] == "study": items = {s: by_study(v) for s, v in items.items()}
-    for s in ("train", "val"):
-        if not items[s]: raise InputError(f"the {s} split is empty", where=ann, expected="train and val samples (validation picks the checkpoint)")
-    vocab_path = (RunFolder.create(p["run_dir"]).vocab if src == "run_dir" else ann.parent / "vocab.json")
-    if p.get("tokenizer") == "gpt2":
-        vocab = tokenizer_for(p)
-        vocab_source = f"GPT-2's BPE tokenizer from {vocab.source}"
-    elif vocab_path.is_file(): vocab, vocab_source = Vocab.load(vocab_path), str(vocab_path)
-    else:
-        vocab = Vocab.build([it["findings"] for it in items["train"]], min_freq=3)
-        vocab_source = "built from the train split's findings (min_freq 3)"
-    n_files = check_image_files(items, image_root)
-    info = {"source": src, "annotation": str(ann), "image_root": str(image_root), "vocab": vocab_source, "vocab_size": len(vocab),
-            "sample_unit": p["sample_unit"], "samples": {s: len(v) for s, v in items.items()},
-            "studies": {s: len({it.get("study_id", ("item", i)) for i, it in enumerate(v)}) for s, v in items.items()},
-            "annotation_items": n_images, "image_files_checked": n_files, "temp_dir": str(tmp) if tmp else None}
-    return {"items": items, "image_root": image_root, "vocab": vocab, "info": info}
+PRETRAIN = Params(
+    "pretrain",
+    "MLRG stage 1: multi-view longitudinal contrastive (or MedCLIP-style) pretraining.",
+    dict(
+        # --- data ---
+        **INPUTS.subset(["data_path", "image_root", "trust_pickle"]).params,
+        run_dir=Param(
+            None, "a run folder: data from <run>/prepared and <run>/mimic, outputs to <run>/pretrain", kind=str
+        ),
+        **INPUTS.subset(["sample_unit", "max_views"]).params,
+        max_length=Param(100, "report tokens, [BOS] and [EOS] included (MLRG: 100)", low=3),
+        **INPUTS.subset(["augment", "phantom_patients"]).params,
+        # --- model (mlrg.models.pretrain_config) ---
+        mode=Param(
+            "mlrg",
+            "mlrg: longitudinal fusion and losses (a) + (b); medclip: anchor vs report, CLIP loss",
+            choices=("mlrg", "medclip"),
+        ),
+        image_encoder=Param(
+            "small_cnn", "a name from mlrg.models.list_image_encoders()", choices=lambda: list_image_encoders()
+        ),
+        image_size=Param(64, "pixels (square); 128 for the demo, 518 for RAD-DINO", low=16),
+        image_pretrained_path=Param(None, "local weights for the image encoder (never downloaded)", kind=str),
+        freeze_image_encoder=Param(
+            None,
+            "keep the image encoder's weights fixed (None: the encoder's default; rad_dino frozen, as MLRG)",
+            kind=bool,
+        ),
+        text_encoder=Param(
+            "small",
+            "small (project vocabulary) or cxr_bert (local folder, needs mlrg[hub])",
+            choices=("small", "cxr_bert"),
+        ),
+        **INPUTS.subset(
+            ["text_pretrained_path", "text_layers", "trust_remote_code", "tokenizer", "tokenizer_path"]
+        ).params,
+        is_multiview_learning=Param(
+            None, "MLRG ablation: auxiliary views (None: on in mlrg mode, off in medclip mode)", kind=bool
+        ),
+        is_prior_scan=Param(None, "MLRG ablation: the prior image (None: as the mode)", kind=bool),
+        using_mpc_loss=Param(None, "MLRG ablation: the image-image multi-positive loss (None: as the mode)", kind=bool),
+        model_config=Param({}, 'further pretrain_config keys, e.g. {"d_model": 256, "temperature": 0.5}'),
+        # --- training (mlrg.engine.fit) ---
+        **_TRAINING.params,
+        # --- evaluation ---
+        eval_batch_size=Param(64, "samples per validation batch", low=1),
+        recall_ks=Param([1, 5, 10], "Recall@K cut-offs"),
+        linear_probe=Param(True, "the CheXpert linear probe at each evaluation"),
+        uncertain=Param(
+            "ignore",
+            "probe labels: -1 (uncertain) is ignored, or counted as zeros / ones",
+            choices=("ignore", "zeros", "ones"),
+        ),
+        probe_max_train=Param(
+            2000, "train-split samples embedded for the probe (a seeded subset when there are more)", low=2
+        ),
+        probe_l2=Param(1e-3, "L2 penalty of the probe's logistic regressions (on standardised features)", low=0),
+        # --- output and system ---
+        **TRAIN_OUTPUT.params,
+        model_save_path=Param(
+            None,
+            "checkpoint folder; None: <run>/pretrain, or a new folder (temp for the phantom, else outputs/)",
+            kind=str,
+        ),
+        num_threads=Param(
+            None, "torch CPU threads (None: torch's default); 1 helps on a busy, shared machine", kind=int, low=1
+        ),
+        debug=Param(False, "a few batches only: print shapes and timings, then train debug_batches steps"),
+        debug_batches=Param(3, "optimizer steps of a debug run", low=1),
+        preset=Param(
+            None,
+            "named settings: mimic (the paper's, on MIMIC-CXR, for GPUs) or iu (IU X-Ray in R2Gen's annotation); "
+            "given parameters still win",
+            kind=str,
+            choices=("mimic", "iu"),
+        ),
+    ),
+    rule=_check_recall_ks,
+    presets=PRETRAIN_PRESETS,
+)
 
 # %% ../nbs/03_pretrain.ipynb #d8896b6c
 def _groups_of(items) -> np.ndarray:
@@ -224,6 +190,7 @@ def _groups_of(items) -> np.ndarray:
         out.append(index.setdefault(("study", str(s)) if s is not None else ("item", i), len(index)))
     return np.asarray(out, dtype=np.int64)
 
+
 def recall_at_k(img, txt, groups, ks=(1, 5, 10)) -> dict:
     """Image->report and report->image Recall@K, with chance levels. `img`, `txt`: (N, D) normalised embeddings of N
     samples; `groups`: (N,) study of each sample. The report of a study is the text embedding of its first sample; the
@@ -232,23 +199,24 @@ def recall_at_k(img, txt, groups, ks=(1, 5, 10)) -> dict:
     g = torch.as_tensor(np.asarray(groups), dtype=torch.long)
     uniq, first = np.unique(g.numpy(), return_index=True)
     S, N = len(uniq), len(g)
-    rep = txt[torch.as_tensor(first)]                                      # (S, D), in the order of `uniq`
-    col = torch.as_tensor(np.searchsorted(uniq, g.numpy()))                # study index of each sample
-    sim = img @ rep.T                                                      # (N, S)
+    rep = txt[torch.as_tensor(first)]  # (S, D), in the order of `uniq`
+    col = torch.as_tensor(np.searchsorted(uniq, g.numpy()))  # study index of each sample
+    sim = img @ rep.T  # (N, S)
     true = sim.gather(1, col[:, None])
-    rank_i2t = (sim >= true).sum(1) - 1                                    # other reports scoring at least as high
-    own = col[None, :] == torch.arange(S)[:, None]                         # (S, N): image j belongs to study s
-    simT = sim.T                                                           # (S, N)
+    rank_i2t = (sim >= true).sum(1) - 1  # other reports scoring at least as high
+    own = col[None, :] == torch.arange(S)[:, None]  # (S, N): image j belongs to study s
+    simT = sim.T  # (S, N)
     best = simT.masked_fill(~own, float("-inf")).max(1).values
-    rank_t2i = ((simT >= best[:, None]) & ~own).sum(1)                     # wrong images scoring at least as high
+    rank_t2i = ((simT >= best[:, None]) & ~own).sum(1)  # wrong images scoring at least as high
     m = own.sum(1).double()
     out = {"n_queries_i2t": N, "n_queries_t2i": S, "n_studies": S}
     for k in ks:
         out[f"i2t_R@{k}"] = float((rank_i2t < k).double().mean())
         out[f"t2i_R@{k}"] = float((rank_t2i < k).double().mean())
         out[f"chance@{k}"] = min(k, S) / S
-        miss = torch.ones(S, dtype=torch.float64)                          # P(no image of the study in a random top k)
-        for j in range(min(k, N)): miss = miss * ((N - m - j) / (N - j)).clamp(min=0)
+        miss = torch.ones(S, dtype=torch.float64)  # P(no image of the study in a random top k)
+        for j in range(min(k, N)):
+            miss = miss * ((N - m - j) / (N - j)).clamp(min=0)
         out[f"chance_t2i@{k}"] = float((1 - miss).mean())
     return out
 
@@ -260,10 +228,13 @@ def probe_labels(items, uncertain="ignore"):
     n_missing = 0
     for i, it in enumerate(items):
         lab = it.get("chexpert")
-        if lab is None and it.get("labels") is not None and len(it["labels"]) == len(CHEXPERT_LABELS): lab = it["labels"]
-        if lab is None: n_missing += 1; continue
+        if lab is None and it.get("labels") is not None and len(it["labels"]) == len(CHEXPERT_LABELS):
+            lab = it["labels"]
+        if lab is None:
+            n_missing += 1
+            continue
         v = np.array([np.nan if x is None else float(x) for x in lab])
-        v[np.isnan(v)] = 0.0                                               # blank: not mentioned -> negative
+        v[np.isnan(v)] = 0.0  # blank: not mentioned -> negative
         unc = v == -1
         y[i] = np.where(unc, {"ignore": 0.0, "zeros": 0.0, "ones": 1.0}[uncertain], v)
         mask[i] = ~unc if uncertain == "ignore" else True
@@ -271,7 +242,8 @@ def probe_labels(items, uncertain="ignore"):
 
 # %% ../nbs/03_pretrain.ipynb #65e859ee
 def fit_logistic(x, y, mask, l2=1e-3, max_iter=200):
-    "Independent L2 logistic regressions of each column of `y` (N, C) on `x` (N, D), rows where `mask`; returns a scorer."
+    """Independent L2 logistic regressions of each column of `y` (N, C) on `x` (N, D), rows where `mask`; returns a
+    scorer."""
     x = torch.as_tensor(np.asarray(x), dtype=torch.float64)
     y = torch.as_tensor(np.asarray(y), dtype=torch.float64)
     m = torch.as_tensor(np.asarray(mask), dtype=torch.float64)
@@ -280,55 +252,96 @@ def fit_logistic(x, y, mask, l2=1e-3, max_iter=200):
     W = torch.zeros(x.shape[1], y.shape[1], dtype=torch.float64, requires_grad=True)
     b = torch.zeros(y.shape[1], dtype=torch.float64, requires_grad=True)
     opt = torch.optim.LBFGS([W, b], lr=1, max_iter=max_iter, line_search_fn="strong_wolfe")
+
     def closure():
         opt.zero_grad()
         bce = F.binary_cross_entropy_with_logits(xs @ W + b, y, reduction="none")
-        loss = ((bce * m).sum(0) / m.sum(0).clamp(min=1)).sum() + l2 * (W ** 2).sum()
+        loss = ((bce * m).sum(0) / m.sum(0).clamp(min=1)).sum() + l2 * (W**2).sum()
         loss.backward()
         return loss
+
     opt.step(closure)
     W, b = W.detach(), b.detach()
     return lambda z: (((torch.as_tensor(np.asarray(z), dtype=torch.float64) - mu) / sd) @ W + b).numpy()
 
 # %% ../nbs/03_pretrain.ipynb #e9340246
 def linear_probe(train_x, train_items, val_x, val_items, uncertain="ignore", l2=1e-3) -> dict:
-    "Per-observation and macro val AUC of logistic regressions trained on `train_x` and scored on `val_x`, with the counts used."
+    """Per-observation and macro val AUC of logistic regressions trained on `train_x` and scored on `val_x`, with the
+    counts used."""
     ytr, mtr, miss_tr = probe_labels(train_items, uncertain)
     yva, mva, miss_va = probe_labels(val_items, uncertain)
     keep_tr, keep_va = mtr.any(1), mva.any(1)
-    out = {"probe_n_train": int(keep_tr.sum()), "probe_n_val": int(keep_va.sum()), "probe_unlabelled_train": miss_tr,
-           "probe_unlabelled_val": miss_va}
-    if keep_tr.sum() < 2 or keep_va.sum() < 2: return {**out, "probe_n_scored": 0}
+    out = {
+        "probe_n_train": int(keep_tr.sum()),
+        "probe_n_val": int(keep_va.sum()),
+        "probe_unlabelled_train": miss_tr,
+        "probe_unlabelled_val": miss_va,
+    }
+    if keep_tr.sum() < 2 or keep_va.sum() < 2:
+        return {**out, "probe_n_scored": 0}
     score = fit_logistic(np.asarray(train_x)[keep_tr], ytr[keep_tr], mtr[keep_tr], l2)(np.asarray(val_x)[keep_va])
     aucs = {}
     for c, name in enumerate(CHEXPERT_LABELS):
         tr = ytr[keep_tr][mtr[keep_tr][:, c], c]
-        if len(np.unique(tr)) < 2: continue
+        if len(np.unique(tr)) < 2:
+            continue
         sel = mva[keep_va][:, c]
         a = roc_auc(yva[keep_va][sel, c], score[sel, c])
-        if not math.isnan(a): aucs[name] = a
+        if not math.isnan(a):
+            aucs[name] = a
     out.update({f"probe_auc/{k}": v for k, v in aucs.items()})
     out["probe_n_scored"] = len(aucs)
-    if aucs: out["probe_auc_macro"] = float(np.mean(list(aucs.values())))
+    if aucs:
+        out["probe_auc_macro"] = float(np.mean(list(aucs.values())))
     return out
 
 # %% ../nbs/03_pretrain.ipynb #c4ff5ee5
 def _loader(dataset, batch_size, num_workers=0, pad_id=0):
     "A DataLoader over `dataset` in its order, collated with padding id `pad_id`."
-    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
-                                       collate_fn=functools.partial(collate, pad_id=pad_id))
+    return torch.utils.data.DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=False,
+        num_workers=num_workers,
+        collate_fn=functools.partial(collate, pad_id=pad_id),
+    )
+
 
 class PretrainEvaluator:
-    "The `evaluate(model, ctx)` of `fit`: val losses, Recall@K on the val split and the CheXpert linear probe of a stage-1 model."
-    def __init__(self, val_ds, probe_ds=None, batch_size=64, ks=(1, 5, 10), uncertain="ignore", l2=1e-3,
-                 num_workers=0, progress=False, pad_id=0):
+    """The `evaluate(model, ctx)` of `fit`: val losses, Recall@K on the val split and the CheXpert linear probe of a
+    stage-1 model."""
+
+    def __init__(
+        self,
+        val_ds,
+        probe_ds=None,
+        batch_size=64,
+        ks=(1, 5, 10),
+        uncertain="ignore",
+        l2=1e-3,
+        num_workers=0,
+        progress=False,
+        pad_id=0,
+    ):
         self.val_ds, self.probe_ds, self.batch_size, self.ks = val_ds, probe_ds, batch_size, tuple(ks)
-        self.uncertain, self.l2, self.num_workers, self.progress, self.pad_id = uncertain, l2, num_workers, progress, pad_id
+        self.uncertain, self.l2, self.num_workers, self.progress, self.pad_id = (
+            uncertain,
+            l2,
+            num_workers,
+            progress,
+            pad_id,
+        )
         self.groups = _groups_of(val_ds.items)
 
     def _batches(self, ds, desc):
         from tqdm import tqdm  # text bars, as the rest of the project
-        return tqdm(_loader(ds, self.batch_size, self.num_workers, self.pad_id), desc=desc, leave=False, disable=not self.progress)
+
+        return tqdm(
+            _loader(ds, self.batch_size, self.num_workers, self.pad_id),
+            desc=desc,
+            leave=False,
+            disable=not self.progress,
+        )
 
     @torch.no_grad()
     def embed_val(self, model):
@@ -339,8 +352,11 @@ class PretrainEvaluator:
             b = len(batch["id"])
             out = model(to_device(batch, dev))
             for k, v in out.items():
-                if k.startswith("loss") and torch.is_tensor(v): sums[k] = sums.get(k, 0.0) + float(v) * b
-            img.append(out["image_emb"].float().cpu()); txt.append(out["text_emb"].float().cpu()); n += b
+                if k.startswith("loss") and torch.is_tensor(v):
+                    sums[k] = sums.get(k, 0.0) + float(v) * b
+            img.append(out["image_emb"].float().cpu())
+            txt.append(out["text_emb"].float().cpu())
+            n += b
         return {k: v / n for k, v in sums.items()}, torch.cat(img), torch.cat(txt)
 
     @torch.no_grad()
@@ -350,7 +366,8 @@ class PretrainEvaluator:
         return torch.cat([model.encode_images(to_device(b, dev)).float().cpu() for b in self._batches(ds, "probe")])
 
     def __call__(self, model, ctx=None) -> dict:
-        if ctx is not None and not ctx.main: return {}    # the main process scores the whole val split alone
+        if ctx is not None and not ctx.main:
+            return {}  # the main process scores the whole val split alone
         was = model.training
         model.eval()
         try:
@@ -359,8 +376,14 @@ class PretrainEvaluator:
             out.update({f"val_{k}": v for k, v in recall_at_k(img, txt, self.groups, self.ks).items()})
             if self.probe_ds is not None:
                 tr = self.embed_images(model, self.probe_ds)
-                out.update({f"val_{k}": v for k, v in linear_probe(tr.numpy(), self.probe_ds.items, img.numpy(), self.val_ds.items,
-                                                                   self.uncertain, self.l2).items()})
+                out.update(
+                    {
+                        f"val_{k}": v
+                        for k, v in linear_probe(
+                            tr.numpy(), self.probe_ds.items, img.numpy(), self.val_ds.items, self.uncertain, self.l2
+                        ).items()
+                    }
+                )
             return out
         finally:
             model.train(was)
@@ -368,59 +391,140 @@ class PretrainEvaluator:
 # %% ../nbs/03_pretrain.ipynb #23dcf248
 def model_config_for(p: dict, vocab) -> dict:
     "The complete `pretrain_config` of parameters `p` with vocabulary `vocab`."
-    return pretrain_config({**p["model_config"], "mode": p["mode"], "image_encoder": p["image_encoder"], "image_size": p["image_size"],
-                            "image_pretrained_path": p["image_pretrained_path"], "freeze_image_encoder": p["freeze_image_encoder"],
-                            "text_encoder": p["text_encoder"], "text_pretrained_path": p["text_pretrained_path"],
-                            "text_layers": p["text_layers"], "trust_remote_code": p["trust_remote_code"],
-                            "is_multiview_learning": p["is_multiview_learning"], "is_prior_scan": p["is_prior_scan"],
-                            "using_mpc_loss": p["using_mpc_loss"], "vocab_size": len(vocab), "pad_id": vocab.pad_id,
-                            "text_max_len": max(int(p["model_config"].get("text_max_len", 512)), p["max_length"])})
+    return pretrain_config(
+        {
+            **p["model_config"],
+            "mode": p["mode"],
+            "image_encoder": p["image_encoder"],
+            "image_size": p["image_size"],
+            "image_pretrained_path": p["image_pretrained_path"],
+            "freeze_image_encoder": p["freeze_image_encoder"],
+            "text_encoder": p["text_encoder"],
+            "text_pretrained_path": p["text_pretrained_path"],
+            "text_layers": p["text_layers"],
+            "trust_remote_code": p["trust_remote_code"],
+            "is_multiview_learning": p["is_multiview_learning"],
+            "is_prior_scan": p["is_prior_scan"],
+            "using_mpc_loss": p["using_mpc_loss"],
+            "vocab_size": len(vocab),
+            "pad_id": vocab.pad_id,
+            "text_max_len": max(int(p["model_config"].get("text_max_len", 512)), p["max_length"]),
+        }
+    )
 
 # %% ../nbs/03_pretrain.ipynb #a0620a7d
-def build_pretrain(p: dict, data: dict | None = None) -> dict:
+@dataclass
+class PretrainParts:
+    "What `build_pretrain` puts together for a stage-1 run."
+
+    model: MLRGPretrainModel
+    model_config: dict
+    backbones: dict
+    train_ds: MLRGDataset
+    val_ds: MLRGDataset
+    probe_ds: MLRGDataset | None
+    collate_fn: object
+    evaluator: PretrainEvaluator
+    vocab: object
+    data: Inputs
+
+
+def build_pretrain(p: dict, data: Inputs | None = None) -> PretrainParts:
     "Model, datasets, collate function and evaluator for checked parameters `p` (data loaded unless given)."
-    data = data or load_pretrain_data(p)
-    vocab, items, root = data["vocab"], data["items"], data["image_root"]
+    data = data or load_inputs(p)
+    vocab, items, root = data.vocab, data.items, data.image_root
     seed_everything(p["seed"])
     mcfg = model_config_for(p, vocab)
     model = MLRGPretrainModel(mcfg)
-    dkw = dict(image_root=root, vocab=vocab, image_size=p["image_size"], max_views=p["max_views"], max_length=p["max_length"])
+    dkw = dict(
+        image_root=root, vocab=vocab, image_size=p["image_size"], max_views=p["max_views"], max_length=p["max_length"]
+    )
     train_ds = MLRGDataset(items["train"], augment=p["augment"], seed=derive_seed(p["seed"], "augment"), **dkw)
-    val = items["val"] if not p["debug"] else items["val"][:2 * p["eval_batch_size"]]
+    val = items["val"] if not p["debug"] else items["val"][: 2 * p["eval_batch_size"]]
     val_ds = MLRGDataset(val, **dkw)
     n_probe = min(p["probe_max_train"], 256) if p["debug"] else p["probe_max_train"]
     probe_ds = None
     if p["linear_probe"]:
         idx = np.arange(len(items["train"]))
-        if len(idx) > n_probe: idx = np.sort(np.random.default_rng(derive_seed(p["seed"], "probe")).choice(idx, n_probe, replace=False))
+        if len(idx) > n_probe:
+            idx = np.sort(np.random.default_rng(derive_seed(p["seed"], "probe")).choice(idx, n_probe, replace=False))
         probe_ds = MLRGDataset([items["train"][i] for i in idx], **dkw)
-    evaluator = PretrainEvaluator(val_ds, probe_ds, p["eval_batch_size"], p["recall_ks"], p["uncertain"], p["probe_l2"],
-                                  p["num_workers"], p["progress"], vocab.pad_id)
-    used = backbones(vocab, mcfg["image_encoder"], mcfg["image_pretrained_path"], mcfg["text_encoder"], mcfg["text_pretrained_path"])
-    return {"model": model, "model_config": mcfg, "backbones": used, "train_ds": train_ds,
-            "val_ds": val_ds, "probe_ds": probe_ds, "collate_fn": functools.partial(collate, pad_id=vocab.pad_id),
-            "evaluator": evaluator, "vocab": vocab, "data": data}
+    evaluator = PretrainEvaluator(
+        val_ds,
+        probe_ds,
+        p["eval_batch_size"],
+        p["recall_ks"],
+        p["uncertain"],
+        p["probe_l2"],
+        p["num_workers"],
+        p["progress"],
+        vocab.pad_id,
+    )
+    used = backbones(
+        vocab, mcfg["image_encoder"], mcfg["image_pretrained_path"], mcfg["text_encoder"], mcfg["text_pretrained_path"]
+    )
+    return PretrainParts(
+        model,
+        mcfg,
+        used,
+        train_ds,
+        val_ds,
+        probe_ds,
+        functools.partial(collate, pad_id=vocab.pad_id),
+        evaluator,
+        vocab,
+        data,
+    )
 
 # %% ../nbs/03_pretrain.ipynb #9cf144a1
-def debug_report(parts: dict, p: dict, print_fn=print) -> list:
+def debug_report(parts: PretrainParts, p: dict, print_fn=print) -> list:
     "Print shapes and timings of `debug_batches` training batches (forward + backward, no optimizer step)."
-    model, ds = parts["model"], parts["train_ds"]
+    model, ds = parts.model, parts.train_ds
     n = sum(x.numel() for x in model.parameters())
-    print_fn(f"debug: {len(ds)} train / {len(parts['val_ds'])} val samples; model {n:,} parameters; config "
-             + ", ".join(f"{k}={parts['model_config'][k]}" for k in ("mode", "image_encoder", "image_size", "is_multiview_learning", "is_prior_scan", "using_mpc_loss")))
+    print_fn(
+        f"debug: {len(ds)} train / {len(parts.val_ds)} val samples; model {n:,} parameters; config "
+        + ", ".join(
+            f"{k}={parts.model_config[k]}"
+            for k in ("mode", "image_encoder", "image_size", "is_multiview_learning", "is_prior_scan", "using_mpc_loss")
+        )
+    )
     rows, model = [], model.train()
     for b in range(p["debug_batches"]):
         idx = [(b * p["batch_size"] + i) % len(ds) for i in range(p["batch_size"])]
-        t0 = time.perf_counter(); batch = parts["collate_fn"]([ds[i] for i in idx]); t1 = time.perf_counter()
-        out = model(batch); t2 = time.perf_counter()
-        out["loss"].backward(); t3 = time.perf_counter()
+        t0 = time.perf_counter()
+        batch = parts.collate_fn([ds[i] for i in idx])
+        t1 = time.perf_counter()
+        out = model(batch)
+        t2 = time.perf_counter()
+        out["loss"].backward()
+        t3 = time.perf_counter()
         if b == 0:
-            print_fn("debug: batch " + ", ".join(f"{k} {tuple(v.shape)}" for k, v in batch.items() if torch.is_tensor(v)))
-            print_fn("debug: outputs " + ", ".join(f"{k} {tuple(v.shape) if v.ndim else round(float(v.detach()), 4)}" for k, v in out.items() if torch.is_tensor(v)))
-        rows.append({"batch": b, "load_s": round(t1 - t0, 3), "forward_s": round(t2 - t1, 3), "backward_s": round(t3 - t2, 3),
-                     "loss": round(float(out["loss"]), 4), "samples_per_s": round(len(idx) / (t3 - t0), 1)})
-        print_fn(f"debug: batch {b}: load {rows[-1]['load_s']} s, forward {rows[-1]['forward_s']} s, backward {rows[-1]['backward_s']} s, "
-                 f"loss {rows[-1]['loss']}, {rows[-1]['samples_per_s']} samples/s")
+            print_fn(
+                "debug: batch " + ", ".join(f"{k} {tuple(v.shape)}" for k, v in batch.items() if torch.is_tensor(v))
+            )
+            print_fn(
+                "debug: outputs "
+                + ", ".join(
+                    f"{k} {tuple(v.shape) if v.ndim else round(float(v.detach()), 4)}"
+                    for k, v in out.items()
+                    if torch.is_tensor(v)
+                )
+            )
+        rows.append(
+            {
+                "batch": b,
+                "load_s": round(t1 - t0, 3),
+                "forward_s": round(t2 - t1, 3),
+                "backward_s": round(t3 - t2, 3),
+                "loss": round(float(out["loss"]), 4),
+                "samples_per_s": round(len(idx) / (t3 - t0), 1),
+            }
+        )
+        print_fn(
+            f"debug: batch {b}: load {rows[-1]['load_s']} s, forward {rows[-1]['forward_s']} s, backward "
+            f"{rows[-1]['backward_s']} s, "
+            f"loss {rows[-1]['loss']}, {rows[-1]['samples_per_s']} samples/s"
+        )
     model.zero_grad(set_to_none=True)
     return rows
 
@@ -430,23 +534,30 @@ def load_pretrained(path, map_location="cpu"):
     ck = load_checkpoint(path, map_location)
     cfg = (ck.get("config") or {}).get("model")
     if not isinstance(cfg, dict) or not ck.get("vocab"):
-        raise InputError("not a stage-1 checkpoint (no model config or vocabulary)", where=path, expected="best.pt / last.pt of mlrg.pretrain")
+        raise InputError(
+            "not a stage-1 checkpoint (no model config or vocabulary)",
+            where=path,
+            expected="best.pt / last.pt of mlrg.pretrain",
+        )
     model = MLRGPretrainModel(cfg)
     model.load_state_dict(ck["model"])
     return model.eval(), vocab_from_state(ck["vocab"]), ck
 
 # %% ../nbs/03_pretrain.ipynb #a43bae49
-_ENGINE_KEYS = [k for k in PRETRAIN.params if k in TRAIN.params]    # the settings passed to the engine as they are
+_ENGINE_KEYS = [k for k in PRETRAIN.params if k in TRAIN.params]  # the settings passed to the engine as they are
+
 
 def _out_dir(p, data):
-    "The folder a run with parameters `p` on `data` writes its checkpoints, metrics and summary to (`mlrg.runs.output_folder`)."
-    return output_folder(p, "pretrain", data["info"]["temp_dir"])
+    """The folder a run with parameters `p` on `data` writes its checkpoints, metrics and summary to
+    (`mlrg.runs.output_folder`)."""
+    return output_folder(p, "pretrain", data.info["temp_dir"])
 
 # %% ../nbs/03_pretrain.ipynb #cbcc45bf
 def plot_history(history, ks=(1, 5, 10), fig=None):
     "A figure of loss, Recall@K (vs chance) and probe AUC over training, from fit's history / metrics.jsonl records."
     if fig is None:
         from matplotlib.figure import Figure
+
         fig = Figure(figsize=(14, 3.6))
     tr = [r for r in history if r.get("kind") == "train"]
     ev = [r for r in history if r.get("kind") == "eval"]
@@ -454,14 +565,17 @@ def plot_history(history, ks=(1, 5, 10), fig=None):
     ax = axes[0]
     ax.plot([r["step"] for r in tr], [r.get("train_loss") for r in tr], label="train loss", lw=1)
     ax.plot([r["step"] for r in ev], [r.get("val_loss") for r in ev], "o-", label="val loss")
-    ax.set(xlabel="step", title="loss"); ax.legend(fontsize=8)
+    ax.set(xlabel="step", title="loss")
+    ax.legend(fontsize=8)
     for ax, d, name in ((axes[1], "i2t", "image → report"), (axes[2], "t2i", "report → image")):
         for i, k in enumerate(ks):
             c = f"C{i}"
             ax.plot([r["step"] for r in ev], [r.get(f"val_{d}_R@{k}") for r in ev], "o-", color=c, label=f"R@{k}")
             ch = ev[-1].get(f"val_chance{'_t2i' if d == 't2i' else ''}@{k}") if ev else None
-            if ch is not None: ax.axhline(ch, color=c, ls=":", lw=1)
-        ax.set(xlabel="step", title=f"val {name} (dotted: chance)", ylim=(0, 1)); ax.legend(fontsize=8)
+            if ch is not None:
+                ax.axhline(ch, color=c, ls=":", lw=1)
+        ax.set(xlabel="step", title=f"val {name} (dotted: chance)", ylim=(0, 1))
+        ax.legend(fontsize=8)
     ax = axes[3]
     ax.plot([r["step"] for r in ev], [r.get("val_probe_auc_macro") for r in ev], "o-", color="C3")
     ax.axhline(0.5, color="gray", ls=":", lw=1)
@@ -470,67 +584,139 @@ def plot_history(history, ks=(1, 5, 10), fig=None):
     return fig
 
 # %% ../nbs/03_pretrain.ipynb #7fd740f6
-def summarize(result: dict, p: dict, parts: dict, out_dir) -> dict:
+def summarize(result: dict, p: dict, parts: PretrainParts, out_dir) -> dict:
     "The run's summary: data, model, training outcome, the eval curve and the metrics at the best step."
     evals = [r for r in result["history"] if r.get("kind") == "eval"]
     best = next((r for r in evals if r["step"] == result["best_step"]), evals[-1] if evals else {})
     ks = p["recall_ks"]
-    curve = [{"step": r["step"], "epoch": r["epoch"], "val_loss": r.get("val_loss"),
-              **{f"{d}_R@{k}": r.get(f"val_{d}_R@{k}") for d in ("i2t", "t2i") for k in ks},
-              "probe_auc_macro": r.get("val_probe_auc_macro")} for r in evals]
-    return {"stage": "pretrain", "out_dir": str(out_dir), "best_checkpoint": result["paths"].get("best"),
-            "last_checkpoint": result["paths"].get("last"), "metrics": result["paths"].get("metrics"),
-            "data": parts["data"]["info"], "model": {**{k: parts["model_config"][k] for k in ("mode", "image_encoder", "image_size",
-                     "is_multiview_learning", "is_prior_scan", "using_mpc_loss", "d_model", "proj_dim")},
-                     "parameters": sum(x.numel() for x in parts["model"].parameters())}, "backbones": parts["backbones"],
-            "global_step": result["global_step"], "epochs": result["epoch"], "stopped": result["stopped"],
-            "train_seconds": round(result["seconds"], 2), "best_step": result["best_step"], "best_val_loss": result["best_metric"],
-            "chance": {f"@{k}": best.get(f"val_chance@{k}") for k in ks}, "chance_t2i": {f"@{k}": best.get(f"val_chance_t2i@{k}") for k in ks},
-            "best": {k[4:]: v for k, v in best.items() if k.startswith("val_")}, "curve": curve,
-            "params": {k: v for k, v in p.items()}}
+    curve = [
+        {
+            "step": r["step"],
+            "epoch": r["epoch"],
+            "val_loss": r.get("val_loss"),
+            **{f"{d}_R@{k}": r.get(f"val_{d}_R@{k}") for d in ("i2t", "t2i") for k in ks},
+            "probe_auc_macro": r.get("val_probe_auc_macro"),
+        }
+        for r in evals
+    ]
+    return {
+        "stage": "pretrain",
+        "out_dir": str(out_dir),
+        "best_checkpoint": result["paths"].get("best"),
+        "last_checkpoint": result["paths"].get("last"),
+        "metrics": result["paths"].get("metrics"),
+        "data": parts.data.info,
+        "model": {
+            **{
+                k: parts.model_config[k]
+                for k in (
+                    "mode",
+                    "image_encoder",
+                    "image_size",
+                    "is_multiview_learning",
+                    "is_prior_scan",
+                    "using_mpc_loss",
+                    "d_model",
+                    "proj_dim",
+                )
+            },
+            "parameters": sum(x.numel() for x in parts.model.parameters()),
+        },
+        "backbones": parts.backbones,
+        "global_step": result["global_step"],
+        "epochs": result["epoch"],
+        "stopped": result["stopped"],
+        "train_seconds": round(result["seconds"], 2),
+        "best_step": result["best_step"],
+        "best_val_loss": result["best_metric"],
+        "chance": {f"@{k}": best.get(f"val_chance@{k}") for k in ks},
+        "chance_t2i": {f"@{k}": best.get(f"val_chance_t2i@{k}") for k in ks},
+        "best": {k[4:]: v for k, v in best.items() if k.startswith("val_")},
+        "curve": curve,
+        "params": {k: v for k, v in p.items()},
+    }
+
 
 def pretrain(params: dict | None = None, **overrides) -> dict:
     "Run stage 1 with `params` (see `PRETRAIN`); returns the summary (on every process)."
     p = PRETRAIN.check(params, **overrides)
     log = get_logger()
-    if p["num_threads"]: torch.set_num_threads(p["num_threads"])
-    check_output_folder(p, "pretrain")   # before any work
+    if p["num_threads"]:
+        torch.set_num_threads(p["num_threads"])
+    check_output_folder(p, "pretrain")  # before any work
     parts = build_pretrain(p)
-    out_dir = _out_dir(p, parts["data"])
-    if p["debug"]: debug_report(parts, p, print_fn=print if is_main_process() else (lambda *a: None))
-    config = {**{k: p[k] for k in _ENGINE_KEYS}, "out_dir": str(out_dir), "select_metric": "val_loss", "select_mode": "min",
-              "max_steps": p["debug_batches"] if p["debug"] else p["max_steps"],
-              "model": parts["model_config"], "stage": "pretrain", "backbones": parts["backbones"],
-              "data": {k: parts["data"]["info"][k] for k in ("annotation", "image_root", "sample_unit", "samples")},
-              "eval": {k: p[k] for k in ("eval_batch_size", "recall_ks", "linear_probe", "uncertain", "probe_max_train", "probe_l2")}}
-    if is_main_process(): log.info("pretrain: %s train / %s val samples -> %s", len(parts["train_ds"]), len(parts["val_ds"]), out_dir)
-    result = fit(parts["model"], parts["train_ds"], parts["collate_fn"], config, evaluate=parts["evaluator"],
-                 vocab=parts["vocab"].state(), arch_keys=("model",), log=log)
+    out_dir = _out_dir(p, parts.data)
+    if p["debug"]:
+        debug_report(parts, p, print_fn=print if is_main_process() else (lambda *a: None))
+    config = {
+        **{k: p[k] for k in _ENGINE_KEYS},
+        "out_dir": str(out_dir),
+        "select_metric": "val_loss",
+        "select_mode": "min",
+        "max_steps": p["debug_batches"] if p["debug"] else p["max_steps"],
+        "model": parts.model_config,
+        "stage": "pretrain",
+        "backbones": parts.backbones,
+        "data": {k: parts.data.info[k] for k in ("annotation", "image_root", "sample_unit", "samples")},
+        "eval": {
+            k: p[k]
+            for k in ("eval_batch_size", "recall_ks", "linear_probe", "uncertain", "probe_max_train", "probe_l2")
+        },
+    }
+    if is_main_process():
+        log.info("pretrain: %s train / %s val samples -> %s", len(parts.train_ds), len(parts.val_ds), out_dir)
+    result = fit(
+        parts.model,
+        parts.train_ds,
+        parts.collate_fn,
+        config,
+        evaluate=parts.evaluator,
+        vocab=parts.vocab.state(),
+        arch_keys=("model",),
+        log=log,
+    )
     summary = summarize(result, p, parts, out_dir)
     if is_main_process():
         save_json(summary, Path(out_dir) / "pretrain_summary.json")
-        try: plot_history(result["history"], p["recall_ks"]).savefig(Path(out_dir) / "curves.png", dpi=100)
-        except Exception as e: log.warning("could not save curves.png: %s", e)
+        try:
+            plot_history(result["history"], p["recall_ks"]).savefig(Path(out_dir) / "curves.png", dpi=100)
+        except Exception as e:
+            log.warning("could not save curves.png: %s", e)
         if p["run_dir"] is not None:
-            RunFolder.create(p["run_dir"]).record("pretrain", out_dir=str(out_dir), best_checkpoint=summary["best_checkpoint"],
-                                                   best_step=summary["best_step"], best_val_loss=summary["best_val_loss"],
-                                                   **{f"val_{k}": v for k, v in summary["best"].items() if "R@" in k or k == "probe_auc_macro"})
+            RunFolder.create(p["run_dir"]).record(
+                "pretrain",
+                out_dir=str(out_dir),
+                best_checkpoint=summary["best_checkpoint"],
+                best_step=summary["best_step"],
+                best_val_loss=summary["best_val_loss"],
+                **{f"val_{k}": v for k, v in summary["best"].items() if "R@" in k or k == "probe_auc_macro"},
+            )
     return summary
 
 # %% ../nbs/03_pretrain.ipynb #2d4c2103
 def pretrain_cli(argv=None) -> int:
     "`python -m mlrg.pretrain [--name value ...]`."
     status, s = one_line_errors("mlrg.pretrain", lambda: pretrain(PRETRAIN.cli(argv, prog="python -m mlrg.pretrain")))
-    if status: return status
+    if status:
+        return status
     p = s["params"]
     if is_main_process():
         b = s["best"]
-        print(f"pretrain: best step {s['best_step']} (val_loss {s['best_val_loss'] if s['best_val_loss'] is None else round(s['best_val_loss'], 4)}); "
-              + ", ".join(f"R@{k} i2t {b.get(f'i2t_R@{k}', float('nan')):.3f} t2i {b.get(f't2i_R@{k}', float('nan')):.3f} (chance {s['chance'][f'@{k}']:.3f})" for k in p["recall_ks"])
-              + (f"; probe macro AUC {b['probe_auc_macro']:.3f}" if "probe_auc_macro" in b else "")
-              + f"\ncheckpoints and metrics: {s['out_dir']}")
+        print(
+            f"pretrain: best step {s['best_step']} (val_loss "
+            f"{s['best_val_loss'] if s['best_val_loss'] is None else round(s['best_val_loss'], 4)}); "
+            + ", ".join(
+                f"R@{k} i2t {b.get(f'i2t_R@{k}', float('nan')):.3f} t2i {b.get(f't2i_R@{k}', float('nan')):.3f} "
+                f"(chance {s['chance'][f'@{k}']:.3f})"
+                for k in p["recall_ks"]
+            )
+            + (f"; probe macro AUC {b['probe_auc_macro']:.3f}" if "probe_auc_macro" in b else "")
+            + f"\ncheckpoints and metrics: {s['out_dir']}"
+        )
     return 0
 
+
 if __name__ == "__main__" and not in_ipython():
-    from mlrg.pretrain import pretrain_cli as _cli      # the importable module's copy, not this __main__ one
+    from mlrg.pretrain import pretrain_cli as _cli  # the importable module's copy, not this __main__ one
+
     sys.exit(_cli())

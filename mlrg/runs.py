@@ -6,26 +6,30 @@
 from __future__ import annotations
 
 import importlib
+import json
 import os
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from .core import InputError, append_jsonl, ensure_writable, read_jsonl
+from .core import InputError, append_jsonl, atomic_write, ensure_writable, read_jsonl
 
 # %% auto #0
-__all__ = ['STAGES', 'SUBCOMMANDS', 'repo_root', 'outputs_root', 'RunFolder', 'check_output_folder', 'output_folder', 'Stage',
-           'main', 'os_error_line', 'one_line_errors', 'in_ipython']
+__all__ = ['STAGES', 'PARAMETER_NOTEBOOKS', 'SUBCOMMANDS', 'repo_root', 'outputs_root', 'RunFolder', 'check_output_folder',
+           'output_folder', 'Stage', 'write_parameter_cells', 'main', 'os_error_line', 'one_line_errors', 'in_ipython']
 
 # %% ../nbs/00b_runs.ipynb #a708a2d7
 def repo_root():
     "The project checkout holding `settings.ini` (when mlrg runs from one), else the current folder."
     for p in [Path(__file__).resolve().parent, *Path(__file__).resolve().parents] if "__file__" in globals() else []:
-        if (p / "settings.ini").exists() and (p / "mlrg").is_dir(): return p
+        if (p / "settings.ini").exists() and (p / "mlrg").is_dir():
+            return p
     for p in [Path.cwd(), *Path.cwd().parents]:
-        if (p / "settings.ini").exists(): return p
+        if (p / "settings.ini").exists():
+            return p
     return Path.cwd()
+
 
 def outputs_root():
     "Where run folders live: `$MLRG_OUTPUTS`, else `outputs/` in the project checkout."
@@ -35,7 +39,9 @@ def outputs_root():
 @dataclass(frozen=True)
 class RunFolder:
     "The layout of one run folder under `outputs/`."
+
     root: Path
+
     @classmethod
     def create(cls, run):
         "A run folder from a name (under `outputs_root()`) or a path; created if missing."
@@ -43,61 +49,101 @@ class RunFolder:
         root = p if (p.is_absolute() or len(p.parts) > 1) else outputs_root() / p
         root.mkdir(parents=True, exist_ok=True)
         return cls(root.resolve())
+
     @property
-    def mimic(self): return self.root / "mimic"            # MIMIC-CXR-JPG-shaped data (the phantom)
+    def mimic(self):
+        return self.root / "mimic"  # MIMIC-CXR-JPG-shaped data (the phantom)
+
     @property
-    def prepared(self): return self.root / "prepared"      # annotation.json, vocab.json, summary
+    def prepared(self):
+        return self.root / "prepared"  # annotation.json, vocab.json, summary
+
     @property
-    def annotation(self): return self.prepared / "annotation.json"
+    def annotation(self):
+        return self.prepared / "annotation.json"
+
     @property
-    def vocab(self): return self.prepared / "vocab.json"
+    def vocab(self):
+        return self.prepared / "vocab.json"
+
     @property
-    def pretrain(self): return self.root / "pretrain"
+    def pretrain(self):
+        return self.root / "pretrain"
+
     @property
-    def finetune(self): return self.root / "finetune"
+    def finetune(self):
+        return self.root / "finetune"
+
     @property
-    def evaluation(self): return self.root / "evaluate"
+    def evaluation(self):
+        return self.root / "evaluate"
+
     @property
-    def reports(self): return self.root / "reports"        # executed notebooks + HTML renders
+    def reports(self):
+        return self.root / "reports"  # executed notebooks + HTML renders
+
     @property
-    def params(self): return self.root / "params.json"
+    def params(self):
+        return self.root / "params.json"
+
     @property
-    def results(self): return self.root / "results.jsonl"
+    def results(self):
+        return self.root / "results.jsonl"
+
     def record(self, stage, **values):
         "Append one result line for `stage` to the run's `results.jsonl`."
         append_jsonl(self.results, {"stage": stage, "time": time.strftime("%Y-%m-%dT%H:%M:%S"), **values})
+
     def describe(self):
         "What the run folder holds: its parts that exist, the reports, and one line per recorded result."
-        parts = [("MIMIC-CXR-JPG-shaped data", self.mimic), ("annotation + vocabulary", self.prepared),
-                 ("stage 1 checkpoints", self.pretrain), ("stage 2 checkpoints", self.finetune),
-                 ("evaluation", self.evaluation), ("reports", self.reports)]
+        parts = [
+            ("MIMIC-CXR-JPG-shaped data", self.mimic),
+            ("annotation + vocabulary", self.prepared),
+            ("stage 1 checkpoints", self.pretrain),
+            ("stage 2 checkpoints", self.finetune),
+            ("evaluation", self.evaluation),
+            ("reports", self.reports),
+        ]
         lines = [f"run folder {self.root}"] + [f"  {what}: {p}" for what, p in parts if p.exists()]
         lines += [f"    {h.name}" for h in sorted(self.reports.glob("*.html"))] if self.reports.exists() else []
         if self.results.exists():
             lines.append(f"  results ({self.results.name}):")
             for r in read_jsonl(self.results):
-                flat = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in r.items()
-                                 if k not in ("stage", "time") and not isinstance(v, (dict, list)))
+                flat = ", ".join(
+                    f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                    for k, v in r.items()
+                    if k not in ("stage", "time") and not isinstance(v, (dict, list))
+                )
                 lines.append(f"    {r['stage']}: {flat}"[:200])
         return "\n".join(lines)
 
 # %% ../nbs/00b_runs.ipynb #f987395a
 def check_output_folder(p, stage):
-    "Check, before any work, that the folder stage `stage` with parameters `p` writes to is writable (when the parameters name one)."
-    if p["model_save_path"] is not None: ensure_writable(p["model_save_path"], "model_save_path folder")
-    elif p["run_dir"] is not None: ensure_writable(getattr(RunFolder.create(p["run_dir"]), stage), "run folder")
+    """Check, before any work, that the folder stage `stage` with parameters `p` writes to is writable (when the
+    parameters name one)."""
+    if p["model_save_path"] is not None:
+        ensure_writable(p["model_save_path"], "model_save_path folder")
+    elif p["run_dir"] is not None:
+        ensure_writable(getattr(RunFolder.create(p["run_dir"]), stage), "run folder")
+
 
 def output_folder(p, stage, temp_dir=None) -> Path:
-    "The folder stage `stage` with parameters `p` writes to (`temp_dir`: the folder of a phantom the stage wrote for itself)."
-    if p["model_save_path"] is not None: return Path(p["model_save_path"])
-    if p["run_dir"] is not None: return getattr(RunFolder.create(p["run_dir"]), stage)
-    if temp_dir: return Path(temp_dir) / stage
+    """The folder stage `stage` with parameters `p` writes to (`temp_dir`: the folder of a phantom the stage wrote for
+    itself)."""
+    if p["model_save_path"] is not None:
+        return Path(p["model_save_path"])
+    if p["run_dir"] is not None:
+        return getattr(RunFolder.create(p["run_dir"]), stage)
+    if temp_dir:
+        return Path(temp_dir) / stage
     return outputs_root() / time.strftime(f"{stage}-%Y%m%d-%H%M%S")
 
 # %% ../nbs/00b_runs.ipynb #6e983737
 @dataclass(frozen=True)
 class Stage:
-    "One stage of a study: its name, its notebook under `nbs/`, the module it exports to, and its parameter declaration's name."
+    """One stage of a study: its name, its notebook under `nbs/`, the module it exports to, and its parameter
+    declaration's name."""
+
     name: str
     notebook: str
     module: str
@@ -107,24 +153,65 @@ class Stage:
         "The stage's `Params` (importing its module)."
         return getattr(importlib.import_module(self.module), self.params)
 
-STAGES = [Stage("phantom", "01a_phantom.ipynb", "mlrg.phantom", "PHANTOM"),
-          Stage("prepare", "01_data.ipynb", "mlrg.data", "PREPARE"),
-          Stage("label", "05a_labeler.ipynb", "mlrg.labeler", "LABEL"),
-          Stage("pretrain", "03_pretrain.ipynb", "mlrg.pretrain", "PRETRAIN"),
-          Stage("finetune", "04_finetune.ipynb", "mlrg.finetune", "FINETUNE"),
-          Stage("evaluate", "05_evaluate.ipynb", "mlrg.evaluate", "EVALUATE")]
+
+STAGES = [
+    Stage("phantom", "01a_phantom.ipynb", "mlrg.phantom", "PHANTOM"),
+    Stage("prepare", "01_data.ipynb", "mlrg.data", "PREPARE"),
+    Stage("label", "05a_labeler.ipynb", "mlrg.labeler", "LABEL"),
+    Stage("pretrain", "03_pretrain.ipynb", "mlrg.pretrain", "PRETRAIN"),
+    Stage("finetune", "04_finetune.ipynb", "mlrg.finetune", "FINETUNE"),
+    Stage("evaluate", "05_evaluate.ipynb", "mlrg.evaluate", "EVALUATE"),
+]
+
+# %% ../nbs/00b_runs.ipynb #3ff2d3cc
+PARAMETER_NOTEBOOKS = STAGES + [Stage("models", "02_models.ipynb", "mlrg.models", "MODELS")]
+
+
+def write_parameter_cells(notebooks=None, nbs=None) -> list:
+    "Write each declaration's `parameters_cell` into its notebook's cell tagged `parameters`; the notebooks changed."
+    nbs, changed = Path(nbs) if nbs else repo_root() / "nbs", []
+    for st in notebooks or PARAMETER_NOTEBOOKS:
+        path = nbs / st.notebook
+        nb = json.loads(path.read_text(encoding="utf-8"))
+        cells = [c for c in nb["cells"] if "parameters" in c.get("metadata", {}).get("tags", [])]
+        if len(cells) != 1:
+            raise InputError(f"{len(cells)} cells tagged 'parameters'", where=path, expected="exactly one")
+        lines = st.declaration().parameters_cell().split("\n")
+        source = [line + "\n" for line in lines[:-1]] + lines[-1:]
+        if cells[0]["source"] != source:
+            cells[0]["source"] = source
+            atomic_write(path, json.dumps(nb, indent=1, ensure_ascii=False) + "\n")
+            changed.append(str(path))
+    return changed
 
 # %% ../nbs/00b_runs.ipynb #8be3639a
 SUBCOMMANDS = {
     "phantom": ("mlrg.phantom", "phantom_cli", "write the built-in MIMIC-CXR-shaped phantom dataset"),
     "prepare": ("mlrg.data", "prepare_cli", "turn MIMIC-CXR(-JPG) files into MLRG's annotation JSON + vocabulary"),
     "label": ("mlrg.labeler", "label_cli", "rule-based CheXpert-style labels (1/0/-1/blank) for a CSV of reports"),
-    "pretrain": ("mlrg.pretrain", "pretrain_cli", "stage 1: multi-view longitudinal contrastive (or MedCLIP-style) pretraining"),
-    "finetune": ("mlrg.finetune", "finetune_cli", "stage 2: report generation from the current views, the prior study and the indication"),
-    "generate": ("mlrg.finetune", "generate_cli", "write reports with a trained stage-2 checkpoint for a split of any prepared data"),
+    "pretrain": (
+        "mlrg.pretrain",
+        "pretrain_cli",
+        "stage 1: multi-view longitudinal contrastive (or MedCLIP-style) pretraining",
+    ),
+    "finetune": (
+        "mlrg.finetune",
+        "finetune_cli",
+        "stage 2: report generation from the current views, the prior study and the indication",
+    ),
+    "generate": (
+        "mlrg.finetune",
+        "generate_cli",
+        "write reports with a trained stage-2 checkpoint for a split of any prepared data",
+    ),
     "evaluate": ("mlrg.evaluate", "evaluate_cli", "NLG, clinical (CE) and longitudinal scores of generated reports"),
-    "study": ("mlrg.study", "study_cli", "run the whole study (every stage's notebook) into outputs/<run>/ and write its index.html"),
+    "study": (
+        "mlrg.study",
+        "study_cli",
+        "run the whole study (every stage's notebook) into outputs/<run>/ and write its index.html",
+    ),
 }
+
 
 def main(argv=None):
     "Entry point of the `mlrg` console script."
@@ -134,26 +221,36 @@ def main(argv=None):
         lines += [f"  {k:<10} {v[2]}" for k, v in SUBCOMMANDS.items()]
         lines += ["", "`mlrg <command> --help` shows a command's options."]
         print("\n".join(lines), file=sys.stdout if argv[:1] in (["-h"], ["--help"]) else sys.stderr)
-        if argv and argv[0] not in ("-h", "--help"): print(f"mlrg: unknown command {argv[0]!r}", file=sys.stderr)
+        if argv and argv[0] not in ("-h", "--help"):
+            print(f"mlrg: unknown command {argv[0]!r}", file=sys.stderr)
         return 0 if argv[:1] in (["-h"], ["--help"]) else 2
     module, func, _ = SUBCOMMANDS[argv[0]]
     status, out = one_line_errors(f"mlrg {argv[0]}", lambda: getattr(importlib.import_module(module), func)(argv[1:]))
     return status or out or 0
+
 
 def os_error_line(e: OSError) -> str:
     "An `OSError` as one line: the path(s) it concerns, then what went wrong."
     paths = " -> ".join(str(p) for p in (e.filename, e.filename2) if p is not None)
     return f"{paths}: {e.strerror or e}" if paths else str(e.strerror or e)
 
+
 def one_line_errors(prog: str, work) -> tuple:
-    "(0, `work()`), or (2, None) after printing an `InputError` or `OSError` (permission, missing folder, disk full) as one line."
-    try: return 0, work()
-    except InputError as e: print(f"{prog}: error: {e}", file=sys.stderr)
-    except OSError as e: print(f"{prog}: error: {os_error_line(e)}", file=sys.stderr)
+    """(0, `work()`), or (2, None) after printing an `InputError` or `OSError` (permission, missing folder, disk full)
+    as one line."""
+    try:
+        return 0, work()
+    except InputError as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
+    except OSError as e:
+        print(f"{prog}: error: {os_error_line(e)}", file=sys.stderr)
     return 2, None
+
 
 def in_ipython() -> bool:
     "Whether this runs inside IPython (a notebook), where a module's command line must not start."
-    try: from IPython import get_ipython
-    except ImportError: return False
+    try:
+        from IPython import get_ipython
+    except ImportError:
+        return False
     return get_ipython() is not None

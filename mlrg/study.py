@@ -29,44 +29,81 @@ __all__ = ['STUDY_PRESETS', 'ABLATIONS', 'TRAINING_STAGES', 'STAGE_BY_NAME', 'IN
 
 # %% ../nbs/06_study.ipynb #2a43e7f9
 STUDY_PRESETS = {
-    "demo": dict(help="the built-in phantom (1,000 patients), end to end on a 2-core CPU",
-                 stages=("phantom", "prepare", "label", "pretrain", "finetune", "evaluate"),
-                 params={"phantom": {"preset": "demo", "learnability_seconds": 0},
-                         "pretrain": {"image_size": 128, "num_epochs": 1, "batch_size": 16},
-                         "finetune": {"batch_size": 32, "num_epochs": 100, "max_steps": 400, "eval_steps": 200,
-                                      "val_max_samples": 200, "val_num_beams": 1}}),
-    "tiny": dict(help="the tiny phantom (40 patients), every stage at the size of a test",
-                 stages=("phantom", "prepare", "label", "pretrain", "finetune", "evaluate"),
-                 params={"phantom": {"preset": "tiny", "learnability_seconds": 0}, "label": {"max_iu_reports": 200},
-                         "pretrain": {"image_size": 32, "max_steps": 2, "batch_size": 8, "linear_probe": False},
-                         "finetune": {"max_steps": 4, "eval_steps": 4, "batch_size": 8, "decoder_layers": 1, "max_length": 48,
-                                      "num_beams": 2, "val_max_samples": 16, "meteor": False},
-                         "evaluate": {"meteor": False}}),
-    "mimic": dict(help="MIMIC-CXR-JPG with MLRG's own backbones at the paper's settings, for GPUs (the run folder's mimic/ "
-                       "links to mimic_root)",
-                  stages=("prepare", "pretrain", "finetune", "evaluate"),
-                  params={"pretrain": {"preset": "mimic"}, "finetune": {"preset": "mimic"}},
-                  required=("study.mimic_root", "pretrain.image_pretrained_path", "pretrain.text_pretrained_path",
-                            "pretrain.tokenizer_path", "finetune.decoder_path")),
-    "iu": dict(help="IU X-Ray in R2Gen's annotation.json (two views per study, no prior), for users who have the images",
-               stages=("pretrain", "finetune"),
-               params={"pretrain": {"preset": "iu"}, "finetune": {"preset": "iu"}},
-               required=("data_path",)),
+    "demo": dict(
+        help="the built-in phantom (1,000 patients), end to end on a 2-core CPU",
+        stages=("phantom", "prepare", "label", "pretrain", "finetune", "evaluate"),
+        params={
+            "phantom": {"preset": "demo", "learnability_seconds": 0},
+            "pretrain": {"image_size": 128, "num_epochs": 1, "batch_size": 16},
+            "finetune": {
+                "batch_size": 32,
+                "num_epochs": 100,
+                "max_steps": 400,
+                "eval_steps": 200,
+                "val_max_samples": 200,
+                "val_num_beams": 1,
+            },
+        },
+    ),
+    "tiny": dict(
+        help="the tiny phantom (40 patients), every stage at the size of a test",
+        stages=("phantom", "prepare", "label", "pretrain", "finetune", "evaluate"),
+        params={
+            "phantom": {"preset": "tiny", "learnability_seconds": 0},
+            "label": {"max_iu_reports": 200},
+            "pretrain": {"image_size": 32, "max_steps": 2, "batch_size": 8, "linear_probe": False},
+            "finetune": {
+                "max_steps": 4,
+                "eval_steps": 4,
+                "batch_size": 8,
+                "decoder_layers": 1,
+                "max_length": 48,
+                "num_beams": 2,
+                "val_max_samples": 16,
+                "meteor": False,
+            },
+            "evaluate": {"meteor": False},
+        },
+    ),
+    "mimic": dict(
+        help="MIMIC-CXR-JPG with MLRG's own backbones at the paper's settings, for GPUs (the run folder's mimic/ "
+        "links to mimic_root)",
+        stages=("prepare", "pretrain", "finetune", "evaluate"),
+        params={"pretrain": {"preset": "mimic"}, "finetune": {"preset": "mimic"}},
+        required=(
+            "study.mimic_root",
+            "pretrain.image_pretrained_path",
+            "pretrain.text_pretrained_path",
+            "pretrain.tokenizer_path",
+            "finetune.decoder_path",
+        ),
+    ),
+    "iu": dict(
+        help="IU X-Ray in R2Gen's annotation.json (two views per study, no prior), for users who have the images",
+        stages=("pretrain", "finetune"),
+        params={"pretrain": {"preset": "iu"}, "finetune": {"preset": "iu"}},
+        required=("data_path",),
+    ),
 }
-ABLATIONS = {"no_prior": {"use_prior_report": False, "use_prior_scan": False}, "no_auxiliary_views": {"use_auxiliary_views": False},
-             "no_stage1": {"stage1_init": False}, "no_indication": {"use_indication": False}}
+ABLATIONS = {
+    "no_prior": {"use_prior_report": False, "use_prior_scan": False},
+    "no_auxiliary_views": {"use_auxiliary_views": False},
+    "no_stage1": {"stage1_init": False},
+    "no_indication": {"use_indication": False},
+}
 TRAINING_STAGES = ("pretrain", "finetune")
 
 # %% ../nbs/06_study.ipynb #4b911cb0
 @dataclass
 class StudyStep:
-    "One stage of a study: `key` (its name in the study), the `Stage`, its parameters, and its fingerprint once planned."
+    "One study stage: `key` (its name in the study), the `Stage`, its parameters, and its fingerprint once planned."
+
     key: str
     stage: object
     params: dict
     fingerprint: str = ""
-    group: str = "main"                    # main, seed <k> or ablation <name>
-    outputs: tuple = ()                    # folders a rerun with other inputs moves aside (training stages)
+    group: str = "main"  # main, seed <k> or ablation <name>
+    outputs: tuple = ()  # folders a rerun with other inputs moves aside (training stages)
 
     @property
     def report(self) -> str:
@@ -74,7 +111,9 @@ class StudyStep:
         stem = Path(self.stage.notebook).stem
         return f"{stem}.{self.key.split('.', 1)[1]}.ipynb" if "." in self.key else self.stage.notebook
 
+
 STAGE_BY_NAME = {s.name: s for s in STAGES}
+
 
 def _overrides(pairs, stage_names) -> dict:
     "{stage or None: {key: value}} from `-p` pairs (`key` or `stage.key`)."
@@ -82,14 +121,21 @@ def _overrides(pairs, stage_names) -> dict:
     for k, v in pairs:
         stage, _, key = k.rpartition(".")
         if stage and stage not in stage_names and stage != "study":
-            raise InputError(f"-p {k}: no stage {stage!r} in this study", where="command line", expected=f"one of {', '.join(stage_names)}")
+            raise InputError(
+                f"-p {k}: no stage {stage!r} in this study",
+                where="command line",
+                expected=f"one of {', '.join(stage_names)}",
+            )
         out.setdefault(stage or None, {})[key] = v
     return out
 
 # %% ../nbs/06_study.ipynb #a0b8ea77
 def _fingerprint(step_params: dict, before: str) -> str:
     "sha256 of a step's checked parameters and the fingerprint of the step before it."
-    return hashlib.sha256(json.dumps([to_plain(step_params), before], sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return hashlib.sha256(
+        json.dumps([to_plain(step_params), before], sort_keys=True, default=str).encode()
+    ).hexdigest()[:16]
+
 
 def plan_study(preset="demo", run="demo", params=(), seeds=1, ablations=False) -> list:
     "The checked, fingerprinted steps of a study; `params`: (key, value) pairs as `-p` gives them."
@@ -103,9 +149,13 @@ def plan_study(preset="demo", run="demo", params=(), seeds=1, ablations=False) -
         stage, _, key = req.rpartition(".")
         given = study_level.get(key) if stage == "study" else over.get(stage, {}).get(key, over.get(None, {}).get(key))
         if given is None:
-            raise InputError(f"the {preset} preset needs -p {req} <value>", where="command line",
-                             expected=spec["help"] + f"; give {req}")
+            raise InputError(
+                f"the {preset} preset needs -p {req} <value>",
+                where="command line",
+                expected=spec["help"] + f"; give {req}",
+            )
     steps, before = [], ""
+
     def add(key, name, extra, group="main"):
         nonlocal before
         st = STAGE_BY_NAME[name]
@@ -114,35 +164,55 @@ def plan_study(preset="demo", run="demo", params=(), seeds=1, ablations=False) -
         p.update({k: v for k, v in over.get(None, {}).items() if k in decl.params})
         p.update(over.get(name, {}))
         unknown = [k for k in over.get(name, {}) if k not in decl.params]
-        if unknown: raise InputError(f"-p {name}.{unknown[0]}: stage {name} has no such parameter; " + _suggest(unknown, decl.params),
-                                     where="command line")
+        if unknown:
+            raise InputError(
+                f"-p {name}.{unknown[0]}: stage {name} has no such parameter; " + _suggest(unknown, decl.params),
+                where="command line",
+            )
         p = {k: v for k, v in p.items() if k in decl.params and decl.params[k].notebook}
-        try: checked = decl.check(p)
-        except InputError as e: raise InputError(f"stage {key}: {e}", where="study parameters") from None
+        try:
+            checked = decl.check(p)
+        except InputError as e:
+            raise InputError(f"stage {key}: {e}", where="study parameters") from None
         fp = _fingerprint(checked, before)
-        # the notebook gets the checked (typed) values; a stage preset's arrive resolved, so that a given value equal to a
-        # default does not fall back to the preset's there
+        # the notebook gets the checked (typed) values; a stage preset's arrive resolved, so that a given value
+        # equal to a default does not fall back to the preset's there
         preset = decl.preset_of(p) if decl.presets else None
         p = {k: checked[k] for k in (*(preset.values if preset else ()), *p) if not (preset and k == "preset")}
         outputs = ()
-        if name in TRAINING_STAGES: outputs = (str(Path(checked["model_save_path"]) if checked.get("model_save_path") else root / name),)
+        if name in TRAINING_STAGES:
+            outputs = (str(Path(checked["model_save_path"]) if checked.get("model_save_path") else root / name),)
         steps.append(StudyStep(key, st, p, fp, group, outputs))
         before = fp
-    unknown_all = [k for k in over.get(None, {}) if not any(k in STAGE_BY_NAME[s].declaration().params for s in spec["stages"])]
-    if unknown_all: raise InputError(f"-p {unknown_all[0]}: no stage of this study has that parameter", where="command line")
-    for name in spec["stages"]: add(name, name, {})
+
+    unknown_all = [
+        k for k in over.get(None, {}) if not any(k in STAGE_BY_NAME[s].declaration().params for s in spec["stages"])
+    ]
+    if unknown_all:
+        raise InputError(f"-p {unknown_all[0]}: no stage of this study has that parameter", where="command line")
+    for name in spec["stages"]:
+        add(name, name, {})
     main_seed = next((s.params.get("seed") for s in steps if s.key == "finetune"), None)
     for k in range(1, int(seeds)):
         for name in ("pretrain", "finetune"):
-            if name not in spec["stages"]: continue
+            if name not in spec["stages"]:
+                continue
             decl_seed = STAGE_BY_NAME[name].declaration().check({}).get("seed")
-            extra = {"seed": (main_seed if main_seed is not None else decl_seed) + k,
-                     "model_save_path": str(root / "seeds" / f"seed{k}" / name)}
-            if name == "finetune" and "pretrain" in spec["stages"]: extra["pretrained_path"] = str(root / "seeds" / f"seed{k}" / "pretrain" / "best.pt")
+            extra = {
+                "seed": (main_seed if main_seed is not None else decl_seed) + k,
+                "model_save_path": str(root / "seeds" / f"seed{k}" / name),
+            }
+            if name == "finetune" and "pretrain" in spec["stages"]:
+                extra["pretrained_path"] = str(root / "seeds" / f"seed{k}" / "pretrain" / "best.pt")
             add(f"{name}.seed{k}", name, extra, group=f"seed {k}")
     if ablations and "finetune" in spec["stages"]:
         for a, flags in ABLATIONS.items():
-            add(f"finetune.{a}", "finetune", {**flags, "model_save_path": str(root / "ablations" / a)}, group=f"ablation {a}")
+            add(
+                f"finetune.{a}",
+                "finetune",
+                {**flags, "model_save_path": str(root / "ablations" / a)},
+                group=f"ablation {a}",
+            )
     return steps
 
 # %% ../nbs/06_study.ipynb #e67ec224
@@ -150,19 +220,27 @@ def notebooks_dir() -> Path:
     "The project's `nbs/` folder (the study runs the notebooks, so it needs the checkout)."
     nbs = repo_root() / "nbs"
     if not (nbs / STAGES[0].notebook).is_file():
-        raise InputError("the stage notebooks are not here", where=nbs, expected="a checkout of the mlrg project (mlrg study runs its nbs/)")
+        raise InputError(
+            "the stage notebooks are not here",
+            where=nbs,
+            expected="a checkout of the mlrg project (mlrg study runs its nbs/)",
+        )
     return nbs
+
 
 def failed_cell(executed: Path) -> str:
     "'cell N: Error: message' of the first cell of executed notebook `executed` that raised, or ''."
-    try: nb = json.loads(Path(executed).read_text())
-    except (OSError, json.JSONDecodeError): return ""
+    try:
+        nb = json.loads(Path(executed).read_text())
+    except (OSError, json.JSONDecodeError):
+        return ""
     code = [c for c in nb.get("cells", []) if c.get("cell_type") == "code"]
     for i, c in enumerate(code):
         for o in c.get("outputs", []):
             if o.get("output_type") == "error":
                 return f"code cell {i + 1} ({o.get('ename')}: {str(o.get('evalue', ''))[:300]})"
     return ""
+
 
 def _child(cmd, cwd, env) -> tuple:
     "(exit status, peak RSS in MB, seconds) of `cmd` run as a child, its output streamed."
@@ -179,77 +257,181 @@ def run_step(step: StudyStep, run: RunFolder, nproc=1, log=print) -> dict:
     run.reports.mkdir(parents=True, exist_ok=True)
     out_nb, params_file = run.reports / step.report, run.root / "study" / f"{step.key}.params.json"
     atomic_write(params_file, json.dumps(to_plain(step.params), indent=1))
-    env = {"TQDM_MININTERVAL": "5", **os.environ, "PYTHONUNBUFFERED": "1"}   # a stage's bars stream as log lines: one per 5 s each
-    rec = {"key": step.key, "stage": step.stage.name, "fingerprint": step.fingerprint, "group": step.group,
-           "notebook": f"nbs/{step.stage.notebook}", "report": str(out_nb), "params": to_plain(step.params)}
+    env = {
+        "TQDM_MININTERVAL": "5",
+        **os.environ,
+        "PYTHONUNBUFFERED": "1",
+    }  # a stage's bars stream as log lines: one per 5 s each
+    rec = {
+        "key": step.key,
+        "stage": step.stage.name,
+        "fingerprint": step.fingerprint,
+        "group": step.group,
+        "notebook": f"nbs/{step.stage.notebook}",
+        "report": str(out_nb),
+        "params": to_plain(step.params),
+    }
     peak, secs = 0.0, 0.0
     if nproc > 1 and step.stage.name in TRAINING_STAGES:
-        argv = [a for k, v in step.params.items() for a in (f"--{k}", json.dumps(v) if isinstance(v, (list, dict)) else str(v))]
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "-m", step.stage.module, *argv]
+        argv = [
+            a
+            for k, v in step.params.items()
+            for a in (f"--{k}", json.dumps(v) if isinstance(v, (list, dict)) else str(v))
+        ]
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            str(nproc),
+            "-m",
+            step.stage.module,
+            *argv,
+        ]
         log(f"        torchrun: {' '.join(shlex.quote(c) for c in cmd[3:])}")
         rc, peak, secs = _child(cmd, nbs, env)
-        if rc: return {**rec, "status": "failed", "error": f"torchrun -m {step.stage.module} exited with {rc}", "seconds": round(secs, 1)}
-    cmd = [sys.executable, "-m", "papermill", str(nbs / step.stage.notebook), str(out_nb), "-f", str(params_file),
-           "--cwd", str(nbs), "--log-output", "--no-progress-bar", "--log-level", "WARNING"]
+        if rc:
+            return {
+                **rec,
+                "status": "failed",
+                "error": f"torchrun -m {step.stage.module} exited with {rc}",
+                "seconds": round(secs, 1),
+            }
+    cmd = [
+        sys.executable,
+        "-m",
+        "papermill",
+        str(nbs / step.stage.notebook),
+        str(out_nb),
+        "-f",
+        str(params_file),
+        "--cwd",
+        str(nbs),
+        "--log-output",
+        "--no-progress-bar",
+        "--log-level",
+        "WARNING",
+    ]
     rc, peak2, secs2 = _child(cmd, nbs, env)
     rec.update(seconds=round(secs + secs2, 1), peak_rss_mb=round(max(peak, peak2)))
     if rc:
         where = failed_cell(out_nb)
-        return {**rec, "status": "failed", "error": f"{rec['notebook']} failed" + (f" in {where}" if where else f" (papermill exited with {rc})")
-                + f"; the executed copy: {out_nb}"}
-    try: page = render_html(out_nb)
-    except Exception as e: return {**rec, "status": "failed", "error": f"nbconvert could not render {out_nb} as HTML ({type(e).__name__}: {e})"}
+        return {
+            **rec,
+            "status": "failed",
+            "error": f"{rec['notebook']} failed"
+            + (f" in {where}" if where else f" (papermill exited with {rc})")
+            + f"; the executed copy: {out_nb}",
+        }
+    try:
+        page = render_html(out_nb)
+    except Exception as e:
+        return {
+            **rec,
+            "status": "failed",
+            "error": f"nbconvert could not render {out_nb} as HTML ({type(e).__name__}: {e})",
+        }
     return {**rec, "status": "done", "html": str(page)}
+
 
 def render_html(notebook: Path) -> Path:
     "The HTML render of executed `notebook`, written beside it (atomically)."
     import nbformat
     from nbconvert import HTMLExporter
+
     body, _ = HTMLExporter().from_notebook_node(nbformat.read(notebook, as_version=4))
     atomic_write(notebook.with_suffix(".html"), body)
     return notebook.with_suffix(".html")
 
 # %% ../nbs/06_study.ipynb #05791a51
-def _record_path(run, key): return run.root / "study" / f"{key}.json"
+def _record_path(run, key):
+    return run.root / "study" / f"{key}.json"
+
 
 def _json_or_none(path) -> dict | None:
     "The JSON in `path`, or None when there is no such file."
     return load_json(path) if Path(path).is_file() else None
 
+
 def _link_mimic(run: RunFolder, mimic_root) -> None:
     "Make the run folder's mimic/ point at the user's MIMIC-CXR-JPG root (the stages read <run>/mimic)."
     src = Path(mimic_root).expanduser().resolve()
-    if not (src / "files").is_dir(): raise InputError("not a MIMIC-CXR-JPG root (no files/ folder)", where=src, expected="-p study.mimic_root <folder holding files/ and the metadata CSVs>")
-    if run.mimic.is_symlink() and run.mimic.resolve() == src: return
-    if run.mimic.exists() or run.mimic.is_symlink(): raise InputError("the run folder already has a mimic/ of other data", where=run.mimic, expected="a new run (--run NAME)")
+    if not (src / "files").is_dir():
+        raise InputError(
+            "not a MIMIC-CXR-JPG root (no files/ folder)",
+            where=src,
+            expected="-p study.mimic_root <folder holding files/ and the metadata CSVs>",
+        )
+    if run.mimic.is_symlink() and run.mimic.resolve() == src:
+        return
+    if run.mimic.exists() or run.mimic.is_symlink():
+        raise InputError(
+            "the run folder already has a mimic/ of other data", where=run.mimic, expected="a new run (--run NAME)"
+        )
     run.mimic.symlink_to(src, target_is_directory=True)
 
 # %% ../nbs/06_study.ipynb #1d5c7384
-def run_study(preset="demo", run=None, params=(), force=False, seeds=1, ablations=False, nproc=1, log=print, command=None) -> dict:
-    "Run (or continue) a study; returns {'run', 'steps': records, 'index'}; raises `StudyFailed` naming the notebook and cell."
+def run_study(
+    preset="demo", run=None, params=(), force=False, seeds=1, ablations=False, nproc=1, log=print, command=None
+) -> dict:
+    "Run or continue a study -> {'run', 'steps': records, 'index'}; raises `StudyFailed` naming the notebook and cell."
     run_name = run or preset
-    steps = plan_study(preset, run_name, params, seeds, ablations)        # every parameter checked before any work
+    steps = plan_study(preset, run_name, params, seeds, ablations)  # every parameter checked before any work
     rf = RunFolder.create(run_name)
     study_level = _overrides(params, STUDY_PRESETS[preset]["stages"]).get("study", {})
-    if preset == "mimic": _link_mimic(rf, study_level["mimic_root"])
+    if preset == "mimic":
+        _link_mimic(rf, study_level["mimic_root"])
     (rf.root / "study").mkdir(exist_ok=True)
-    save_json({"preset": preset, "params": [list(p) for p in params], "seeds": seeds, "ablations": ablations, "nproc": nproc,
-               "command": command or f"run_study({preset!r}, {run!r}, {list(params)!r})", "steps": [s.key for s in steps]}, rf.root / "study" / "study.json")
+    save_json(
+        {
+            "preset": preset,
+            "params": [list(p) for p in params],
+            "seeds": seeds,
+            "ablations": ablations,
+            "nproc": nproc,
+            "command": command or f"run_study({preset!r}, {run!r}, {list(params)!r})",
+            "steps": [s.key for s in steps],
+        },
+        rf.root / "study" / "study.json",
+    )
     log(f"mlrg study: preset {preset}, {len(steps)} steps, run folder {rf.root}")
     records, t_all = [], time.perf_counter()
     for i, step in enumerate(steps, 1):
         head = f"[{i}/{len(steps)}] {step.key:<28}"
         old = _json_or_none(_record_path(rf, step.key))
-        if old and old.get("status") == "done" and old.get("fingerprint") == step.fingerprint and not force and Path(old["report"]).is_file():
-            log(f"{head} done before ({old.get('seconds', 0):.0f} s), skipped"); records.append({**old, "skipped": True}); continue
-        resuming = old is not None and old.get("status") in ("running", "failed") and old.get("fingerprint") == step.fingerprint and not force
+        if (
+            old
+            and old.get("status") == "done"
+            and old.get("fingerprint") == step.fingerprint
+            and not force
+            and Path(old["report"]).is_file()
+        ):
+            log(f"{head} done before ({old.get('seconds', 0):.0f} s), skipped")
+            records.append({**old, "skipped": True})
+            continue
+        resuming = (
+            old is not None
+            and old.get("status") in ("running", "failed")
+            and old.get("fingerprint") == step.fingerprint
+            and not force
+        )
         if not resuming:
-            for f in filter(os.path.exists, step.outputs): log(f"        moved the previous outputs aside: {move_aside(f)}")
+            for f in filter(os.path.exists, step.outputs):
+                log(f"        moved the previous outputs aside: {move_aside(f)}")
         if step.stage.name == "phantom" and old is not None and (old.get("fingerprint") != step.fingerprint or force):
-            step.params["overwrite"] = True                                # the phantom moves other data aside itself
+            step.params["overwrite"] = True  # the phantom moves other data aside itself
         log(f"{head} {'continuing' if resuming else 'running'} nbs/{step.stage.notebook} ...")
-        atomic_write(_record_path(rf, step.key), json.dumps({"key": step.key, "fingerprint": step.fingerprint, "status": "running",
-                                                             "started": time.strftime("%Y-%m-%dT%H:%M:%S")}))
+        atomic_write(
+            _record_path(rf, step.key),
+            json.dumps(
+                {
+                    "key": step.key,
+                    "fingerprint": step.fingerprint,
+                    "status": "running",
+                    "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                }
+            ),
+        )
         rec = run_step(step, rf, nproc, log)
         rec["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S")
         atomic_write(_record_path(rf, step.key), json.dumps(rec, indent=1))
@@ -263,48 +445,76 @@ def run_study(preset="demo", run=None, params=(), force=False, seeds=1, ablation
     log(f"mlrg study: finished in {time.perf_counter() - t_all:.0f} s; open {index}")
     return {"run": str(rf.root), "steps": records, "index": str(index)}
 
+
 class StudyFailed(Exception):
     "A stage of the study failed (the message names its notebook, the cell and the executed copy)."
 
 # %% ../nbs/06_study.ipynb #040c049b
-INDEX_COLUMNS = ["B-1", "B-2", "B-3", "B-4", "METEOR", "ROUGE-L", "CIDEr", "CE14 mi-F1", "CE5 mi-F1", "Long. acc", "Long. vs truth", "Temporal F1"]
+INDEX_COLUMNS = [
+    "B-1",
+    "B-2",
+    "B-3",
+    "B-4",
+    "METEOR",
+    "ROUGE-L",
+    "CIDEr",
+    "CE14 mi-F1",
+    "CE5 mi-F1",
+    "Long. acc",
+    "Long. vs truth",
+    "Temporal F1",
+]
+
 
 def _cell(v, spread=None) -> str:
-    if v is None or (isinstance(v, float) and math.isnan(v)): return "<td class=na>&ndash;</td>"
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "<td class=na>&ndash;</td>"
     return f"<td>{v:.3f}" + (f" &plusmn; {spread:.3f}" if spread is not None else "") + "</td>"
 
+
 def result_rows(rf: RunFolder, steps, metrics=None) -> list:
-    "(label, row {column: value}, spread {column: sd} or None, kind) of every result the run holds; `metrics`: evaluate/metrics.json."
+    "(label, row {column: value}, spread {column: sd} or None, kind) per run result; `metrics`: evaluate/metrics.json."
     from mlrg.evaluate import MLRG_PUBLISHED_MIMIC, summary_row
+
     rows = []
     for r in (metrics or {}).get("table", []):
         kind = "model" if "stage 2" in r["method"] else "oracle" if r["method"].startswith("oracle") else "baseline"
         rows.append((r["method"], r, None, kind))
     runs = {}
     for s in steps:
-        if s.stage.name != "finetune": continue
+        if s.stage.name != "finetune":
+            continue
         out = Path(s.params.get("model_save_path") or rf.finetune)
         summ = _json_or_none(out / "finetune_summary.json")
         res = ((summ or {}).get("test") or {}).get("result")
-        if res: runs[s.group] = summary_row(res)
-    if not metrics and "main" in runs: rows.append(("MLRG stage 2 (this run)", runs["main"], None, "model"))
+        if res:
+            runs[s.group] = summary_row(res)
+    if not metrics and "main" in runs:
+        rows.append(("MLRG stage 2 (this run)", runs["main"], None, "model"))
     seeds = [v for g, v in runs.items() if g == "main" or g.startswith("seed")]
     if len(seeds) > 1:
         mean = {c: statistics.mean(r[c] for r in seeds) for c in INDEX_COLUMNS}
         sd = {c: statistics.stdev(r[c] for r in seeds) for c in INDEX_COLUMNS}
         rows.append((f"MLRG stage 2, {len(seeds)} seeds (mean &plusmn; sd)", mean, sd, "seeds"))
     for g, v in runs.items():
-        if g.startswith("ablation"): rows.append((f"ablation: {g.split(' ', 1)[1].replace('_', ' ')}", v, None, "ablation"))
-    rows.append(("MLRG, published (MIMIC-CXR: another dataset, CheXbert labels)", MLRG_PUBLISHED_MIMIC, None, "published"))
+        if g.startswith("ablation"):
+            rows.append((f"ablation: {g.split(' ', 1)[1].replace('_', ' ')}", v, None, "ablation"))
+    rows.append(
+        ("MLRG, published (MIMIC-CXR: another dataset, CheXbert labels)", MLRG_PUBLISHED_MIMIC, None, "published")
+    )
     return rows
 
+
 def _ce_figure(rf: RunFolder, metrics, out: Path) -> str | None:
-    "Per-observation CE F1 of the methods in `metrics` (evaluate/metrics.json) as a PNG; its path relative to the run folder."
-    if not metrics: return None
+    "Per-observation CE F1 of the methods in `metrics` (evaluate/metrics.json) as a PNG; returns its run-relative path."
+    if not metrics:
+        return None
     from matplotlib.figure import Figure
+
     methods = metrics["methods"]
     obs = [r["observation"] for r in next(iter(methods.values()))["ce_per_observation"]]
-    fig = Figure(figsize=(13, 3.8)); ax = fig.subplots()
+    fig = Figure(figsize=(13, 3.8))
+    ax = fig.subplots()
     w = 0.8 / len(methods)
     for j, (name, r) in enumerate(methods.items()):
         f1 = {x["observation"]: x["f1"] for x in r["ce_per_observation"]}
@@ -312,88 +522,157 @@ def _ce_figure(rf: RunFolder, metrics, out: Path) -> str | None:
     ax.set_xticks([i + 0.4 - w / 2 for i in range(len(obs))], obs, rotation=50, ha="right", fontsize=8)
     ax.set(ylabel="F1", ylim=(0, 1.05), title="CE F1 per observation (test split)")
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
-    fig.tight_layout(); fig.savefig(out, dpi=90)
+    fig.tight_layout()
+    fig.savefig(out, dpi=90)
     return str(out.relative_to(rf.root))
 
 # %% ../nbs/06_study.ipynb #1c4ee440
 def _examples(rf: RunFolder, n=4) -> str:
     "A table of a few generated test reports beside their references (those with a prior first)."
     preds = _json_or_none(rf.finetune / "test_predictions.json") or []
-    if not preds: return "<p>No test predictions in this run.</p>"
-    pick = [r for r in preds if r.get("has_prior")][:n - 1] + [r for r in preds if not r.get("has_prior")][:1]
-    rows = "".join(f"<tr><td>{html.escape(str(r['id']))}<br><small>{'with' if r.get('has_prior') else 'no'} prior</small></td>"
-                   f"<td>{html.escape(r['reference'])}</td><td>{html.escape(r['generated'])}</td></tr>" for r in pick)
+    if not preds:
+        return "<p>No test predictions in this run.</p>"
+    pick = [r for r in preds if r.get("has_prior")][: n - 1] + [r for r in preds if not r.get("has_prior")][:1]
+    rows = "".join(
+        f"<tr><td>{html.escape(str(r['id']))}<br><small>{'with' if r.get('has_prior') else 'no'} prior</small></td>"
+        f"<td>{html.escape(r['reference'])}</td><td>{html.escape(r['generated'])}</td></tr>"
+        for r in pick
+    )
     return f"<table class=ex><tr><th>id</th><th>reference</th><th>generated</th></tr>{rows}</table>"
+
 
 def write_index(rf: RunFolder, steps, records) -> Path:
     "Write `index.html` of run folder `rf` from its steps and their records; returns its path."
     study = _json_or_none(rf.root / "study" / "study.json") or {}
     metrics = _json_or_none(rf.evaluation / "metrics.json")
     by_key = {r["key"]: r for r in records}
+
     def link(p, text):
         p = Path(p)
         return f'<a href="{html.escape(str(p.relative_to(rf.root)))}">{text}</a>' if p.is_file() else ""
+
     stage_rows = ""
     for s in steps:
         r = by_key.get(s.key) or _json_or_none(_record_path(rf, s.key)) or {}
-        status = ("done (skipped: finished before)" if r.get("skipped") else r.get("status", "not run"))
+        status = "done (skipped: finished before)" if r.get("skipped") else r.get("status", "not run")
         mem = f"{r['peak_rss_mb'] / 1024:.1f} GB" if r.get("peak_rss_mb") else "&ndash;"
         secs = f"{r['seconds']:.0f} s" if r.get("seconds") is not None else "&ndash;"
         links = " ".join(x for x in (link(r.get("html", ""), "report"), link(r.get("report", ""), ".ipynb")) if x)
         err = f"<br><small>{html.escape(r['error'])}</small>" if r.get("error") else ""
-        stage_rows += f"<tr><td>{s.key}</td><td>{html.escape(status)}{err}</td><td>{secs}</td><td>{mem}</td><td>{links}</td></tr>"
+        stage_rows += (
+            f"<tr><td>{s.key}</td><td>{html.escape(status)}{err}</td><td>{secs}</td><td>{mem}</td><td>{links}</td></tr>"
+        )
     res = ""
     for label, row, sd, kind in result_rows(rf, steps, metrics):
-        res += f"<tr class={kind}><td>{label}</td>" + "".join(_cell(row.get(c), (sd or {}).get(c)) for c in INDEX_COLUMNS) + "</tr>"
+        res += (
+            f"<tr class={kind}><td>{label}</td>"
+            + "".join(_cell(row.get(c), (sd or {}).get(c)) for c in INDEX_COLUMNS)
+            + "</tr>"
+        )
     (rf.root / "study").mkdir(exist_ok=True)
-    figs = [(p, t) for p, t in (("pretrain/curves.png", "stage 1: loss and retrieval"), ("finetune/curves.png", "stage 2: loss and val scores"))
-            if (rf.root / p).is_file()]
+    figs = [
+        (p, t)
+        for p, t in (
+            ("pretrain/curves.png", "stage 1: loss and retrieval"),
+            ("finetune/curves.png", "stage 2: loss and val scores"),
+        )
+        if (rf.root / p).is_file()
+    ]
     ce = _ce_figure(rf, metrics, rf.root / "study" / "ce_per_observation.png")
-    if ce: figs.append((ce, "clinical efficacy per observation"))
+    if ce:
+        figs.append((ce, "clinical efficacy per observation"))
     fig_html = "".join(f'<figure><img src="{p}" alt="{t}"><figcaption>{t}</figcaption></figure>' for p, t in figs)
-    config = "".join(f"<details><summary>{s.key}</summary><pre>{html.escape(json.dumps(to_plain(s.params), indent=1))}</pre></details>"
-                     for s in steps)
+    config = "".join(
+        f"<details><summary>{s.key}</summary>"
+        f"<pre>{html.escape(json.dumps(to_plain(s.params), indent=1))}</pre></details>"
+        for s in steps
+    )
     total = sum((by_key.get(s.key) or {}).get("seconds") or 0 for s in steps)
-    page = f"""<!doctype html><html><head><meta charset="utf-8"><title>mlrg study: {html.escape(rf.root.name)}</title>
-<style>body{{font-family:sans-serif;max-width:1200px;margin:2em auto;color:#222}} table{{border-collapse:collapse;margin:1em 0}}
-td,th{{border:1px solid #ccc;padding:3px 7px;font-size:13px;vertical-align:top}} th{{background:#f3f3f3}} td.na{{color:#aaa}}
-tr.model td{{font-weight:bold}} tr.published td{{color:#777;font-style:italic}} tr.ablation td,tr.seeds td{{background:#f8f8ff}}
-figure{{display:inline-block;margin:0 1em 1em 0}} img{{max-width:1150px}} table.ex td{{max-width:520px}} pre{{font-size:12px}}</style></head><body>
+    page = (
+        """<!doctype html><html><head><meta charset="utf-8">"""
+        f"""<title>mlrg study: {html.escape(rf.root.name)}</title>
+<style>body{{font-family:sans-serif;max-width:1200px;margin:2em auto;color:#222}} """
+        f"""table{{border-collapse:collapse;margin:1em 0}}
+td,th{{border:1px solid #ccc;padding:3px 7px;font-size:13px;vertical-align:top}} th{{background:#f3f3f3}} """
+        f"""td.na{{color:#aaa}}
+tr.model td{{font-weight:bold}} tr.published td{{color:#777;font-style:italic}} """
+        f"""tr.ablation td,tr.seeds td{{background:#f8f8ff}}
+figure{{display:inline-block;margin:0 1em 1em 0}} img{{max-width:1150px}} table.ex td{{max-width:520px}} """
+        f"""pre{{font-size:12px}}</style></head><body>
 <h1>mlrg study: {html.escape(rf.root.name)}</h1>
-<p>Preset <b>{html.escape(str(study.get('preset')))}</b>; run folder <code>{html.escape(str(rf.root))}</code>; command
-<code>{html.escape(study.get('command', ''))}</code>; {len(steps)} steps, {total:.0f} s of stage time in this invocation and before.</p>
+<p>Preset <b>{html.escape(str(study.get("preset")))}</b>; run folder <code>{html.escape(str(rf.root))}</code>; command
+<code>{html.escape(study.get("command", ""))}</code>; {len(steps)} steps, {total:.0f} s of stage time """
+        f"""in this invocation and before.</p>
 <h2>Results on the test split</h2>
-<p>Scores of the model beside the baselines and the oracle (<code>evaluate/metrics.json</code>; CE by mlrg's rule labeler,
+<p>Scores of the model beside the baselines and the oracle (<code>evaluate/metrics.json</code>; """
+        f"""CE by mlrg's rule labeler,
 uncertain counted as positive; "Long. vs truth" against the phantom's true changes). The last row is MLRG's published
 MIMIC-CXR result: another dataset and CheXbert labels, for scale only.</p>
-<table><tr><th>method</th>{''.join(f'<th>{c}</th>' for c in INDEX_COLUMNS)}</tr>{res}</table>
-<h2>Plots</h2>{fig_html or '<p>No plots yet.</p>'}
+<table><tr><th>method</th>{"".join(f"<th>{c}</th>" for c in INDEX_COLUMNS)}</tr>{res}</table>
+<h2>Plots</h2>{fig_html or "<p>No plots yet.</p>"}
 <h2>Generated reports</h2>{_examples(rf)}
-<h2>Stages</h2><table><tr><th>step</th><th>status</th><th>time</th><th>peak memory</th><th>report</th></tr>{stage_rows}</table>
+<h2>Stages</h2><table><tr><th>step</th><th>status</th><th>time</th><th>peak memory</th><th>report</th></tr>"""
+        f"""{stage_rows}</table>
 <h2>Configuration</h2><p>The parameters each step was run with (beyond each notebook's defaults).</p>{config}
 </body></html>"""
+    )
     atomic_write(rf.root / "index.html", page)
     return rf.root / "index.html"
 
 # %% ../nbs/06_study.ipynb #f0c85e89
 def study_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="mlrg study", description="Run the whole study: each stage's notebook into outputs/<run>/, then index.html.")
-    ap.add_argument("--preset", default="demo", choices=list(STUDY_PRESETS), help="; ".join(f"{k}: {v['help']}" for k, v in STUDY_PRESETS.items()))
+    ap = argparse.ArgumentParser(
+        prog="mlrg study",
+        description="Run the whole study: each stage's notebook into outputs/<run>/, then index.html.",
+    )
+    ap.add_argument(
+        "--preset",
+        default="demo",
+        choices=list(STUDY_PRESETS),
+        help="; ".join(f"{k}: {v['help']}" for k, v in STUDY_PRESETS.items()),
+    )
     ap.add_argument("--run", default=None, help="run folder name under outputs/ or a path (default: the preset's name)")
-    ap.add_argument("-p", nargs=2, action="append", default=[], metavar=("KEY", "VALUE"),
-                    help="a parameter for every stage that has it (KEY) or for one stage (STAGE.KEY); study.mimic_root for mimic")
-    ap.add_argument("--force", action="store_true", help="run every stage again, even those finished with the same inputs")
-    ap.add_argument("--seeds", type=int, default=1, help="repeat the model stages with this many seeds (mean and spread in the index)")
-    ap.add_argument("--ablations", action="store_true", help="also run MLRG's stage-2 ablations: " + ", ".join(ABLATIONS))
+    ap.add_argument(
+        "-p",
+        nargs=2,
+        action="append",
+        default=[],
+        metavar=("KEY", "VALUE"),
+        help="a parameter for every stage that has it (KEY) or for one stage (STAGE.KEY); study.mimic_root for mimic",
+    )
+    ap.add_argument(
+        "--force", action="store_true", help="run every stage again, even those finished with the same inputs"
+    )
+    ap.add_argument(
+        "--seeds",
+        type=int,
+        default=1,
+        help="repeat the model stages with this many seeds (mean and spread in the index)",
+    )
+    ap.add_argument(
+        "--ablations", action="store_true", help="also run MLRG's stage-2 ablations: " + ", ".join(ABLATIONS)
+    )
     ap.add_argument("--nproc", type=int, default=1, help="GPUs per node for the training stages (torchrun)")
     return ap
+
 
 def study_cli(argv=None) -> int:
     "`mlrg study`: 0 when the study finished, 1 when a stage failed, 2 for bad input."
     a = study_parser().parse_args(argv)
-    if a.seeds < 1 or a.nproc < 1: raise InputError("--seeds and --nproc must be >= 1", where="command line")
+    if a.seeds < 1 or a.nproc < 1:
+        raise InputError("--seeds and --nproc must be >= 1", where="command line")
     argv = sys.argv[1:] if argv is None else list(argv)
-    try: run_study(a.preset, a.run, [tuple(x) for x in a.p], a.force, a.seeds, a.ablations, a.nproc, command="mlrg study " + shlex.join(argv))
+    try:
+        run_study(
+            a.preset,
+            a.run,
+            [tuple(x) for x in a.p],
+            a.force,
+            a.seeds,
+            a.ablations,
+            a.nproc,
+            command="mlrg study " + shlex.join(argv),
+        )
     except StudyFailed as e:
         print(f"mlrg study: stopped: {e}", file=sys.stderr)
         return 1
@@ -402,5 +681,6 @@ def study_cli(argv=None) -> int:
 # %% ../nbs/06_study.ipynb #e0501890
 if __name__ == "__main__" and not __import__("mlrg.runs", fromlist=["in_ipython"]).in_ipython():
     from mlrg.runs import one_line_errors
+
     _status, _out = one_line_errors("mlrg study", lambda: study_cli())
     sys.exit(_status or _out or 0)

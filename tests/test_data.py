@@ -1,4 +1,5 @@
 "Tests of mlrg.data: MIMIC-CXR preparation, priors, report sections, readers, vocabulary, Dataset, bad input."
+
 import gzip
 import json
 import pickle
@@ -11,30 +12,69 @@ from PIL import Image
 
 from mlrg.core import InputError, save_json
 from mlrg.runs import main
-from mlrg.data import (CHEXPERT_LABELS, METADATA_CSV, SPECIAL_TOKENS, SPLIT_CSV, MLRGDataset, Vocab, assign_priors,
-                       clean_indication, collate, image_relpath, normalize_text, normalize_view, parse_report, prepare,
-                       prepare_cli, read_annotation, read_medclip_pickle, read_mlrg_annotation, read_r2gen_annotation,
-                       tokenize, validate_mlrg_item)
+from mlrg.data import (
+    CHEXPERT_LABELS,
+    METADATA_CSV,
+    SPECIAL_TOKENS,
+    SPLIT_CSV,
+    MLRGDataset,
+    Vocab,
+    assign_priors,
+    clean_indication,
+    collate,
+    image_relpath,
+    normalize_text,
+    normalize_view,
+    parse_report,
+    prepare,
+    prepare_cli,
+    read_annotation,
+    read_medclip_pickle,
+    read_mlrg_annotation,
+    read_r2gen_annotation,
+    tokenize,
+    validate_mlrg_item,
+)
 
-META_COLS = ["dicom_id", "subject_id", "study_id", "PerformedProcedureStepDescription", "ViewPosition", "Rows", "Columns",
-             "StudyDate", "StudyTime", "ProcedureCodeSequence_CodeMeaning", "ViewCodeSequence_CodeMeaning",
-             "PatientOrientationCodeSequence_CodeMeaning"]
+META_COLS = [
+    "dicom_id",
+    "subject_id",
+    "study_id",
+    "PerformedProcedureStepDescription",
+    "ViewPosition",
+    "Rows",
+    "Columns",
+    "StudyDate",
+    "StudyTime",
+    "ProcedureCodeSequence_CodeMeaning",
+    "ViewCodeSequence_CodeMeaning",
+    "PatientOrientationCodeSequence_CodeMeaning",
+]
 
 
 def report(findings="The lungs are clear.", impression="No acute process.", indication="___M with cough."):
     parts = ["                                 FINAL REPORT", " EXAMINATION:  CHEST (PA AND LAT)", ""]
-    if indication is not None: parts += [f" INDICATION:  {indication}", ""]
+    if indication is not None:
+        parts += [f" INDICATION:  {indication}", ""]
     parts += [" COMPARISON:  ___", ""]
-    if findings is not None: parts += [" FINDINGS:", "", f" {findings}", ""]
-    if impression is not None: parts += [" IMPRESSION:", "", f" {impression}", ""]
+    if findings is not None:
+        parts += [" FINDINGS:", "", f" {findings}", ""]
+    if impression is not None:
+        parts += [" IMPRESSION:", "", f" {impression}", ""]
     return "\n".join(parts)
 
 
 def S(subject, study, date, time, views, split="train", rep=None, **kw):
     "One crafted study: images named d<study>_<k> with the given view positions."
-    return dict(subject=subject, study=study, date=date, time=time, split=split,
-                images=[(f"d{study}_{k}", v) for k, v in enumerate(views)],
-                report=report(**kw) if rep is None else rep)
+    return dict(
+        subject=subject,
+        study=study,
+        date=date,
+        time=time,
+        split=split,
+        images=[(f"d{study}_{k}", v) for k, v in enumerate(views)],
+        report=report(**kw) if rep is None else rep,
+    )
 
 
 def write_tree(root, studies, chexpert=True, gz=False):
@@ -46,8 +86,22 @@ def write_tree(root, studies, chexpert=True, gz=False):
         (d / f"s{s['study']}").mkdir(parents=True, exist_ok=True)
         for k, (dicom, view) in enumerate(s["images"]):
             Image.new("L", (24 + 8 * k, 32), 40 + 40 * k).save(d / f"s{s['study']}" / f"{dicom}.jpg", quality=90)
-            meta.append([dicom, s["subject"], s["study"], "CHEST (PA AND LAT)", view, 32, 24 + 8 * k, s["date"], s["time"],
-                         "CHEST (PA AND LAT)", "", ""])
+            meta.append(
+                [
+                    dicom,
+                    s["subject"],
+                    s["study"],
+                    "CHEST (PA AND LAT)",
+                    view,
+                    32,
+                    24 + 8 * k,
+                    s["date"],
+                    s["time"],
+                    "CHEST (PA AND LAT)",
+                    "",
+                    "",
+                ]
+            )
             split.append([dicom, s["study"], s["subject"], s["split"]])
         if s["report"] is not None:
             data = s["report"] if isinstance(s["report"], bytes) else s["report"].encode()
@@ -56,11 +110,15 @@ def write_tree(root, studies, chexpert=True, gz=False):
 
     def csv(name, header, rows):
         text = "\n".join([",".join(header)] + [",".join(map(str, r)) for r in rows]) + "\n"
-        if gz: (root / (name + ".gz")).write_bytes(gzip.compress(text.encode()))
-        else: (root / name).write_text(text)
+        if gz:
+            (root / (name + ".gz")).write_bytes(gzip.compress(text.encode()))
+        else:
+            (root / name).write_text(text)
+
     csv(METADATA_CSV, META_COLS, meta)
     csv(SPLIT_CSV, ["dicom_id", "study_id", "subject_id", "split"], split)
-    if chexpert: csv("mimic-cxr-2.0.0-chexpert.csv", ["subject_id", "study_id", *CHEXPERT_LABELS], chex)
+    if chexpert:
+        csv("mimic-cxr-2.0.0-chexpert.csv", ["subject_id", "study_id", *CHEXPERT_LABELS], chex)
     return root
 
 
@@ -92,20 +150,24 @@ def run(root, tmp_path, **kw):
 def by_study(ann):
     out = {}
     for s in ann:
-        for it in ann[s]: out.setdefault(it["study_id"], []).append(it)
+        for it in ann[s]:
+            out.setdefault(it["study_id"], []).append(it)
     return out
 
 
 # ---------------------------------------------------------------- priors and views
 
+
 def test_priors_follow_date_and_time_not_study_id(tree, tmp_path):
     summary, ann, _ = run(tree, tmp_path)
     st = by_study(ann)
-    prior = lambda s: {None if it["prior_study"] is None else it["prior_study"]["latest_study"]["study_id"] for it in st[s]}
-    assert prior(59000003) == {None}                      # earliest, despite the largest study_id
+    prior = lambda s: {
+        None if it["prior_study"] is None else it["prior_study"]["latest_study"]["study_id"] for it in st[s]
+    }
+    assert prior(59000003) == {None}  # earliest, despite the largest study_id
     assert prior(58000002) == {59000003}
-    assert prior(57000001) == {58000002}                  # same day, later time
-    assert prior(50000010) == prior(50000011) == {None}   # exact tie: no prior
+    assert prior(57000001) == {58000002}  # same day, later time
+    assert prior(50000010) == prior(50000011) == {None}  # exact tie: no prior
     assert {it["prior_status"] for it in st[50000010]} == {"tied"}
     assert prior(50000012) == {None} and {it["prior_status"] for it in st[50000012]} == {"prior_tied"}
     assert summary["prior_status_studies"] == {"first": 3, "prior": 2, "tied": 2, "prior_tied": 1}
@@ -115,8 +177,15 @@ def test_priors_follow_date_and_time_not_study_id(tree, tmp_path):
 
 def test_assign_priors_against_study_id_order():
     import pandas as pd
-    df = pd.DataFrame({"study_id": [3, 2, 1, 9], "subject_id": [1, 1, 1, 2], "study_date": [1, 2, 2, 5],
-                       "study_time": [5.0, 1.0, 0.5, 1.0]})
+
+    df = pd.DataFrame(
+        {
+            "study_id": [3, 2, 1, 9],
+            "subject_id": [1, 1, 1, 2],
+            "study_date": [1, 2, 2, 5],
+            "study_time": [5.0, 1.0, 0.5, 1.0],
+        }
+    )
     got = assign_priors(df).set_index("study_id")
     assert got.loc[1, "prior_study_id"] == 3 and got.loc[2, "prior_study_id"] == 1
     assert pd.isna(got.loc[3, "prior_study_id"]) and got.loc[9, "prior_status"] == "first"
@@ -134,11 +203,15 @@ def test_views_normalised_and_prior_image_matches_anchor(tree, tmp_path):
 
 
 def test_prior_image_prefers_same_view_then_projection(tmp_path):
-    studies = [S(10000001, 50000001, 21500101, 1.0, ["AP", "PA", "LATERAL"]),
-               S(10000001, 50000002, 21500102, 1.0, ["PA", "LL", "AP", "unk"])]
+    studies = [
+        S(10000001, 50000001, 21500101, 1.0, ["AP", "PA", "LATERAL"]),
+        S(10000001, 50000002, 21500102, 1.0, ["PA", "LL", "AP", "unk"]),
+    ]
     _, ann, _ = run(write_tree(tmp_path / "m", studies), tmp_path)
-    got = {it["anchor_scan"]["view_position"][0]: it["prior_study"]["latest_study"]["view_position"]
-           for it in by_study(ann)[50000002]}
+    got = {
+        it["anchor_scan"]["view_position"][0]: it["prior_study"]["latest_study"]["view_position"]
+        for it in by_study(ann)[50000002]
+    }
     assert got == {"PA": "PA", "AP": "AP", "LL": "LATERAL", "unk": "PA"}
 
 
@@ -183,11 +256,12 @@ def test_gzipped_tables_are_read(tmp_path):
 
 # ---------------------------------------------------------------- report sections
 
+
 def test_sections_last_header_wins_and_case():
     p = parse_report("FINDINGS: old.\n\nIMPRESSION: x.\n\nFINDINGS:\n New text\n  here.\nNote: still findings.\n")
     assert p["findings"] == "New text here. Note: still findings."
     assert parse_report("Findings: Clear.\nImpression: Fine.")["findings"] == "Clear."
-    assert parse_report("findings are: nothing here")["findings"] is None      # lower-case mid-sentence 'are:' is text
+    assert parse_report("findings are: nothing here")["findings"] is None  # lower-case mid-sentence 'are:' is text
 
 
 def test_sections_missing_findings_and_fallback():
@@ -207,11 +281,16 @@ def test_text_cleaning():
 
 # ---------------------------------------------------------------- readers
 
+
 def test_read_mlrg_annotation_roundtrip_and_bad_item(tree, tmp_path):
     _, ann, out = run(tree, tmp_path)
     assert read_mlrg_annotation(out) == ann
     assert read_annotation(out) == ann
-    bad = {"train": ann["train"][:2] + [{**ann["train"][2], "anchor_scan": {"image_path": "x.jpg"}}], "val": [], "test": []}
+    bad = {
+        "train": ann["train"][:2] + [{**ann["train"][2], "anchor_scan": {"image_path": "x.jpg"}}],
+        "val": [],
+        "test": [],
+    }
     del bad["train"][0]["indication_pure"]
     save_json(bad, tmp_path / "bad.json")
     with pytest.raises(InputError) as e:
@@ -223,14 +302,34 @@ def test_read_mlrg_annotation_roundtrip_and_bad_item(tree, tmp_path):
 
 
 def test_read_r2gen_iu_and_mimic(tmp_path):
-    iu = {"train": [{"id": "CXR2384_IM-0942", "report": "The heart size is normal. The lungs are clear.",
-                     "image_path": ["CXR2384_IM-0942/0.png", "CXR2384_IM-0942/1.png"], "split": "train"}],
-          "val": [], "test": []}
-    mim = {"train": [], "val": [],
-           "test": [{"id": "02aa804e-bde0afdd-112c0b34-7bc16630-4e384014", "study_id": 50414267, "subject_id": 10000032,
-                     "report": "No acute process.", "image_path": ["p10/p10000032/s50414267/02aa804e-bde0afdd-112c0b34-7bc16630-4e384014.jpg"],
-                     "split": "test"}]}
-    save_json(iu, tmp_path / "iu.json"); save_json(mim, tmp_path / "mimic.json")
+    iu = {
+        "train": [
+            {
+                "id": "CXR2384_IM-0942",
+                "report": "The heart size is normal. The lungs are clear.",
+                "image_path": ["CXR2384_IM-0942/0.png", "CXR2384_IM-0942/1.png"],
+                "split": "train",
+            }
+        ],
+        "val": [],
+        "test": [],
+    }
+    mim = {
+        "train": [],
+        "val": [],
+        "test": [
+            {
+                "id": "02aa804e-bde0afdd-112c0b34-7bc16630-4e384014",
+                "study_id": 50414267,
+                "subject_id": 10000032,
+                "report": "No acute process.",
+                "image_path": ["p10/p10000032/s50414267/02aa804e-bde0afdd-112c0b34-7bc16630-4e384014.jpg"],
+                "split": "test",
+            }
+        ],
+    }
+    save_json(iu, tmp_path / "iu.json")
+    save_json(mim, tmp_path / "mimic.json")
     a = read_r2gen_annotation(tmp_path / "iu.json")["train"][0]
     assert a["anchor_scan"] == {"image_path": ["CXR2384_IM-0942/0.png"], "view_position": ["unk"]}
     assert a["auxiliary_references"]["image_path"] == ["CXR2384_IM-0942/1.png"] and a["prior_study"] is None
@@ -245,8 +344,14 @@ def test_read_r2gen_iu_and_mimic(tmp_path):
 def test_medclip_pickle_needs_trust(tmp_path):
     p = tmp_path / "datasets.pkl"
     with open(p, "wb") as f:
-        pickle.dump({"train": [{"image_path": "/data/img1.jpg", "report": "Lungs clear.", "labels": [1, 0, 0]}],
-                     "val": [{"image_path": "/data/img2.jpg", "report": "Effusion.", "labels": [0, 1, 0]}], "test": []}, f)
+        pickle.dump(
+            {
+                "train": [{"image_path": "/data/img1.jpg", "report": "Lungs clear.", "labels": [1, 0, 0]}],
+                "val": [{"image_path": "/data/img2.jpg", "report": "Effusion.", "labels": [0, 1, 0]}],
+                "test": [],
+            },
+            f,
+        )
     with pytest.raises(InputError, match="trust_pickle=True"):
         read_medclip_pickle(p)
     with pytest.raises(InputError, match="trust_pickle=True"):
@@ -258,13 +363,14 @@ def test_medclip_pickle_needs_trust(tmp_path):
 
 # ---------------------------------------------------------------- vocabulary
 
+
 def test_vocab_roundtrip_and_train_only(tmp_path):
     studies = BASIC + [S(10000004, 52000002, 21700202, 1.0, ["PA"], split="test", findings="Zebra zebra zebra zebra.")]
     root = write_tree(tmp_path / "m", studies)
     summary, _, out = run(root, tmp_path, min_freq=1)
     v = Vocab.load(out.parent / "vocab.json")
     assert v.itos[:9] == list(SPECIAL_TOKENS) and len(v) == summary["vocab_size"]
-    assert "effusion" in v.stoi and "zebra" not in v.stoi and "cardiomegaly" not in v.stoi   # test-split words are out
+    assert "effusion" in v.stoi and "zebra" not in v.stoi and "cardiomegaly" not in v.stoi  # test-split words are out
     ids = v.encode("Lungs are clear. Zebra.", bos_eos=True)
     assert ids[0] == v.bos_id and ids[-1] == v.eos_id and v.unk_id in ids
     assert v.decode(ids) == "lungs are clear . [UNK] .".replace(" [UNK]", "")
@@ -279,12 +385,13 @@ def test_vocab_roundtrip_and_train_only(tmp_path):
 
 # ---------------------------------------------------------------- Dataset
 
+
 def test_dataset_and_collate_shapes_and_masks(tree, tmp_path):
     _, ann, out = run(tree, tmp_path, min_freq=1)
     v = Vocab.load(out.parent / "vocab.json")
     items = sorted(ann["train"], key=lambda it: it["study_id"])
-    first = next(it for it in items if it["study_id"] == 59000003)       # 2 views, no prior
-    third = next(it for it in items if it["study_id"] == 57000001)       # 3 views, a prior
+    first = next(it for it in items if it["study_id"] == 59000003)  # 2 views, no prior
+    third = next(it for it in items if it["study_id"] == 57000001)  # 3 views, a prior
     ds = MLRGDataset([first, third], tree / "files", v, image_size=32, max_views=2, max_length=6)
     assert ds.n_dropped_aux == 1
     b = collate([ds[0], ds[1]], pad_id=v.pad_id)
@@ -295,7 +402,7 @@ def test_dataset_and_collate_shapes_and_masks(tree, tmp_path):
     assert b["view_ids"][0, 2].item() == 0 and (b["images"][0, 2] == 0).all()
     assert b["target_ids"].shape[1] == 6 and b["target_ids"][0, 0].item() == v.bos_id
     assert (b["target_ids"][b["target_mask"]] != v.pad_id).all()
-    assert v.decode(b["prompt_ids"][0], skip_special=False).endswith("[SEP] [NHPR] [SEP]")      # MLRG's pair of segments
+    assert v.decode(b["prompt_ids"][0], skip_special=False).endswith("[SEP] [NHPR] [SEP]")  # MLRG's pair of segments
     n0 = int(b["prompt_mask"][0].sum())
     assert b["prompt_segments"][0, :n0].tolist() == [0] * (n0 - 2) + [1, 1] and b["prompt_segments"][0, n0:].sum() == 0
     assert v.decode(b["prompt_ids"][1], skip_special=False).startswith("[CLS] m with cough [SEP] new small")
@@ -319,6 +426,7 @@ def test_dataset_augmentation_is_seeded_and_off_by_default(tree, tmp_path):
 
 
 # ---------------------------------------------------------------- bad input
+
 
 def _first_image(root, study):
     return next((root / "files").rglob(f"s{study}/*.jpg"))
@@ -349,12 +457,13 @@ def test_missing_image(tree, tmp_path):
     s, ann, _ = run(tree, tmp_path, skip_bad=True)
     assert s["skipped"] == {"image_missing": 1} and s["samples"]["train"] == 10
     assert s["skipped_examples"]["image_missing"][0].startswith(str(img))
-    s, _, _ = run(tree, tmp_path / "n", image_check="none")                # metadata-only: not checked
+    s, _, _ = run(tree, tmp_path / "n", image_check="none")  # metadata-only: not checked
     assert s["samples"]["train"] == 11
 
 
 def test_missing_report(tree, tmp_path):
-    rep = next((tree / "files").rglob("s50000012.txt")); rep.unlink()
+    rep = next((tree / "files").rglob("s50000012.txt"))
+    rep.unlink()
     with pytest.raises(InputError, match="s50000012.txt: report file not found"):
         run(tree, tmp_path)
     s, ann, _ = run(tree, tmp_path, skip_bad=True)
@@ -363,7 +472,9 @@ def test_missing_report(tree, tmp_path):
 
 
 def test_non_utf8_report(tmp_path):
-    studies = BASIC[:2] + [S(10000001, 57000001, 21500305, 151500.5, ["PA"], rep=report().encode() + b"\n caf\xe9 \xff")]
+    studies = BASIC[:2] + [
+        S(10000001, 57000001, 21500305, 151500.5, ["PA"], rep=report().encode() + b"\n caf\xe9 \xff")
+    ]
     root = write_tree(tmp_path / "m", studies)
     with pytest.raises(InputError, match="s57000001.txt: report is not valid UTF-8"):
         run(root, tmp_path)
@@ -383,7 +494,8 @@ def test_metadata_missing_column_fails_even_with_skip_bad(tree, tmp_path):
 
 
 def test_split_rows_with_unknown_dicom(tree, tmp_path):
-    with open(tree / SPLIT_CSV, "a") as f: f.write("not-a-dicom,50000001,10000001,train\n")
+    with open(tree / SPLIT_CSV, "a") as f:
+        f.write("not-a-dicom,50000001,10000001,train\n")
     n = len((tree / SPLIT_CSV).read_text().splitlines())
     with pytest.raises(InputError, match=f"split.csv, line {n}: dicom_id='not-a-dicom' is not in"):
         run(tree, tmp_path)
@@ -392,9 +504,11 @@ def test_split_rows_with_unknown_dicom(tree, tmp_path):
 
 
 def test_empty_and_missing_findings_are_excluded_and_counted(tmp_path):
-    studies = [S(10000001, 50000001, 21500101, 1.0, ["PA", "LATERAL"], findings=""),       # empty FINDINGS section
-               S(10000001, 50000002, 21500102, 1.0, ["PA"], findings=None),                # no FINDINGS section
-               S(10000001, 50000003, 21500103, 1.0, ["PA"], findings="Lungs clear.")]
+    studies = [
+        S(10000001, 50000001, 21500101, 1.0, ["PA", "LATERAL"], findings=""),  # empty FINDINGS section
+        S(10000001, 50000002, 21500102, 1.0, ["PA"], findings=None),  # no FINDINGS section
+        S(10000001, 50000003, 21500103, 1.0, ["PA"], findings="Lungs clear."),
+    ]
     s, ann, _ = run(write_tree(tmp_path / "m", studies), tmp_path)
     assert s["reports"]["empty_findings_section"] == 1 and s["reports"]["no_findings_section"] == 1
     assert s["excluded"]["no_findings_studies"] == 2 and s["excluded"]["no_findings_images"] == 3
@@ -405,8 +519,24 @@ def test_empty_and_missing_findings_are_excluded_and_counted(tmp_path):
 
 def test_cli_exit_codes(tree, tmp_path, capsys):
     out = tmp_path / "cli" / "ann.json"
-    assert prepare_cli(["--mimic-root", str(tree), "--out", str(out), "--sample-unit", "study", "--quiet",
-                        "--vocab", str(tmp_path / "cli" / "v.json"), "--min-freq", "1"]) == 0
+    assert (
+        prepare_cli(
+            [
+                "--mimic-root",
+                str(tree),
+                "--out",
+                str(out),
+                "--sample-unit",
+                "study",
+                "--quiet",
+                "--vocab",
+                str(tmp_path / "cli" / "v.json"),
+                "--min-freq",
+                "1",
+            ]
+        )
+        == 0
+    )
     assert (tmp_path / "cli" / "v.json").exists() and read_mlrg_annotation(out)["val"]
     capsys.readouterr()
     shutil.rmtree(tree / "files" / "p10" / "p10000004")

@@ -1,5 +1,6 @@
 """Tests of the shared training engine in mlrg.core: exact resume (also after a killed process), data-parallel
 training under torchrun, bf16, NaN stop, early stopping, best-checkpoint selection, accumulation, parameters."""
+
 import importlib.util
 import json
 import os
@@ -18,7 +19,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 # A toy problem shared by the in-process runs and the scripts run in subprocesses: a small MLP with dropout (so
 # the RNG state matters) on a dataset whose items carry random "augmentation" noise (so the data RNG matters).
-TOY = '''
+TOY = """
 import os, signal, torch
 from torch import nn
 
@@ -59,22 +60,28 @@ VAL = Data(16, noise=0.0, seed=1)
 def evaluate(model, ctx=None):
     b = collate([VAL[i] for i in range(len(VAL))])
     return {"val_loss": model(b)["loss"].item()}
-'''
+"""  # noqa: E501
 
 
 @pytest.fixture
 def toy(tmp_path):
     (tmp_path / "toy.py").write_text(TOY)
     spec = importlib.util.spec_from_file_location("toy", tmp_path / "toy.py")
-    mod = importlib.util.module_from_spec(spec); spec.loader.exec_module(mod)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
     return mod
 
 
 def _env():
-    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    return {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+    }
 
 
-def _weights(model): return torch.cat([p.detach().flatten() for p in model.parameters()])
+def _weights(model):
+    return torch.cat([p.detach().flatten() for p in model.parameters()])
 
 
 def _strip(records):
@@ -82,8 +89,18 @@ def _strip(records):
     return [{k: v for k, v in r.items() if k not in ("seconds", "samples_per_s")} for r in records]
 
 
-BASE = {"batch_size": 4, "lr": 0.01, "warmup": 0.2, "scheduler": "cosine", "grad_clip": 1.0, "eval_steps": 2,
-        "log_steps": 1, "seed": 7, "progress": False, "keep_last": None}
+BASE = {
+    "batch_size": 4,
+    "lr": 0.01,
+    "warmup": 0.2,
+    "scheduler": "cosine",
+    "grad_clip": 1.0,
+    "eval_steps": 2,
+    "log_steps": 1,
+    "seed": 7,
+    "progress": False,
+    "keep_last": None,
+}
 
 
 @pytest.mark.parametrize("grad_accum,save_steps,kill_at,workers", [(1, 3, 11, 0), (2, 5, 12, 2)])
@@ -92,28 +109,44 @@ def test_resume_after_killed_process_is_exact(toy, tmp_path, grad_accum, save_st
     # With workers, the straight and killed runs load in 2 worker processes and the resumed run in the main one:
     # each batch's augmentation is seeded by (seed, epoch, rank, batch), so the data are the same either way.
     conf = {**BASE, "num_epochs": 2, "grad_accum": grad_accum, "save_steps": save_steps, "num_workers": workers}
-    seed_everything(0); straight = toy.MLP()
+    seed_everything(0)
+    straight = toy.MLP()
     res = fit(straight, toy.Data(), toy.collate, {**conf, "out_dir": str(tmp_path / "straight")}, evaluate=toy.evaluate)
 
     script = tmp_path / "killed.py"
-    script.write_text(textwrap.dedent(f"""
+    script.write_text(
+        textwrap.dedent(f"""
         import json, sys; sys.path.insert(0, {str(tmp_path)!r})
         import toy
         from mlrg.core import seed_everything
         from mlrg.engine import fit
         seed_everything(0)
         fit(toy.MLP(kill_at={kill_at}), toy.Data(), toy.collate, {{**json.loads(sys.argv[1]), "out_dir": sys.argv[2]}}, evaluate=toy.evaluate)
-    """))
+    """)  # noqa: E501
+    )
     out = tmp_path / "killed"
-    p = subprocess.run([sys.executable, str(script), json.dumps(conf), str(out)], env=_env(), capture_output=True, text=True, timeout=120)
-    assert p.returncode == -9, p.stderr                                  # SIGKILLed mid-run
+    p = subprocess.run(
+        [sys.executable, str(script), json.dumps(conf), str(out)],
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert p.returncode == -9, p.stderr  # SIGKILLed mid-run
     ck = load_checkpoint(out / "last.pt")
-    assert 0 < ck["global_step"] < res["global_step"] and ck["epoch_batches"] > 0   # resumes mid-epoch
-    assert read_jsonl(out / "metrics.jsonl")[-1]["step"] > ck["global_step"]       # records after the checkpoint were lost work
+    assert 0 < ck["global_step"] < res["global_step"] and ck["epoch_batches"] > 0  # resumes mid-epoch
+    assert (
+        read_jsonl(out / "metrics.jsonl")[-1]["step"] > ck["global_step"]
+    )  # records after the checkpoint were lost work
 
-    resumed = toy.MLP()                                                   # fresh weights: all state comes from the checkpoint
-    res2 = fit(resumed, toy.Data(), toy.collate, {**conf, "num_workers": 0, "out_dir": str(out), "resume_from": str(out / "last.pt")},
-               evaluate=toy.evaluate)
+    resumed = toy.MLP()  # fresh weights: all state comes from the checkpoint
+    res2 = fit(
+        resumed,
+        toy.Data(),
+        toy.collate,
+        {**conf, "num_workers": 0, "out_dir": str(out), "resume_from": str(out / "last.pt")},
+        evaluate=toy.evaluate,
+    )
     assert res2["global_step"] == res["global_step"]
     torch.testing.assert_close(_weights(resumed), _weights(straight), rtol=0, atol=1e-6)
     assert res2["best_step"] == res["best_step"] and res2["best_metric"] == pytest.approx(res["best_metric"], abs=1e-6)
@@ -126,31 +159,67 @@ def test_resume_after_killed_process_is_exact(toy, tmp_path, grad_accum, save_st
 
 def test_resume_from_epoch_end_and_config_changes(toy, tmp_path):
     conf = {**BASE, "num_epochs": 3, "save_steps": None, "eval_steps": None, "hidden": 16}
-    seed_everything(0); straight = toy.MLP()
-    fit(straight, toy.Data(), toy.collate, {**conf, "out_dir": str(tmp_path / "a")}, evaluate=toy.evaluate, vocab=["[PAD]", "x"])
+    seed_everything(0)
+    straight = toy.MLP()
+    fit(
+        straight,
+        toy.Data(),
+        toy.collate,
+        {**conf, "out_dir": str(tmp_path / "a")},
+        evaluate=toy.evaluate,
+        vocab=["[PAD]", "x"],
+    )
     ck = load_checkpoint(tmp_path / "a" / "epoch_0.pt")
     assert (ck["epoch"], ck["epoch_batches"], ck["global_step"], ck["vocab"]) == (1, 0, 7, ["[PAD]", "x"])
-    assert {"model", "optimizer", "scheduler", "scaler", "rng", "config", "best_metric", "bad_evals", "history"} <= set(ck)
+    assert {"model", "optimizer", "scheduler", "scaler", "rng", "config", "best_metric", "bad_evals", "history"} <= set(
+        ck
+    )
     resumed = toy.MLP()
-    fit(resumed, toy.Data(), toy.collate, {**conf, "out_dir": str(tmp_path / "b"), "resume_from": str(tmp_path / "a" / "epoch_0.pt")},
-        evaluate=toy.evaluate, vocab=["[PAD]", "x"])
+    fit(
+        resumed,
+        toy.Data(),
+        toy.collate,
+        {**conf, "out_dir": str(tmp_path / "b"), "resume_from": str(tmp_path / "a" / "epoch_0.pt")},
+        evaluate=toy.evaluate,
+        vocab=["[PAD]", "x"],
+    )
     torch.testing.assert_close(_weights(resumed), _weights(straight), rtol=0, atol=1e-6)
     # an architecture key that changed is an error; a different vocabulary too
     with pytest.raises(InputError, match="hidden: 16 -> 32"):
-        fit(toy.MLP(), toy.Data(), toy.collate, {**conf, "hidden": 32, "out_dir": str(tmp_path / "c"),
-            "resume_from": str(tmp_path / "a" / "epoch_0.pt")}, arch_keys=("hidden",))
+        fit(
+            toy.MLP(),
+            toy.Data(),
+            toy.collate,
+            {**conf, "hidden": 32, "out_dir": str(tmp_path / "c"), "resume_from": str(tmp_path / "a" / "epoch_0.pt")},
+            arch_keys=("hidden",),
+        )
     with pytest.raises(InputError, match="vocabulary"):
-        fit(toy.MLP(), toy.Data(), toy.collate, {**conf, "out_dir": str(tmp_path / "c"),
-            "resume_from": str(tmp_path / "a" / "epoch_0.pt")}, vocab=["[PAD]", "y"])
+        fit(
+            toy.MLP(),
+            toy.Data(),
+            toy.collate,
+            {**conf, "out_dir": str(tmp_path / "c"), "resume_from": str(tmp_path / "a" / "epoch_0.pt")},
+            vocab=["[PAD]", "y"],
+        )
     assert compare_configs({"lr": 0.01, "out_dir": "a"}, {"lr": 0.02, "out_dir": "b"}) == ["lr: 0.01 -> 0.02"]
 
 
 def test_evaluation_does_not_move_the_training_rng(toy, tmp_path):
-    def noisy_eval(model, ctx):                       # an evaluation that draws random numbers (e.g. a shuffled loader)
-        torch.rand(100); return toy.evaluate(model, ctx)
-    seed_everything(0); a = toy.MLP()
-    fit(a, toy.Data(), toy.collate, {**BASE, "num_epochs": 1, "eval_steps": 1, "out_dir": str(tmp_path / "a")}, evaluate=noisy_eval)
-    seed_everything(0); b = toy.MLP()
+    def noisy_eval(model, ctx):  # an evaluation that draws random numbers (e.g. a shuffled loader)
+        torch.rand(100)
+        return toy.evaluate(model, ctx)
+
+    seed_everything(0)
+    a = toy.MLP()
+    fit(
+        a,
+        toy.Data(),
+        toy.collate,
+        {**BASE, "num_epochs": 1, "eval_steps": 1, "out_dir": str(tmp_path / "a")},
+        evaluate=noisy_eval,
+    )
+    seed_everything(0)
+    b = toy.MLP()
     fit(b, toy.Data(), toy.collate, {**BASE, "num_epochs": 1, "eval_steps": None, "out_dir": str(tmp_path / "b")})
     torch.testing.assert_close(_weights(a), _weights(b), rtol=0, atol=0)
 
@@ -166,45 +235,72 @@ res = fit(model, toy.Data(noise=0.0), toy.collate, {conf}, evaluate=toy.evaluate
 if is_main_process():
     json.dump({{"weights": torch.cat([p.detach().flatten() for p in model.parameters()]).tolist(), "global_step": res["global_step"]}},
               open({out!r}, "w"))
-"""
+"""  # noqa: E501
 
 
 def test_ddp_two_processes_on_cpu(toy, tmp_path):
     # 2 ranks x batch 4 see exactly the samples of one batch of 8 (rank-strided shards of one permutation), and DDP
     # averages their gradients, so the linear model ends where a single process with batch 8 ends.
-    conf = {"batch_size": 4, "num_epochs": 2, "lr": 0.05, "warmup": 0, "scheduler": "constant", "eval_steps": 2,
-            "save_steps": 2, "log_steps": 1, "seed": 3, "progress": False, "out_dir": str(tmp_path / "ddp")}
+    conf = {
+        "batch_size": 4,
+        "num_epochs": 2,
+        "lr": 0.05,
+        "warmup": 0,
+        "scheduler": "constant",
+        "eval_steps": 2,
+        "save_steps": 2,
+        "log_steps": 1,
+        "seed": 3,
+        "progress": False,
+        "out_dir": str(tmp_path / "ddp"),
+    }
     script = tmp_path / "ddp.py"
     script.write_text(DDP_SCRIPT.format(toy_dir=str(tmp_path), conf=repr(conf), out=str(tmp_path / "ddp.json")))
-    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone", str(script)],
-                       env=_env(), capture_output=True, text=True, timeout=180, cwd=tmp_path)
+    p = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone", str(script)],
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=180,
+        cwd=tmp_path,
+    )
     assert p.returncode == 0, p.stderr[-3000:]
     got = json.loads((tmp_path / "ddp.json").read_text())
     ck = load_checkpoint(tmp_path / "ddp" / "last.pt")
-    assert ck["world_size"] == 2 and len(ck["rng"]) == 2 and ck["global_step"] == got["global_step"] == 8   # 14 per rank: 4 batches
+    assert (
+        ck["world_size"] == 2 and len(ck["rng"]) == 2 and ck["global_step"] == got["global_step"] == 8
+    )  # 14 per rank: 4 batches
     assert load_checkpoint(tmp_path / "ddp" / "best.pt")["vocab"] == ["[PAD]", "a"]
-    recs = read_jsonl(tmp_path / "ddp" / "metrics.jsonl")                  # written once, by rank 0
+    recs = read_jsonl(tmp_path / "ddp" / "metrics.jsonl")  # written once, by rank 0
     assert [r["step"] for r in recs if r["kind"] == "train"] == list(range(1, 9))
-    seed_everything(0); single = toy.Linear()
+    seed_everything(0)
+    single = toy.Linear()
     fit(single, toy.Data(noise=0.0), toy.collate, {**conf, "batch_size": 8, "out_dir": str(tmp_path / "single")})
     torch.testing.assert_close(torch.tensor(got["weights"]), _weights(single), rtol=0, atol=1e-5)
 
 
 def test_grad_accumulation_matches_bigger_batch(toy, tmp_path):
     conf = {"num_epochs": 2, "lr": 0.05, "warmup": 0, "scheduler": "constant", "progress": False, "seed": 1}
-    seed_everything(0); a = toy.Linear()
-    ra = fit(a, toy.Data(noise=0.0), toy.collate, {**conf, "batch_size": 4, "grad_accum": 2, "out_dir": str(tmp_path / "a")})
-    seed_everything(0); b = toy.Linear()
+    seed_everything(0)
+    a = toy.Linear()
+    ra = fit(
+        a, toy.Data(noise=0.0), toy.collate, {**conf, "batch_size": 4, "grad_accum": 2, "out_dir": str(tmp_path / "a")}
+    )
+    seed_everything(0)
+    b = toy.Linear()
     rb = fit(b, toy.Data(noise=0.0), toy.collate, {**conf, "batch_size": 8, "out_dir": str(tmp_path / "b")})
-    assert ra["global_step"] == rb["global_step"] == 8                     # 7 batches of 4 -> 4 steps an epoch (last one a single batch)
+    assert ra["global_step"] == rb["global_step"] == 8  # 7 batches of 4 -> 4 steps an epoch (last one a single batch)
     torch.testing.assert_close(_weights(a), _weights(b), rtol=0, atol=1e-6)
-    seed_everything(0); c = toy.Linear()
+    seed_everything(0)
+    c = toy.Linear()
     fit(c, toy.Data(noise=0.0), toy.collate, {**conf, "batch_size": 4, "out_dir": str(tmp_path / "c")})
-    assert not torch.allclose(_weights(c), _weights(b), atol=1e-4)           # the comparison can fail
+    assert not torch.allclose(_weights(c), _weights(b), atol=1e-4)  # the comparison can fail
 
 
 def test_bf16_on_cpu(toy, tmp_path):
-    seed_everything(0); m = toy.MLP(); w0 = _weights(m).clone()
+    seed_everything(0)
+    m = toy.MLP()
+    w0 = _weights(m).clone()
     res = fit(m, toy.Data(), toy.collate, {**BASE, "num_epochs": 1, "use_amp": True, "out_dir": str(tmp_path)})
     losses = [r["train_loss"] for r in res["history"] if r["kind"] == "train"]
     assert len(losses) == 7 and all(torch.isfinite(torch.tensor(losses)))
@@ -217,7 +313,13 @@ def test_bf16_on_cpu(toy, tmp_path):
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(toy, tmp_path):
     m = toy.MLP(nan_at=3)
     with pytest.raises(NonFiniteLoss, match="non-finite loss at step 3"):
-        fit(m, toy.Data(), toy.collate, {**BASE, "num_epochs": 2, "save_steps": 1, "out_dir": str(tmp_path)}, evaluate=toy.evaluate)
+        fit(
+            m,
+            toy.Data(),
+            toy.collate,
+            {**BASE, "num_epochs": 2, "save_steps": 1, "out_dir": str(tmp_path)},
+            evaluate=toy.evaluate,
+        )
     for name in ("last.pt", "best.pt"):
         ck = load_checkpoint(tmp_path / name)
         assert ck["global_step"] == 2
@@ -232,8 +334,13 @@ def _scripted_eval(values):
 
 
 def test_early_stopping(toy, tmp_path):
-    res = fit(toy.MLP(), toy.Data(), toy.collate, {**BASE, "num_epochs": 5, "eval_steps": 1, "early_stopping_patience": 2,
-              "out_dir": str(tmp_path)}, evaluate=_scripted_eval([3.0, 1.0, 1.5, 1.2, 0.5, 0.1]))
+    res = fit(
+        toy.MLP(),
+        toy.Data(),
+        toy.collate,
+        {**BASE, "num_epochs": 5, "eval_steps": 1, "early_stopping_patience": 2, "out_dir": str(tmp_path)},
+        evaluate=_scripted_eval([3.0, 1.0, 1.5, 1.2, 0.5, 0.1]),
+    )
     assert res["stopped"] == "early_stopping" and res["global_step"] == 4 and res["best_step"] == 2
     ck = load_checkpoint(tmp_path / "last.pt")
     assert ck["bad_evals"] == 2 and ck["global_step"] == 4
@@ -242,24 +349,50 @@ def test_early_stopping(toy, tmp_path):
 @pytest.mark.parametrize("mode,best_step", [("min", 4), ("max", 5)])
 def test_best_checkpoint_follows_validation_metric(toy, tmp_path, mode, best_step):
     m = toy.MLP()
-    res = fit(m, toy.Data(), toy.collate, {**BASE, "max_steps": 6, "eval_steps": 1, "save_steps": 1, "select_mode": mode,
-              "out_dir": str(tmp_path)}, evaluate=_scripted_eval([3.0, 1.0, 2.0, 0.5, 4.0, 2.5]))
+    res = fit(
+        m,
+        toy.Data(),
+        toy.collate,
+        {**BASE, "max_steps": 6, "eval_steps": 1, "save_steps": 1, "select_mode": mode, "out_dir": str(tmp_path)},
+        evaluate=_scripted_eval([3.0, 1.0, 2.0, 0.5, 4.0, 2.5]),
+    )
     assert res["best_step"] == best_step and res["global_step"] == 6
     best, same = load_checkpoint(tmp_path / "best.pt"), load_checkpoint(tmp_path / f"step_{best_step}.pt")
     assert best["global_step"] == best_step
     assert all(torch.equal(best["model"][k], same["model"][k]) for k in best["model"])
-    assert not torch.equal(best["model"]["net.0.weight"], load_checkpoint(tmp_path / "last.pt")["model"]["net.0.weight"])
+    assert not torch.equal(
+        best["model"]["net.0.weight"], load_checkpoint(tmp_path / "last.pt")["model"]["net.0.weight"]
+    )
     with pytest.raises(InputError, match="select_metric"):
-        fit(toy.MLP(), toy.Data(), toy.collate, {**BASE, "max_steps": 1, "select_metric": "rcb", "out_dir": str(tmp_path / "x")},
-            evaluate=_scripted_eval([1.0]))
+        fit(
+            toy.MLP(),
+            toy.Data(),
+            toy.collate,
+            {**BASE, "max_steps": 1, "select_metric": "rcb", "out_dir": str(tmp_path / "x")},
+            evaluate=_scripted_eval([1.0]),
+        )
 
 
 def test_keep_last_and_files(toy, tmp_path):
     out = tmp_path / "run"
-    fit(toy.MLP(), toy.Data(), toy.collate, {**BASE, "num_epochs": 2, "save_steps": 2, "keep_last": 2, "out_dir": str(out)},
-        evaluate=toy.evaluate)
+    fit(
+        toy.MLP(),
+        toy.Data(),
+        toy.collate,
+        {**BASE, "num_epochs": 2, "save_steps": 2, "keep_last": 2, "out_dir": str(out)},
+        evaluate=toy.evaluate,
+    )
     names = sorted(p.name for p in out.iterdir())
-    assert names == ["best.pt", "epoch_0.pt", "epoch_1.pt", "last.pt", "metrics.jsonl", "params.json", "step_12.pt", "step_14.pt"]
+    assert names == [
+        "best.pt",
+        "epoch_0.pt",
+        "epoch_1.pt",
+        "last.pt",
+        "metrics.jsonl",
+        "params.json",
+        "step_12.pt",
+        "step_14.pt",
+    ]
     assert json.loads((out / "params.json").read_text())["save_steps"] == 2
 
 
@@ -278,9 +411,14 @@ def test_params_check_and_cli():
         declared.check({"use_amp": 3})
     with pytest.raises(InputError, match="parameter 'lr'"):
         declared.check({"lr": [1]})
-    assert declared.cli(["--lr", "1e-4", "--use_amp", "--views", '["PA", "AP"]']) == \
-        {"batch_size": 32, "lr": 1e-4, "use_amp": True, "run_dir": None, "views": ["PA", "AP"]}
-    assert declared.cli(["--batch-size", "4"])["batch_size"] == 4        # --name and --name-with-dashes both work
+    assert declared.cli(["--lr", "1e-4", "--use_amp", "--views", '["PA", "AP"]']) == {
+        "batch_size": 32,
+        "lr": 1e-4,
+        "use_amp": True,
+        "run_dir": None,
+        "views": ["PA", "AP"],
+    }
+    assert declared.cli(["--batch-size", "4"])["batch_size"] == 4  # --name and --name-with-dashes both work
     with pytest.raises(InputError, match="did you mean 'batch_size'"):
         declared.cli(["--bach-size", "4"])
     with pytest.raises(InputError, match="did you mean 'grad_accum'"):
@@ -288,9 +426,13 @@ def test_params_check_and_cli():
 
 
 def test_optimizer_groups():
-    net = torch.nn.Sequential(torch.nn.Embedding(5, 4), torch.nn.Linear(4, 4), torch.nn.LayerNorm(4), torch.nn.Linear(4, 2))
+    net = torch.nn.Sequential(
+        torch.nn.Embedding(5, 4), torch.nn.Linear(4, 4), torch.nn.LayerNorm(4), torch.nn.Linear(4, 2)
+    )
     opt = build_optimizer(net, 5e-5, 0.1, param_groups={"3.": 5e-6})
     groups = {g["name"]: g for g in opt.param_groups}
-    assert [p.shape for p in groups["default/decay"]["params"]] == [torch.Size([4, 4])]    # embedding, biases, norm: no decay
+    assert [p.shape for p in groups["default/decay"]["params"]] == [
+        torch.Size([4, 4])
+    ]  # embedding, biases, norm: no decay
     assert groups["default/no_decay"]["weight_decay"] == 0.0 and len(groups["default/no_decay"]["params"]) == 4
     assert groups["3./decay"]["lr"] == 5e-6 and groups["default/decay"]["lr"] == 5e-5

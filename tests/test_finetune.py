@@ -2,6 +2,7 @@
 and shape with two learning rates, each ablation flag changes only what it names, empty / garbage / over-long prompt
 parts are handled, cached features equal pixels, a run killed by SIGKILL and started again ends with the weights of an
 uninterrupted run, a 2-process gloo run generates every val sample exactly once, and `mlrg generate` end to end."""
+
 import csv
 import json
 import os
@@ -16,16 +17,40 @@ from mlrg.core import InputError, read_jsonl
 from mlrg.data import Vocab
 from mlrg.engine import load_checkpoint
 from mlrg.evaluate import evaluate_files
-from mlrg.finetune import (FINETUNE, GENERATE, FeatureCache, build_finetune, dataset_for, finetune, generate_cli, load_finetune_data,
-                           load_report_model, report_collate)
-from mlrg.pretrain import pretrain, write_tiny_phantom
+from mlrg.report_model import FeatureCache
+from mlrg.finetune import (
+    FINETUNE,
+    GENERATE,
+    build_finetune,
+    dataset_for,
+    finetune,
+    generate_cli,
+    load_finetune_data,
+    load_report_model,
+)
+from mlrg.data import collate
+from mlrg.inputs import write_tiny_phantom
+from mlrg.pretrain import pretrain
 
 REPO = Path(__file__).resolve().parents[1]
-FAST = dict(batch_size=4, eval_batch_size=16, progress=False, num_threads=1, meteor=False, decoder_layers=1, max_length=48, num_beams=2)
+FAST = dict(
+    batch_size=4,
+    eval_batch_size=16,
+    progress=False,
+    num_threads=1,
+    meteor=False,
+    decoder_layers=1,
+    max_length=48,
+    num_beams=2,
+)
 
 
 def _env():
-    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    return {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+    }
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +58,16 @@ def run(tmp_path_factory):
     "A run folder: a tiny prepared phantom (mimic/, prepared/) and one step of stage 1 at 32 px (pretrain/best.pt)."
     root = tmp_path_factory.mktemp("ft")
     ann = write_tiny_phantom(root, patients=16, seed=3)
-    pretrain(run_dir=str(root), image_size=32, max_steps=1, batch_size=4, eval_batch_size=16, linear_probe=False, progress=False, num_threads=1)
+    pretrain(
+        run_dir=str(root),
+        image_size=32,
+        max_steps=1,
+        batch_size=4,
+        eval_batch_size=16,
+        linear_probe=False,
+        progress=False,
+        num_threads=1,
+    )
     assert (root / "pretrain" / "best.pt").is_file()
     return root, ann
 
@@ -53,15 +87,17 @@ def test_reloaded_checkpoint_writes_the_same_reports(run, trained):
     root, ann = run
     assert Path(trained["out_dir"]) == root / "finetune"
     model, vocab, ck = load_report_model(trained["best_checkpoint"])
-    assert ck["vocab"] == load_checkpoint(root / "pretrain" / "best.pt")["vocab"] == vocab.itos     # stage 1's vocabulary, carried
+    assert (
+        ck["vocab"] == load_checkpoint(root / "pretrain" / "best.pt")["vocab"] == vocab.itos
+    )  # stage 1's vocabulary, carried
     preds = json.loads((root / "finetune" / "test_predictions.json").read_text())
     items = json.loads(ann.read_text())["test"]
     assert [p["id"] for p in preds] == [it["id"] for it in items]
     assert set(preds[0]) == {"id", "study", "reference", "generated", "prompt", "has_prior"}
     ds = dataset_for(ck, items, root / "mimic" / "files")
-    batch = report_collate([ds[i] for i in range(len(ds))])
+    batch = collate([ds[i] for i in range(len(ds))])
     ids = model.generate(batch, **ck["config"]["generation"])
-    assert [vocab.decode(s) for s in ids] == [p["generated"] for p in preds]                     # reloaded model = the run's
+    assert [vocab.decode(s) for s in ids] == [p["generated"] for p in preds]  # reloaded model = the run's
     again, _, _ = load_report_model(trained["best_checkpoint"])
     assert again.generate(batch, **ck["config"]["generation"]) == ids
     rows = list(csv.DictReader(open(root / "finetune" / "test_predictions.csv", encoding="utf-8")))
@@ -72,29 +108,39 @@ def test_reloaded_checkpoint_writes_the_same_reports(run, trained):
 def test_stage1_weights_load_by_name_with_two_learning_rates(run):
     root, _ = run
     parts = _parts(root, cache_features=False)
-    t, model = parts["init_table"], parts["model"]
+    t, model = parts.init_table, parts.model
     ck = load_checkpoint(root / "pretrain" / "best.pt")["model"]
     loaded = set(t[t.status == "loaded"].name)
     assert {n.split(".")[0] for n in loaded} == {"visual", "text_encoder"}
-    assert set(t[t.status == "skipped"].name) == {k for k in ck if k.split(".")[0] in ("image_head", "text_head", "mpc_head")}
-    assert {n.split(".")[0] for n in t[t.status == "new"].name} >= {"decoder", "prompt_fusion", "type_embed", "segment_embed"}
+    assert set(t[t.status == "skipped"].name) == {
+        k for k in ck if k.split(".")[0] in ("image_head", "text_head", "mpc_head")
+    }
+    assert {n.split(".")[0] for n in t[t.status == "new"].name} >= {
+        "decoder",
+        "prompt_fusion",
+        "type_embed",
+        "segment_embed",
+    }
     sd = model.state_dict()
-    for n in loaded: assert torch.equal(sd[n], ck[n]), n
-    groups = parts["param_groups"]
+    for n in loaded:
+        assert torch.equal(sd[n], ck[n]), n
+    groups = parts.param_groups
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     covered = {n for n in trainable if any(n.startswith(k) for k in groups)}
     assert covered == loaded & trainable and set(groups.values()) == {FINETUNE.check()["pt_lr"]}
-    assert not any(n.startswith("visual.image_encoder.") for n in trainable)            # frozen, as MLRG
+    assert not any(n.startswith("visual.image_encoder.") for n in trainable)  # frozen, as MLRG
     # the ablation: no stage-1 weights, one learning rate, and the new weights are those of the same seed
-    off = _parts(root, data=parts["data"], stage1_init=False, cache_features=False)
-    assert off["init_table"] is None and off["param_groups"] is None and off["model_config"] == parts["model_config"]
-    sd_off = off["model"].state_dict()
+    off = _parts(root, data=parts.data, stage1_init=False, cache_features=False)
+    assert off.init_table is None and off.param_groups is None and off.model_config == parts.model_config
+    sd_off = off.model.state_dict()
     for n in sd:
-        if n not in loaded: assert torch.equal(sd[n], sd_off[n]), n
+        if n not in loaded:
+            assert torch.equal(sd[n], sd_off[n]), n
 
 
 def _same(a, b):
-    if torch.is_tensor(a): return torch.equal(a, b)
+    if torch.is_tensor(a):
+        return torch.equal(a, b)
     return a == b
 
 
@@ -111,39 +157,49 @@ def _changed_keys(ds_on, ds_off, n=12):
 def test_prompt_ablation_changes_only_its_part_of_the_prompt(run, flag, segment):
     root, _ = run
     on = _parts(root)
-    off = _parts(root, data=on["data"], **{flag: False})
-    assert on["model_config"] == off["model_config"]
-    assert _changed_keys(on["train_ds"], off["train_ds"]) <= {"prompt_ids", "prompt_segments"}
-    vocab = on["vocab"]
+    off = _parts(root, data=on.data, **{flag: False})
+    assert on.model_config == off.model_config
+    assert _changed_keys(on.train_ds, off.train_ds) <= {"prompt_ids", "prompt_segments"}
+    vocab = on.vocab
     want = "[CLS] [NHI] [SEP]" if segment == 0 else "[NHPR] [SEP]"
-    for i in range(len(on["train_ds"])):
-        a, b = on["train_ds"][i], off["train_ds"][i]
+    for i in range(len(on.train_ds)):
+        a, b = on.train_ds[i], off.train_ds[i]
         keep = 1 - segment
-        assert a["prompt_ids"][a["prompt_segments"] == keep].tolist() == b["prompt_ids"][b["prompt_segments"] == keep].tolist()
+        assert (
+            a["prompt_ids"][a["prompt_segments"] == keep].tolist()
+            == b["prompt_ids"][b["prompt_segments"] == keep].tolist()
+        )
         assert vocab.decode(b["prompt_ids"][b["prompt_segments"] == segment], skip_special=False) == want
-    assert any(not torch.equal(on["train_ds"][i]["prompt_ids"], off["train_ds"][i]["prompt_ids"]) for i in range(len(on["train_ds"])))
+    assert any(
+        not torch.equal(on.train_ds[i]["prompt_ids"], off.train_ds[i]["prompt_ids"]) for i in range(len(on.train_ds))
+    )
 
 
-@pytest.mark.parametrize("flag,key", [("use_prior_scan", "is_prior_scan"), ("use_auxiliary_views", "is_multiview_learning")])
+@pytest.mark.parametrize(
+    "flag,key", [("use_prior_scan", "is_prior_scan"), ("use_auxiliary_views", "is_multiview_learning")]
+)
 def test_image_ablation_hides_only_its_slots(run, flag, key):
     root, _ = run
     on = _parts(root)
-    off = _parts(root, data=on["data"], **{flag: False})
-    diff = {k for k in on["model_config"]["visual"] if on["model_config"]["visual"][k] != off["model_config"]["visual"][k]}
-    assert diff == {key} and {k for k in on["model_config"] if on["model_config"][k] != off["model_config"][k]} == {"visual"}
-    assert _changed_keys(on["train_ds"], off["train_ds"]) == set()                     # the data are the same
-    ds = on["train_ds"]
+    off = _parts(root, data=on.data, **{flag: False})
+    diff = {k for k in on.model_config["visual"] if on.model_config["visual"][k] != off.model_config["visual"][k]}
+    assert diff == {key} and {k for k in on.model_config if on.model_config[k] != off.model_config[k]} == {"visual"}
+    assert _changed_keys(on.train_ds, off.train_ds) == set()  # the data are the same
+    ds = on.train_ds
     idx = [i for i, it in enumerate(ds.items) if it["prior_study"] and it["auxiliary_references"]["image_path"]][:3]
-    batch = report_collate([ds[i] for i in idx])
+    batch = collate([ds[i] for i in idx])
     V = batch["features"].shape[1] - 1
     mine, other = (slice(V, V + 1), slice(1, V)) if flag == "use_prior_scan" else (slice(1, V), slice(V, V + 1))
+
     def memory_change(model, sl):
         noisy = {**batch, "features": batch["features"].clone()}
         noisy["features"][:, sl] += torch.randn_like(noisy["features"][:, sl]) * 3
-        with torch.no_grad(): return float((model.eval().memory(noisy) - model.memory(batch)).abs().max())
-    assert memory_change(on["model"], mine) > 1e-3                                      # the flag on: those images are seen
-    assert memory_change(off["model"], mine) == 0.0                                     # off: never looked at
-    assert memory_change(off["model"], other) > 1e-3                                    # ... and the other slots still are
+        with torch.no_grad():
+            return float((model.eval().memory(noisy) - model.memory(batch)).abs().max())
+
+    assert memory_change(on.model, mine) > 1e-3  # the flag on: those images are seen
+    assert memory_change(off.model, mine) == 0.0  # off: never looked at
+    assert memory_change(off.model, other) > 1e-3  # ... and the other slots still are
 
 
 @pytest.mark.parametrize("text", ["", "   ", "@@@ ### $$$", "zzqx wwvq kkpl", " ".join(["effusion"] * 5000), None])
@@ -152,14 +208,22 @@ def test_empty_garbage_or_long_prompt_parts(trained, run, text):
     model, vocab, ck = load_report_model(trained["best_checkpoint"])
     items = json.loads(ann.read_text())["val"]
     it = next(i for i in items if i["prior_study"])
-    bad = {**it, "indication_pure": text, "prior_study": {"latest_study": {**it["prior_study"]["latest_study"], "findings": text}}}
+    bad = {
+        **it,
+        "indication_pure": text,
+        "prior_study": {"latest_study": {**it["prior_study"]["latest_study"], "findings": text}},
+    }
     ds = dataset_for(ck, [bad, it], root / "mimic" / "files")
     s = ds[0]
     words = vocab.decode(s["prompt_ids"], skip_special=False).split()
-    assert len(s["prompt_ids"]) <= ck["config"]["data"]["max_prompt_length"] and words[0] == "[CLS]" and words.count("[SEP]") == 2
+    assert (
+        len(s["prompt_ids"]) <= ck["config"]["data"]["max_prompt_length"]
+        and words[0] == "[CLS]"
+        and words.count("[SEP]") == 2
+    )
     if text is None or not text.strip() or text.startswith(("@", "zz")):
         assert words == ["[CLS]", "[NHI]", "[SEP]", "[NHPR]", "[SEP]"]
-    batch = report_collate([ds[0], ds[1]])
+    batch = collate([ds[0], ds[1]])
     out = model.generate(batch, num_beams=2, max_length=12)
     assert len(out) == 2 and torch.isfinite(model(batch)["loss"])
 
@@ -169,10 +233,12 @@ def test_cached_features_equal_pixels(run, trained):
     model, vocab, ck = load_report_model(trained["best_checkpoint"])
     items = json.loads(ann.read_text())["val"][:4]
     ds = dataset_for(ck, items, root / "mimic" / "files")
-    cache = FeatureCache.compute(model.visual.image_encoder, [p for it in items for _, p, _, _ in ds.slots(it)], ds.image, progress=False)
+    cache = FeatureCache.compute(
+        model.visual.image_encoder, [p for it in items for _, p, _, _ in ds.slots(it)], ds.image, progress=False
+    )
     ds.features = cache
-    pix = report_collate([dataset_for(ck, items, root / "mimic" / "files")[i] for i in range(len(items))])
-    feat = report_collate([ds[i] for i in range(len(items))])
+    pix = collate([dataset_for(ck, items, root / "mimic" / "files")[i] for i in range(len(items))])
+    feat = collate([ds[i] for i in range(len(items))])
     assert "features" in feat and "features" not in pix
     with torch.no_grad():
         torch.testing.assert_close(model.memory(feat), model.memory(pix), atol=1e-4, rtol=1e-4)
@@ -212,52 +278,113 @@ def test_killed_then_same_command_gives_the_uninterrupted_weights(run, tmp_path)
     assert "continuing it from last.pt" in again.stderr
     a, b = load_checkpoint(out / "last.pt"), load_checkpoint(Path(straight["out_dir"]) / "last.pt")
     assert a["global_step"] == b["global_step"] == 4
-    for k in b["model"]: torch.testing.assert_close(a["model"][k], b["model"][k], rtol=0, atol=1e-6)
+    for k in b["model"]:
+        torch.testing.assert_close(a["model"][k], b["model"][k], rtol=0, atol=1e-6)
     assert a["best_metric"] == pytest.approx(b["best_metric"])
 
 
 def test_ddp_two_processes_generate_every_val_sample_once(run, tmp_path):
     root, ann = run
     out = tmp_path / "ddp"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone", "-m", "mlrg.finetune",
-           *_args(dict(data_path=str(ann), max_steps=2, eval_steps=1, stage1_init=False, model_save_path=str(out), **FAST))]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--standalone",
+        "-m",
+        "mlrg.finetune",
+        *_args(
+            dict(data_path=str(ann), max_steps=2, eval_steps=1, stage1_init=False, model_save_path=str(out), **FAST)
+        ),
+    ]
     p = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=240, cwd=tmp_path)
     assert p.returncode == 0, p.stderr[-3000:]
     ck = load_checkpoint(out / "last.pt")
     assert ck["world_size"] == 2 and ck["global_step"] == 2
     val_ids = sorted(it["id"] for it in json.loads(ann.read_text())["val"])
-    assert len(val_ids) % 2 == 1 or len(val_ids) > 2                                   # shards of unequal or equal size, both fine
+    assert len(val_ids) % 2 == 1 or len(val_ids) > 2  # shards of unequal or equal size, both fine
     for step in (1, 2):
         got = [r["id"] for r in read_jsonl(out / "evals" / f"val_step_{step}.jsonl")]
-        assert sorted(got) == val_ids                                                   # every val sample, exactly once
+        assert sorted(got) == val_ids  # every val sample, exactly once
     evals = [r for r in read_jsonl(out / "metrics.jsonl") if r["kind"] == "eval"]
     assert [r["val_n"] for r in evals] == [len(val_ids)] * 2 and all("val_bleu4+ce14" in r for r in evals)
-    assert p.stdout.count("finetune: best step") == 1                                  # the summary printed once
+    assert p.stdout.count("finetune: best step") == 1  # the summary printed once
     assert len(json.loads((out / "test_predictions.json").read_text())) == len(json.loads(ann.read_text())["test"])
 
 
 def test_mlrg_generate_end_to_end(run, trained, tmp_path, capsys):
     root, ann = run
     best = trained["best_checkpoint"]
-    assert generate_cli(["--checkpoint", best, "--annotation", str(ann), "--split", "test", "--out", str(tmp_path / "p.csv"),
-                         "--quiet", "--num_beams", "1"]) == 0
+    assert (
+        generate_cli(
+            [
+                "--checkpoint",
+                best,
+                "--annotation",
+                str(ann),
+                "--split",
+                "test",
+                "--out",
+                str(tmp_path / "p.csv"),
+                "--quiet",
+                "--num_beams",
+                "1",
+            ]
+        )
+        == 0
+    )
     assert "generate:" in capsys.readouterr().out
     res = evaluate_files(tmp_path / "p.csv", meteor=False, annotation=ann)
     assert res["n"] == len(json.loads(ann.read_text())["test"])
-    assert generate_cli(["--checkpoint", best, "--annotation", str(ann), "--split", "val", "--out", str(tmp_path / "p.json"), "--quiet",
-                         "--limit", "2"]) == 0
+    assert (
+        generate_cli(
+            [
+                "--checkpoint",
+                best,
+                "--annotation",
+                str(ann),
+                "--split",
+                "val",
+                "--out",
+                str(tmp_path / "p.json"),
+                "--quiet",
+                "--limit",
+                "2",
+            ]
+        )
+        == 0
+    )
     assert len(json.loads((tmp_path / "p.json").read_text())) == 2
     # bad input: one line naming the file, status 2
-    for argv, says in [(["--checkpoint", str(tmp_path / "no.pt")], "checkpoint not found"),
-                       (["--checkpoint", str(root / "pretrain" / "best.pt")], "not a stage-2 checkpoint"),
-                       (["--checkpoint", best, "--out", str(tmp_path / "p.txt")], "unknown output format")]:
+    for argv, says in [
+        (["--checkpoint", str(tmp_path / "no.pt")], "checkpoint not found"),
+        (["--checkpoint", str(root / "pretrain" / "best.pt")], "not a stage-2 checkpoint"),
+        (["--checkpoint", best, "--out", str(tmp_path / "p.txt")], "unknown output format"),
+    ]:
         base = {"--annotation": str(ann), "--out": str(tmp_path / "q.json")}
         full = argv + [x for k, v in base.items() if k not in argv for x in (k, v)]
         assert generate_cli(full) == 2
         assert says in capsys.readouterr().err
     from mlrg.runs import SUBCOMMANDS, main
+
     if "generate" in SUBCOMMANDS:
-        assert main(["generate", "--checkpoint", best, "--annotation", str(ann), "--out", str(tmp_path / "m.json"), "--quiet"]) == 0
+        assert (
+            main(
+                [
+                    "generate",
+                    "--checkpoint",
+                    best,
+                    "--annotation",
+                    str(ann),
+                    "--out",
+                    str(tmp_path / "m.json"),
+                    "--quiet",
+                ]
+            )
+            == 0
+        )
 
 
 def test_parameter_checks(tmp_path):
@@ -278,20 +405,31 @@ def test_parameter_checks(tmp_path):
 
 def test_rcb_selection_runs_both_scorers(monkeypatch):
     import mlrg.finetune as ft
+
     calls = []
+
     def fake(name, refs, hyps, path=None):
         calls.append((name, path, len(hyps)))
         score = {"radgraph": {"RadGraph F1 (partial)": 0.25}, "chexbert": {"CheXbert-14 micro F1": 0.5}}[name]
         return {"status": "ok", "message": name, "scores": score}
+
     monkeypatch.setattr(ft, "run_adapter", fake)
     recs = [{"reference": "a b", "generated": "a c"}] * 3
-    assert ft.rcb_scores(recs, 0.125, {"chexbert": "c.pth", "radgraph": None}) == {"radgraph_f1": 0.25, "chexbert14": 0.5, "rcb": 0.875}
+    assert ft.rcb_scores(recs, 0.125, {"chexbert": "c.pth", "radgraph": None}) == {
+        "radgraph_f1": 0.25,
+        "chexbert14": 0.5,
+        "rcb": 0.875,
+    }
     assert sorted(calls) == [("chexbert", "c.pth", 3), ("radgraph", None, 3)]
-    monkeypatch.setattr(ft, "run_adapter", lambda *a, **k: {"status": "skipped", "message": "radgraph: skipped (no weights)"})
+    monkeypatch.setattr(
+        ft, "run_adapter", lambda *a, **k: {"status": "skipped", "message": "radgraph: skipped (no weights)"}
+    )
     with pytest.raises(InputError, match="no weights"):
         ft.rcb_scores(recs, 0.1, {})
     # the parameter check refuses RCB before any work unless both scorers can run
-    monkeypatch.setattr(ft, "adapter_status", lambda name, path=None: "ready" if name == "chexbert" else "no radgraph weights")
+    monkeypatch.setattr(
+        ft, "adapter_status", lambda name, path=None: "ready" if name == "chexbert" else "no radgraph weights"
+    )
     with pytest.raises(InputError, match="radgraph cannot run here"):
         FINETUNE.check(select_metric="rcb")
     monkeypatch.setattr(ft, "adapter_status", lambda name, path=None: "ready")
@@ -299,26 +437,52 @@ def test_rcb_selection_runs_both_scorers(monkeypatch):
 
 
 def test_iu_preset_on_r2gen_annotation(run, tmp_path):
-    "preset='iu' on an R2Gen-format annotation (two views per study, no prior): both stages run, with no prior and no indication."
+    """preset='iu' on an R2Gen-format annotation (two views per study, no prior): both stages run, with no prior and no
+    indication."""
     root, ann = run
     studies = {}
     for split, items in json.loads(Path(ann).read_text()).items():
         for it in items:
             paths = it["anchor_scan"]["image_path"] + it["auxiliary_references"]["image_path"]
             if len(paths) >= 2 and it["study_id"] not in studies:
-                studies[it["study_id"]] = (split, {"id": str(it["study_id"]), "report": it["findings"], "image_path": paths[:2], "split": split})
+                studies[it["study_id"]] = (
+                    split,
+                    {"id": str(it["study_id"]), "report": it["findings"], "image_path": paths[:2], "split": split},
+                )
     r2gen = {s: [v for sp, v in studies.values() if sp == s] for s in ("train", "val", "test")}
     assert all(r2gen[s] for s in r2gen)
     (tmp_path / "annotation.json").write_text(json.dumps(r2gen))
-    common = dict(data_path=str(tmp_path / "annotation.json"), image_root=str(root / "mimic" / "files"), max_steps=1, batch_size=4,
-                  eval_batch_size=16, progress=False, num_threads=1)
+    common = dict(
+        data_path=str(tmp_path / "annotation.json"),
+        image_root=str(root / "mimic" / "files"),
+        max_steps=1,
+        batch_size=4,
+        eval_batch_size=16,
+        progress=False,
+        num_threads=1,
+    )
     pt = pretrain(preset="iu", image_size=32, linear_probe=False, model_save_path=str(tmp_path / "pt"), **common)
     assert pt["model"]["is_prior_scan"] is False
-    ft = finetune(preset="iu", pretrained_path=pt["best_checkpoint"], model_save_path=str(tmp_path / "ft"), meteor=False,
-                  decoder_layers=1, num_beams=2, **common)
+    ft = finetune(
+        preset="iu",
+        pretrained_path=pt["best_checkpoint"],
+        model_save_path=str(tmp_path / "ft"),
+        meteor=False,
+        decoder_layers=1,
+        num_beams=2,
+        **common,
+    )
     p = ft["params"]
-    assert (p["max_views"], p["max_length"], p["use_prior_report"], p["use_indication"], p["select_metric"]) == (2, 60, False, False, "bleu4")
+    assert (p["max_views"], p["max_length"], p["use_prior_report"], p["use_indication"], p["select_metric"]) == (
+        2,
+        60,
+        False,
+        False,
+        "bleu4",
+    )
     preds = json.loads((tmp_path / "ft" / "test_predictions.json").read_text())
-    assert len(preds) == len(r2gen["test"]) and all("[NHI]" in r["prompt"] and "[NHPR]" in r["prompt"] and not r["has_prior"] for r in preds)
+    assert len(preds) == len(r2gen["test"]) and all(
+        "[NHI]" in r["prompt"] and "[NHPR]" in r["prompt"] and not r["has_prior"] for r in preds
+    )
     with pytest.raises(InputError, match="parameter 'data_path'"):
         FINETUNE.check(preset="iu")

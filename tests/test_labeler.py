@@ -1,4 +1,5 @@
 "Fast tests of the rule-based CheXpert-style labeler (mlrg.labeler)."
+
 import time
 
 import numpy as np
@@ -6,29 +7,50 @@ import pandas as pd
 import pytest
 
 from mlrg.core import InputError
-from mlrg.labeler import (OBSERVATIONS, agreement_table, apply_policy, extract_changes, iu_xray_path, label_cli,
-                          label_frame, label_reports, label_text, load_iu_xray, mesh_to_observations)
+from mlrg.labeler import (
+    OBSERVATIONS,
+    agreement_table,
+    apply_policy,
+    extract_changes,
+    iu_xray_path,
+    label_cli,
+    label_frame,
+    label_reports,
+    label_text,
+    load_iu_xray,
+    mesh_to_observations,
+)
 
 
 def lab(text):
     return {o: v for o, v in zip(OBSERVATIONS, label_text(text)) if v == v}
 
 
-@pytest.mark.parametrize("text,obs", [("No pleural effusion.", "Pleural Effusion"),
-                                      ("The lungs are without evidence of pneumothorax.", "Pneumothorax"),
-                                      ("Lungs are free of consolidation.", "Consolidation"),
-                                      ("Pneumothorax has resolved.", "Pneumothorax"),
-                                      ("Atelectasis is not seen.", "Atelectasis"),
-                                      ("No evidence of pulmonary edema.", "Edema")])
+@pytest.mark.parametrize(
+    "text,obs",
+    [
+        ("No pleural effusion.", "Pleural Effusion"),
+        ("The lungs are without evidence of pneumothorax.", "Pneumothorax"),
+        ("Lungs are free of consolidation.", "Consolidation"),
+        ("Pneumothorax has resolved.", "Pneumothorax"),
+        ("Atelectasis is not seen.", "Atelectasis"),
+        ("No evidence of pulmonary edema.", "Edema"),
+    ],
+)
 def test_negation(text, obs):
     got = lab(text)
     assert got[obs] == 0
     assert got["No Finding"] == 1
 
 
-@pytest.mark.parametrize("text,obs", [("Opacity may represent atelectasis.", "Atelectasis"),
-                                      ("Pneumonia cannot be excluded.", "Pneumonia"),
-                                      ("Possible small left effusion.", "Pleural Effusion")])
+@pytest.mark.parametrize(
+    "text,obs",
+    [
+        ("Opacity may represent atelectasis.", "Atelectasis"),
+        ("Pneumonia cannot be excluded.", "Pneumonia"),
+        ("Possible small left effusion.", "Pleural Effusion"),
+    ],
+)
 def test_uncertainty(text, obs):
     got = lab(text)
     assert got[obs] == -1
@@ -65,7 +87,12 @@ def test_devices():
 def test_no_finding():
     assert lab("No acute cardiopulmonary process.") == {"No Finding": 1}
     assert lab("Heart size is normal. The lungs are clear. No pleural effusion or pneumothorax.") == {
-        "Cardiomegaly": 0, "Lung Opacity": 0, "Pleural Effusion": 0, "Pneumothorax": 0, "No Finding": 1}
+        "Cardiomegaly": 0,
+        "Lung Opacity": 0,
+        "Pleural Effusion": 0,
+        "Pneumothorax": 0,
+        "No Finding": 1,
+    }
     assert "No Finding" not in lab("Mild cardiomegaly.")
     assert lab("") == {}
 
@@ -91,35 +118,44 @@ def test_label_reports_shape_and_policy():
     assert a.shape == (3, 14)
     p = OBSERVATIONS.index("Pneumonia")
     assert apply_policy(a, "positive")[1, p] and not apply_policy(a, "negative")[1, p]
-    with pytest.raises(InputError, match="uncertain_policy"): apply_policy(a, "sometimes")
+    with pytest.raises(InputError, match="uncertain_policy"):
+        apply_policy(a, "sometimes")
 
 
-@pytest.mark.parametrize("text,expected", [
-    ("New right lower lobe consolidation.", {"Consolidation": "new"}),
-    ("Interval increase in the left pleural effusion.", {"Pleural Effusion": "worse"}),
-    ("Enlarging left upper lobe nodule.", {"Lung Lesion": "worse"}),
-    ("Pulmonary edema has improved.", {"Edema": "better"}),
-    ("Smaller left effusion.", {"Pleural Effusion": "better"}),
-    ("Moderate cardiomegaly is unchanged.", {"Cardiomegaly": "unchanged"}),
-    ("No change in the small right effusion.", {"Pleural Effusion": "unchanged"}),
-    ("The right pneumothorax has resolved.", {"Pneumothorax": "resolved"}),
-    ("Interval removal of the endotracheal tube.", {"Support Devices": "resolved"}),
-    ("Interval placement of a right PICC line.", {"Support Devices": "new"}),
-    ("No new consolidation.", {}),
-    ("Heart size is normal.", {})])
+@pytest.mark.parametrize(
+    "text,expected",
+    [
+        ("New right lower lobe consolidation.", {"Consolidation": "new"}),
+        ("Interval increase in the left pleural effusion.", {"Pleural Effusion": "worse"}),
+        ("Enlarging left upper lobe nodule.", {"Lung Lesion": "worse"}),
+        ("Pulmonary edema has improved.", {"Edema": "better"}),
+        ("Smaller left effusion.", {"Pleural Effusion": "better"}),
+        ("Moderate cardiomegaly is unchanged.", {"Cardiomegaly": "unchanged"}),
+        ("No change in the small right effusion.", {"Pleural Effusion": "unchanged"}),
+        ("The right pneumothorax has resolved.", {"Pneumothorax": "resolved"}),
+        ("Interval removal of the endotracheal tube.", {"Support Devices": "resolved"}),
+        ("Interval placement of a right PICC line.", {"Support Devices": "new"}),
+        ("No new consolidation.", {}),
+        ("Heart size is normal.", {}),
+    ],
+)
 def test_extract_changes(text, expected):
     assert extract_changes(text) == expected
 
 
 def test_cli_round_trip(tmp_path):
     src, dst = tmp_path / "reports.csv", tmp_path / "labels.csv"
-    pd.DataFrame({"id": [7, 8, 9], "Report": ["No effusion.", "Possible pneumonia. ET tube in place.", ""]}).to_csv(src, index=False)
+    pd.DataFrame({"id": [7, 8, 9], "Report": ["No effusion.", "Possible pneumonia. ET tube in place.", ""]}).to_csv(
+        src, index=False
+    )
     assert label_cli(["--in", str(src), "--out", str(dst)]) == 0
     got = pd.read_csv(dst)
     assert list(got.columns) == ["id", "Report", *OBSERVATIONS]
     assert got["id"].tolist() == [7, 8, 9]
     assert got.loc[0, "Pleural Effusion"] == 0.0 and got.loc[0, "No Finding"] == 1.0
-    assert got.loc[1, "Pneumonia"] == -1.0 and got.loc[1, "Support Devices"] == 1.0 and np.isnan(got.loc[1, "No Finding"])
+    assert (
+        got.loc[1, "Pneumonia"] == -1.0 and got.loc[1, "Support Devices"] == 1.0 and np.isnan(got.loc[1, "No Finding"])
+    )
     assert got.loc[2, OBSERVATIONS].isna().all()
     raw = dst.read_text().splitlines()
     assert raw[1].endswith(",0.0,,,,1.0,0.0,,,,") or ",1.0," in raw[1]
@@ -149,18 +185,23 @@ def test_bad_input(tmp_path):
 
 
 def test_agreement_table_counts():
-    pred = np.zeros((3, 14), bool); i = OBSERVATIONS.index("Edema"); pred[[0, 1], i] = True
+    pred = np.zeros((3, 14), bool)
+    i = OBSERVATIONS.index("Edema")
+    pred[[0, 1], i] = True
     t = agreement_table(pred, [{"Edema"}, set(), {"Edema"}], ["Edema"])
     assert t.loc[0, ["tp", "fp", "fn"]].tolist() == [1, 1, 1]
     assert abs(t.loc[0, "f1"] - 0.5) < 1e-9
     assert mesh_to_observations(["Pulmonary Atelectasis/base/left", "Calcified Granuloma"]) == {"Atelectasis"}
 
 
-@pytest.mark.skipif(iu_xray_path() is None, reason="torchxrayvision is not installed: no IU X-Ray reports to validate on")
+@pytest.mark.skipif(
+    iu_xray_path() is None, reason="torchxrayvision is not installed: no IU X-Ray reports to validate on"
+)
 def test_iu_xray_micro_f1():
     t0 = time.perf_counter()
     iu = [r for r in load_iu_xray() if (r["findings"] + r["impression"]).strip()]
-    if time.perf_counter() - t0 > 10: pytest.skip("reading IU X-Ray took > 10 s here; the notebook and benchmark report it")
+    if time.perf_counter() - t0 > 10:
+        pytest.skip("reading IU X-Ray took > 10 s here; the notebook and benchmark report it")
     pred = label_reports([r["findings"] + " " + r["impression"] for r in iu])
     truth = [mesh_to_observations(r["mesh"]) for r in iu]
     obs = [o for o in OBSERVATIONS if o != "No Finding" and any(o in s for s in truth)]

@@ -1,4 +1,6 @@
-"Tests of mlrg.learnability that need no (or hardly any) training: the AUC, the change targets, the split, the truth reader, lockstep training."
+"""Tests of mlrg.learnability that need no (or hardly any) training: the AUC, the change targets, the split, the truth
+reader, lockstep training."""
+
 import itertools
 import json
 import math
@@ -13,7 +15,8 @@ from mlrg.metrics import balanced_accuracy, roc_auc
 
 def _pairwise_auc(y, s):
     "AUC the slow way: over every (positive, negative) pair, a win counts 1 and a tie 1/2."
-    pos = [b for a, b in zip(y, s) if a]; neg = [b for a, b in zip(y, s) if not a]
+    pos = [b for a, b in zip(y, s) if a]
+    neg = [b for a, b in zip(y, s) if not a]
     return sum(1.0 if p > n else 0.5 if p == n else 0.0 for p, n in itertools.product(pos, neg)) / (len(pos) * len(neg))
 
 
@@ -24,7 +27,7 @@ def test_auc_hand_computed_cases():
     assert roc_auc([0, 0, 1, 1], [0.1, 0.4, 0.35, 0.8]) == pytest.approx(0.75)
     # ties: (.5 vs .5) counts 1/2, (.5 vs .2) 1, (.9 vs .5) 1, (.9 vs .2) 1 -> 3.5/4
     assert roc_auc([0, 1, 0, 1], [0.5, 0.5, 0.2, 0.9]) == pytest.approx(0.875)
-    assert roc_auc([0, 1, 0, 1, 1], [3, 3, 3, 3, 3]) == pytest.approx(0.5)   # all tied
+    assert roc_auc([0, 1, 0, 1, 1], [3, 3, 3, 3, 3]) == pytest.approx(0.5)  # all tied
     assert roc_auc(np.array([True, False, True]), np.array([2.0, 1.0, 1.0])) == pytest.approx(0.75)
 
 
@@ -33,7 +36,7 @@ def test_auc_matches_pairwise_count_with_many_ties():
     for _ in range(20):
         y = rng.random(40) < 0.3
         y[0], y[1] = True, False
-        s = np.round(rng.normal(size=40) + y, 1)            # rounding makes ties
+        s = np.round(rng.normal(size=40) + y, 1)  # rounding makes ties
         assert roc_auc(y, s) == pytest.approx(_pairwise_auc(y, s))
 
 
@@ -57,26 +60,59 @@ def _finding(grade, views=("frontal", "lateral")):
 def _record(subject, study, prior, findings, change, order=0):
     f = {o: _finding(0) for o in pl.OBSERVATIONS}
     f.update(findings)
-    return {"subject_id": subject, "study_id": study, "study_order": order, "prior_study_id": prior, "study_date": 21000101 + order,
-            "study_time": 0.0, "images": [{"dicom_id": f"d{study}", "view": "PA", "projection": "frontal"}],
-            "findings": f, "devices": {}, "change": change, "has_findings_section": True}
+    return {
+        "subject_id": subject,
+        "study_id": study,
+        "study_order": order,
+        "prior_study_id": prior,
+        "study_date": 21000101 + order,
+        "study_time": 0.0,
+        "images": [{"dicom_id": f"d{study}", "view": "PA", "projection": "frontal"}],
+        "findings": f,
+        "devices": {},
+        "change": change,
+        "has_findings_section": True,
+    }
 
 
 def test_change_targets_classes_and_exclusions():
     records = [
         _record(10000001, 50000001, None, {"Edema": _finding(1), "Pleural Effusion": _finding(2, ["lateral"])}, {}),
-        _record(10000001, 50000002, 50000001,
-                {"Edema": _finding(3), "Cardiomegaly": _finding(1), "Pleural Effusion": _finding(1)},
-                {"Edema": "worse", "Cardiomegaly": "new", "Pleural Effusion": "better", "No Finding": "unchanged"}, order=1),
-        _record(10000001, 50000003, 50000002, {"Edema": _finding(3), "Lung Lesion": _finding(1, ["lateral"])},
-                {"Edema": "unchanged", "Cardiomegaly": "resolved", "Pleural Effusion": "resolved", "Lung Lesion": "new"}, order=2),
-        _record(10000002, 50000004, 59999999, {"Edema": _finding(1)}, {"Edema": "new"}),   # prior not in the records
+        _record(
+            10000001,
+            50000002,
+            50000001,
+            {"Edema": _finding(3), "Cardiomegaly": _finding(1), "Pleural Effusion": _finding(1)},
+            {"Edema": "worse", "Cardiomegaly": "new", "Pleural Effusion": "better", "No Finding": "unchanged"},
+            order=1,
+        ),
+        _record(
+            10000001,
+            50000003,
+            50000002,
+            {"Edema": _finding(3), "Lung Lesion": _finding(1, ["lateral"])},
+            {"Edema": "unchanged", "Cardiomegaly": "resolved", "Pleural Effusion": "resolved", "Lung Lesion": "new"},
+            order=2,
+        ),
+        _record(10000002, 50000004, 59999999, {"Edema": _finding(1)}, {"Edema": "new"}),  # prior not in the records
     ]
     pairs, counts = pl.change_targets(records)
-    assert sorted(pairs) == sorted([(50000002, "Edema", 0), (50000002, "Cardiomegaly", 0),
-                                    (50000003, "Edema", 1), (50000003, "Cardiomegaly", 2), (50000003, "Pleural Effusion", 2)])
+    assert sorted(pairs) == sorted(
+        [
+            (50000002, "Edema", 0),
+            (50000002, "Cardiomegaly", 0),
+            (50000003, "Edema", 1),
+            (50000003, "Cardiomegaly", 2),
+            (50000003, "Pleural Effusion", 2),
+        ]
+    )
     # Pleural Effusion in 50000002 (prior was lateral-only) and Lung Lesion in 50000003 (lateral-only) are left out
-    assert counts == {"studies_with_prior": 2, "pairs": 5, "left_out_not_frontal_visible": 2, "left_out_unknown_change": 0}
+    assert counts == {
+        "studies_with_prior": 2,
+        "pairs": 5,
+        "left_out_not_frontal_visible": 2,
+        "left_out_unknown_change": 0,
+    }
     pairs_all, counts_all = pl.change_targets(records, require_frontal_visible=False)
     assert len(pairs_all) == 7 and counts_all["left_out_not_frontal_visible"] == 0
     assert (50000002, "Pleural Effusion", 2) in pairs_all and (50000003, "Lung Lesion", 0) in pairs_all
@@ -91,7 +127,10 @@ def test_change_targets_counts_unknown_change_words():
 
 
 def _write_split(root, rows):
-    (root / pl.SPLIT_FILE).write_text("dicom_id,study_id,subject_id,split\n" + "".join(f"d{i},{50000000 + i},{s},{sp}\n" for i, (s, sp) in enumerate(rows)))
+    (root / pl.SPLIT_FILE).write_text(
+        "dicom_id,study_id,subject_id,split\n"
+        + "".join(f"d{i},{50000000 + i},{s},{sp}\n" for i, (s, sp) in enumerate(rows))
+    )
 
 
 def test_split_uses_official_split_when_it_has_enough_eval_patients(tmp_path):
@@ -135,13 +174,17 @@ def test_image_path_follows_mimic_layout():
 def _tiny_models(n_out=2):
     import torch
     import torch.nn.functional as F
+
     x = torch.randint(0, 255, (40, 32, 32), dtype=torch.uint8)
     y = (torch.arange(40) % 2).float().unsqueeze(1).repeat(1, n_out)
     models = []
     for name, n_in in (("one", 1), ("two", 2)):
         torch.manual_seed(0)
         m = pl._build_model(n_in, n_out, "concat", width=4)
-        def inputs(idx, train, gen, n_in=n_in): return [pl._prepare(x[idx], train, gen) for _ in range(n_in)]
+
+        def inputs(idx, train, gen, n_in=n_in):
+            return [pl._prepare(x[idx], train, gen) for _ in range(n_in)]
+
         models.append((name, m, inputs, lambda idx: y[idx], F.binary_cross_entropy_with_logits))
     return models
 
@@ -158,8 +201,10 @@ def test_lockstep_training_gives_equal_epochs():
 
 
 def test_prior_experiment_excludes_one_class_observations_and_reports_baselines():
-    "An observation whose change is nearly always 'unchanged' is left out (and said why); per-observation results and baselines are reported."
+    """An observation whose change is nearly always 'unchanged' is left out (and said why); per-observation results and
+    baselines are reported."""
     import torch
+
     records, split, k = [], {}, 0
     for s in range(24):
         subj = 10000000 + s
@@ -171,34 +216,60 @@ def test_prior_experiment_excludes_one_class_observations_and_reports_baselines(
             ch = {}
             if order:
                 pg = records[-1]["findings"]["Edema"]["grade"]
-                if pg or g: ch["Edema"] = "new" if pg == 0 else "resolved" if g == 0 else "worse" if g > pg else "better" if g < pg else "unchanged"
+                if pg or g:
+                    ch["Edema"] = (
+                        "new"
+                        if pg == 0
+                        else "resolved"
+                        if g == 0
+                        else "worse"
+                        if g > pg
+                        else "better"
+                        if g < pg
+                        else "unchanged"
+                    )
                 ch["Cardiomegaly"] = "unchanged"
             r = _record(subj, sid, records[-1]["study_id"] if order else None, f, ch, order=order)
-            r["images"] = [{"dicom_id": f"d{k}", "view": "PA", "projection": "frontal"}]; k += 1
+            r["images"] = [{"dicom_id": f"d{k}", "view": "PA", "projection": "frontal"}]
+            k += 1
             records.append(r)
     imgs = torch.randint(0, 255, (k, 32, 32), dtype=torch.uint8)
     index = {f"d{i}": i for i in range(k)}
     res = pl._prior_experiment(records, split, imgs, index, None, seed=0, min_pairs=5, progress=False, epochs=1)
     assert res["change_observations"] == ["Edema"]
-    assert "Cardiomegaly" in res["change_skipped_observations"] and "unchanged" in res["change_skipped_observations"]["Cardiomegaly"]
+    assert (
+        "Cardiomegaly" in res["change_skipped_observations"]
+        and "unchanged" in res["change_skipped_observations"]["Cardiomegaly"]
+    )
     v = res["change_per_observation"]["Edema"]
     assert v["n_test"] == res["prior_n_test_pairs"] > 0 and sum(v["test_class_counts"].values()) == v["n_test"]
     for key in ("accuracy_without_prior", "accuracy_with_prior", "balanced_accuracy_with_prior", "majority_baseline"):
         assert 0 <= v[key] <= 1
     assert res["training"]["prior/with_prior"]["epochs"] == res["training"]["prior/without_prior"]["epochs"] == 1.0
     present = sum(c > 0 for c in res["change_class_counts_test"].values())
-    assert present >= 2 and res["change_majority_balanced_accuracy"] == pytest.approx(1 / present)   # a constant guess: one class right
+    assert present >= 2 and res["change_majority_balanced_accuracy"] == pytest.approx(
+        1 / present
+    )  # a constant guess: one class right
 
 
 def test_benchmark_script_is_a_thin_command_line(tmp_path):
-    "benchmarks/phantom_learnability.py keeps its command line; a missing phantom folder is an error naming it (exit 2)."
+    """benchmarks/phantom_learnability.py keeps its command line; a missing phantom folder is an error naming it (exit
+    2)."""
     import os, subprocess, sys
     from pathlib import Path
+
     script = Path(__file__).resolve().parents[1] / "benchmarks" / "phantom_learnability.py"
-    # mlrg.core.seed_everything (run by earlier tests) leaves PYTHONHASHSEED at a 63-bit seed, which a new Python refuses
+    # mlrg.core.seed_everything (run by earlier tests) leaves PYTHONHASHSEED at a 63-bit seed, which a new Python
+    # refuses
     env = {k: v for k, v in os.environ.items() if k != "PYTHONHASHSEED"}
     r = subprocess.run([sys.executable, str(script), "--help"], capture_output=True, text=True, env=env)
-    assert r.returncode == 0 and all(f in r.stdout for f in ("--root", "--budget-seconds", "--size", "--seed", "--out")), r.stderr
-    r = subprocess.run([sys.executable, str(script), "--root", str(tmp_path / "nowhere"), "--out", str(tmp_path / "r.json")],
-                       capture_output=True, text=True, env=env)
+    assert r.returncode == 0 and all(
+        f in r.stdout for f in ("--root", "--budget-seconds", "--size", "--seed", "--out")
+    ), r.stderr
+    r = subprocess.run(
+        [sys.executable, str(script), "--root", str(tmp_path / "nowhere"), "--out", str(tmp_path / "r.json")],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
     assert r.returncode == 2 and "not found" in r.stderr and not (tmp_path / "r.json").exists(), r.stderr

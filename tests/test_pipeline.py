@@ -1,4 +1,5 @@
 "End to end: `mlrg phantom` then `mlrg prepare` give a valid MLRG-schema annotation whose priors are the true ones."
+
 import json
 from collections import Counter
 from pathlib import Path
@@ -13,14 +14,29 @@ from mlrg.data import MLRG_ITEM_KEYS, read_mlrg_annotation
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory):
     d = tmp_path_factory.mktemp("pipeline")
-    assert main(["phantom", "--out", str(d / "mimic"), "--patients", "60", "--size", "64", "--seed", "3", "--quiet"]) == 0
-    assert main(["prepare", "--mimic-root", str(d / "mimic"), "--out", str(d / "prepared" / "annotation.json"),
-                 "--image-check", "decode", "--quiet"]) == 0
+    assert (
+        main(["phantom", "--out", str(d / "mimic"), "--patients", "60", "--size", "64", "--seed", "3", "--quiet"]) == 0
+    )
+    assert (
+        main(
+            [
+                "prepare",
+                "--mimic-root",
+                str(d / "mimic"),
+                "--out",
+                str(d / "prepared" / "annotation.json"),
+                "--image-check",
+                "decode",
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     return d
 
 
 def test_annotation_is_valid_mlrg_schema(prepared):
-    ann = read_mlrg_annotation(prepared / "prepared" / "annotation.json")   # validates every item
+    ann = read_mlrg_annotation(prepared / "prepared" / "annotation.json")  # validates every item
     assert set(ann) == {"train", "val", "test"} and all(ann[s] for s in ann)
     files = prepared / "mimic" / "files"
     for split in ann.values():
@@ -28,10 +44,11 @@ def test_annotation_is_valid_mlrg_schema(prepared):
             assert set(MLRG_ITEM_KEYS) <= set(it)
             assert it["findings"] == it["findings"].strip().lower() and it["findings"]
             paths = it["anchor_scan"]["image_path"] + it["auxiliary_references"]["image_path"]
-            if it["prior_study"]: paths.append(it["prior_study"]["latest_study"]["image_path"])
+            if it["prior_study"]:
+                paths.append(it["prior_study"]["latest_study"]["image_path"])
             assert all((files / p).is_file() for p in paths)
             views = it["anchor_scan"]["view_position"] + it["auxiliary_references"]["view_position"]
-            assert all(v == "unk" or (v and v == v.upper()) for v in views)   # MLRG writes a missing view as unk
+            assert all(v == "unk" or (v and v == v.upper()) for v in views)  # MLRG writes a missing view as unk
 
 
 def test_priors_are_the_true_chronological_priors(prepared):
@@ -48,7 +65,9 @@ def test_priors_are_the_true_chronological_priors(prepared):
                     same_patient = [o for o in truth.values() if o["subject_id"] == truth[sid]["subject_id"]]
                     n_at = Counter((o["study_date"], o["study_time"]) for o in same_patient)
                     at = lambda r: (r["study_date"], r["study_time"])
-                    assert n_at[at(truth[sid])] > 1 or n_at[at(truth[true_prior])] > 1, f"study {sid} lost its prior {true_prior}"
+                    assert n_at[at(truth[sid])] > 1 or n_at[at(truth[true_prior])] > 1, (
+                        f"study {sid} lost its prior {true_prior}"
+                    )
                 continue
             n_linked += 1
             prior_sid = int(Path(it["prior_study"]["latest_study"]["image_path"]).parent.name[1:])

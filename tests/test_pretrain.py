@@ -1,6 +1,7 @@
 """Tests of stage 1 (mlrg.pretrain): the ablation flags reach the model through the pretrain entry point, parameter
 checking (notebook, function, command line), a 2-process gloo DDP run under torchrun, bf16 on the CPU, the pickle
 guard, run folders, Recall@K and the linear probe on hand-made cases."""
+
 import json
 import os
 import pickle
@@ -17,7 +18,16 @@ from mlrg.data import Vocab
 from mlrg.engine import load_checkpoint
 from mlrg.metrics import roc_auc
 from mlrg.models import VisualEncoder, load_visual_state
-from mlrg.pretrain import PRETRAIN, build_pretrain, linear_probe, load_pretrained, pretrain, pretrain_cli, recall_at_k, write_tiny_phantom
+from mlrg.pretrain import (
+    PRETRAIN,
+    build_pretrain,
+    linear_probe,
+    load_pretrained,
+    pretrain,
+    pretrain_cli,
+    recall_at_k,
+)
+from mlrg.inputs import write_tiny_phantom
 
 PRETRAIN_DEFAULTS = PRETRAIN.defaults()
 
@@ -36,16 +46,23 @@ def phantom(tmp_path_factory):
 
 
 def _env():
-    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    return {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+    }
 
 
 def _batch_with(parts, need_aux, need_prior):
     "A collated batch of train samples that have auxiliary views / a prior, as asked."
-    ds = parts["train_ds"]
-    idx = [i for i, it in enumerate(ds.items)
-           if (not need_aux or it["auxiliary_references"]["image_path"]) and (not need_prior or it["prior_study"])][:4]
+    ds = parts.train_ds
+    idx = [
+        i
+        for i, it in enumerate(ds.items)
+        if (not need_aux or it["auxiliary_references"]["image_path"]) and (not need_prior or it["prior_study"])
+    ][:4]
     assert len(idx) >= 2, "the phantom should have samples with auxiliary views and priors"
-    return parts["collate_fn"]([ds[i] for i in idx])
+    return parts.collate_fn([ds[i] for i in idx])
 
 
 @pytest.mark.parametrize("flag,slots", [("is_prior_scan", "prior"), ("is_multiview_learning", "aux")])
@@ -54,7 +71,7 @@ def test_ablation_flag_decides_what_the_model_sees(phantom, flag, slots):
     emb = {}
     for on in (True, False):
         parts = build_pretrain(PRETRAIN.check(data_path=str(ann), linear_probe=False, **FAST, **{flag: on}))
-        model = parts["model"].eval()
+        model = parts.model.eval()
         batch = _batch_with(parts, need_aux=slots == "aux", need_prior=slots == "prior")
         V = batch["images"].shape[1] - 1
         changed = {**batch, "images": batch["images"].clone()}
@@ -62,9 +79,9 @@ def test_ablation_flag_decides_what_the_model_sees(phantom, flag, slots):
         changed["images"][:, sl] = torch.randn_like(changed["images"][:, sl]) * 3
         with torch.no_grad():
             emb[on] = (model.encode_images(batch), model.encode_images(changed))
-        assert parts["model_config"][flag] is on
-    assert not torch.allclose(*emb[True], atol=1e-4)          # the flag on: those pixels reach the embedding
-    torch.testing.assert_close(*emb[False])                    # off: they are never looked at
+        assert parts.model_config[flag] is on
+    assert not torch.allclose(*emb[True], atol=1e-4)  # the flag on: those pixels reach the embedding
+    torch.testing.assert_close(*emb[False])  # off: they are never looked at
 
 
 def test_mpc_flag_changes_the_loss_end_to_end(phantom, tmp_path):
@@ -72,7 +89,15 @@ def test_mpc_flag_changes_the_loss_end_to_end(phantom, tmp_path):
     got = {}
     for on in (True, False):
         out = tmp_path / f"mpc_{on}"
-        s = pretrain(data_path=str(ann), using_mpc_loss=on, max_steps=2, log_steps=1, linear_probe=False, model_save_path=str(out), **FAST)
+        s = pretrain(
+            data_path=str(ann),
+            using_mpc_loss=on,
+            max_steps=2,
+            log_steps=1,
+            linear_probe=False,
+            model_save_path=str(out),
+            **FAST,
+        )
         recs = read_jsonl(out / "metrics.jsonl")
         got[on] = [r for r in recs if r["kind"] == "train"]
         assert ("train_loss_mpc" in got[on][0]) is on
@@ -80,11 +105,14 @@ def test_mpc_flag_changes_the_loss_end_to_end(phantom, tmp_path):
         assert load_checkpoint(out / "last.pt")["config"]["model"]["using_mpc_loss"] is on
     # the total is the text loss plus the mpc term (weights 1:1) when on, the text loss alone when off
     assert got[False][0]["train_loss"] == pytest.approx(got[False][0]["train_loss_text"], rel=1e-6)
-    assert got[True][0]["train_loss"] == pytest.approx(got[True][0]["train_loss_text"] + got[True][0]["train_loss_mpc"], rel=1e-5)
+    assert got[True][0]["train_loss"] == pytest.approx(
+        got[True][0]["train_loss_text"] + got[True][0]["train_loss_mpc"], rel=1e-5
+    )
 
 
 def test_visual_half_of_a_pretrain_checkpoint(phantom, tmp_path):
-    "Two steps of stage 1, then its best checkpoint's visual half in a fresh VisualEncoder: every tensor, the same outputs."
+    """Two steps of stage 1, then its best checkpoint's visual half in a fresh VisualEncoder: every tensor, the same
+    outputs."""
     _, ann = phantom
     out = tmp_path / "vis"
     s = pretrain(data_path=str(ann), max_steps=2, linear_probe=False, model_save_path=str(out), **FAST)
@@ -92,14 +120,17 @@ def test_visual_half_of_a_pretrain_checkpoint(phantom, tmp_path):
     visual = VisualEncoder(ck["config"]["model"])
     table = load_visual_state(visual, s["best_checkpoint"], print_fn=None)
     assert set(table.status) == {"loaded"}
-    for k, v in visual.state_dict().items(): assert torch.equal(v, ck["model"]["visual." + k]), k
-    model, vocab, _ = load_pretrained(s["best_checkpoint"])                   # the whole model still loads
+    for k, v in visual.state_dict().items():
+        assert torch.equal(v, ck["model"]["visual." + k]), k
+    model, vocab, _ = load_pretrained(s["best_checkpoint"])  # the whole model still loads
     parts = build_pretrain(PRETRAIN.check(data_path=str(ann), linear_probe=False, **FAST))
     batch = _batch_with(parts, need_aux=True, need_prior=True)
     with torch.no_grad():
         mine, theirs = visual.eval()(batch), model.visual(batch)
-    for k in theirs: assert torch.equal(mine[k], theirs[k]), k
-    with torch.no_grad(): assert torch.equal(model.image_embedding(mine), model.encode_images(batch))
+    for k in theirs:
+        assert torch.equal(mine[k], theirs[k]), k
+    with torch.no_grad():
+        assert torch.equal(model.image_embedding(mine), model.encode_images(batch))
 
 
 def test_medclip_mode_refuses_mlrg_flags_and_trains(phantom, tmp_path):
@@ -111,7 +142,7 @@ def test_medclip_mode_refuses_mlrg_flags_and_trains(phantom, tmp_path):
 
 
 def test_parameter_checks():
-    assert PRETRAIN.check(lr=4)["lr"] == 4.0 and isinstance(PRETRAIN.check(lr=4)["lr"], float)   # papermill -p lr 4
+    assert PRETRAIN.check(lr=4)["lr"] == 4.0 and isinstance(PRETRAIN.check(lr=4)["lr"], float)  # papermill -p lr 4
     with pytest.raises(InputError, match="did you mean 'batch_size'"):
         PRETRAIN.check(bach_size=4)
     with pytest.raises(InputError, match="parameter 'num_epochs'"):
@@ -135,16 +166,45 @@ def test_cli_reports_bad_parameters(capsys):
     assert "did you mean 'batch_size'" in capsys.readouterr().err
     assert pretrain_cli(["--lr", "fast"]) == 2
     assert "parameter 'lr'" in capsys.readouterr().err
-    p = subprocess.run([sys.executable, "-m", "mlrg.pretrain", "--num_epoch", "3"], env=_env(), capture_output=True, text=True, timeout=120)
+    p = subprocess.run(
+        [sys.executable, "-m", "mlrg.pretrain", "--num_epoch", "3"],
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert p.returncode == 2 and "did you mean 'num_epochs'" in p.stderr, p.stderr[-2000:]
 
 
 def test_ddp_two_processes_gloo(phantom, tmp_path):
     root, ann = phantom
     out = tmp_path / "ddp"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone", "-m", "mlrg.pretrain",
-           "--data_path", str(ann), "--image_size", "32", "--batch_size", "4", "--max_steps", "2", "--eval_batch_size", "16",
-           "--probe_max_train", "16", "--progress", "false", "--model_save_path", str(out)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--standalone",
+        "-m",
+        "mlrg.pretrain",
+        "--data_path",
+        str(ann),
+        "--image_size",
+        "32",
+        "--batch_size",
+        "4",
+        "--max_steps",
+        "2",
+        "--eval_batch_size",
+        "16",
+        "--probe_max_train",
+        "16",
+        "--progress",
+        "false",
+        "--model_save_path",
+        str(out),
+    ]
     p = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=240, cwd=tmp_path)
     assert p.returncode == 0, p.stderr[-3000:]
     ck = load_checkpoint(out / "last.pt")
@@ -152,7 +212,7 @@ def test_ddp_two_processes_gloo(phantom, tmp_path):
     assert ck["vocab"] == Vocab.load(root / "prepared" / "vocab.json").itos
     model, vocab, best = load_pretrained(out / "best.pt")
     assert best["config"]["model"]["is_prior_scan"] is True and len(vocab) == model.config["vocab_size"]
-    assert p.stdout.count("pretrain: best step") == 1                          # only rank 0 prints the summary
+    assert p.stdout.count("pretrain: best step") == 1  # only rank 0 prints the summary
     assert json.loads((out / "pretrain_summary.json").read_text())["global_step"] == 2
 
 
@@ -164,32 +224,43 @@ def test_bf16_on_cpu_and_run_folder(phantom):
     assert ck["config"]["amp"] == "bf16" and np.isfinite(s["best_val_loss"])
     rec = read_jsonl(root / "results.jsonl")[-1]
     assert rec["stage"] == "pretrain" and rec["best_checkpoint"] == str(root / "pretrain" / "best.pt")
-    assert all(np.isfinite(r["train_loss"]) for r in read_jsonl(root / "pretrain" / "metrics.jsonl") if r["kind"] == "train")
+    assert all(
+        np.isfinite(r["train_loss"]) for r in read_jsonl(root / "pretrain" / "metrics.jsonl") if r["kind"] == "train"
+    )
 
 
 def test_medclip_pickle_needs_trust(phantom, tmp_path):
     root, ann = phantom
     data = json.loads(ann.read_text())
     files = root / "mimic" / "files"
-    conv = lambda items: [{"image_path": str(files / it["anchor_scan"]["image_path"][0]), "report": it["findings"],
-                           "labels": [0.0 if v is None else v for v in it["chexpert"]]} for it in items]
+    conv = lambda items: [
+        {
+            "image_path": str(files / it["anchor_scan"]["image_path"][0]),
+            "report": it["findings"],
+            "labels": [0.0 if v is None else v for v in it["chexpert"]],
+        }
+        for it in items
+    ]
     pkl = tmp_path / "datasets.pkl"
     pkl.write_bytes(pickle.dumps({s: conv(data[s]) for s in ("train", "val", "test")}))
     with pytest.raises(InputError, match="refusing to load a pickle"):
         pretrain(data_path=str(pkl), max_steps=1, **FAST)
-    s = pretrain(data_path=str(pkl), trust_pickle=True, mode="medclip", max_steps=1, model_save_path=str(tmp_path / "pk"), **FAST)
+    s = pretrain(
+        data_path=str(pkl), trust_pickle=True, mode="medclip", max_steps=1, model_save_path=str(tmp_path / "pk"), **FAST
+    )
     assert s["data"]["samples"]["train"] == len(data["train"]) and "built from the train split" in s["data"]["vocab"]
-    assert s["best"]["probe_n_val"] == len(data["val"])                       # the pickle's labels feed the probe
+    assert s["best"]["probe_n_val"] == len(data["val"])  # the pickle's labels feed the probe
 
 
 def test_recall_at_k_hand_made():
     # 4 studies, study 0 with 2 images. Reports: one per study (the first sample's text).
     e = torch.eye(4)
     txt = torch.stack([e[0], e[0], e[1], e[2], e[3]])
-    img = torch.stack([e[0], e[2], e[1], e[2], (e[0] + e[3]) / 2 ** 0.5])   # sample 1 (study 0) looks like study 2
+    img = torch.stack([e[0], e[2], e[1], e[2], (e[0] + e[3]) / 2**0.5])  # sample 1 (study 0) looks like study 2
     r = recall_at_k(img, txt, [0, 0, 1, 2, 3], ks=(1, 2, 4))
     assert r["n_studies"] == 4 and r["n_queries_i2t"] == 5
-    # image->report: samples 0, 2, 3 right at K=1; sample 4 ties r0 and r3 (the tie counts against it): K=2; sample 1: K=4
+    # image->report: samples 0, 2, 3 right at K=1; sample 4 ties r0 and r3 (the tie counts against it): K=2; sample 1:
+    # K=4
     assert (r["i2t_R@1"], r["i2t_R@2"], r["i2t_R@4"]) == pytest.approx((3 / 5, 4 / 5, 1.0))
     # report->image: r0, r1, r3 find an image of their study first; r2 ties its image 3 with sample 1's (study 0): K=2
     assert (r["t2i_R@1"], r["t2i_R@2"]) == pytest.approx((3 / 4, 1.0))

@@ -3,6 +3,7 @@ writes an index.html whose links and images all resolve; a second run skips ever
 that stage and the ones after it only; a SIGKILL during pretraining, then the same command, redoes no finished stage,
 continues training from the last checkpoint and ends with the weights of an uninterrupted run; a failing stage is
 named by its notebook and cell."""
+
 import json
 import os
 import re
@@ -25,18 +26,29 @@ TINY = ["-p", "num_threads", "1", "-p", "pretrain.max_steps", "12", "-p", "pretr
 
 
 def _env():
-    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    return {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+    }
 
 
 def _study(run, *extra, **kw):
-    return subprocess.run([sys.executable, "-m", "mlrg.study", "--preset", "tiny", "--run", str(run), *TINY, *extra], cwd=REPO, env=_env(),
-                          capture_output=True, text=True, **kw)
+    return subprocess.run(
+        [sys.executable, "-m", "mlrg.study", "--preset", "tiny", "--run", str(run), *TINY, *extra],
+        cwd=REPO,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        **kw,
+    )
 
 
 def _lines(out):
     "{step: what the study first said of it} from its lines per step ('running ...', 'continuing ...', '... skipped')."
     said = {}
-    for m in re.finditer(r"^\[\d+/\d+\] (\S+)\s+(.*)$", out, re.M): said.setdefault(m.group(1), m.group(2))
+    for m in re.finditer(r"^\[\d+/\d+\] (\S+)\s+(.*)$", out, re.M):
+        said.setdefault(m.group(1), m.group(2))
     return said
 
 
@@ -55,15 +67,23 @@ def study(tmp_path_factory):
     "A tiny study killed (SIGKILL) during pretraining, then the same command again to the end."
     root = tmp_path_factory.mktemp("study")
     run = root / "run"
-    proc = subprocess.Popen([sys.executable, "-m", "mlrg.study", "--preset", "tiny", "--run", str(run), *TINY], cwd=REPO, env=_env(),
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mlrg.study", "--preset", "tiny", "--run", str(run), *TINY],
+        cwd=REPO,
+        env=_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
     deadline = time.time() + 400
-    while time.time() < deadline and len(list((run / "pretrain").glob("step_*.pt"))) < 2 and proc.poll() is None: time.sleep(0.1)
+    while time.time() < deadline and len(list((run / "pretrain").glob("step_*.pt"))) < 2 and proc.poll() is None:
+        time.sleep(0.1)
     assert proc.poll() is None, "the study ended before a pretraining checkpoint was written"
-    os.killpg(proc.pid, signal.SIGKILL)                # the study and papermill; the kernel (its own session) follows within ~1 s
+    os.killpg(proc.pid, signal.SIGKILL)  # the study and papermill; the kernel (its own session) follows within ~1 s
     proc.wait()
     killed_at = max(int(p.stem.split("_")[1]) for p in (run / "pretrain").glob("step_*.pt"))
-    time.sleep(3)                                      # ipykernel's parent poller ends the orphaned kernel
+    time.sleep(3)  # ipykernel's parent poller ends the orphaned kernel
     again = _study(run)
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
     return dict(run=run, root=root, first=proc.stdout.read(), again=again.stdout, killed_at=killed_at)
@@ -85,19 +105,29 @@ def test_study_writes_every_report_and_an_index(study):
 
 
 def test_killed_study_continues_and_ends_as_an_uninterrupted_one(study):
-    "No finished stage is redone; pretraining continues from its last checkpoint and ends with an uninterrupted run's weights."
+    """No finished stage is redone; pretraining continues from its last checkpoint and ends with an uninterrupted run's
+    weights."""
     said = _lines(study["again"])
     assert all("skipped" in said[k] for k in ("phantom", "prepare", "label")), said
     assert said["pretrain"].startswith("continuing"), said
     assert 1 <= study["killed_at"] < 12
-    report = (study["run"] / "reports" / "03_pretrain.ipynb").read_text()     # the engine's log, kept in the executed notebook
+    report = (
+        study["run"] / "reports" / "03_pretrain.ipynb"
+    ).read_text()  # the engine's log, kept in the executed notebook
     resumed = re.search(r"resumed from \S+ at step (\d+)", report)
     assert resumed and study["killed_at"] <= int(resumed.group(1)) < 12, report[-3000:]
     # the same stage 1 without interruption, on the run's data, with the parameters the study gave the notebook
     p = json.loads((study["run"] / "study" / "pretrain.params.json").read_text())
     ref = study["root"] / "uninterrupted"
-    pretrain({**{k: v for k, v in p.items() if k != "run_dir"}, "data_path": str(study["run"] / "prepared" / "annotation.json"),
-              "image_root": str(study["run"] / "mimic" / "files"), "model_save_path": str(ref), "progress": False})
+    pretrain(
+        {
+            **{k: v for k, v in p.items() if k != "run_dir"},
+            "data_path": str(study["run"] / "prepared" / "annotation.json"),
+            "image_root": str(study["run"] / "mimic" / "files"),
+            "model_save_path": str(ref),
+            "progress": False,
+        }
+    )
     a, b = load_checkpoint(study["run"] / "pretrain" / "last.pt"), load_checkpoint(ref / "last.pt")
     assert a["global_step"] == b["global_step"] == 12
     assert a["model"].keys() == b["model"].keys() and all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
@@ -112,40 +142,112 @@ def test_rerun_skips_and_one_changed_parameter_reruns_only_what_follows(study):
     said = _lines(changed.stdout)
     assert [k for k, v in said.items() if "skipped" not in v] == ["finetune", "evaluate"], said
     assert json.loads((run / "finetune" / "finetune_summary.json").read_text())["global_step"] == 3
-    assert list(run.glob("finetune.replaced-*"))            # the old stage-2 run was moved aside, not deleted
+    assert list(run.glob("finetune.replaced-*"))  # the old stage-2 run was moved aside, not deleted
     _resolves(run / "index.html")
 
 
 def test_failing_stage_is_named_and_plan_errors_come_first(tmp_path):
     (tmp_path / "bad" / "mimic").mkdir(parents=True)
-    (tmp_path / "bad" / "mimic" / "notes.txt").write_text("someone else's data")      # the phantom refuses to write over it
+    (tmp_path / "bad" / "mimic" / "notes.txt").write_text("someone else's data")  # the phantom refuses to write over it
     bad = _study(tmp_path / "bad")
     assert bad.returncode == 1
-    assert re.search(r"nbs/01a_phantom\.ipynb failed in code cell \d+ \(InputError: .*mimic", bad.stderr), bad.stderr[-2000:]
-    assert (tmp_path / "bad" / "reports" / "01a_phantom.ipynb").is_file() and (tmp_path / "bad" / "mimic" / "notes.txt").is_file()
-    assert list(_lines(bad.stdout)) == ["phantom"] and json.loads((tmp_path / "bad" / "study" / "phantom.json").read_text())["status"] == "failed"
+    assert re.search(r"nbs/01a_phantom\.ipynb failed in code cell \d+ \(InputError: .*mimic", bad.stderr), bad.stderr[
+        -2000:
+    ]
+    assert (tmp_path / "bad" / "reports" / "01a_phantom.ipynb").is_file() and (
+        tmp_path / "bad" / "mimic" / "notes.txt"
+    ).is_file()
+    assert (
+        list(_lines(bad.stdout)) == ["phantom"]
+        and json.loads((tmp_path / "bad" / "study" / "phantom.json").read_text())["status"] == "failed"
+    )
     with pytest.raises(InputError, match="did you mean 'batch_size'"):
         plan_study("tiny", tmp_path / "x", [("finetune.batchsize", "4")])
-    out = subprocess.run([sys.executable, "-m", "mlrg.study", "--preset", "mimic", "--run", str(tmp_path / "m")], cwd=REPO, env=_env(),
-                         capture_output=True, text=True)
+    out = subprocess.run(
+        [sys.executable, "-m", "mlrg.study", "--preset", "mimic", "--run", str(tmp_path / "m")],
+        cwd=REPO,
+        env=_env(),
+        capture_output=True,
+        text=True,
+    )
     assert out.returncode == 2 and "study.mimic_root" in out.stderr and not (tmp_path / "m" / "reports").exists()
 
 
 def test_mimic_preset_through_the_notebooks(hub, tmp_path):
-    "The mimic preset scaled down: the phantom as the MIMIC-CXR-JPG root, tiny RAD-DINO / CXR-BERT / DistilGPT2 folders, every notebook."
+    """The mimic preset scaled down: the phantom as the MIMIC-CXR-JPG root, tiny RAD-DINO / CXR-BERT / DistilGPT2
+    folders, every notebook."""
     root, _ = hub
-    args = ["--preset", "mimic", "--run", str(tmp_path / "m"), "-p", "study.mimic_root", str(root / "mimic"),
-            "-p", "image_pretrained_path", str(root / "dino"), "-p", "text_pretrained_path", str(root / "bert"),
-            "-p", "tokenizer_path", str(root / "gpt2"), "-p", "finetune.decoder_path", str(root / "gpt2"), "-p", "text_layers", "1",
-            "-p", "image_size", "28", "-p", "batch_size", "4", "-p", "grad_accum", "1", "-p", "max_steps", "2", "-p", "num_workers", "0",
-            "-p", "model_config", '{"d_model": 32, "proj_dim": 32}', "-p", "pretrain.linear_probe", "false", "-p", "num_threads", "1",
-            "-p", "finetune.select_metric", "bleu4+ce14", "-p", "finetune.val_max_samples", "6", "-p", "finetune.max_length", "40",
-            "-p", "meteor", "false"]
-    out = subprocess.run([sys.executable, "-m", "mlrg.study", *args], cwd=REPO, env=_env(), capture_output=True, text=True)
+    args = [
+        "--preset",
+        "mimic",
+        "--run",
+        str(tmp_path / "m"),
+        "-p",
+        "study.mimic_root",
+        str(root / "mimic"),
+        "-p",
+        "image_pretrained_path",
+        str(root / "dino"),
+        "-p",
+        "text_pretrained_path",
+        str(root / "bert"),
+        "-p",
+        "tokenizer_path",
+        str(root / "gpt2"),
+        "-p",
+        "finetune.decoder_path",
+        str(root / "gpt2"),
+        "-p",
+        "text_layers",
+        "1",
+        "-p",
+        "image_size",
+        "28",
+        "-p",
+        "batch_size",
+        "4",
+        "-p",
+        "grad_accum",
+        "1",
+        "-p",
+        "max_steps",
+        "2",
+        "-p",
+        "num_workers",
+        "0",
+        "-p",
+        "model_config",
+        '{"d_model": 32, "proj_dim": 32}',
+        "-p",
+        "pretrain.linear_probe",
+        "false",
+        "-p",
+        "num_threads",
+        "1",
+        "-p",
+        "finetune.select_metric",
+        "bleu4+ce14",
+        "-p",
+        "finetune.val_max_samples",
+        "6",
+        "-p",
+        "finetune.max_length",
+        "40",
+        "-p",
+        "meteor",
+        "false",
+    ]
+    out = subprocess.run(
+        [sys.executable, "-m", "mlrg.study", *args], cwd=REPO, env=_env(), capture_output=True, text=True
+    )
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     run = tmp_path / "m"
     assert (run / "mimic").is_symlink() and list(_lines(out.stdout)) == ["prepare", "pretrain", "finetune", "evaluate"]
     ft = json.loads((run / "finetune" / "finetune_summary.json").read_text())
     assert ft["backbones"]["decoder"] == "distilgpt2" and "gpt2 BPE" in ft["backbones"]["tokenizer"]
-    assert ft["params"]["select_metric"] == "bleu4+ce14" and ft["params"]["pt_lr"] == 5e-6 and ft["params"]["amp"] == "bf16"
+    assert (
+        ft["params"]["select_metric"] == "bleu4+ce14"
+        and ft["params"]["pt_lr"] == 5e-6
+        and ft["params"]["amp"] == "bf16"
+    )
     _resolves(run / "index.html")
