@@ -1,11 +1,9 @@
 """Speed of the full evaluation suite (mlrg.evaluate.evaluate) on 3,852 pairs, MLRG's MIMIC-CXR test size.
 
 Pairs come from a demo-size phantom (1,000 patients; images written at 64 px since only the text is used): references
-are
-the prepared findings of every image, hypotheses are the oracle's findings (the phantom writer, another phrasing) for
-even
-pairs and another pair's reference (shuffled) for odd ones. The run is pinned to 2 CPUs (where more exist; the METEOR
-Java process inherits it) and includes the Java start-up. Prints and saves JSON to
+are the prepared findings of every image, hypotheses are the oracle's findings (the phantom writer, another phrasing)
+for even pairs and another pair's reference (shuffled) for odd ones. The run is pinned to 2 CPUs (where more exist; the
+METEOR Java process inherits it) and includes the Java start-up. Prints and saves JSON to
 benchmarks/results/evaluate_speed.json.
 
     .venv/bin/python benchmarks/evaluate_speed.py [--pairs 3852] [--phantom DIR] [--no-meteor] [--sequential-meteor]

@@ -6,15 +6,13 @@ The run folder must hold the demo phantom, prepared, and (for the stage-1 initia
 
     mlrg phantom --out RUN/mimic --preset demo
     mlrg prepare --mimic-root RUN/mimic --out RUN/prepared/annotation.json
-    python -m mlrg.pretrain --run_dir RUN --image_size 128 --num_epochs 3 --batch_size 16      # or --stage1_init false
-    below
+    python -m mlrg.pretrain --run_dir RUN --image_size 128 --num_epochs 3 --batch_size 16  # or stage1_init false below
 
-    python benchmarks/finetune_demo.py --run_dir RUN --tag cached --max_steps 1500 --eval_steps 250 [any FINETUNE
-    --name value]
+    python benchmarks/finetune_demo.py --run_dir RUN --tag cached --max_steps 1500 --eval_steps 250 \\
+        [any FINETUNE --name value]
 
 Each run writes to RUN/finetune-bench-<tag> (a rerun with the same settings continues it; --overwrite true moves it
-aside).
-"""
+aside)."""
 
 import argparse
 import json

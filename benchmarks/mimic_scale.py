@@ -1,13 +1,12 @@
-"""Memory and FLOPs of MLRG's own backbones at the paper's MIMIC-CXR settings, estimated on any machine, measured on a
-GPU.
+"""Memory and FLOPs of MLRG's own backbones at the paper's MIMIC-CXR settings: estimated anywhere, measured on a GPU.
 
 The models are mlrg's stage-1 and stage-2 models built through the same code as `mlrg pretrain/finetune --preset mimic`,
 from local folders of *random* weights of the real sizes (written once to --folders with `save_pretrained`): RAD-DINO
 (Dinov2 ViT-B/14, 768 wide, 12 layers) at 518 px (1 + 1 + 37 x 37 = 1,371 tokens per image), CXR-BERT (BERT-base cut to
-6 layers), DistilGPT2 (6 layers, 768, 12 heads, 1024 positions) with cross-attention, the GPT-2 vocabulary plus MLRG's
-9 tokens (50,266), fusion width 768. Every sample has its anchor, two auxiliary views and a prior image (the worst case
-of max_views=3; 4 images, of which the anchor's 1,371 tokens and its 1,371 fused tokens make the 2,742-token memory),
-a 200-token prompt and a 100-token report.
+6 layers), DistilGPT2 (6 layers, 768, 12 heads, 1024 positions) with cross-attention, the GPT-2 vocabulary plus MLRG's 9
+tokens (50,266), fusion width 768. Every sample has its anchor, two auxiliary views and a prior image (the worst case of
+max_views=3; 4 images, of which the anchor's 1,371 tokens and its 1,371 fused tokens make the 2,742-token memory), a
+200-token prompt and a 100-token report.
 
 Estimate (any machine, CPU): one sample's forward + backward under bf16 autocast, as the GPU run does it.
 - FLOPs per sample: torch.utils.flop_counter (matmuls, attention; 2 FLOPs per multiply-add), forward and backward.
@@ -24,8 +23,7 @@ With --device cuda (needs a GPU; CI never has one): the same models train on ran
     python benchmarks/mimic_scale.py                # estimate (CPU, ~2 minutes on 2 cores after the folders exist)
     python benchmarks/mimic_scale.py --device cuda  # measure on a GPU
 
-Prints and saves JSON to benchmarks/results/mimic_scale[_cuda].json.
-"""
+Prints and saves JSON to benchmarks/results/mimic_scale[_cuda].json."""
 
 import argparse
 import json
@@ -193,8 +191,8 @@ def estimate(model, batch, bf16=True) -> dict:
 
 def per_gpu(est, batch_size) -> dict:
     """GiB per GPU at `batch_size`: fp32 weights, fp32 grads + AdamW moments of the trainable ones, activations; the
-    total
-    as measured here, and without the attention matrices (what fused attention kernels, as on a GPU, do not keep)."""
+    total as measured here, and without the attention matrices (what fused attention kernels, as on a GPU, do not keep).
+    """
     w = est["params_M"] * 1e6 * 4 / 2**30
     opt = est["trainable_M"] * 1e6 * (4 + 8) / 2**30
     act = est["activations_per_sample_GiB"] * batch_size

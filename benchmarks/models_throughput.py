@@ -1,15 +1,14 @@
 """Training throughput of the stage-1 model (mlrg.models.MLRGPretrainModel) on the CPU.
 
-One step = forward + backward + AdamW step on a random batch shaped like mlrg.data.collate's: every sample has
-3 images (anchor, one auxiliary view, a prior) at --image-size px and a --text-len-token report. Reports samples/s
-(median and best over --steps steps after 2 warm-up steps) per image encoder, with the thread count and the load
-average (the machine may be shared), as JSON: printed and saved to benchmarks/results/models_throughput.json.
+One step = forward + backward + AdamW step on a random batch shaped like mlrg.data.collate's: every sample has 3 images
+(anchor, one auxiliary view, a prior) at --image-size px and a --text-len-token report. Reports samples/s (median and
+best over --steps steps after 2 warm-up steps) per image encoder, with the thread count and the load average (the
+machine may be shared), as JSON: printed and saved to benchmarks/results/models_throughput.json.
 
-    .venv/bin/python benchmarks/models_throughput.py [--encoders small_cnn small_vit] [--image-size 128] [--batch-size
-    16]
+    .venv/bin/python benchmarks/models_throughput.py [--encoders small_cnn small_vit] [--image-size 128] \\
+        [--batch-size 16]
 
-Target: > 50 samples/s for small_cnn / small_vit at 128 px on 2 cores.
-"""
+Target: > 50 samples/s for small_cnn / small_vit at 128 px on 2 cores."""
 
 import argparse
 import os

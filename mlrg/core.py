@@ -203,8 +203,7 @@ def write_set(files: dict, fsync=True) -> list:
 def atomic_write(path, data, fsync=True):
     """Write `data` (bytes, or str written as UTF-8) to `path` atomically: a temporary file in the same folder, then a
     rename. The file gets the usual permissions (0666 less the umask). `fsync=False` skips flushing to disk, for many
-    small
-    files (the phantom's images) where a crash may lose the latest files but never leaves a half-written one."""
+    small files (the phantom's images) where a crash may lose the latest files but never leaves a half-written one."""
     return write_set({path: data}, fsync)[0]
 
 # %% ../nbs/00_core.ipynb #5b68b407

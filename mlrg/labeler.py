@@ -676,10 +676,9 @@ def agreement_table(pred, truth, observations=None):
 # ---- phantom check (reports are split into sections by mlrg.data.parse_report, the parser `prepare` uses)
 def phantom_check(root, policy="positive", reportable_only=True, progress=True):
     """Label FINDINGS + IMPRESSION of every phantom report under `root` and compare the positives with the truth.
-    `reportable_only`: a finding counts as true only when it is visible on one of the study's acquired projections
-    (a lateral-only effusion cannot be reported from a single AP film; No Finding is recomputed from the reportable
-    findings).
-    Returns (table with micro/macro rows, per-study frame)."""
+    `reportable_only`: a finding counts as true only when it is visible on one of the study's acquired projections (a
+    lateral-only effusion cannot be reported from a single AP film; No Finding is recomputed from the reportable
+    findings). Returns (table with micro/macro rows, per-study frame)."""
     import pandas as pd
     from mlrg.core import report_relpath
     from mlrg.data import parse_report

@@ -21,8 +21,7 @@ def _tokenizer(texts, folder, vocab_size=400):
 @pytest.fixture(scope="session")
 def hub(tmp_path_factory):
     """A tiny phantom (16 patients, prepared) and tiny random backbones in the save_pretrained layout: dino/ (Dinov2,
-    patch 14),
-    bert/ (2 layers), gpt2/ (2 layers, with a BPE tokenizer trained on the phantom's reports)."""
+    patch 14), bert/ (2 layers), gpt2/ (2 layers, with a BPE tokenizer trained on the phantom's reports)."""
     transformers = pytest.importorskip(
         "transformers"
     )  # the hub extra; the dev extra (the README's test command) installs it

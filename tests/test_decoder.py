@@ -1,5 +1,4 @@
-"""The stage-2 decoder (mlrg.decoder): teacher-forced loss, greedy decoding and beam search, with and without the
-cache."""
+"""The stage-2 decoder (mlrg.decoder): teacher-forced loss, greedy decoding and beam search, with or without a cache."""
 
 import math
 
