@@ -82,8 +82,10 @@ def study(tmp_path_factory):
     assert proc.poll() is None, "the study ended before a pretraining checkpoint was written"
     os.killpg(proc.pid, signal.SIGKILL)  # the study and papermill; the kernel (its own session) follows within ~1 s
     proc.wait()
-    killed_at = max(int(p.stem.split("_")[1]) for p in (run / "pretrain").glob("step_*.pt"))
     time.sleep(3)  # ipykernel's parent poller ends the orphaned kernel
+    # the step the study must continue from: last.pt's, once the kernel has stopped (a kill between the numbered
+    # checkpoint and last.pt leaves last.pt one step behind the newest step_N.pt)
+    killed_at = load_checkpoint(run / "pretrain" / "last.pt")["global_step"]
     again = _study(run)
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
     return dict(run=run, root=root, first=proc.stdout.read(), again=again.stdout, killed_at=killed_at)
