@@ -156,8 +156,7 @@ class DecoderBlock(nn.Module):
 
 # %% ../nbs/02b_decoder.ipynb #85c4158c
 class ReportDecoder(nn.Module):
-    """GPT-style decoder with cross-attention: `forward(tokens, memory)` gives next-token logits; `generate` writes
-    reports."""
+    "GPT-style decoder with cross-attention: `forward(tokens, memory)` -> next-token logits; `generate` writes reports."
 
     def __init__(self, config: dict):
         super().__init__()
@@ -183,8 +182,7 @@ class ReportDecoder(nn.Module):
             nn.init.zeros_(m.bias)
 
     def forward(self, tokens, memory, memory_mask=None, cache=None, start=0):
-        """Logits (B, T, vocab) for `tokens` (B, T) at positions `start`.. given `memory` (B, M, d); `cache`: one dict
-        per block."""
+        "Logits (B, T, vocab) of `tokens` (B, T) at `start`.. given `memory` (B, M, d); `cache`: one dict per block."
         T = tokens.shape[1]
         if start + T > self.config["max_length"]:
             raise InputError(
@@ -196,8 +194,7 @@ class ReportDecoder(nn.Module):
         return self.head(self.ln_f(x))
 
     def loss(self, tokens, memory, memory_mask=None, label_smoothing=0.0):
-        """Teacher-forced cross-entropy of `tokens` (`[BOS] report [EOS]`, padded): each token predicted from those
-        before it."""
+        "Teacher-forced cross-entropy of `tokens` (`[BOS] report [EOS]`, padded): each token from the ones before it."
         logits = self(tokens[:, :-1], memory, memory_mask)
         return F.cross_entropy(
             logits.reshape(-1, logits.shape[-1]).float(),
@@ -209,8 +206,7 @@ class ReportDecoder(nn.Module):
 # %% ../nbs/02b_decoder.ipynb #4c2666dd
 @patch
 def next_logits(self: ReportDecoder, tokens, memory, memory_mask=None, cache=None):
-    """Logits (N, vocab) of the token after `tokens` (N, L); `cache` (from `new_cache`) lets each call feed only new
-    tokens."""
+    "Logits (N, vocab) of the token after `tokens` (N, L); with `cache` (`new_cache`) a call feeds only new tokens."
     if cache is None:
         return self(tokens, memory, memory_mask)[:, -1]
     seen = cache[0]["k"].shape[2] if "k" in cache[0] else 0
@@ -231,8 +227,7 @@ def _banned_ngrams(seq: list, n: int) -> set:
 
 
 def score_next(logits, tokens, eos_id, min_length=0, no_repeat_ngram_size=0, repetition_penalty=1.0):
-    """Log-probabilities (N, vocab) of the next token after `tokens` (N, L, starting with [BOS]), with the constraints
-    applied."""
+    "Log-probabilities (N, vocab) of the token after `tokens` (N, L, starting with [BOS]), the constraints applied."
     logp = logits.float().log_softmax(-1)
     if repetition_penalty != 1.0:  # log-probs are negative: multiplying lowers them
         seen = logp.gather(1, tokens)
@@ -285,8 +280,7 @@ def _add_finished(finished: list, k: int, score: float, seq: list):
 def beam_search(
     model, memory, memory_mask=None, num_beams=3, max_length=100, length_penalty=1.0, use_cache=True, **constraints
 ) -> list:
-    """Beam search by `model` from `memory` (B, M, d); the best hypothesis of each report, as token ids without
-    [BOS]/[EOS]."""
+    "Beam search by `model` from `memory` (B, M, d); each report's best hypothesis, as token ids without [BOS]/[EOS]."
     cfg, B, K = model.config, memory.shape[0], num_beams
     eos, pad, dev = cfg["eos_id"], cfg["pad_id"], memory.device
     memory = memory.repeat_interleave(K, 0)
@@ -362,8 +356,7 @@ GPT2_ACTIVATIONS = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "
 
 
 def gpt2_decoder_config(path, param="decoder_path") -> dict:
-    """The `ReportDecoder` sizes of the GPT-2 in local folder `path` (its config.json): layers, width, heads, positions,
-    activation, dropout."""
+    "`ReportDecoder` sizes of GPT-2 folder `path` (config.json): layers, width, heads, positions, activation, dropout."
     folder, c = hub_folder(
         path,
         "the distilgpt2 decoder",
@@ -414,8 +407,7 @@ _GPT2_KEY = re.compile(r"(?:^|\.)transformer\.(?:h\.(\d+)\.(.+)|(wte|wpe|ln_f))\
 
 
 def gpt2_state_to_decoder(sd: dict) -> dict:
-    """GPT-2 tensors (`transformer.*`, under any prefix) renamed to `ReportDecoder`'s, Conv1D weights transposed; other
-    names keep theirs."""
+    "GPT-2 tensors (`transformer.*`, any prefix) renamed as `ReportDecoder`'s, Conv1D weights transposed; others kept."
     out = {}
     for k, v in sd.items():
         m = _GPT2_KEY.search(k)

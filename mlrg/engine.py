@@ -134,8 +134,7 @@ TRAIN_OUTPUT = TRAIN.subset(
 
 
 def train_config(config: dict) -> tuple:
-    """The checked engine settings (attribute access) and the full config as a plain dict (engine settings + any other
-    keys)."""
+    "The checked engine settings (attribute access) and the full config as a plain dict (engine settings + other keys)."
     if not isinstance(config, dict):
         raise InputError(f"config is a {type(config).__name__}", where="config", expected="a dict")
     for k in config:  # a stage's own keys pass through, but a near-miss of an engine key is a typo
@@ -434,8 +433,7 @@ class TrainState:
         return cls(**{f.name: ck[f.name] for f in fields(cls) if f.name in ck})
 
     def add_step(self, terms: dict, grad_norm: float, samples: int, seconds: float) -> float:
-        """Count one optimizer step (its loss terms, gradient norm, samples and seconds); returns samples/s since the
-        last record."""
+        "Count one optimizer step (loss terms, grad norm, samples, seconds); returns samples/s since the last record."
         self.seconds += seconds
         acc = self.log_acc
         acc["steps"] += 1
@@ -538,10 +536,8 @@ def save_checkpoint(obj, path):
 
 def load_checkpoint(path, map_location="cpu", training=False):
     """Load a checkpoint written by `CheckpointWriter` or `save_checkpoint`, with `weights_only=True`. A missing,
-    truncated,
-    corrupt or unsafe file (one holding Python objects), or with `training` one that `fit` did not write, is an
-    `InputError`
-    naming the file and what was expected."""
+    truncated, corrupt or unsafe file (one holding Python objects), or with `training` one that `fit` did not write, is
+    an `InputError` naming the file and what was expected."""
     import torch
 
     path = Path(path)
@@ -588,8 +584,7 @@ class NonFiniteLoss(FloatingPointError):
 
 
 def mean_terms(step_terms: dict, device, world: int, where="") -> dict:
-    """The loss terms of one optimizer step as floats, averaged over the `world` processes; `NonFiniteLoss` if one is
-    NaN or infinite."""
+    "One optimizer step's loss terms as floats, averaged over `world` processes; `NonFiniteLoss` if one is not finite."
     import torch, torch.distributed as dist
 
     keys = sorted(step_terms)
@@ -605,8 +600,7 @@ def mean_terms(step_terms: dict, device, world: int, where="") -> dict:
 
 
 def optimizer_step(optimizer, scaler, params, grad_clip=None, where="") -> float:
-    """Unscale, clip (when `grad_clip`), step the optimizer and the scaler, zero the gradients; returns the gradient
-    norm."""
+    "Unscale, clip (when `grad_clip`), step the optimizer and scaler, zero the gradients; returns the gradient norm."
     import torch
 
     scaler.unscale_(optimizer)
@@ -648,8 +642,7 @@ class EvalContext:
         return [x for part in box for x in part] if self.main else None
 
     def save(self, records: list, name: str = "val") -> Path | None:
-        """Write per-sample `records` (dicts) as `<out_dir>/evals/<name>_step_<step>.jsonl` (main process); returns the
-        path."""
+        "Write per-sample dicts `records` to `<out_dir>/evals/<name>_step_<step>.jsonl` (main process); its path."
         if not self.main:
             return None
         return save_jsonl(records, self.out_dir / "evals" / f"{name}_step_{self.step}.jsonl")
@@ -671,8 +664,7 @@ def _isolated_rng():
 
 
 def run_evaluate(evaluate, model, ctx: EvalContext) -> dict:
-    """Call `evaluate(model, ctx)` in eval mode, without gradients or moving the generators; the main process's metrics,
-    shared."""
+    "Run `evaluate(model, ctx)` in eval mode, no gradients, generators untouched; the main process's metrics, shared."
     import torch, torch.distributed as dist
 
     was_training = model.training
@@ -698,8 +690,7 @@ def run_evaluate(evaluate, model, ctx: EvalContext) -> dict:
 
 
 def select_and_stop(st: TrainState, metrics: dict, cfg, step: int, scheduler) -> tuple:
-    """Count an evaluation's metrics: choose best.pt, step the plateau schedule, count towards early stopping; returns
-    (improved, stop)."""
+    "Count an evaluation's metrics towards best.pt, the plateau schedule and early stopping; returns (improved, stop)."
     if cfg.select_metric not in metrics:
         raise InputError(
             f"evaluate returned no {cfg.select_metric!r} (it returned {sorted(metrics)})",
@@ -724,8 +715,8 @@ def continue_or_start(out, config: dict, overwrite=False, log=None):
         raise InputError(
             f"holds a run with other settings: {'; '.join(diffs)}",
             where=out,
-            expected="the same settings (to continue that run), overwrite=True (to move it aside), or another output "
-            "folder",
+            expected="the same settings (to continue that run), overwrite=True (to move it aside), "
+            "or another output folder",
         )
     if diffs:
         aside = move_aside(out)
@@ -791,8 +782,7 @@ def _train_device(gpu_id):
 
 
 def _restore(ck, where, config, vocab, arch_keys, world, rank, model, optimizer, scheduler, scaler, log):
-    """Load checkpoint `ck` (from file `where`) into the model, optimizer, scheduler, scaler and generators; returns its
-    `TrainState` and vocabulary."""
+    "Load `ck` (file `where`) into model, optimizer, scheduler, scaler, generators; its `TrainState` and vocabulary."
     main, seed = rank == 0, config["seed"]
     for line in compare_configs(ck["config"], config, arch_keys):
         if main:
@@ -1000,8 +990,8 @@ def fit(model, train_dataset, collate_fn, config, evaluate=None, vocab=None, arc
                     step = st.global_step + 1
                     where = f"at step {step} (epoch {epoch}, batch {b})"
                     stop_note = (
-                        f"training stopped before this step, the checkpoints in {out} are from step {st.global_step} "
-                        f"or earlier"
+                        f"training stopped before this step, the checkpoints in {out} are "
+                        f"from step {st.global_step} or earlier"
                     )
                     try:
                         terms = mean_terms(step_terms, device, world, where)

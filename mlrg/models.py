@@ -100,8 +100,7 @@ IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
 class ImageEncoder(nn.Module):
-    """Base class: normalised grayscale (B, 1, S, S) -> tokens (B, N, D) with `tokens[:, 0]` the global token, and
-    global (B, D)."""
+    "Base class: normalised grayscale (B, 1, S, S) -> tokens (B, N, D), global token `tokens[:, 0]`, and global (B, D)."
 
     fixed_size = False  # True when the encoder only accepts the image size it was built for
 
@@ -192,8 +191,7 @@ def load_weights_file(path, what="weights", trust_pickle=False) -> dict:
 
 # %% ../nbs/02_models.ipynb #76919cfc
 def load_into(module, sd, where, drop=()):
-    """Load state dict `sd` into `module` strictly, except for keys starting with a prefix in `drop` (e.g. a classifier
-    head)."""
+    "Load state dict `sd` into `module` strictly, except keys with a prefix in `drop` (e.g. a classifier head)."
     sd = {k: v for k, v in sd.items() if not k.startswith(tuple(drop))}
     try:
         missing, unexpected = module.load_state_dict(sd, strict=False)
@@ -215,8 +213,7 @@ IMAGE_ENCODERS = {}
 
 
 def register_image_encoder(name, doc, frozen=False):
-    """Decorator: register `fn(image_size, pretrained_path, **kw) -> ImageEncoder` under `name`; `frozen`: frozen unless
-    asked otherwise."""
+    "Decorator: register `fn(image_size, pretrained_path, **kw) -> ImageEncoder` as `name`; `frozen`: default freezing."
 
     def deco(fn):
         IMAGE_ENCODERS[name] = (fn, doc, bool(frozen))
@@ -231,8 +228,7 @@ def list_image_encoders() -> list:
 
 
 def build_image_encoder(name, pretrained_path=None, freeze=False, image_size=224, **kw) -> ImageEncoder:
-    """The image encoder `name`, with weights from the local file/folder `pretrained_path`, frozen if `freeze` (None:
-    the encoder's default)."""
+    "Image encoder `name`, weights from local file/folder `pretrained_path`, frozen if `freeze` (None: its default)."
     if name not in IMAGE_ENCODERS:
         raise InputError(
             f"unknown image encoder {name!r}", where="image_encoder", expected=f"one of {list_image_encoders()}"
@@ -276,8 +272,7 @@ def grid_tokens(fmap):
 
 # %% ../nbs/02_models.ipynb #1c0a4caf
 class SmallCNN(ImageEncoder):
-    """A small CNN for a CPU: a 4x4 stride-4 stem, then stride-2 stages with a residual block each; S/16 grid of `dim`
-    channels."""
+    "A small CPU CNN: 4x4 stride-4 stem, then stride-2 stages with a residual block each; S/16 grid of `dim` channels."
 
     def __init__(self, image_size, widths=(32, 64, 128), dim=256, **kw):
         self.n_down = len(widths) - 1
@@ -477,8 +472,7 @@ class XRVDenseNet(ImageEncoder):
 
 # %% ../nbs/02_models.ipynb #dd73fd81
 class HubViT(ImageEncoder):
-    """A `transformers` Dinov2 (RAD-DINO) from a local folder: pooled output + CLS (+ registers) + patch tokens of the
-    last layer."""
+    "A `transformers` Dinov2 (RAD-DINO) from a local folder: pooled output + last layer's CLS (+ registers) + patches."
 
     kinds = ("dinov2",)
 
@@ -531,8 +525,7 @@ def _rad_dino(image_size, pretrained_path=None, **kw):
 
 # %% ../nbs/02_models.ipynb #c6d96a33
 def pool_tokens(x, mask, pooling="mean"):
-    """The pooled embedding (B, D) of tokens `x` (B, L, D): the first token, or the mean of those where `mask` (B, L) is
-    True."""
+    "Pooled embedding (B, D) of tokens `x` (B, L, D): the first token, or the mean of those where `mask` (B, L) is set."
     if pooling == "first":
         return x[:, 0]
     m = mask.unsqueeze(-1).to(x.dtype)
@@ -570,8 +563,7 @@ class SmallTextEncoder(nn.Module):
         self.norm = nn.LayerNorm(dim)
 
     def forward(self, ids, mask=None, added=None, where="target_ids"):
-        """`ids` (B, L) -> (tokens, pooled); `added` (B, L, D): embeddings added to the input (stage 2's segment
-        embedding)."""
+        "`ids` (B, L) -> (tokens, pooled); `added` (B, L, D): added to the input embeddings (stage 2's segments)."
         if ids.ndim != 2:
             raise InputError(f"token ids of shape {tuple(ids.shape)}", where=where, expected="(B, L)")
         if ids.shape[1] > self.max_len:
@@ -595,8 +587,7 @@ BERT_KINDS = ("bert", "cxr-bert")
 
 
 class HubTextEncoder(nn.Module):
-    """CXR-BERT (a `transformers` BERT) from a local folder, cut to `n_layers`: over the project's token ids (MLRG) or
-    raw text."""
+    "CXR-BERT (`transformers` BERT) from a local folder, cut to `n_layers`, on project token ids (MLRG) or raw text."
 
     native_segments = True
 
@@ -659,8 +650,7 @@ class HubTextEncoder(nn.Module):
             self.net.config.vocab_size = self.vocab_size = int(vocab_size)
 
     def forward(self, ids, mask=None, added=None, where="target_ids", segments=None):
-        """(tokens (B, L, D), pooled (B, D)) of token ids `ids` (B, L) with `segments` as token types, or of raw texts
-        `ids` (a list)."""
+        "(tokens (B, L, D), pooled (B, D)) of token ids `ids` (B, L) (`segments`: token types) or raw texts `ids`."
         if self.uses_raw_text:
             dev = next(self.net.parameters()).device
             b = self.tokenizer(
@@ -687,8 +677,7 @@ TEXT_ENCODERS = ("small", "cxr_bert")
 
 
 def build_text_encoder(name="small", vocab_size=None, pad_id=0, pretrained_path=None, **kw):
-    """The text encoder `name`: 'small' (project vocabulary, random init) or 'cxr_bert' (local folder, `transformers`;
-    raw text without `vocab_size`)."""
+    "Text encoder `name`: 'small' (project vocab, random init) or 'cxr_bert' (local folder; raw text w/o `vocab_size`)."
     if name == "small":
         enc = SmallTextEncoder(vocab_size, pad_id, **kw)
         if pretrained_path is not None:
@@ -718,8 +707,7 @@ class CrossAttentionLayer(nn.Module):
 
 
 class LongitudinalFusion(nn.Module):
-    """Anchor tokens (B, N, D) cross-attend to memory tokens (B, M, D) (+ a learned null token); `memory_pad` True =
-    ignore."""
+    "Anchor tokens (B, N, D) cross-attend to memory tokens (B, M, D) (+ a learned null token), ignoring `memory_pad`."
 
     def __init__(self, dim, depth=3, heads=8, mlp_ratio=4, dropout=0.0):
         super().__init__()
@@ -788,8 +776,7 @@ CLIP_SCALE_INIT, CLIP_SCALE_MAX = math.log(1 / 0.07), 100.0
 
 
 def clip_loss(img, txt, logit_scale, max_scale=CLIP_SCALE_MAX):
-    """Loss (c): CLIP's symmetric cross-entropy with learnable `logit_scale` (log of the inverse temperature), scale
-    capped."""
+    "Loss (c): CLIP's symmetric cross-entropy, learnable `logit_scale` (log of the inverse temperature), scale capped."
     i, t = F.normalize(img, dim=-1), F.normalize(txt, dim=-1)
     logits = logit_scale.exp().clamp(max=max_scale) * i @ t.T
     y = torch.arange(len(i), device=i.device)
@@ -849,8 +836,7 @@ VISUAL_KEYS = (
 
 # %% ../nbs/02_models.ipynb #484e251c
 def _resolve_config(config, overrides) -> dict:
-    """Defaults, then `config`, then `overrides`; unknown keys, an unknown mode and ablation flags that contradict it
-    are errors."""
+    "Defaults, then `config`, then `overrides`; errors: unknown keys or mode, ablation flags contradicting the mode."
     cfg = {**DEFAULT_PRETRAIN_CONFIG, **(config or {}), **overrides}
     unknown = sorted(set(cfg) - set(DEFAULT_PRETRAIN_CONFIG))
     if unknown:
@@ -887,16 +873,14 @@ def pretrain_config(config=None, **overrides) -> dict:
 
 
 def visual_config(config=None, **overrides) -> dict:
-    """The `VISUAL_KEYS` of a stage-1 config, completed and checked as `pretrain_config` does; the other keys need only
-    be known."""
+    "A stage-1 config's `VISUAL_KEYS`, completed and checked as by `pretrain_config`; other keys need only be known."
     given = {**(config or {}), **overrides}
     cfg = _resolve_config({k: v for k, v in given.items() if k in VISUAL_KEYS or k not in DEFAULT_PRETRAIN_CONFIG}, {})
     return {k: cfg[k] for k in VISUAL_KEYS}
 
 # %% ../nbs/02_models.ipynb #d5d2fd71
 class VisualEncoder(nn.Module):
-    """A sample's images -> projected tokens with view / temporal embeddings -> the anchor fused with its other views
-    and its prior."""
+    "A sample's images -> projected tokens + view/temporal embeddings -> anchor fused with its other views and prior."
 
     def __init__(self, config=None, after_projection=None, **overrides):
         super().__init__()
@@ -910,8 +894,8 @@ class VisualEncoder(nn.Module):
             **cfg["image_encoder_kw"],
         )
         self.image_proj = nn.Linear(self.image_encoder.dim, d)
-        # `MLRGPretrainModel` builds its image head here, so a seed gives it the same initial weights as before this
-        # class existed
+        # `MLRGPretrainModel` builds its image head here, so a seed gives it the same initial weights
+        # as before this class existed
         if after_projection is not None:
             after_projection()
         if self.mode == "mlrg":
@@ -971,8 +955,7 @@ def embed_slots(self: VisualEncoder, tokens, batch):
 
 @patch
 def fuse(self: VisualEncoder, emb, used):
-    """The anchor's tokens (slot 0 of `emb`, (B, V+1, N, d)) after attending to the tokens of the other `used` slots:
-    (B, N, d)."""
+    "The anchor's tokens (slot 0 of `emb`, (B, V+1, N, d)) after attending to other `used` slots' tokens: (B, N, d)."
     B, V1, N, d = emb.shape
     mem_slots = [k for k in range(1, V1) if bool(used[:, k].any())]
     memory = emb[:, mem_slots].reshape(B, len(mem_slots) * N, d)
@@ -999,8 +982,7 @@ def forward(self: VisualEncoder, batch) -> dict:
 
 @patch
 def global_embedding(self: VisualEncoder, out) -> torch.Tensor:
-    """Each sample's image embedding (B, d) from `forward`'s output: the fused global token (mlrg), the anchor's
-    (medclip)."""
+    "Each sample's image embedding (B, d) from `forward`'s output: fused global token (mlrg) or the anchor's (medclip)."
     return out["fused_global"] if self.mode == "mlrg" else out["global"][:, 0]
 
 # %% ../nbs/02_models.ipynb #0c6c7507
@@ -1190,8 +1172,8 @@ def partial_load(module, source, what="weights", print_fn=print) -> pd.DataFrame
         c = t.status.value_counts()
         print_fn(
             f"{what}: {c.get('loaded', 0)} tensors loaded, {c.get('new', 0) + c.get('new (shape mismatch)', 0)} new "
-            f"({c.get('new (shape mismatch)', 0)} of them for a shape mismatch), {c.get('skipped', 0)} of the "
-            f"source's skipped"
+            f"({c.get('new (shape mismatch)', 0)} of them for a shape mismatch), "
+            f"{c.get('skipped', 0)} of the source's skipped"
         )
         print_fn(summarize_init(t).to_string())
     return t

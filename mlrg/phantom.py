@@ -461,8 +461,7 @@ def _absent():
 
 
 def _entry(obs, f, word_of=None):
-    """The findings entry of stated observation `obs` with state attributes `f` (severity words of `word_of`, default
-    `obs`)."""
+    "The findings entry of stated observation `obs` with attributes `f` (severity words of `word_of`, default `obs`)."
     g = f["grade"]
     if not g:
         return _absent()
@@ -876,8 +875,7 @@ def _statements(rec, prior, rng):
 
 # %% ../nbs/01a_phantom.ipynb #26a91f1d
 def _impression(rec, prior, stmts, rng):
-    """The (sentence, labels) pairs of the impression: up to 5 of the positive, device-change and resolution statements,
-    else a normal one."""
+    "The impression's (sentence, labels): up to 5 positive, device-change and resolution statements, else a normal one."
     pos = [(s, l) for s, l in stmts if any(v != 0 for k, v in l.items() if k != "Support Devices")]
     dev = [
         (s, l)
@@ -1099,8 +1097,7 @@ def _frontal_body(u, v, au):
 
 
 def _frontal_lungs(u, v, geo, e):
-    """The lung fields: their sum (thinner at the periphery) and, per side, (mask, centre, half-width, dome level,
-    diaphragm)."""
+    "The lung fields: their sum (thinner at the periphery) and per side (mask, centre, half-width, dome, diaphragm)."
     lung = np.zeros_like(u)
     sides = {}
     for sgn, side in ((-1, "right"), (1, "left")):
@@ -1163,8 +1160,7 @@ _LOBE_UV = {
 
 
 def _frontal_airspace(u, v, st, geo, sides, tex_c, tex_m):
-    """The densities (`D`) that a pleural effusion, a consolidation and atelectasis add inside the lungs on the frontal
-    view."""
+    "The densities (`D`) a pleural effusion, a consolidation and atelectasis add inside the lungs on the frontal view."
     D = np.zeros_like(u)
     pe = st["Pleural Effusion"]
     if pe["grade"] >= 2:
@@ -1233,8 +1229,7 @@ def _frontal_edema_lesion(u, v, st, geo, sides, lung, D, A, tex_c, size):
 
 # %% ../nbs/01a_phantom.ipynb #6e1fa24c
 def _frontal_pleura(u, v, st, sides, A, size):
-    """Add a pneumothorax's pleural line and apical pleural thickening to `A` in place; returns the pneumothorax's clear
-    rim (0..1)."""
+    "Add a pneumothorax's pleural line and apical pleural thickening to `A` in place; returns its clear rim (0..1)."
     clear = np.zeros_like(u)
     pt = st["Pneumothorax"]
     if pt["grade"]:
@@ -1253,8 +1248,7 @@ def _frontal_pleura(u, v, st, sides, A, size):
 
 # %% ../nbs/01a_phantom.ipynb #7ca23841
 def _frontal_bones(u, v, au, st, geo, bw, e, size):
-    """The attenuation that the spine, the ribs (with a fracture's gap and callus) and the clavicles add to a frontal
-    view."""
+    "The attenuation the spine, the ribs (with a fracture's gap and callus) and the clavicles add to a frontal view."
     insp = geo["insp"]
     sp = _ramp(0.055 - np.abs(u - geo["med"] * 0.6), e) * (0.85 + 0.15 * np.cos(v * (2 * np.pi / 0.11)))
     th = _ramp(bw - 0.06 - au, 0.03) * _ramp(0.72 + insp - v, 0.06) * _ramp(v + 0.92, 0.05)
@@ -1274,8 +1268,7 @@ def _frontal_bones(u, v, au, st, geo, bw, e, size):
 
 # %% ../nbs/01a_phantom.ipynb #407753b4
 def _devices_frontal(size, st, geo, hx, hv, hs):
-    """The attenuation of the devices of state `st` on a frontal view (0 without devices); `hx`, `hv`, `hs` place the
-    heart for the pacemaker leads."""
+    "Frontal attenuation of state `st`'s devices (0 if none); `hx`, `hv`, `hs` place the heart for the pacemaker leads."
     dev = st["devices"]
     if not any(dev.values()):
         return 0
@@ -1408,8 +1401,7 @@ def _lateral_body(u, v):
 
 
 def _lateral_chest(u, v, st, geo, front, e):
-    """Lungs, hemidiaphragms, heart, retrosternal space, hila, trachea: (lung mask, air, trachea, diaphragm line,
-    diaphragm level, heart centre `hx`, `hv`)."""
+    "Lateral lungs, diaphragms, heart, hila, trachea: (lung mask, air, trachea, diaphragm line, its level, `hx`, `hv`)."
     insp = geo["insp"]
     fl = front + 0.11
     bl = 0.64 - 0.05 * (v + 0.1) ** 2
@@ -1509,8 +1501,7 @@ def _lateral_bones(u, v, front, body, lung_raw, e):
 
 # %% ../nbs/01a_phantom.ipynb #6a1860c9
 def _devices_lateral(size, st, geo, hx, hv):
-    """The attenuation of the devices of state `st` on a lateral view (0 without devices); `hx`, `hv` place the heart
-    for the pacemaker lead."""
+    "Lateral attenuation of state `st`'s devices (0 if none); `hx`, `hv` place the heart for the pacemaker lead."
     dev = st["devices"]
     if not any(dev.values()):
         return 0
@@ -1768,8 +1759,7 @@ def _jpeg(img, quality=90):
 
 
 def _write_patient(args):
-    """Draw and write the images and reports of one patient (`args`: seed, index, subject id, study ids, size, output
-    folder); returns its metadata rows, CheXpert rows and truth records."""
+    "Draw and write a patient's images, reports (`args`: seed, index, ids, size, out); metadata, CheXpert, truth rows."
     seed, i, subject_id, study_ids, size, out = args
     out = Path(out)
     recs, states = simulate_patient(seed, i, subject_id, study_ids)
@@ -1873,7 +1863,7 @@ def phantom_folder(out, parameters: dict, overwrite=False) -> str:
     if info is not None and all(old.get(k) == parameters[k] for k in keys):
         return "done" if info.get("complete", True) else "rewrite"
     what = (
-        f"a phantom with other parameters "
+        "a phantom with other parameters "
         f"({', '.join(f'{k} {old.get(k)} -> {parameters[k]}' for k in keys if old.get(k) != parameters[k])})"
         if info is not None
         else f"files the phantom did not write ({', '.join(sorted(p.name for p in out.iterdir())[:4])}, ...)"
@@ -1890,8 +1880,7 @@ def phantom_folder(out, parameters: dict, overwrite=False) -> str:
 
 # %% ../nbs/01a_phantom.ipynb #9031f54b
 def write_phantom(out_dir, patients=None, seed=0, size=None, workers=None, progress=True, preset=None, overwrite=False):
-    """Write the phantom MIMIC-CXR-JPG + MIMIC-CXR dataset into `out_dir`; returns the info dict (also in
-    `phantom-info.json`)."""
+    "Write the phantom MIMIC-CXR-JPG + MIMIC-CXR dataset to `out_dir`; returns its info (also in `phantom-info.json`)."
     if preset is not None and preset not in PRESETS:
         raise InputError(f"unknown preset {preset!r}", where="preset", expected=" or ".join(PRESETS))
     p = PRESETS.get(preset or "tiny")
@@ -1988,8 +1977,7 @@ def read_truth(path) -> list:
 
 # %% ../nbs/01a_phantom.ipynb #b2734edf
 def phantom_cli(argv=None):
-    """The `mlrg phantom` command: write a phantom dataset as `argv` (see `PHANTOM`) asks, print a summary line, return
-    0."""
+    "The `mlrg phantom` command: write the phantom dataset `argv` (see `PHANTOM`) asks for, print a summary, return 0."
     p = PHANTOM.cli(argv, prog="mlrg phantom")
     info = write_phantom(
         p["out_dir"],
