@@ -43,18 +43,22 @@ from mlrg.core import (
 )
 
 # %% auto #0
-__all__ = ['IMAGE_CHECKS', 'PREPARE', 'METADATA_CSV', 'SPLIT_CSV', 'CHEXPERT_CSV', 'METADATA_REQUIRED', 'SPLIT_REQUIRED',
-           'SPLIT_NAMES', 'SPLITS', 'CHEXPERT_LABELS', 'MLRG_ITEM_KEYS', 'SPECIAL_TOKENS', 'BPE_STATE_TAG',
-           'BPE_SPECIAL', 'BPE_ADDED', 'CXR_MEAN', 'CXR_STD', 'VIEW_POSITIONS', 'find_table', 'normalize_view',
-           'view_projection', 'view_rank', 'BadInputs', 'read_metadata', 'read_split', 'assign_priors',
-           'choose_prior_images', 'parse_report', 'normalize_text', 'clean_indication', 'read_reports', 'check_image',
-           'check_images', 'tokenize', 'Tokens', 'Vocab', 'clean_text', 'BPETokenizer', 'vocab_from_state', 'prepare',
-           'prepare_cli', 'validate_mlrg_item', 'read_mlrg_annotation', 'read_r2gen_annotation', 'read_medclip_pickle',
-           'read_annotation', 'view_id', 'load_image', 'prior_findings', 'build_prompt', 'image_slots', 'MLRGDataset',
-           'collate']
+__all__ = ['IMAGE_CHECKS', 'PRIOR_ORDERS', 'PREPARE', 'METADATA_CSV', 'SPLIT_CSV', 'CHEXPERT_CSV', 'FACTS_FILE',
+           'METADATA_REQUIRED', 'SPLIT_REQUIRED', 'SPLIT_NAMES', 'SPLITS', 'CHEXPERT_LABELS', 'MLRG_ITEM_KEYS',
+           'SPECIAL_TOKENS', 'BPE_STATE_TAG', 'BPE_SPECIAL', 'BPE_ADDED', 'CXR_MEAN', 'CXR_STD', 'REPORT_STYLES',
+           'TARGET_TRUNCATIONS', 'PROMPT_TRUNCATIONS', 'IMAGE_PREPROCESSES', 'VIEW_POSITIONS', 'find_table',
+           'normalize_view', 'view_projection', 'view_rank', 'BadInputs', 'read_metadata', 'read_split',
+           'assign_priors', 'choose_prior_images', 'parse_report', 'normalize_text', 'clean_indication', 'read_reports',
+           'check_image', 'check_images', 'tokenize', 'Tokens', 'Vocab', 'clean_text', 'BPETokenizer',
+           'vocab_from_state', 'read_factual_serialization', 'prepare', 'prepare_cli', 'validate_mlrg_item',
+           'read_mlrg_annotation', 'read_r2gen_annotation', 'read_medclip_pickle', 'read_annotation', 'view_id',
+           'load_image', 'processor_config', 'processed_size', 'load_processed_image', 'prior_findings', 'facts_of',
+           'prior_report', 'longest_first', 'build_prompt', 'target_ids', 'stage1_text', 'stage1_ids', 'image_slots',
+           'MLRGDataset', 'collate']
 
 # %% ../nbs/01_data.ipynb #a43be15a
 IMAGE_CHECKS = ("exists", "decode", "none")
+PRIOR_ORDERS = ("datetime", "study_id")
 
 PREPARE = Params(
     "prepare",
@@ -79,6 +83,12 @@ PREPARE = Params(
             "exists (present, non-empty, a JPEG/PNG header), decode every image, or none",
             choices=lambda: IMAGE_CHECKS,
         ),
+        prior_order=Param(
+            "datetime",
+            "datetime: the prior is the study before by StudyDate then StudyTime, ties get none (mlrg); study_id: "
+            "the patient's next smaller study_id (MLRG's order, fidelity 1.3)",
+            choices=lambda: PRIOR_ORDERS,
+        ),
         min_freq=Param(3, "vocabulary: keep words seen at least this often in the train split", low=1),
         skip_bad=Param(False, "skip and count bad inputs instead of failing"),
         image_size=Param(224, "Dataset: images are padded to square, then resized to this", low=16, cli=False),
@@ -92,6 +102,7 @@ PREPARE = Params(
 METADATA_CSV = "mimic-cxr-2.0.0-metadata.csv"
 SPLIT_CSV = "mimic-cxr-2.0.0-split.csv"
 CHEXPERT_CSV = "mimic-cxr-2.0.0-chexpert.csv"
+FACTS_FILE = "findings_factual_serialization.jsonl"  # optional: per study, its findings as short facts
 METADATA_REQUIRED = ("dicom_id", "subject_id", "study_id", "ViewPosition", "StudyDate", "StudyTime")
 SPLIT_REQUIRED = ("dicom_id", "study_id", "subject_id", "split")
 SPLIT_NAMES = {"train": "train", "validate": "val", "val": "val", "test": "test"}
@@ -346,8 +357,18 @@ def read_split(mimic_root, metadata, bad=None):
     return pd.DataFrame({"dicom_id": dicom[keep].to_numpy(), "split": split[keep].to_numpy()})
 
 # %% ../nbs/01_data.ipynb #570852d5
-def assign_priors(studies: pd.DataFrame) -> pd.DataFrame:
-    "Per study (columns study_id, subject_id, study_date, study_time): prior_study_id (or <NA>) and prior_status."
+def assign_priors(studies: pd.DataFrame, order="datetime") -> pd.DataFrame:
+    """Per study (columns study_id, subject_id, study_date, study_time): prior_study_id (or <NA>) and prior_status;
+    `order` "datetime" (by date and time, ties get none) or "study_id" (MLRG: the next smaller study_id)."""
+    if order == "study_id":
+        s = studies[["study_id", "subject_id", "study_date", "study_time"]]
+        s = s.sort_values(["subject_id", "study_id"], kind="stable").reset_index(drop=True)
+        prev = s.groupby("subject_id", sort=False)["study_id"].shift(1)
+        s["prior_status"] = np.where(prev.isna(), "first", "prior")
+        s["prior_study_id"] = prev.astype("Int64")
+        return s[["study_id", "subject_id", "study_date", "study_time", "prior_study_id", "prior_status"]]
+    if order != "datetime":
+        raise InputError(f"prior_order={order!r}", where="prior_order", expected=" or ".join(PRIOR_ORDERS))
     key = ["subject_id", "study_date", "study_time"]
     s = studies[["study_id"] + key].sort_values(key + ["study_id"], kind="stable").reset_index(drop=True)
     ts = s.groupby(key, sort=True).agg(first_study=("study_id", "first"), n_at=("study_id", "size")).reset_index()
@@ -738,8 +759,9 @@ class BPETokenizer(Tokens):
         return f"BPETokenizer({len(self)} tokens, from {self.source})"
 
     def ids_of(self, text) -> list:
-        "The BPE ids of `text`, cleaned."
-        return self.backend.encode(clean_text(text), add_special_tokens=False).ids
+        """The BPE ids of `text` stripped and lower-cased, as MLRG writes its strings (`___` is kept, so targets and
+        references are alike)."""
+        return self.backend.encode(str(text or "").strip().lower(), add_special_tokens=False).ids
 
     def is_special(self, i) -> bool:
         return i in self.special_ids
@@ -762,12 +784,14 @@ def vocab_from_state(state):
     return Vocab(state[len(SPECIAL_TOKENS) :])
 
 # %% ../nbs/01_data.ipynb #e1ff3432
-def _check_prepare_args(mimic_root, out, sample_unit, image_check, min_freq):
+def _check_prepare_args(mimic_root, out, sample_unit, image_check, min_freq, prior_order="datetime"):
     "`mimic_root` and `out` as `Path`s, once the settings are valid and the root is a folder."
     if sample_unit not in ("image", "study"):
         raise InputError(f"sample_unit={sample_unit!r}", where="sample_unit", expected="'image' or 'study'")
     if image_check not in IMAGE_CHECKS:
         raise InputError(f"image_check={image_check!r}", where="image_check", expected=" | ".join(IMAGE_CHECKS))
+    if prior_order not in PRIOR_ORDERS:
+        raise InputError(f"prior_order={prior_order!r}", where="prior_order", expected=" or ".join(PRIOR_ORDERS))
     if int(min_freq) < 1:
         raise InputError(f"min_freq={min_freq}", where="min_freq", expected="an integer >= 1")
     root, out = Path(mimic_root), Path(out)
@@ -857,6 +881,34 @@ def _read_chexpert(path, bad):
     ok = sid.notna().to_numpy()
     return dict(zip(sid.to_numpy()[ok].astype("int64").tolist(), obj[ok].tolist()))
 
+# %% ../nbs/01_data.ipynb #ec6da8c1
+def read_factual_serialization(mimic_root, bad=None) -> dict | None:
+    "{study_id: [fact, ...]} from `FACTS_FILE` in `mimic_root`, or None when there is no such file."
+    path = Path(mimic_root) / FACTS_FILE
+    if not path.is_file():
+        return None
+    bad = bad or BadInputs()
+    out = {}
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                r = json.loads(line)
+                sid, facts = int(r["study_id"]), r["findings_factual_serialization"]
+                ok = isinstance(facts, list) and all(isinstance(x, str) for x in facts)
+            except (ValueError, KeyError, TypeError):
+                ok = False
+            if not ok:
+                bad(
+                    "facts_bad_row",
+                    "not a JSON object with study_id and findings_factual_serialization (a list of strings)",
+                    where=f"{path}, line {n}",
+                )
+                continue
+            out[sid] = facts
+    return out
+
 # %% ../nbs/01_data.ipynb #9a07c4e9
 def _anchors(imgs, text, pri, sample_unit):
     """(anchor images with `prior_study_id` and `prior_status`, images of studies without findings, images of studies
@@ -871,11 +923,12 @@ def _anchors(imgs, text, pri, sample_unit):
     return anchors.join(pri[["prior_study_id", "prior_status"]], on="study_id"), n_no_findings, n_no_report
 
 # %% ../nbs/01_data.ipynb #fc8164f5
-def _latest_study(prior_id, image, text, sdate):
-    "MLRG's `prior_study` entry: prior study `prior_id`, its chosen (path, view) `image`, findings and date."
+def _latest_study(prior_id, image, text, sdate, facts=None):
+    """MLRG's `prior_study` entry: prior study `prior_id`, its chosen (path, view) `image`, findings (and their facts
+    when `facts` is given) and date."""
     ptext = text.get(prior_id)
     pdate, ptime = sdate[prior_id]
-    return {
+    entry = {
         "latest_study": {
             "image_path": image[0],
             "view_position": image[1],
@@ -887,6 +940,9 @@ def _latest_study(prior_id, image, text, sdate):
             "report_read": ptext is not None,
         }
     }
+    if facts is not None:
+        entry["latest_study"]["findings_factual_serialization"] = facts.get(prior_id, [])
+    return entry
 
 
 def _prior_images(anchors, imgs):
@@ -905,7 +961,7 @@ def _prior_images(anchors, imgs):
     }
 
 # %% ../nbs/01_data.ipynb #052c0cd8
-def _annotation(anchors, imgs, studies, text, chexpert):
+def _annotation(anchors, imgs, studies, text, chexpert, facts=None):
     """({split: [MLRG item, ...]}, Counter of prior statuses) of the `anchors`; `imgs` gives each study's images in
     order."""
     chosen_map = _prior_images(anchors, imgs)
@@ -934,7 +990,7 @@ def _annotation(anchors, imgs, studies, text, chexpert):
             else:
                 prior = prior_cache.get(key)
                 if prior is None:
-                    prior = prior_cache[key] = _latest_study(prior_id, chosen_map[key], text, sdate)
+                    prior = prior_cache[key] = _latest_study(prior_id, chosen_map[key], text, sdate, facts)
         status_count[status] += 1
         aux = [pv for pv in by_study[study] if pv[0] != path]
         date, tm = sdate[study]
@@ -955,6 +1011,8 @@ def _annotation(anchors, imgs, studies, text, chexpert):
         }
         if chexpert is not None:
             item["chexpert"] = chexpert.get(study)
+        if facts is not None:
+            item["findings_factual_serialization"] = facts.get(study, [])
         ann[spl].append(item)
     return ann, status_count
 
@@ -1001,12 +1059,13 @@ def prepare(
     min_freq=3,
     progress=True,
     vocab_path=None,
+    prior_order="datetime",
 ) -> dict:
     """Prepare MIMIC-CXR(-JPG) at `mimic_root` into MLRG's annotation JSON `out` (+ vocabulary + summary); return the
     summary."""
     t0 = time.perf_counter()
     log = get_logger()
-    root, out = _check_prepare_args(mimic_root, out, sample_unit, image_check, min_freq)
+    root, out = _check_prepare_args(mimic_root, out, sample_unit, image_check, min_freq, prior_order)
     vocab_path = Path(vocab_path) if vocab_path else _default_vocab_path(out)
     for folder in {out.parent, vocab_path.parent}:
         ensure_writable(folder)
@@ -1017,14 +1076,15 @@ def prepare(
     imgs = imgs[check_images(files_dir, imgs["path"].tolist(), image_check, bad, progress)].reset_index(
         drop=True
     )  # 2. images
-    pri = assign_priors(studies).set_index("study_id")  # 3. priors, over every study in the metadata
+    pri = assign_priors(studies, prior_order).set_index("study_id")  # 3. priors, over every study in the metadata
     reports = read_reports(files_dir, _studies_to_read(imgs, studies, pri), bad, progress)  # 4. reports
     text, rcount = _study_texts(reports)
     chex_path = find_table(root, CHEXPERT_CSV, required=False)
     chexpert = _read_chexpert(chex_path, bad) if chex_path else None
     imgs = imgs.sort_values(["study_id", "rank", "dicom_id"], kind="stable").reset_index(drop=True)  # 5. samples
     anchors, n_no_findings_images, n_no_report_images = _anchors(imgs, text, pri, sample_unit)
-    ann, status_count = _annotation(anchors, imgs, studies, text, chexpert)
+    facts = read_factual_serialization(root, bad)
+    ann, status_count = _annotation(anchors, imgs, studies, text, chexpert, facts)
     vocab = _train_vocab(ann, text, min_freq)
     summary = {
         "mimic_root": str(root.resolve()),
@@ -1034,6 +1094,16 @@ def prepare(
         "image_check": image_check,
         "skip_bad": bool(skip_bad),
         "min_freq": int(min_freq),
+        "prior_order": prior_order,
+        "factual_serialization": {
+            "file": str(root / FACTS_FILE) if facts is not None else None,
+            "studies": len(facts) if facts is not None else 0,
+            "items_without_facts": {
+                s: sum(not it.get("findings_factual_serialization") for it in ann[s]) for s in SPLITS
+            }
+            if facts is not None
+            else None,
+        },
         **_sample_counts(ann, status_count, pri),
         "inputs": {
             "metadata": str(find_table(root, METADATA_CSV)),
@@ -1085,6 +1155,7 @@ def prepare_cli(argv=None) -> int:
             min_freq=a["min_freq"],
             progress=not a["quiet"],
             vocab_path=a["vocab"],
+            prior_order=a["prior_order"],
         )
     except InputError as e:
         print(f"mlrg prepare: error: {e}", file=sys.stderr)
@@ -1134,9 +1205,17 @@ def validate_mlrg_item(item, where="item") -> list:
             errors.append(f"{where}.prior_study: neither null nor {{latest_study: ...}}")
         else:
             _check_paths(prior, "latest_study", f"{where}.prior_study", errors, single=True)
-            if not isinstance(prior["latest_study"].get("findings", ""), str):
+            if not isinstance(prior["latest_study"].get("findings", ""), (str, type(None))):
                 errors.append(f"{where}.prior_study.latest_study.findings: not a string")
+            _check_facts(prior["latest_study"], f"{where}.prior_study.latest_study", errors)
+    _check_facts(item, where, errors)
     return errors
+
+
+def _check_facts(d, where, errors):
+    f = d.get("findings_factual_serialization", [])
+    if not isinstance(f, list) or not all(isinstance(x, str) for x in f):
+        errors.append(f"{where}.findings_factual_serialization: not a list of strings")
 
 # %% ../nbs/01_data.ipynb #300b14a1
 def _raise_bad_items(path, errors):
@@ -1259,6 +1338,10 @@ def read_annotation(path, trust_pickle=False) -> dict:
 
 # %% ../nbs/01_data.ipynb #9195a684
 CXR_MEAN, CXR_STD = 0.586, 0.280
+REPORT_STYLES = ("findings", "factual_serialization")
+TARGET_TRUNCATIONS = ("keep_eos", "mlrg")
+PROMPT_TRUNCATIONS = ("keep_sep", "mlrg")
+IMAGE_PREPROCESSES = ("pad", "processor")
 VIEW_POSITIONS = ("PA", "AP", "LATERAL", "LL", "other", "unk")
 
 
@@ -1290,6 +1373,97 @@ def load_image(path, image_size=224):
         im = im.resize((image_size, image_size), Image.BILINEAR)
     return np.asarray(im, dtype=np.uint8)
 
+# %% ../nbs/01_data.ipynb #50dd8a8c
+_PIL_RESAMPLE = {0: "NEAREST", 1: "LANCZOS", 2: "BILINEAR", 3: "BICUBIC", 4: "BOX", 5: "HAMMING"}
+
+
+def _hw(d, where):
+    "(height, width) of a transformers size entry (`{height, width}` or an int)."
+    if isinstance(d, int):
+        return d, d
+    if isinstance(d, dict) and {"height", "width"} <= set(d):
+        return int(d["height"]), int(d["width"])
+    raise InputError(f"{where}={d!r}", where="preprocessor_config.json", expected=f"{where} as {{height, width}}")
+
+
+def processor_config(source) -> dict:
+    """The image settings of a `preprocessor_config.json` (a folder holding it, the file, or its dict), with
+    `BitImageProcessor`'s defaults for keys it lacks."""
+    where = source
+    if not isinstance(source, dict):
+        p = Path(source)
+        p = p / "preprocessor_config.json" if p.is_dir() else p
+        if not p.is_file():
+            raise InputError(
+                "no preprocessor_config.json",
+                where=p,
+                expected="image_preprocess='processor' needs the RAD-DINO folder (image_pretrained_path)",
+            )
+        source, where = load_json(p), p
+    size = source.get("size", {"shortest_edge": 224})
+    if isinstance(size, dict) and set(size) == {"shortest_edge"}:
+        shortest, fixed = int(size["shortest_edge"]), None
+    else:
+        shortest, fixed = None, _hw(size, "size")
+    resample = int(source.get("resample", 3))
+    if resample not in _PIL_RESAMPLE:
+        raise InputError(f"resample={resample!r}", where=where, expected="a PIL resampling filter 0-5")
+    return {
+        "do_resize": bool(source.get("do_resize", True)),
+        "shortest_edge": shortest,
+        "size": fixed,
+        "resample": resample,
+        "do_center_crop": bool(source.get("do_center_crop", True)),
+        "crop_size": _hw(source.get("crop_size", {"height": 224, "width": 224}), "crop_size"),
+        "do_rescale": bool(source.get("do_rescale", True)),
+        "rescale_factor": float(source.get("rescale_factor", 1 / 255)),
+        "do_normalize": bool(source.get("do_normalize", True)),
+        "image_mean": source.get("image_mean"),
+        "image_std": source.get("image_std"),
+    }
+
+
+def processed_size(cfg, height, width) -> tuple:
+    "(height, width) of an image of `height` x `width` after the resize and crop of processor settings `cfg`."
+    if cfg["do_resize"]:
+        if cfg["size"] is not None:
+            height, width = cfg["size"]
+        else:
+            s = cfg["shortest_edge"]
+            short, long = sorted((height, width))
+            new_long = int(s * long / short)
+            height, width = (new_long, s) if width <= height else (s, new_long)
+    return cfg["crop_size"] if cfg["do_center_crop"] else (height, width)
+
+
+def load_processed_image(path, cfg) -> np.ndarray:
+    "A grayscale image as a uint8 array, decoded in full, resized and center-cropped as processor settings `cfg` say."
+    path = Path(path)
+    try:
+        with Image.open(path) as im:
+            im.load()
+            im = im.convert("L")
+    except FileNotFoundError:
+        raise InputError("image file not found", where=path) from None
+    except Exception as e:
+        raise InputError(f"cannot read image ({type(e).__name__}: {e})", where=path) from None
+    if cfg["do_resize"]:
+        h, w = processed_size({**cfg, "do_center_crop": False}, im.height, im.width)
+        im = im.resize((w, h), resample=getattr(Image.Resampling, _PIL_RESAMPLE[cfg["resample"]]), reducing_gap=None)
+    x = np.asarray(im, dtype=np.uint8)
+    if not cfg["do_center_crop"]:
+        return x
+    ch, cw = cfg["crop_size"]
+    H, W = x.shape
+    if ch > H or cw > W:  # transformers pads a small image with zeros, centred (rounding up), then crops
+        big = np.zeros((max(ch, H), max(cw, W)), dtype=np.uint8)
+        tp, lp = -(-(big.shape[0] - H) // 2), -(-(big.shape[1] - W) // 2)
+        big[tp : tp + H, lp : lp + W] = x
+        x, top, left = big, (H - ch) // 2 + tp, (W - cw) // 2 + lp
+    else:
+        top, left = (H - ch) // 2, (W - cw) // 2
+    return np.ascontiguousarray(x[top : top + ch, left : left + cw])
+
 # %% ../nbs/01_data.ipynb #ac3e3d2e
 def prior_findings(item) -> str | None:
     "The findings of an annotation item's prior study (None when it has none)."
@@ -1297,13 +1471,74 @@ def prior_findings(item) -> str | None:
     return (prior.get("latest_study") or {}).get("findings") if isinstance(prior, dict) else None
 
 
-def build_prompt(vocab, indication, prior_text, max_length=200) -> tuple:
-    "(ids, segment ids) of the prompt `[CLS] indication [SEP] prior findings [SEP]`, at most `max_length` tokens."
+def facts_of(entry) -> list | None:
+    "The factual serialization of an item or a `latest_study` entry, stripped and lower-cased (None when it has none)."
+    f = entry.get("findings_factual_serialization") if isinstance(entry, dict) else None
+    return None if f is None else [str(x).strip().lower() for x in f]
+
+
+def prior_report(item, report_style="findings"):
+    """What the prompt's prior-report segment holds: None (no prior, or a prior without findings: `[NHPR]`), the
+    prior's findings (a string), or with `report_style="factual_serialization"` its facts (a list; MLRG DS:248-268)."""
+    prior = item.get("prior_study")
+    ls = prior.get("latest_study") if isinstance(prior, dict) else None
+    if not isinstance(ls, dict):
+        return None
+    if report_style == "factual_serialization":
+        if ls.get("findings") is None or ls.get("has_findings") is False:
+            return None
+        facts = facts_of(ls)
+        if facts is not None:
+            return facts
+    return ls.get("findings")
+
+
+def _joined(vocab, facts) -> list:
+    "The ids of `fact[SEP]fact[SEP]...fact` (no [SEP] after the last)."
+    ids = []
+    for k, f in enumerate(facts):
+        ids += ([vocab.sep_id] if k else []) + vocab.encode(f)
+    return ids
+
+
+def longest_first(a, b, max_length) -> tuple:
+    "`a` and `b` cut to at most `max_length` tokens together, by Hugging Face tokenizers' `longest_first` pair rule."
+    n1, n2 = len(a), len(b)
+    if n1 + n2 <= max_length:
+        return a, b
+    swap = n1 > n2
+    if swap:
+        n1, n2 = n2, n1
+    n2 = n1 if n1 > max_length else max(n1, max_length - n1)
+    if n1 + n2 > max_length:
+        n1 = max_length // 2
+        n2 = n1 + max_length % 2
+    if swap:
+        n1, n2 = n2, n1
+    return a[:n1], b[:n2]
+
+
+def build_prompt(vocab, indication, prior_text, max_length=200, truncation="keep_sep") -> tuple:
+    """(ids, segment ids) of the prompt `[CLS] indication [SEP] prior report [SEP]`, at most `max_length` tokens.
+    `prior_text` is the prior's findings, or a list of facts joined by [SEP] (an empty list leaves the segment empty,
+    as MLRG). `truncation`: keep_sep (the longer part loses its last tokens, both [SEP]s stay) or mlrg (the two
+    segments `[CLS]...[SEP]` and `...[SEP]` cut by `longest_first`, which can drop a [SEP])."""
     if max_length < 6:
         raise InputError(f"max_prompt_length={max_length}", where="max_prompt_length", expected="at least 6 tokens")
+    if truncation not in PROMPT_TRUNCATIONS:
+        raise InputError(
+            f"prompt_truncation={truncation!r}", where="prompt_truncation", expected=str(PROMPT_TRUNCATIONS)
+        )
     ind = [t for t in vocab.encode(indication or "") if t != vocab.unk_id] and vocab.encode(indication or "")
-    pri = [t for t in vocab.encode(prior_text or "") if t != vocab.unk_id] and vocab.encode(prior_text or "")
-    ind, pri = ind or [vocab.nhi_id], pri or [vocab.nhpr_id]
+    if isinstance(prior_text, (list, tuple)):
+        pri = _joined(vocab, prior_text)
+    else:
+        pri = [t for t in vocab.encode(prior_text or "") if t != vocab.unk_id] and vocab.encode(prior_text or "")
+        pri = pri or [vocab.nhpr_id]
+    ind = ind or [vocab.nhi_id]
+    if truncation == "mlrg":
+        first, second = longest_first([vocab.cls_id] + ind + [vocab.sep_id], pri + [vocab.sep_id], max_length)
+        return first + second, [0] * len(first) + [1] * len(second)
     while len(ind) + len(pri) + 3 > max_length:  # longest first, from the end
         if len(ind) >= len(pri):
             ind = ind[:-1]
@@ -1311,6 +1546,33 @@ def build_prompt(vocab, indication, prior_text, max_length=200) -> tuple:
             pri = pri[:-1]
     ids = [vocab.cls_id] + ind + [vocab.sep_id] + pri + [vocab.sep_id]
     return ids, [0] * (len(ind) + 2) + [1] * (len(pri) + 1)
+
+
+def target_ids(vocab, findings, max_length=100, truncation="keep_eos") -> list:
+    """The target ids of `findings`: keep_eos gives `[BOS]` + at most `max_length - 2` tokens + `[EOS]`; mlrg gives
+    `[BOS]findings[EOS]` cut to `max_length + 1` tokens, so that a long report loses its `[EOS]` (MLRG MF:859-880)."""
+    if truncation not in TARGET_TRUNCATIONS:
+        raise InputError(
+            f"target_truncation={truncation!r}", where="target_truncation", expected=str(TARGET_TRUNCATIONS)
+        )
+    if truncation == "mlrg":
+        return ([vocab.bos_id] + vocab.ids_of(findings) + [vocab.eos_id])[: max_length + 1]
+    return vocab.encode(findings, bos_eos=True, max_length=max_length)
+
+
+def stage1_text(item, report_style="findings") -> str:
+    "Stage 1's report text as a string: MLRG's `[CLS]fact[SEP]...fact[SEP]` (factual_serialization), else the findings."
+    facts = facts_of(item) if report_style == "factual_serialization" else None
+    return item["findings"] if facts is None else "[CLS]" + "[SEP]".join(facts) + "[SEP]"
+
+
+def stage1_ids(vocab, item, report_style="findings", max_length=100, truncation="keep_eos") -> list:
+    """Stage 1's report ids: `[CLS]fact[SEP]...fact[SEP]` cut to `max_length` (factual_serialization, MLRG DS:15-27,
+    MF:228-238), else the target ids (an item without facts falls back to its findings)."""
+    facts = facts_of(item) if report_style == "factual_serialization" else None
+    if facts is None:
+        return target_ids(vocab, item["findings"], max_length, truncation)
+    return ([vocab.cls_id] + _joined(vocab, facts) + [vocab.sep_id])[:max_length]
 
 # %% ../nbs/01_data.ipynb #6b3f62ee
 def _augment(x, rng):
@@ -1344,9 +1606,12 @@ def image_slots(item, max_views=None) -> list:
 
 
 class MLRGDataset(torch.utils.data.Dataset):
-    """Items in MLRG's form -> image slots (anchor, auxiliary views, prior image), prompt and target ids. The prompt
-    leaves out the indication or the prior report when asked (MLRG's ablations); with a feature cache (`features`:
-    {path: tokens} with `rows`) a sample carries its slots' cached tokens as `features` instead of pixels."""
+    """Items in MLRG's form -> image slots (anchor, auxiliary views, prior image), prompt, target and stage-1 text ids.
+    The prompt leaves out the indication or the prior report when asked (MLRG's ablations); with a feature cache
+    (`features`: {path: tokens} with `rows`) a sample carries its slots' cached tokens as `features` instead of pixels.
+    `report_style`, `target_truncation`, `prompt_truncation` and `image_preprocess` choose mlrg's way (the defaults)
+    or MLRG's; `processor` is the RAD-DINO folder (or `processor_config`'s dict) for `image_preprocess="processor"`;
+    `max_views=None` keeps every image of the study."""
 
     def __init__(
         self,
@@ -1364,9 +1629,49 @@ class MLRGDataset(torch.utils.data.Dataset):
         use_indication=True,
         use_prior_report=True,
         features=None,
+        report_style="findings",
+        target_truncation="keep_eos",
+        prompt_truncation="keep_sep",
+        image_preprocess="pad",
+        processor=None,
     ):
-        if max_views < 1:
-            raise InputError(f"max_views={max_views}", where="max_views", expected=">= 1")
+        if max_views is not None and max_views < 1:
+            raise InputError(f"max_views={max_views}", where="max_views", expected=">= 1, or None for every view")
+        for name, val, ok in (
+            ("report_style", report_style, REPORT_STYLES),
+            ("target_truncation", target_truncation, TARGET_TRUNCATIONS),
+            ("prompt_truncation", prompt_truncation, PROMPT_TRUNCATIONS),
+            ("image_preprocess", image_preprocess, IMAGE_PREPROCESSES),
+        ):
+            if val not in ok:
+                raise InputError(f"{name}={val!r}", where=f"parameter {name!r}", expected=" or ".join(ok))
+        self.report_style, self.target_truncation, self.prompt_truncation = (
+            report_style,
+            target_truncation,
+            prompt_truncation,
+        )
+        self.image_preprocess, self.processor = image_preprocess, None
+        if image_preprocess == "processor":
+            self.processor = processor_config(processor) if processor is not None else None
+            if self.processor is None:
+                raise InputError(
+                    "image_preprocess='processor' without the processor's folder",
+                    where="parameter 'image_pretrained_path'",
+                    expected="the RAD-DINO folder holding preprocessor_config.json",
+                )
+            out = processed_size(self.processor, 2 * image_size, 3 * image_size)
+            if not self.processor["do_center_crop"] and self.processor["size"] is None:
+                raise InputError(
+                    "the processor keeps each image's aspect ratio (no center crop, no fixed size)",
+                    where=self.processor,
+                    expected="do_center_crop or a fixed size, so that images stack",
+                )
+            if tuple(out) != (image_size, image_size):
+                raise InputError(
+                    f"image_size={image_size} but the processor gives {out[0]} x {out[1]} images",
+                    where="parameter 'image_size'",
+                    expected=f"image_size={out[0]} (the processor's crop_size)",
+                )
         self.items, self.image_root, self.vocab = list(items), Path(image_root), vocab
         self.image_size, self.max_views = image_size, max_views
         self.max_length, self.max_prompt_length = max_length, max_prompt_length
@@ -1376,8 +1681,10 @@ class MLRGDataset(torch.utils.data.Dataset):
             bool(use_prior_report),
             features,
         )
-        self.n_dropped_aux = sum(
-            max(0, len(it["auxiliary_references"]["image_path"]) - (max_views - 1)) for it in self.items
+        self.n_dropped_aux = (
+            0
+            if max_views is None
+            else sum(max(0, len(it["auxiliary_references"]["image_path"]) - (max_views - 1)) for it in self.items)
         )
 
     def __len__(self):
@@ -1389,12 +1696,13 @@ class MLRGDataset(torch.utils.data.Dataset):
     def image(self, rel, rng=None):
         "One image as a normalised (1, S, S) float tensor."
         p = Path(rel)
-        x = (
-            torch.from_numpy(load_image(p if p.is_absolute() else self.image_root / p, self.image_size).copy())
-            .float()
-            .div_(255)
-            .unsqueeze(0)
-        )
+        p = p if p.is_absolute() else self.image_root / p
+        if self.processor is not None:
+            u8 = load_processed_image(p, self.processor)
+            f = self.processor["rescale_factor"] if self.processor["do_rescale"] else 1 / 255
+            x = torch.from_numpy((u8.astype(np.float64) * f).astype(np.float32)).unsqueeze(0)  # as transformers does
+        else:
+            x = torch.from_numpy(load_image(p, self.image_size).copy()).float().div_(255).unsqueeze(0)
         if rng is not None:
             x = _augment(x, rng)
         return (x - self.mean) / self.std
@@ -1415,16 +1723,24 @@ class MLRGDataset(torch.utils.data.Dataset):
         return build_prompt(
             self.vocab,
             it.get("indication_pure") if self.use_indication else None,
-            prior_findings(it) if self.use_prior_report else None,
+            prior_report(it, self.report_style) if self.use_prior_report else None,
             self.max_prompt_length,
+            self.prompt_truncation,
         )
 
     def slots(self, it) -> list:
         "(slot, image path, view position, temporal id) of each image of item `it` (`image_slots`)."
         return image_slots(it, self.max_views)
 
+    def n_views(self, it) -> int:
+        "The current-image slots of item `it`: `max_views`, or with `max_views=None` its number of images."
+        return self.max_views or len(it["anchor_scan"]["image_path"][:1]) + len(
+            it["auxiliary_references"]["image_path"]
+        )
+
     def __getitem__(self, i):
-        it, V = self.items[i], self.max_views
+        it = self.items[i]
+        V = self.n_views(it)
         rng = random.Random(derive_seed(self.seed, "augment", self.epoch, i)) if self.augment else None
         cached = self.features is not None
         shape = tuple(self.features.tokens.shape[1:]) if cached else (1, self.image_size, self.image_size)
@@ -1432,10 +1748,12 @@ class MLRGDataset(torch.utils.data.Dataset):
         mask = torch.zeros(V + 1, dtype=torch.bool)
         views = torch.zeros(V + 1, dtype=torch.long)
         temporal = torch.zeros(V + 1, dtype=torch.long)
+        keys = [""] * (V + 1)
         for k, p, vp, t in self.slots(it):
             slots[k] = self.cached(p, it) if cached else self.image(p, rng)
-            mask[k], views[k], temporal[k] = True, view_id(vp), t
-        target = self.vocab.encode(it["findings"], bos_eos=True, max_length=self.max_length)
+            mask[k], views[k], temporal[k], keys[k] = True, view_id(vp), t, p
+        target = target_ids(self.vocab, it["findings"], self.max_length, self.target_truncation)
+        text = stage1_ids(self.vocab, it, self.report_style, self.max_length, self.target_truncation)
         pixels = {"images": torch.zeros(V + 1, 1, 1, 1), "features": slots} if cached else {"images": slots}
         return {
             **pixels,
@@ -1445,20 +1763,39 @@ class MLRGDataset(torch.utils.data.Dataset):
             "has_prior": bool(it.get("prior_study")),
             **dict(zip(("prompt_ids", "prompt_segments"), map(torch.tensor, self.prompt(it)))),
             "target_ids": torch.tensor(target),
+            "text_ids": torch.tensor(text),
+            "text": stage1_text(it, self.report_style),
+            "image_keys": keys,
             "id": it["id"],
             "study_id": it.get("study_id"),
             "findings": it["findings"],
         }
 
 # %% ../nbs/01_data.ipynb #d4b5c819
+def _pad_slots(x, V):
+    "Slots `x` (n+1, ...) as V+1 slots: the current ones first, the prior's (the last) moved to slot V."
+    n = len(x) - 1
+    if n == V:
+        return x
+    if torch.is_tensor(x):
+        out = x.new_zeros((V + 1, *x.shape[1:]))
+        out[:n], out[V] = x[:n], x[n]
+        return out
+    return list(x[:n]) + [""] * (V - n) + [x[n]]
+
+
 def collate(batch, pad_id=0):
-    """A batch: images (B, V+1, 1, S, S) with slot 0 the anchor, 1..V-1 auxiliary views and V the prior;
-    image_mask, view_ids, temporal_ids (B, V+1); features (B, V+1, N, C) when cached; has_prior (B,); prompt and
-    target ids and masks padded to the batch's longest."""
+    """A batch: images (B, V+1, 1, S, S) with slot 0 the anchor, 1..V-1 auxiliary views and V the prior (V: the
+    batch's most, when samples differ); image_mask, view_ids, temporal_ids (B, V+1); image_keys (B lists of V+1 image
+    paths, "" for an empty slot); features (B, V+1, N, C) when cached; has_prior (B,); prompt, target and stage-1
+    text ids and masks padded to the batch's longest."""
     keys = ("images", "image_mask", "view_ids", "temporal_ids") + (("features",) if "features" in batch[0] else ())
-    out = {k: torch.stack([b[k] for b in batch]) for k in keys}
+    V = max(len(b["image_mask"]) for b in batch) - 1
+    out = {k: torch.stack([_pad_slots(b[k], V) for b in batch]) for k in keys}
+    if all("image_keys" in b for b in batch):
+        out["image_keys"] = [_pad_slots(b["image_keys"], V) for b in batch]
     out["has_prior"] = torch.tensor([b["has_prior"] for b in batch])
-    for k in ("prompt", "target"):
+    for k in ("prompt", "target") + (("text",) if all("text_ids" in b for b in batch) else ()):
         ids = torch.full((len(batch), max(len(b[f"{k}_ids"]) for b in batch)), pad_id, dtype=torch.long)
         m = torch.zeros_like(ids, dtype=torch.bool)
         for i, b in enumerate(batch):
@@ -1471,6 +1808,7 @@ def collate(batch, pad_id=0):
         if "prompt_segments" in b:
             seg[i, : len(b["prompt_segments"])] = b["prompt_segments"]
     out["prompt_segments"] = seg
-    for k in ("id", "study_id", "findings"):
-        out[k] = [b[k] for b in batch]
+    for k in ("id", "study_id", "findings", "text"):
+        if all(k in b for b in batch):
+            out[k] = [b[k] for b in batch]
     return out

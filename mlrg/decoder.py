@@ -18,7 +18,7 @@ from .core import InputError, hub_folder, hub_transformers, patch
 # %% auto #0
 __all__ = ['DECODER_DEFAULTS', 'ACTIVATIONS', 'GPT2_ACTIVATIONS', 'decoder_config', 'CausalSelfAttention', 'CrossAttention',
            'DecoderBlock', 'ReportDecoder', 'score_next', 'greedy', 'beam_search', 'TableLM', 'gpt2_decoder_config',
-           'gpt2_state_to_decoder', 'load_gpt2_weights']
+           'gpt2_state_to_decoder', 'keep_token_rows', 'load_gpt2_weights']
 
 # %% ../nbs/02b_decoder.ipynb #3dcad532
 DECODER_DEFAULTS = dict(
@@ -32,6 +32,7 @@ DECODER_DEFAULTS = dict(
     pad_id=0,
     bos_id=2,
     eos_id=3,
+    sep_id=None,
     n_positions=None,
     activation="gelu",
 )
@@ -85,7 +86,8 @@ class CausalSelfAttention(nn.Module):
         self.n_heads, self.dropout = n_heads, dropout
         self.qkv, self.proj = nn.Linear(d_model, 3 * d_model), nn.Linear(d_model, d_model)
 
-    def forward(self, x, cache=None):
+    def forward(self, x, cache=None, key_mask=None):
+        "`key_mask` (B, P + T): True for real tokens; padded keys are not attended to (as GPT-2's attention mask)."
         q, k, v = (_heads(t, self.n_heads) for t in self.qkv(x).chunk(3, dim=-1))
         if cache is not None:
             if "k" in cache:
@@ -93,6 +95,9 @@ class CausalSelfAttention(nn.Module):
             cache["k"], cache["v"] = k, v
         T, P = q.shape[2], k.shape[2] - q.shape[2]
         mask = None if T == 1 else torch.ones(T, P + T, dtype=torch.bool, device=x.device).tril(P)
+        if key_mask is not None:
+            keys = key_mask.bool()[:, None, None, :]
+            mask = keys if mask is None else mask & keys
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0)
         return self.proj(_merge(y))
 
@@ -149,8 +154,8 @@ class DecoderBlock(nn.Module):
         )
         self.drop = nn.Dropout(dropout)
 
-    def forward(self, x, memory, memory_mask=None, cache=None):
-        x = x + self.drop(self.attn(self.ln1(x), cache))
+    def forward(self, x, memory, memory_mask=None, cache=None, token_mask=None):
+        x = x + self.drop(self.attn(self.ln1(x), cache, token_mask))
         x = x + self.drop(self.cross(self.ln2(x), memory, memory_mask, cache))
         return x + self.mlp(self.ln3(x))
 
@@ -181,8 +186,9 @@ class ReportDecoder(nn.Module):
         if isinstance(m, nn.Linear) and m.bias is not None:
             nn.init.zeros_(m.bias)
 
-    def forward(self, tokens, memory, memory_mask=None, cache=None, start=0):
-        "Logits (B, T, vocab) of `tokens` (B, T) at `start`.. given `memory` (B, M, d); `cache`: one dict per block."
+    def forward(self, tokens, memory, memory_mask=None, cache=None, start=0, token_mask=None):
+        """Logits (B, T, vocab) of `tokens` (B, T) at `start`.. given `memory` (B, M, d); `cache`: one dict per block;
+        `token_mask` (B, start + T): True for the real tokens (padding is then not attended to)."""
         T = tokens.shape[1]
         if start + T > self.config["max_length"]:
             raise InputError(
@@ -190,12 +196,22 @@ class ReportDecoder(nn.Module):
             )
         x = self.drop(self.tok(tokens) + self.pos(torch.arange(start, start + T, device=tokens.device)))
         for i, block in enumerate(self.blocks):
-            x = block(x, memory, memory_mask, None if cache is None else cache[i])
+            x = block(x, memory, memory_mask, None if cache is None else cache[i], token_mask)
         return self.head(self.ln_f(x))
+
+    def teacher_forced(self, tokens, memory, memory_mask=None):
+        """Logits (B, T-1, vocab) of the next token at each position of `tokens` (`[BOS] report [EOS]`, padded), read as
+        MLRG feeds GPT-2: inputs `tokens[:, :-1]` with `[SEP]` read as `[PAD]`, padding not attended to."""
+        cfg = self.config
+        inputs = tokens[:, :-1]
+        real = inputs != cfg["pad_id"]
+        if cfg["sep_id"] is not None:
+            inputs = inputs.masked_fill(inputs == cfg["sep_id"], cfg["pad_id"])
+        return self(inputs, memory, memory_mask, token_mask=real)
 
     def loss(self, tokens, memory, memory_mask=None, label_smoothing=0.0):
         "Teacher-forced cross-entropy of `tokens` (`[BOS] report [EOS]`, padded): each token from the ones before it."
-        logits = self(tokens[:, :-1], memory, memory_mask)
+        logits = self.teacher_forced(tokens, memory, memory_mask)
         return F.cross_entropy(
             logits.reshape(-1, logits.shape[-1]).float(),
             tokens[:, 1:].reshape(-1),
@@ -314,8 +330,8 @@ def beam_search(
                 j += 1
                 if j == K:
                     break
-            best_running = float(new_scores[b].max())
-            if len(finished[b]) == K and finished[b][-1][0] >= best_running / L**length_penalty:
+            # Hugging Face's test: the best of all 2K candidates (an [EOS] one too) over the length so far
+            if len(finished[b]) == K and finished[b][-1][0] >= row_s[0] / L**length_penalty:
                 done[b] = True
         if all(done):
             break
@@ -324,14 +340,20 @@ def beam_search(
         if cache is not None:
             for c in cache:
                 c["k"], c["v"] = c["k"][order], c["v"][order]
+    n_generated = seqs.shape[1] - 1  # [BOS] not counted, as Hugging Face's finalize counts a running beam
     for b in range(B):  # reports not done: their running beams compete too
         if not done[b]:
             for k in range(K):
                 if scores[b, k] > float("-inf"):
                     _add_finished(
-                        finished[b], K, float(scores[b, k]) / seqs.shape[1] ** length_penalty, seqs[b * K + k].tolist()
+                        finished[b], K, float(scores[b, k]) / n_generated**length_penalty, seqs[b * K + k].tolist()
                     )
-    return [_strip_ids(finished[b][0][1], eos, pad) for b in range(B)]
+    return [_strip_ids(_best(finished[b]), eos, pad) for b in range(B)]
+
+
+def _best(finished: list) -> list:
+    "The best finished sequence; of equal scores the one added last (Hugging Face's pick)."
+    return [seq for score, seq in finished if score == finished[0][0]][-1]
 
 # %% ../nbs/02b_decoder.ipynb #b398c91c
 class TableLM(nn.Module):
@@ -422,10 +444,23 @@ def gpt2_state_to_decoder(sd: dict) -> dict:
     return out
 
 
-def load_gpt2_weights(decoder, source, trust_pickle=False, print_fn=print):
+def keep_token_rows(decoder, sd, table):
+    """Copy the token embedding rows of `sd` (decoder names) into the first rows of `decoder`'s larger vocabulary, as
+    transformers' `resize_token_embeddings` keeps them; the other rows keep their N(0, 0.02) start. `table` updated."""
+    w, tok = sd.get("tok.weight", sd.get("head.weight")), decoder.tok.weight
+    if w is None or w.ndim != 2 or w.shape[1] != tok.shape[1] or w.shape[0] >= tok.shape[0]:
+        return table
+    with torch.no_grad():
+        tok[: w.shape[0]] = w.to(tok.dtype)
+    kept = table.name.isin(["tok.weight", "head.weight"])
+    table.loc[kept, "status"] = f"loaded ({w.shape[0]} of {tok.shape[0]} rows)"
+    return table
+
+
+def load_gpt2_weights(decoder, source, trust_pickle=False, print_fn=print, token_rows="new"):
     """Copy GPT-2 weights into `decoder` by name and shape from `source`: a GPT-2 folder (`save_pretrained` layout) or a
     checkpoint file holding GPT-2 names under any prefix (cvt2distilgpt2); the table of every tensor
-    (`partial_load`)."""
+    (`partial_load`). `token_rows="keep"`: a smaller token table fills the first rows (`keep_token_rows`)."""
     from mlrg.models import load_weights_file, partial_load  # (mlrg.models does not import this module)
 
     src = Path(source).expanduser()
@@ -445,4 +480,12 @@ def load_gpt2_weights(decoder, source, trust_pickle=False, print_fn=print):
             where=src,
             expected="a GPT-2 folder or a checkpoint of GPT-2 weights (e.g. cvt2distilgpt2)",
         )
-    return partial_load(decoder, mapped, what=f"GPT-2 weights from {src}", print_fn=print_fn)
+    if token_rows not in ("new", "keep"):
+        raise InputError(f"token_rows={token_rows!r}", where="load_gpt2_weights", expected="'new' or 'keep'")
+    table = partial_load(decoder, mapped, what=f"GPT-2 weights from {src}", print_fn=print_fn)
+    if token_rows == "keep":
+        table = keep_token_rows(decoder, mapped, table)
+        kept = table[table.name == "tok.weight"].status.iloc[0]
+        if print_fn and kept.startswith("loaded ("):
+            print_fn(f"token embeddings: {kept[len('loaded (') : -1]} kept from {src}, the others new")
+    return table

@@ -5,12 +5,14 @@
 # %% ../nbs/05_evaluate.ipynb #792d53da
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
 import os
 import re
 import shutil
+import tempfile
 import threading
 import time
 import unicodedata
@@ -25,19 +27,22 @@ from .runs import RunFolder
 from .labeler import OBSERVATIONS, POLICIES, apply_policy, extract_changes, label_reports
 
 # %% auto #0
-__all__ = ['EVALUATE', 'JAVA_FIX', 'NLG_KEYS', 'LABELER_NAME', 'CE5', 'CHANGE_CLASSES', 'CHANGE_OBSERVATIONS', 'TEMPORAL_WORDS',
-           'ADAPTERS', 'ID_COLS', 'TEXT_COLS', 'TABLE_COLUMNS', 'MLRG_PUBLISHED_MIMIC', 'prepare_text',
-           'truncate_tokens', 'sanitize_meteor', 'MissingJava', 'check_java', 'MeteorScorer', 'nlg_scores', 'ce_table',
-           'ce_summary', 'change_scores', 'temporal_entities', 'temporal_entity_f1', 'resolve_weights', 'run_adapter',
-           'read_texts', 'match_ids', 'evaluate', 'summary_row', 'format_result', 'load_truth', 'truth_changes',
-           'image_embedding', 'most_frequent_baseline', 'nearest_neighbour_baseline', 'copy_prior_baseline',
-           'oracle_baseline', 'split_items', 'evaluate_files', 'evaluate_cli']
+__all__ = ['EVALUATE', 'PROTOCOLS', 'MLRG_EMPTY_GENERATION', 'JAVA_FIX', 'NLG_KEYS', 'LABELER_NAME', 'CE5', 'CHANGE_CLASSES',
+           'CHANGE_OBSERVATIONS', 'TEMPORAL_WORDS', 'ADAPTERS', 'RADGRAPH_MODEL_TYPE', 'ID_COLS', 'TEXT_COLS',
+           'TABLE_COLUMNS', 'MLRG_PUBLISHED_MIMIC', 'prepare_text', 'truncate_tokens', 'clean_up_spaces',
+           'protocol_tokenizer', 'mlrg_reference', 'apply_protocol', 'sanitize_meteor', 'MissingJava', 'check_java',
+           'MeteorScorer', 'nlg_scores', 'ce_table', 'ce_summary', 'change_scores', 'temporal_entities',
+           'temporal_entity_f1', 'resolve_weights', 'run_adapter', 'read_texts', 'match_ids', 'evaluate', 'summary_row',
+           'format_result', 'load_truth', 'truth_changes', 'image_embedding', 'most_frequent_baseline',
+           'nearest_neighbour_baseline', 'copy_prior_baseline', 'oracle_baseline', 'split_items', 'evaluate_files',
+           'evaluate_cli']
 
 # %% ../nbs/05_evaluate.ipynb #6f60ab3f
 EVALUATE = Params(
     "evaluate",
     "Score generated reports against references: BLEU-1..4, METEOR, ROUGE-L, CIDEr (pycocoevalcap), "
-    "CE with the mlrg rule-based labeler, a longitudinal change score.",
+    "CE with the mlrg rule-based labeler (CheXbert under protocol mlrg when its weights are given), a longitudinal"
+    " change score.",
     dict(
         pred_path=Param(
             None,
@@ -63,7 +68,29 @@ EVALUATE = Params(
         uncertain_policy=Param(
             "positive", "how uncertain labels count in CE (positive: as MLRG)", choices=lambda: tuple(POLICIES)
         ),
-        truncate_ref=Param(None, "truncate references to N tokens (None: off)", kind=int, low=1),
+        protocol=Param(
+            "plain",
+            "how references and generations are treated before every metric: plain (as given) or mlrg (MLRG's"
+            " protocol, fidelity 2.21/2.22/2.26: references cut to ref_max_tokens GPT-2 tokens, CE headline by"
+            " CheXbert when its weights are given)",
+            choices=("plain", "mlrg"),
+        ),
+        tokenizer_path=Param(
+            None,
+            "GPT-2 tokenizer folder (vocab.json + merges.txt, or tokenizer.json: the distilgpt2 folder) that"
+            " protocol mlrg cuts references with",
+            kind=str,
+        ),
+        ref_max_tokens=Param(
+            100, "protocol mlrg: tokens kept of '[BOS]' + reference + '[EOS]' (MLRG: max_length 100)", low=1
+        ),
+        truncate_ref=Param(
+            None,
+            "cut prepared references to N white-space words for the NLG scorers only (None: off); not MLRG's"
+            " protocol (B5: use --protocol mlrg)",
+            kind=int,
+            low=1,
+        ),
         meteor=Param(True, "run METEOR (it needs Java); --no-meteor skips it", flag="--no-meteor"),
         seed=Param(0, "drives the phantom and the oracle's phrasing", cli=False),
         out=Param(None, "write the metrics JSON here (atomically)", kind=str, notebook=False),
@@ -90,6 +117,89 @@ def prepare_text(text) -> str:
 def truncate_tokens(text: str, n=None) -> str:
     "The first `n` white-space tokens of `text` (all of them when `n` is None)."
     return text if n is None else " ".join(text.split()[: int(n)])
+
+# %% ../nbs/05_evaluate.ipynb #7c1e0a02
+PROTOCOLS = {
+    "plain": "references and generations scored as given",
+    "mlrg": "MLRG's: each reference re-tokenised as '[BOS]' + text.strip().lower() + '[EOS]' by GPT-2's tokenizer, cut"
+    " to ref_max_tokens tokens and decoded without special tokens, before every metric; spaces before punctuation"
+    " cleaned up on both sides (MLRG's decode); at val an empty generation becomes '...'; CE headline by CheXbert"
+    " when its weights are given",
+}
+MLRG_EMPTY_GENERATION = "..."  # what MLRG's validation step scores in place of an empty generation (MF:1148)
+_SPACE_CLEANUPS = (
+    (" .", "."),
+    (" ?", "?"),
+    (" !", "!"),
+    (" ,", ","),
+    (" ' ", "'"),
+    (" n't", "n't"),
+    (" 'm", "'m"),
+    (" 's", "'s"),
+    (" 've", "'ve"),
+    (" 're", "'re"),
+)
+
+
+def clean_up_spaces(text) -> str:
+    "`text` as MLRG's decode leaves it (transformers 4.43's `clean_up_tokenization_spaces=True`): in this order."
+    text = str(text or "")
+    for a, b in _SPACE_CLEANUPS:
+        text = text.replace(a, b)
+    return text
+
+
+def protocol_tokenizer(tokenizer, param="tokenizer_path"):
+    "GPT-2's tokenizer for protocol 'mlrg': a `BPETokenizer` as it is, a folder loaded; anything else an `InputError`."
+    from mlrg.data import BPETokenizer
+
+    if isinstance(tokenizer, (str, os.PathLike)):
+        return BPETokenizer.from_folder(tokenizer, param=param)
+    if isinstance(tokenizer, BPETokenizer):
+        return tokenizer
+    kind = getattr(tokenizer, "kind", "?")
+    got = "no tokenizer" if tokenizer is None else f"a {kind} vocabulary ({type(tokenizer).__name__})"
+    raise InputError(
+        f"protocol='mlrg' cuts references to GPT-2 BPE tokens and got {got}",
+        where=param,
+        expected="GPT-2's tokenizer folder (vocab.json + merges.txt, or tokenizer.json: e.g. the distilgpt2 folder);"
+        " a word-vocabulary run passes it too, the cut does not depend on the decoder's vocabulary",
+    )
+
+
+def mlrg_reference(text, tokenizer, max_tokens=100) -> str:
+    "The reference MLRG scores: '[BOS]' + text.strip().lower() + '[EOS]', first `max_tokens` tokens, decoded, cleaned."
+    backend = tokenizer.backend
+    ids = backend.encode(f"[BOS]{str(text or '').strip().lower()}[EOS]", add_special_tokens=False).ids
+    return clean_up_spaces(backend.decode(ids[: int(max_tokens)], skip_special_tokens=True))
+
+
+def _check_protocol(protocol, max_tokens, split):
+    if protocol not in PROTOCOLS:
+        raise InputError(f"protocol={protocol!r}", where="protocol", expected=" or ".join(map(repr, PROTOCOLS)))
+    if not isinstance(max_tokens, (int, np.integer)) or isinstance(max_tokens, bool) or max_tokens < 1:
+        raise InputError(f"max_tokens={max_tokens!r}", where="ref_max_tokens", expected="an integer >= 1")
+    if not isinstance(split, str):
+        raise InputError(f"split={split!r}", where="split", expected="'val' or 'test'")
+
+
+def apply_protocol(references, hypotheses, protocol="plain", tokenizer=None, max_tokens=100, split="test") -> tuple:
+    """(references, hypotheses) as `protocol` scores them (lists): 'plain' as given; 'mlrg' as MLRG's code does
+    (`mlrg_reference` on each reference, `clean_up_spaces` on each generation, '...' for an empty one when
+    `split='val'`). `tokenizer`: a `BPETokenizer` or GPT-2's tokenizer folder (protocol 'mlrg' only)."""
+    _check_protocol(protocol, max_tokens, split)
+    refs, hyps = [str(r) for r in references], [str(h) for h in hypotheses]
+    if len(refs) != len(hyps):
+        raise InputError(f"{len(refs)} references but {len(hyps)} hypotheses", where="apply_protocol")
+    if protocol == "plain":
+        return refs, hyps
+    tok = protocol_tokenizer(tokenizer)
+    refs = [mlrg_reference(r, tok, max_tokens) for r in refs]
+    hyps = [clean_up_spaces(h) for h in hyps]
+    if split == "val":
+        hyps = [h if len(h) > 0 else MLRG_EMPTY_GENERATION for h in hyps]
+    return refs, hyps
+
 
 # %% ../nbs/05_evaluate.ipynb #43a45df3
 _METEOR_BAD = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029|]")
@@ -464,8 +574,8 @@ def temporal_entity_f1(refs, hyps) -> dict:
 
 # %% ../nbs/05_evaluate.ipynb #9034f578
 ADAPTERS = {
-    "chexbert": {"package": "f1chexbert", "env": "MLRG_CHEXBERT_WEIGHTS", "file": "chexbert.pth"},
-    "radgraph": {"package": "radgraph", "env": "MLRG_RADGRAPH_WEIGHTS", "file": "radgraph.tar.gz"},
+    "chexbert": {"package": "f1chexbert", "version": "0.0.2", "env": "MLRG_CHEXBERT_WEIGHTS", "file": "chexbert.pth"},
+    "radgraph": {"package": "radgraph", "version": "0.1.18", "env": "MLRG_RADGRAPH_WEIGHTS", "file": "radgraph.tar.gz"},
 }
 _MAGIC = (b"PK\x03\x04", b"\x80", b"\x1f\x8b")  # zip (torch >= 1.6), pickle (legacy torch), gzip (tar.gz archives)
 
@@ -495,19 +605,147 @@ def resolve_weights(name, path=None):
     )
 
 # %% ../nbs/05_evaluate.ipynb #a046d8e1
-def _point_hub_at(modules, path):
-    "Make the packages' `hf_hub_download` return the local file and keep huggingface_hub offline."
+RADGRAPH_MODEL_TYPE = "radgraph"  # MLRG's RadGraph (v1 weights); radgraph >= 0.1 runs radgraph-xl when none is named
+
+
+@contextlib.contextmanager
+def _offline(package):
+    "Within: the package's `hf_hub_download` refuses (a download would mean the local file was not used), HF offline."
     import sys
 
+    def refuse(*a, **k):
+        raise RuntimeError(f"{package} asked the hub for {k.get('filename', a)}: the local weights were not used")
+
+    env = os.environ.get("HF_HUB_OFFLINE")
     os.environ["HF_HUB_OFFLINE"] = "1"
-    for name, mod in list(sys.modules.items()):
-        if any(name == m or name.startswith(m + ".") for m in modules) and hasattr(mod, "hf_hub_download"):
-            mod.hf_hub_download = lambda *a, **k: str(path)
+    consts = sys.modules.get("huggingface_hub.constants")  # read once at import: the environment alone comes too late
+    was_offline = getattr(consts, "HF_HUB_OFFLINE", None)
+    if consts is not None:
+        consts.HF_HUB_OFFLINE = True
+    mods = [m for n, m in list(sys.modules.items()) if n == package or n.startswith(package + ".")]
+    saved = [(m, m.hf_hub_download) for m in mods if hasattr(m, "hf_hub_download")]
+    for m, _ in saved:
+        m.hf_hub_download = refuse
+    try:
+        yield
+    finally:
+        for m, f in saved:
+            m.hf_hub_download = f
+        if consts is not None:
+            consts.HF_HUB_OFFLINE = was_offline
+        if env is None:
+            os.environ.pop("HF_HUB_OFFLINE", None)
+        else:
+            os.environ["HF_HUB_OFFLINE"] = env
+
+
+@contextlib.contextmanager
+def _cache_dir_at(module, folder):
+    "Within: `module.CACHE_DIR` (where the package looks for its weights before any download) is `folder`."
+    if not hasattr(module, "CACHE_DIR"):
+        raise RuntimeError(f"{module.__name__} has no CACHE_DIR: an unsupported version (see ADAPTERS' pins)")
+    old = module.CACHE_DIR
+    module.CACHE_DIR = str(folder)
+    try:
+        yield
+    finally:
+        module.CACHE_DIR = old
+
+
+def _link(src, dst):
+    "`dst` pointing at `src` (a symlink; a copy where links are not allowed)."
+    try:
+        os.symlink(Path(src).resolve(), dst)
+    except OSError:
+        (shutil.copytree if Path(src).is_dir() else shutil.copy2)(src, dst)
+
+
+def _radgraph_model_dir(path, work) -> Path:
+    "The folder holding RadGraph's config.json and weights.th: `path` itself, or `path` (a .tar.gz) unpacked in `work`."
+    import tarfile
+
+    root = Path(path)
+    if root.is_file():
+        root = Path(work) / "unpacked"
+        with tarfile.open(path, "r:*") as tar:
+            tar.extractall(root, filter="data")
+    found = sorted({f.parent for f in root.rglob("config.json") if (f.parent / "weights.th").is_file()})
+    if len(found) != 1:
+        raise InputError(
+            f"{len(found)} model folders (config.json + weights.th) in it",
+            where=f"radgraph_weights={path}",
+            expected="RadGraph's radgraph.tar.gz (or its unpacked folder): one config.json beside weights.th",
+        )
+    return found[0]
+
+
+def _run_chexbert(mod, path, refs, hyps):
+    "(scores, CE summary) of f1chexbert's `F1CheXbert` reading `path` as its chexbert.pth, uncertain as positive."
+    import sys
+
+    p = Path(path)
+    p = p / "chexbert.pth" if p.is_dir() else p
+    if not p.is_file():
+        raise InputError("no chexbert.pth in the folder", where=f"chexbert_weights={path}")
+    with tempfile.TemporaryDirectory(prefix="mlrg-chexbert-") as tmp:
+        _link(p, Path(tmp) / "chexbert.pth")
+        with _offline("f1chexbert"), _cache_dir_at(sys.modules[mod.F1CheXbert.__module__], tmp):
+            scorer = mod.F1CheXbert(device="cpu")
+    _, _, cr, cr5 = scorer(hyps=list(hyps), refs=list(refs))
+    prf_of = lambda d: {"precision": float(d["precision"]), "recall": float(d["recall"]), "f1": float(d["f1-score"])}
+    ce = {
+        n: {"micro": prf_of(r["micro avg"]), "macro": prf_of(r["macro avg"])} for n, r in (("CE-14", cr), ("CE-5", cr5))
+    }
+    scores = {
+        f"CheXbert-{n[3:]} {avg} {m}": ce[n][avg][m if m != "F1" else "f1"]
+        for n in ce
+        for avg in ("micro", "macro")
+        for m in ("precision", "recall", "F1")
+    }
+    return scores, ce
+
+
+def _run_radgraph(mod, path, refs, hyps):
+    "RadGraph F1 (partial) with model type 'radgraph' and the weights at `path`, through radgraph 0.1.x or 0.0.x."
+    import inspect
+    import sys
+
+    new_api = "model_cache_dir" in inspect.signature(mod.RadGraph.__init__).parameters
+    with tempfile.TemporaryDirectory(prefix="mlrg-radgraph-") as tmp, _offline("radgraph"):
+        if new_api:  # radgraph >= 0.1 reads <model_cache_dir>/<model_type>/ and downloads only when it is empty
+            _link(_radgraph_model_dir(path, tmp), Path(tmp) / RADGRAPH_MODEL_TYPE)
+            kw = {"model_cache_dir": tmp}
+            scorer = mod.F1RadGraph(reward_level="partial", model_type=RADGRAPH_MODEL_TYPE, **kw)
+        else:  # radgraph 0.0.x (MLRG's 0.0.9): RadGraph v1 from <CACHE_DIR>/radgraph.tar.gz (a file or its folder)
+            _link(path, Path(tmp) / "radgraph.tar.gz")
+            with _cache_dir_at(sys.modules[mod.RadGraph.__module__], tmp):
+                scorer = mod.F1RadGraph(reward_level="partial", model_type=RADGRAPH_MODEL_TYPE)
+        score = scorer(hyps=list(hyps), refs=list(refs))[0]
+    return {"RadGraph F1 (partial)": float(score)}
+
+
+_TRANSFORMERS_5_HINT = (
+    " (f1chexbert 0.0.2 and radgraph 0.0.9-0.1.18 call tokenizer methods that transformers 5 removed: encode_plus,"
+    " build_inputs_with_special_tokens; run the scorers where transformers < 5 is installed, MLRG's pin is 4.43.3)"
+)
+
+
+def _transformers_major() -> int:
+    "The installed transformers' major version (0 when it is not installed)."
+    import importlib.metadata
+
+    try:
+        return int(importlib.metadata.version("transformers").split(".")[0])
+    except (importlib.metadata.PackageNotFoundError, ValueError):
+        return 0
 
 
 def run_adapter(name, refs, hyps, path=None) -> dict:
-    "Run adapter `name` ('chexbert'/'radgraph') if its weights exist: {'status': 'ok'|'skipped', 'message', 'scores'}."
-    import importlib, importlib.util
+    """Run adapter `name` ('chexbert'/'radgraph') if its weights exist: {'status': 'ok'|'skipped', 'message', 'scores'}
+    (CheXbert adds 'ce', shaped as `ce_summary`'s)."""
+    import importlib
+    import importlib.metadata
+    import importlib.util
 
     if name not in ADAPTERS:
         raise InputError(f"unknown adapter {name!r}", expected=" or ".join(ADAPTERS))
@@ -523,31 +761,30 @@ def run_adapter(name, refs, hyps, path=None) -> dict:
         return {
             "status": "skipped",
             "message": f"{name}: skipped (weights at {p}, but the package {spec['package']!r} is not installed:"
-            f" pip install {spec['package']})",
+            f" pip install {spec['package']}=={spec['version']})",
         }
+    out = {"status": "ok"}
     try:
         mod = importlib.import_module(spec["package"])
-        _point_hub_at([spec["package"]], p)
+        try:
+            version = importlib.metadata.version(spec["package"])
+        except importlib.metadata.PackageNotFoundError:
+            version = getattr(mod, "__version__", "unknown")
         if name == "chexbert":
-            scorer = mod.F1CheXbert(device="cpu")
-            _, _, cr, cr5 = scorer(hyps=list(hyps), refs=list(refs))
-            scores = {
-                "CheXbert-14 micro F1": cr["micro avg"]["f1-score"],
-                "CheXbert-14 macro F1": cr["macro avg"]["f1-score"],
-                "CheXbert-5 micro F1": cr5["micro avg"]["f1-score"],
-                "CheXbert-5 macro F1": cr5["macro avg"]["f1-score"],
-            }
+            scores, out["ce"] = _run_chexbert(mod, p, refs, hyps)
+            what = f"{spec['package']} {version} with weights {p}"
         else:
-            scorer = mod.F1RadGraph(reward_level="partial")
-            score = scorer(hyps=list(hyps), refs=list(refs))[0]
-            scores = {"RadGraph F1 (partial)": float(score)}
+            scores = _run_radgraph(mod, p, refs, hyps)
+            what = f"{spec['package']} {version}, model_type {RADGRAPH_MODEL_TYPE!r}, weights {p}"
+    except InputError:
+        raise
     except Exception as e:
-        raise RuntimeError(f"{name} adapter ({spec['package']}, weights {p}) failed: {type(e).__name__}: {e}") from e
-    return {
-        "status": "ok",
-        "message": f"{name}: {spec['package']} with weights {p}",
-        "scores": {k: float(v) for k, v in scores.items()},
-    }
+        hint = _TRANSFORMERS_5_HINT if isinstance(e, AttributeError) and _transformers_major() >= 5 else ""
+        what = f"{name} adapter ({spec['package']}, weights {p})"
+        raise RuntimeError(f"{what} failed: {type(e).__name__}: {e}{hint}") from e
+    out.update(message=f"{name}: {what}", scores={k: float(v) for k, v in scores.items()}, package_version=version)
+    return out
+
 
 # %% ../nbs/05_evaluate.ipynb #70d9a0ed
 ID_COLS = ("id", "dicom_id", "image_id", "study_id")
@@ -695,8 +932,17 @@ def match_ids(pred: dict, gt: dict, pred_where="predictions", gt_where="referenc
     return list(gt)
 
 # %% ../nbs/05_evaluate.ipynb #ec96f8c6
-def _check_settings(uncertain_policy, truncate_ref):
-    "An `InputError` for an unknown uncertain policy, or for a `truncate_ref` that is neither None nor an integer >= 1."
+def _check_settings(uncertain_policy, truncate_ref, protocol="plain"):
+    """An `InputError` for an unknown uncertain policy or protocol, a `truncate_ref` that is neither None nor an integer
+    >= 1, or `truncate_ref` with protocol 'mlrg'."""
+    if protocol not in PROTOCOLS:
+        raise InputError(f"protocol={protocol!r}", where="protocol", expected=" or ".join(map(repr, PROTOCOLS)))
+    if protocol == "mlrg" and truncate_ref is not None:
+        raise InputError(
+            f"truncate_ref={truncate_ref!r} (white-space words, NLG only) with protocol='mlrg'",
+            where="truncate_ref",
+            expected="one or the other: protocol 'mlrg' cuts references to GPT-2 tokens for every metric",
+        )
     if uncertain_policy not in POLICIES:
         raise InputError(
             f"unknown uncertain policy {uncertain_policy!r}",
@@ -709,9 +955,11 @@ def _check_settings(uncertain_policy, truncate_ref):
         raise InputError(f"truncate_ref={truncate_ref!r}", where="truncate_ref", expected="None or an integer >= 1")
 
 
-def _settings(truncate_ref, meteor, uncertain_policy):
-    "The `settings` of a result: text preparation, scorers, truncation, METEOR, labeler and uncertain policy."
+def _settings(truncate_ref, meteor, uncertain_policy, protocol="plain"):
+    "The `settings` of a result: protocol, text preparation, scorers, truncation, METEOR, labeler and uncertain policy."
     return {
+        "protocol": protocol,
+        "protocol_meaning": PROTOCOLS[protocol],
         "text_preparation": "lower case, '.' -> ' .', white space collapsed (MLRG); no PTB tokenizer",
         "nlg": "pycocoevalcap 1.2 Bleu(4), Meteor, Rouge, Cider called directly; corpus BLEU;"
         " CIDEr IDF from these references",
@@ -759,10 +1007,27 @@ def evaluate(
     chexbert_weights=None,
     radgraph_weights=None,
     meteor_scorer=None,
+    protocol="plain",
+    tokenizer=None,
+    ref_max_tokens=100,
+    split="test",
 ) -> dict:
-    "All metrics of `hyps` vs `refs` (aligned str lists): NLG, CE, longitudinal and adapters, with the settings used."
-    _check_settings(uncertain_policy, truncate_ref)
-    refs, hyps = list(refs), list(hyps)
+    """All metrics of `hyps` vs `refs` (aligned str lists): NLG, CE, longitudinal and adapters, with the settings used.
+    `protocol`, `tokenizer`, `ref_max_tokens`, `split`: `apply_protocol`'s, before every metric."""
+    _check_settings(uncertain_policy, truncate_ref, protocol)
+    _check_protocol(protocol, ref_max_tokens, split)
+    tok = protocol_tokenizer(tokenizer) if protocol == "mlrg" else None
+    given_refs, given_hyps = list(refs), list(hyps)
+    refs, hyps = apply_protocol(given_refs, given_hyps, protocol, tok, ref_max_tokens, split)
+    proto = {"name": protocol, "split": split}
+    if tok is not None:
+        proto.update(
+            ref_max_tokens=int(ref_max_tokens),
+            tokenizer=tok.source,
+            references_changed=sum(a != b for a, b in zip(given_refs, refs)),
+            hypotheses_changed=sum(a != b for a, b in zip(given_hyps, hyps)),
+            empty_generations_replaced=sum(a == "" and b == MLRG_EMPTY_GENERATION for a, b in zip(given_hyps, hyps)),
+        )
     ids = [str(i) for i in (ids if ids is not None else range(len(refs)))]
     if meteor and meteor_scorer is None:
         check_java()  # fail before any work
@@ -792,11 +1057,20 @@ def evaluate(
         adapters[name] = run_adapter(name, refs, hyps, w)
         secs[name] = time.perf_counter() - t0
     secs["total"] = time.perf_counter() - t_all
+    ce = ce_summary(table)
+    headline = {"labeler": LABELER_NAME, "scores": ce}
+    if protocol == "mlrg" and adapters["chexbert"]["status"] == "ok":  # MLRG's CE (fidelity 2.26)
+        cb = adapters["chexbert"]
+        headline = {"labeler": f"CheXbert ({cb['message']})", "scores": cb["ce"]}
+    settings = _settings(truncate_ref, meteor, uncertain_policy, protocol)
+    settings["headline_ce_labeler"] = headline["labeler"]
     return {
         "n": len(refs),
-        "settings": _settings(truncate_ref, meteor, uncertain_policy),
+        "protocol": proto,
+        "settings": settings,
         "nlg": nlg["scores"],
-        "ce": ce_summary(table),
+        "ce": ce,
+        "ce_headline": headline,
         "ce_per_observation": table.to_dict(orient="records"),
         "longitudinal": longi,
         "longitudinal_vs_truth": lt,
@@ -854,8 +1128,9 @@ MLRG_PUBLISHED_MIMIC = {
 
 
 def summary_row(result) -> dict:
-    "One row of the comparison table (columns `TABLE_COLUMNS`; NaN where not computed)."
-    n, c = result["nlg"], result["ce"]
+    """One row of the comparison table (columns `TABLE_COLUMNS`; NaN where not computed); the CE columns are the
+    headline labeler's (`result['ce_headline']`: CheXbert under protocol 'mlrg' with its weights, else the rules)."""
+    n, c = result["nlg"], (result.get("ce_headline") or {}).get("scores") or result["ce"]
     lt = result.get("longitudinal_vs_truth")
     vals = [n.get(f"BLEU-{k}") for k in range(1, 5)] + [n.get("METEOR"), n.get("ROUGE-L"), n.get("CIDEr")]
     vals += [c["CE-14"]["micro"][k] for k in ("precision", "recall", "f1")] + [
@@ -876,13 +1151,29 @@ def format_result(result, name="predictions") -> str:
     import pandas as pd
 
     s = result["settings"]
+    pr = result.get("protocol") or {"name": s.get("protocol", "plain")}
     lines = [
         f"evaluated {result['n']} pairs ({name})",
+        f"  protocol: {pr['name']}" + (" (MLRG's, fidelity 2.21/2.22/2.26)" if pr["name"] == "mlrg" else " (as given)"),
+    ]
+    if pr["name"] == "mlrg":
+        lines.append(
+            f"  protocol mlrg at {pr['split']}: references cut to {pr['ref_max_tokens']} tokens of {pr['tokenizer']};"
+            f" {pr['references_changed']} references and {pr['hypotheses_changed']} generations changed"
+            f" ({pr['empty_generations_replaced']} empty generations -> {MLRG_EMPTY_GENERATION!r})"
+        )
+    headline = s.get("headline_ce_labeler", s["labeler"])
+    tag = " [CheXbert]" if headline.startswith("CheXbert") else " [rules]"
+    lines += [
         f"  text preparation: {s['text_preparation']}",
         f"  reference truncation: "
-        + (f"yes, to {s['truncate_ref']} tokens" if s["truncate_ref_used"] else "no (--truncate-ref not used)"),
+        + (
+            f"white-space words, NLG only: {s['truncate_ref']} (--truncate-ref)"
+            if s["truncate_ref_used"]
+            else ("GPT-2 tokens (protocol mlrg)" if pr["name"] == "mlrg" else "no (--truncate-ref not used)")
+        ),
         f"  METEOR: {s['meteor']}",
-        f"  CE labeler: {s['labeler']}",
+        f"  CE labeler: {s['labeler']}; headline CE (the table's CE rows): {headline}",
         f"  uncertain policy: {s['uncertain_policy']} ({s['uncertain_policy_meaning']})",
     ]
     e = result["empty_texts"]
@@ -898,7 +1189,8 @@ def format_result(result, name="predictions") -> str:
     lines += [
         "",
         pd.DataFrame([summary_row(result)], index=[name])
-        .T.rename(columns={name: "score"})
+        .T.rename(columns={name: f"score ({pr['name']})"})
+        .rename(index=lambda k: k + tag if k.startswith("CE") else k)
         .to_string(float_format=lambda x: f"{x:.4f}"),
         "",
     ]
@@ -1045,8 +1337,15 @@ def evaluate_files(
     id_col=None,
     pred_col=None,
     gt_col=None,
+    protocol="plain",
+    tokenizer_path=None,
+    ref_max_tokens=100,
 ) -> dict:
-    "`evaluate` on prediction and reference files (any form `read_texts` reads); the result also names the files."
+    """`evaluate` on prediction and reference files (any form `read_texts` reads); the result also names the files.
+    Under protocol 'mlrg', `split` 'val' scores empty generations as MLRG's validation does."""
+    _check_settings(uncertain_policy, truncate_ref, protocol)
+    _check_protocol(protocol, ref_max_tokens, split)
+    tok = protocol_tokenizer(tokenizer_path) if protocol == "mlrg" else None  # before reading anything
     preds, pinfo = read_texts(pred, "pred", split, id_col, pred_col)
     if gt is None:
         if not pinfo.get("mlrg_csv"):
@@ -1089,6 +1388,10 @@ def evaluate_files(
         truth_changes=tc,
         chexbert_weights=chexbert_weights,
         radgraph_weights=radgraph_weights,
+        protocol=protocol,
+        tokenizer=tok,
+        ref_max_tokens=ref_max_tokens,
+        split=split,
     )
     res["inputs"] = {
         "pred": str(pred),
@@ -1119,6 +1422,9 @@ def evaluate_cli(argv=None) -> int:
         a["id_col"],
         a["pred_col"],
         a["gt_col"],
+        a["protocol"],
+        a["tokenizer_path"],
+        a["ref_max_tokens"],
     )
     print(format_result(res, Path(a["pred_path"]).name))
     per = res.pop("per_sample")
@@ -1128,5 +1434,5 @@ def evaluate_cli(argv=None) -> int:
         atomic_write(a["per_sample"], pd.DataFrame(per).to_csv(index=False))
     if a["out"]:
         save_json(res, a["out"])
-        print(f"metrics -> {a['out']}")
+        print(f"metrics ({a['protocol']} protocol) -> {a['out']}")
     return 0

@@ -36,6 +36,7 @@ from mlrg.core import (
     write_set,
 )
 from mlrg.data import (
+    BPETokenizer,
     MLRGDataset,
     collate,
     load_image,
@@ -46,6 +47,7 @@ from .decoder import gpt2_decoder_config, load_gpt2_weights
 from .engine import TRAIN, TRAIN_OUTPUT, EvalContext, fit, get_device, is_main_process, load_checkpoint
 from mlrg.evaluate import (
     ADAPTERS,
+    apply_protocol,
     ce_summary,
     ce_table,
     check_java,
@@ -58,25 +60,27 @@ from mlrg.evaluate import (
 from .labeler import label_reports
 from mlrg.report_model import (
     GENERATION_KEYS,
+    REPORT_MLRG_OPTIONS,
     FeatureCache,
     MLRGReportModel,
     generate_records,
     generation_settings,
     report_model_config,
 )
-from .models import ABLATION_FLAGS, VISUAL_KEYS, list_image_encoders, partial_load, visual_config
+from .models import ABLATION_FLAGS, MLRG_OPTIONS, VISUAL_KEYS, list_image_encoders, partial_load, visual_config
 from .inputs import INPUTS, Inputs, backbones, check_image_files, image_root_for, load_inputs
 from .phantom import TRUTH_FILE
 from .runs import RunFolder, check_output_folder, in_ipython, one_line_errors, output_folder
 
 # %% auto #0
-__all__ = ['SELECT_METRICS', 'RCB_ADAPTERS', 'FINETUNE_PRESETS', 'FINETUNE', 'STAGE2_VISUAL_DEFAULTS', 'PREDICTION_KEYS',
-           'GENERATE', 'adapter_status', 'rcb_scores', 'check_folder_sizes', 'load_stage1', 'lr_groups',
-           'stage1_checkpoint', 'load_finetune_data', 'model_config_for', 'FinetuneParts', 'build_finetune',
-           'truth_labels', 'ce_against_truth', 'score_records', 'ReportEvaluator', 'mlrg_csv_text', 'write_predictions',
-           'fit_config', 'run_test', 'plot_curves', 'summarize', 'finetune', 'load_report_model', 'dataset_for',
-           'generate_reports', 'finetune_cli', 'generate_cli', 'baseline_records', 'diff_html', 'case_images',
-           'plot_attention']
+__all__ = ['SELECT_METRICS', 'RCB_ADAPTERS', 'MLRG_DATA_KEYS', 'MLRG_DATA', 'FINETUNE_PRESETS', 'FINETUNE',
+           'STAGE2_VISUAL_DEFAULTS', 'PREDICTION_KEYS', 'GENERATE', 'adapter_status', 'rcb_scores',
+           'check_folder_sizes', 'load_stage1', 'lr_groups', 'stage1_checkpoint', 'load_finetune_data',
+           'model_config_for', 'FinetuneParts', 'build_finetune', 'truth_labels', 'ce_against_truth', 'score_records',
+           'protocol_tokenizer_for', 'protocol_records', 'protocol_info', 'ReportEvaluator', 'mlrg_csv_text',
+           'write_predictions', 'fit_config', 'run_test', 'plot_curves', 'summarize', 'finetune', 'load_report_model',
+           'dataset_for', 'generate_reports', 'finetune_cli', 'generate_cli', 'baseline_records', 'diff_html',
+           'case_images', 'plot_attention']
 
 # %% ../nbs/04_finetune.ipynb #3a7516ba
 def adapter_status(name, path=None) -> str:
@@ -150,6 +154,23 @@ def _check_finetune(p):
             )
 
 # %% ../nbs/04_finetune.ipynb #8c391709
+MLRG_DATA_KEYS = ("report_style", "target_truncation", "prompt_truncation", "image_preprocess")
+MLRG_DATA = {  # MLRG's values of the data parameters (mlrg.inputs), where they are declared
+    "report_style": "factual_serialization",
+    "target_truncation": "mlrg",
+    "prompt_truncation": "mlrg",
+    "image_preprocess": "processor",
+    "max_views": None,
+}
+_DATA_PARAMS = [k for k in MLRG_DATA_KEYS if k in INPUTS.params]
+
+
+def _declared(name, value) -> bool:
+    "Whether data parameter `name` exists and takes `value` (None only where it is nullable)."
+    p = INPUTS.params.get(name)
+    return p is not None and (value is not None or p.default is None or p.nullable)
+
+
 FINETUNE_PRESETS = {
     "mimic": Preset(
         dict(
@@ -174,13 +195,21 @@ FINETUNE_PRESETS = {
             select_metric="rcb",
             freeze_image_encoder=True,
             cache_features=False,
-            eval_batch_size=32,
+            eval_batch_size=14,
             num_workers=8,
+            weight_decay=0.01,
+            weight_decay_scope="all",
+            drop_last=True,
+            protocol="mlrg",
+            decoder_token_rows="keep",
+            model_config={k: v[1] for k, v in MLRG_OPTIONS.items()},
+            **{k: v[1] for k, v in REPORT_MLRG_OPTIONS.items()},
+            **{k: v for k, v in MLRG_DATA.items() if _declared(k, v)},
         ),
         required=(("pretrained_path", "run_dir"), "decoder_path"),
-        help="MLRG's MIMIC-CXR settings: the stage-1 checkpoint, DistilGPT2 with cross-attention, batch 14 x 2, "
-        "lr 5e-6 (stage-1 weights) / 5e-5 (new), plateau schedule on val RCB, early stopping 15, clip 0.1, bf16, "
-        "beam 3",
+        help="MLRG's MIMIC-CXR settings and model: the stage-1 checkpoint, DistilGPT2 with cross-attention, batch 14x2 "
+        "(val 14, drop_last), AdamW weight decay 0.01 on every weight, lr 5e-6 (stage-1 weights) / 5e-5 (new), "
+        "plateau schedule on val RCB, early stopping 15, clip 0.1, bf16, beam 3, MLRG's scoring protocol",
     ),
     "iu": Preset(
         dict(
@@ -204,6 +233,8 @@ _TRAINING = TRAIN.subset(
         "num_epochs",
         "max_steps",
         "weight_decay",
+        "weight_decay_scope",
+        "drop_last",
         "scheduler",
         "plateau_factor",
         "plateau_patience",
@@ -228,6 +259,7 @@ FINETUNE = Params(
         # --- data (mlrg.inputs, as stage 1's) ---
         **INPUTS.subset(
             ["data_path", "image_root", "trust_pickle", "sample_unit", "max_views", "augment", "phantom_patients"]
+            + _DATA_PARAMS
         ).params,
         **INPUTS.subset(["tokenizer", "tokenizer_path"], tokenizer=None).params,
         run_dir=Param(
@@ -304,6 +336,41 @@ FINETUNE = Params(
         prompt_memory=Param(
             False, "not MLRG, a probe: the decoder also reads the prompt's tokens (MLRG: only through the fusion layer)"
         ),
+        prompt_projection=Param(
+            "linear",
+            "the prompt's tokens: linear (none when the widths match) or mlrg (stage 1's text ProjectionHead on every "
+            "token, loaded from stage 1; MLRG, fidelity 2.5)",
+            choices=REPORT_MLRG_OPTIONS["prompt_projection"],
+        ),
+        memory_tokens=Param(
+            "embedded",
+            "the anchor's tokens in the memory: embedded (with view and temporal embeddings) or mlrg (its projected "
+            "tokens, MLRG's 'ori'; fidelity 2.6)",
+            choices=REPORT_MLRG_OPTIONS["memory_tokens"],
+        ),
+        prompt_fusion=Param(
+            "torch",
+            "the prompt fusion layer: torch (nn.MultiheadAttention, Xavier init, LayerNorm eps 1e-5) or mlrg (BERT's "
+            "layer: default Linear init, eps 1e-12; MLRG, fidelity 2.8-2.9)",
+            choices=REPORT_MLRG_OPTIONS["prompt_fusion"],
+        ),
+        prompt_ffn=Param(
+            None,
+            "feed-forward width of the prompt fusion layer (None: 4 x width; MLRG: its BERT config's, 3072 = 4 x 768)",
+            kind=int,
+            low=1,
+        ),
+        type_init=Param(
+            "normal",
+            "init of the memory's type embeddings: normal, N(0, 1), or mlrg, U[0, 1) (MLRG, fidelity 2.7)",
+            choices=REPORT_MLRG_OPTIONS["type_init"],
+        ),
+        decoder_token_rows=Param(
+            "new",
+            "distilgpt2 without decoder_init: new (every token row new; what MLRG's code ends with) or keep (GPT-2's "
+            "50,257 pretrained rows kept, the added ones new, as resize_token_embeddings; fidelity 2.12/B2)",
+            choices=("new", "keep"),
+        ),
         # --- training (mlrg.engine.fit) ---
         pt_lr=Param(2e-4, "learning rate of the weights copied from stage 1 (MLRG: 5e-6)", low=0),
         ft_lr=Param(1e-3, "learning rate of the new weights (MLRG: 5e-5)", low=0),
@@ -325,7 +392,18 @@ FINETUNE = Params(
         val_max_samples=Param(
             None, "generate at most this many val samples per evaluation (a seeded subset; None: all)", kind=int, low=1
         ),
-        eval_batch_size=Param(32, "samples per generation batch", low=1),
+        eval_batch_size=Param(
+            32,
+            "samples per generation batch (MLRG: 14, its batch_size; with batch_images='dedup' the batch is what the "
+            "anchors fuse with)",
+            low=1,
+        ),
+        protocol=Param(
+            "plain",
+            "how val and test are scored: plain, or mlrg (references cut to max_length tokens of the tokenizer, empty "
+            "generations as MLRG; mlrg.evaluate.apply_protocol; fidelity 2.21-2.22)",
+            choices=("plain", "mlrg"),
+        ),
         test=Param(True, "after training, generate and score the test split with best.pt"),
         meteor=Param(True, "METEOR in the test scores (needs Java; val scores never run it)"),
         chexbert_weights=Param(
@@ -507,6 +585,7 @@ def model_config_for(p, vocab, stage1=None) -> dict:
         "pad_id": vocab.pad_id,
         "bos_id": vocab.bos_id,
         "eos_id": vocab.eos_id,
+        "sep_id": getattr(vocab, "sep_id", None),
     }
     if p["decoder"] == "distilgpt2":
         dec.update({**gpt2_decoder_config(p["decoder_path"]), "dropout": p["dropout"]})
@@ -515,6 +594,8 @@ def model_config_for(p, vocab, stage1=None) -> dict:
             "visual": vis,
             "prompt": prompt,
             "prompt_heads": p["prompt_heads"],
+            "prompt_ffn": p["prompt_ffn"],
+            **{k: p[k] for k in REPORT_MLRG_OPTIONS},
             "decoder": dec,
             "dropout": p["dropout"],
             "label_smoothing": p["label_smoothing"],
@@ -589,6 +670,15 @@ class FinetuneParts:
     data: Inputs
 
 
+def _mlrg_data_kw(p, mcfg) -> dict:
+    """`MLRGDataset` keywords of the data parameters that choose MLRG's way (`MLRG_DATA_KEYS`) present in `p`, and the
+    RAD-DINO folder as the processor with `image_preprocess="processor"`."""
+    kw = {k: p[k] for k in MLRG_DATA_KEYS if k in p}
+    if kw.get("image_preprocess") == "processor":
+        kw["processor"] = mcfg["visual"]["image_pretrained_path"]
+    return kw
+
+
 def build_finetune(p: dict, data: Inputs | None = None, log=None) -> FinetuneParts:
     "Model, init table, lr groups, datasets, collate function and evaluator for checked parameters `p`."
     log = log or get_logger()
@@ -596,6 +686,7 @@ def build_finetune(p: dict, data: Inputs | None = None, log=None) -> FinetunePar
     stage1 = load_checkpoint(ck_path) if ck_path is not None else None
     data = data or load_finetune_data(p, stage1, log)
     vocab, items = data.vocab, data.items
+    protocol_tok = protocol_tokenizer_for(p, vocab)  # before any work
     seed_everything(p["seed"])
     mcfg = model_config_for(p, vocab, stage1)
     model = MLRGReportModel(mcfg)
@@ -611,7 +702,17 @@ def build_finetune(p: dict, data: Inputs | None = None, log=None) -> FinetunePar
             p["decoder_init"] or p["decoder_path"],
             p["trust_pickle"],
             print_fn=print if is_main_process() else None,
+            token_rows="new" if p["decoder_init"] else p["decoder_token_rows"],
         )
+        if not p["decoder_init"] and is_main_process():
+            log.warning(
+                "decoder: no decoder_init, so not the paper's start (cvt2distilgpt2): GPT-2's blocks from %s, "
+                "%s, the cross-attention new",
+                p["decoder_path"],
+                "its 50,257 token rows kept and the added ones new"
+                if p["decoder_token_rows"] == "keep"
+                else "every token row new",
+            )
     ds_kw = dict(
         image_root=data.image_root,
         vocab=vocab,
@@ -621,6 +722,7 @@ def build_finetune(p: dict, data: Inputs | None = None, log=None) -> FinetunePar
         max_prompt_length=p["max_prompt_length"],
         use_indication=p["use_indication"],
         use_prior_report=p["use_prior_report"],
+        **_mlrg_data_kw(p, mcfg),
     )
     features = _features_for(p, model, items, ds_kw, log)
     train_ds = MLRGDataset(
@@ -637,6 +739,9 @@ def build_finetune(p: dict, data: Inputs | None = None, log=None) -> FinetunePar
         data.truth_path,
         p["progress"],
         rcb_weights={a: p[f"{a}_weights"] for a in RCB_ADAPTERS} if p["select_metric"] == "rcb" else None,
+        protocol=p["protocol"],
+        max_tokens=p["max_length"],
+        tokenizer=protocol_tok,
     )
     used = backbones(
         vocab,
@@ -720,6 +825,44 @@ def score_records(records, truth=None, meteor=False) -> tuple:
     return {k: (float("nan") if v is None else float(v)) for k, v in flat.items()}, res
 
 # %% ../nbs/04_finetune.ipynb #e0f666a8
+def protocol_tokenizer_for(p, vocab):
+    """The GPT-2 tokenizer `protocol="mlrg"` cuts references with: the run's vocabulary when it is GPT-2's, else
+    `tokenizer_path` or `decoder_path` (checked now, before any training); None with `protocol="plain"`."""
+    if p["protocol"] == "plain":
+        return None
+    from mlrg.evaluate import protocol_tokenizer
+
+    if isinstance(vocab, BPETokenizer):
+        return vocab
+    folder = p.get("tokenizer_path") or p.get("decoder_path")
+    return protocol_tokenizer(folder, "tokenizer_path" if p.get("tokenizer_path") else "decoder_path")
+
+
+def protocol_records(records, protocol="plain", tokenizer=None, max_tokens=100, split="test") -> list:
+    """`records` with `reference` and `generated` as scoring `protocol` reads them (`mlrg.evaluate.apply_protocol`:
+    with "mlrg" each reference cut to `max_tokens` GPT-2 tokens and decoded, empty val generations "...", as MLRG);
+    "plain": unchanged."""
+    if protocol == "plain" or not records:
+        return records
+    refs, hyps = apply_protocol(
+        [r["reference"] for r in records],
+        [r["generated"] for r in records],
+        protocol,
+        tokenizer=tokenizer,
+        max_tokens=max_tokens,
+        split=split,
+    )
+    return [{**r, "reference": a, "generated": b} for r, a, b in zip(records, refs, hyps)]
+
+
+def protocol_info(protocol, tokenizer=None, max_tokens=100, split="test") -> dict:
+    "What a metrics file says of the protocol its scores were read with."
+    info = {"name": protocol, "split": split}
+    if protocol != "plain":
+        info.update(ref_max_tokens=int(max_tokens), tokenizer=getattr(tokenizer, "source", str(tokenizer)))
+    return info
+
+
 class ReportEvaluator:
     "fit's `evaluate(model, ctx)`: generate the val split (sharded, gathered), save the records, score them."
 
@@ -733,10 +876,14 @@ class ReportEvaluator:
         progress=False,
         name="val",
         rcb_weights=None,
+        protocol="plain",
+        max_tokens=100,
+        tokenizer=None,
     ):
         self.dataset, self.vocab, self.batch_size, self.generation = dataset, vocab, batch_size, dict(generation or {})
         self.truth = load_truth(truth_path) if truth_path is not None else None
         self.progress, self.name, self.rcb_weights = progress, name, rcb_weights
+        self.protocol, self.max_tokens, self.tokenizer = protocol, max_tokens, tokenizer
 
     def __call__(self, model, ctx=None) -> dict:
         ctx = ctx or EvalContext(0, 0, Path(tempfile.mkdtemp(prefix="mlrg-eval-")))
@@ -753,6 +900,7 @@ class ReportEvaluator:
         if not ctx.main:
             return {}
         recs.sort(key=lambda r: r["index"])
+        recs = protocol_records(recs, self.protocol, self.tokenizer, self.max_tokens, split="val")
         ctx.save(recs, self.name)
         flat, _ = score_records(recs, self.truth)
         if self.rcb_weights is not None:
@@ -814,7 +962,7 @@ def fit_config(p, parts, out_dir) -> dict:
         "select_mode": SELECT_METRICS[p["select_metric"]],
         "model": parts.model_config,
         "stage": "finetune",
-        "data": {k: p[k] for k in _DATA_KEYS},
+        "data": {k: p[k] for k in (*_DATA_KEYS, *MLRG_DATA_KEYS) if k in p},
         "generation": parts.generation,
         "init": {
             "stage1_checkpoint": parts.stage1_checkpoint,
@@ -824,7 +972,7 @@ def fit_config(p, parts, out_dir) -> dict:
         "backbones": parts.backbones,
         "features_cached": parts.features is not None,
         "source": {k: parts.data.info[k] for k in ("annotation", "image_root", "samples")},
-        "eval": {k: p[k] for k in ("val_num_beams", "val_max_samples", "eval_batch_size")},
+        "eval": {k: p[k] for k in ("val_num_beams", "val_max_samples", "eval_batch_size", "protocol")},
     }
 
 # %% ../nbs/04_finetune.ipynb #0c56f85d
@@ -840,6 +988,8 @@ def run_test(model, parts, p, out_dir, checkpoint=None, log=None) -> dict:
     recs = generate_records(
         model, ds, None, p["eval_batch_size"], parts.generation, with_loss=False, progress=p["progress"], desc="test"
     )
+    tok = parts.evaluator.tokenizer
+    recs = protocol_records(recs, p["protocol"], tok, p["max_length"], split="test")
     out_dir = Path(out_dir)
     write_predictions(recs, out_dir / "test_predictions.json", out_dir / "test_predictions.csv")
     truth = parts.evaluator.truth  # read once, by the val evaluator
@@ -847,9 +997,11 @@ def run_test(model, parts, p, out_dir, checkpoint=None, log=None) -> dict:
     with_prior = [r for r in recs if r["has_prior"]]
     prior_flat = score_records(with_prior, truth)[0] if with_prior else {}
     res.pop("per_sample", None)
+    res["protocol"] = protocol_info(p["protocol"], tok, p["max_length"], "test")  # applied above, once
     out = {
         "n": len(recs),
         "n_with_prior": len(with_prior),
+        "protocol": protocol_info(p["protocol"], tok, p["max_length"], "test"),
         "checkpoint": str(checkpoint) if checkpoint else None,
         "scores": flat,
         "scores_with_prior": prior_flat,
@@ -927,6 +1079,7 @@ def summarize(result, p, parts, out_dir, test=None) -> dict:
         "stopped": result["stopped"],
         "train_seconds": round(result["seconds"], 2),
         "select_metric": p["select_metric"],
+        "protocol": p["protocol"],
         "best_step": result["best_step"],
         "best_val_score": result["best_metric"],
         "curve": [{k: v for k, v in r.items() if k not in ("kind",)} for r in evals],
@@ -1023,6 +1176,7 @@ def dataset_for(ck, items, image_root, vocab=None) -> MLRGDataset:
     "An `MLRGDataset` of `items` with the data and prompt settings checkpoint `ck` was trained with (pixels, no cache)."
     d = ck["config"]["data"]
     vocab = vocab or vocab_from_state(ck["vocab"])
+    mlrg_kw = _mlrg_data_kw(d, ck["config"]["model"])
     return MLRGDataset(
         items,
         image_root,
@@ -1033,6 +1187,7 @@ def dataset_for(ck, items, image_root, vocab=None) -> MLRGDataset:
         max_views=d["max_views"],
         max_length=d["max_length"],
         max_prompt_length=d["max_prompt_length"],
+        **mlrg_kw,
     )
 
 # %% ../nbs/04_finetune.ipynb #5e5f86d0

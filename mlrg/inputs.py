@@ -10,12 +10,23 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .core import InputError, Param, Params, derive_seed, get_logger
-from .data import BPETokenizer, Tokens, Vocab, image_slots, prepare, read_annotation
+from mlrg.data import (
+    IMAGE_PREPROCESSES,
+    PROMPT_TRUNCATIONS,
+    REPORT_STYLES,
+    TARGET_TRUNCATIONS,
+    BPETokenizer,
+    Tokens,
+    Vocab,
+    image_slots,
+    prepare,
+    read_annotation,
+)
 from .runs import RunFolder
 
 # %% auto #0
-__all__ = ['INPUTS', 'Inputs', 'write_tiny_phantom', 'image_root_for', 'check_image_files', 'by_study', 'backbones',
-           'tokenizer_for', 'load_inputs']
+__all__ = ['INPUTS', 'Inputs', 'write_tiny_phantom', 'image_root_for', 'check_image_files', 'by_study', 'factual_items',
+           'backbones', 'tokenizer_for', 'load_inputs']
 
 # %% ../nbs/01c_inputs.ipynb #a6cccebc
 INPUTS = Params(
@@ -37,7 +48,39 @@ INPUTS = Params(
         sample_unit=Param(
             "image", "image: every image is an anchor (MLRG); study: one anchor per study", choices=("image", "study")
         ),
-        max_views=Param(3, "current images per sample: the anchor and up to max_views-1 auxiliary views", low=1),
+        max_views=Param(
+            3,
+            "current images per sample: the anchor and up to max_views-1 auxiliary views; None: every image of the "
+            "study (MLRG, fidelity 1.1)",
+            kind=int,
+            low=1,
+            nullable=True,
+        ),
+        report_style=Param(
+            "findings",
+            "findings: stage 1's text and stage 2's prior report are the findings (mlrg); factual_serialization: the "
+            "annotation's findings_factual_serialization as MLRG uses it, and items without facts skipped (MLRG, "
+            "fidelity 1.17/2.2/2.27; the findings when the annotation lacks the field)",
+            choices=REPORT_STYLES,
+        ),
+        target_truncation=Param(
+            "keep_eos",
+            "keep_eos: [BOS] + at most max_length-2 tokens + [EOS] (mlrg); mlrg: [BOS]findings[EOS] cut to "
+            "max_length+1 tokens, a long report losing its [EOS] (MLRG, fidelity 2.13)",
+            choices=TARGET_TRUNCATIONS,
+        ),
+        prompt_truncation=Param(
+            "keep_sep",
+            "keep_sep: the longer prompt part loses tokens, both [SEP]s stay (mlrg); mlrg: the pair cut by "
+            "tokenizers' longest_first, which can drop a [SEP] (MLRG, fidelity 2.3)",
+            choices=PROMPT_TRUNCATIONS,
+        ),
+        image_preprocess=Param(
+            "pad",
+            "pad: grayscale padded to a square and resized (mlrg); processor: the RAD-DINO folder's "
+            "preprocessor_config.json (shortest-edge resize, center crop, rescale; MLRG, fidelity 1.4)",
+            choices=IMAGE_PREPROCESSES,
+        ),
         augment=Param(
             False, "light affine / brightness / contrast jitter of training images (never a horizontal flip)"
         ),
@@ -70,6 +113,7 @@ class Inputs:
     vocab: Tokens
     info: dict = field(default_factory=dict)
     truth_path: Path | None = None  # a phantom's truth file, when the images are a phantom's
+    dataset_options: dict = field(default_factory=dict)  # MLRGDataset's report_style, truncations, image_preprocess
 
 # %% ../nbs/01c_inputs.ipynb #cdf77613
 def write_tiny_phantom(folder, patients=40, seed=0, sample_unit="image") -> Path:
@@ -147,6 +191,34 @@ def by_study(items) -> list:
         out.append(it)
     return out
 
+
+def factual_items(items, report_style="findings", where=None, log=None) -> tuple:
+    """(items, the report style in force, a summary): with `report_style="factual_serialization"`, the items whose
+    `findings_factual_serialization` is empty are skipped (MLRG's filter) and counted; an annotation without the field
+    is said once in the log and the findings are used."""
+    log = log or get_logger()
+    if report_style == "findings":
+        return items, "findings", None
+    every = [it for v in items.values() for it in v]
+    have = sum("findings_factual_serialization" in it for it in every)
+    if have == 0:
+        log.warning(
+            "report_style='factual_serialization' but %s has no findings_factual_serialization: using the findings",
+            where,
+        )
+        return items, "findings", {"present": False, "requested": report_style, "skipped_empty": None}
+    if have < len(every):
+        raise InputError(
+            f"{len(every) - have} of {len(every)} items lack findings_factual_serialization",
+            where=where,
+            expected="the field in every item (or in none: factual_serialization then uses the findings)",
+        )
+    kept = {s: [it for it in v if it["findings_factual_serialization"]] for s, v in items.items()}
+    skipped = {s: len(items[s]) - len(kept[s]) for s in items}
+    if any(skipped.values()):
+        log.info("factual serialization: items with no facts skipped (as MLRG does): %s", skipped)
+    return kept, report_style, {"present": True, "requested": report_style, "skipped_empty": skipped}
+
 # %% ../nbs/01c_inputs.ipynb #4c6915ee
 def backbones(
     vocab, image_encoder, image_pretrained_path=None, text_encoder="small", text_pretrained_path=None, **more
@@ -204,6 +276,7 @@ def load_inputs(p: dict, log=None) -> Inputs:
     else:
         image_root = image_root_for(ann, p["image_root"])
     n_images = {s: len(items[s]) for s in items}
+    items, style, facts_info = factual_items(items, p.get("report_style", "findings"), ann, log)
     if p["sample_unit"] == "study":
         items = {s: by_study(v) for s, v in items.items()}
     for s in ("train", "val"):
@@ -233,5 +306,15 @@ def load_inputs(p: dict, log=None) -> Inputs:
         "annotation_items": n_images,
         "image_files_checked": n_files,
         "temp_dir": str(tmp) if tmp else None,
+        "report_style": style,
+        "factual_serialization": facts_info,
     }
-    return Inputs(items, image_root, vocab, info)
+    options = {
+        "report_style": style,
+        "target_truncation": p.get("target_truncation", "keep_eos"),
+        "prompt_truncation": p.get("prompt_truncation", "keep_sep"),
+        "image_preprocess": p.get("image_preprocess", "pad"),
+        "processor": p.get("image_pretrained_path") if p.get("image_preprocess") == "processor" else None,
+    }
+    info["dataset_options"] = {k: v for k, v in options.items() if k != "processor"}
+    return Inputs(items, image_root, vocab, info, dataset_options=options)

@@ -33,13 +33,15 @@ from .engine import load_checkpoint
 
 # %% auto #0
 __all__ = ['MODELS', 'IMAGENET_MEAN', 'IMAGENET_STD', 'IMAGE_ENCODERS', 'BERT_KINDS', 'TEXT_ENCODERS', 'CLIP_SCALE_INIT',
-           'CLIP_SCALE_MAX', 'DEFAULT_PRETRAIN_CONFIG', 'ABLATION_FLAGS', 'VISUAL_KEYS', 'dummy_batch', 'ImageEncoder',
-           'load_weights_file', 'load_into', 'register_image_encoder', 'list_image_encoders', 'build_image_encoder',
-           'conv_bn', 'Residual', 'grid_tokens', 'SmallCNN', 'SmallViT', 'TorchvisionResNet', 'TorchvisionViT',
-           'xrv_cache_dir', 'XRVDenseNet', 'HubViT', 'pool_tokens', 'SmallTextEncoder', 'HubTextEncoder',
-           'build_text_encoder', 'CrossAttentionLayer', 'LongitudinalFusion', 'soft_cross_entropy', 'same_group',
-           'multi_positive_contrastive', 'soft_infonce', 'clip_loss', 'pretrain_config', 'visual_config',
-           'VisualEncoder', 'study_groups', 'MLRGPretrainModel', 'load_visual_state', 'partial_load', 'summarize_init']
+           'CLIP_SCALE_MAX', 'DEFAULT_PRETRAIN_CONFIG', 'ABLATION_FLAGS', 'MLRG_OPTIONS', 'MLRG_STAGE1', 'VISUAL_KEYS',
+           'dummy_batch', 'ImageEncoder', 'load_weights_file', 'load_into', 'register_image_encoder',
+           'list_image_encoders', 'build_image_encoder', 'conv_bn', 'Residual', 'grid_tokens', 'SmallCNN', 'SmallViT',
+           'TorchvisionResNet', 'TorchvisionViT', 'xrv_cache_dir', 'XRVDenseNet', 'HubViT', 'pool_tokens',
+           'SmallTextEncoder', 'HubTextEncoder', 'build_text_encoder', 'CrossAttentionLayer', 'LongitudinalFusion',
+           'ProjectionHead', 'MLRGAttention', 'MLRGFeedForward', 'MLRGFusion', 'soft_cross_entropy', 'same_group',
+           'multi_positive_contrastive', 'mlrg_multi_positive_contrastive', 'soft_infonce', 'clip_loss',
+           'pretrain_config', 'visual_config', 'VisualEncoder', 'dedup_images', 'study_groups', 'MLRGPretrainModel',
+           'load_visual_state', 'partial_load', 'summarize_init']
 
 # %% ../nbs/02_models.ipynb #c6631748
 MODELS = Params(
@@ -732,6 +734,96 @@ class LongitudinalFusion(nn.Module):
             x = layer(x, memory, pad)
         return self.norm(x)
 
+# %% ../nbs/02_models.ipynb #726b7225
+class ProjectionHead(nn.Module):
+    "Per-token MLP on (B, L, C): 1x1 Conv1d C -> hidden, BatchNorm1d, ReLU, 1x1 Conv1d hidden -> out (MLRG's head)."
+
+    def __init__(self, in_dim, hidden_dim, out_dim):
+        super().__init__()
+        self.in_dim, self.hidden_dim, self.out_dim = int(in_dim), int(hidden_dim), int(out_dim)
+        self.head = nn.Sequential(
+            nn.Conv1d(self.in_dim, self.hidden_dim, kernel_size=1),
+            nn.BatchNorm1d(self.hidden_dim),
+            nn.ReLU(),
+            nn.Conv1d(self.hidden_dim, self.out_dim, kernel_size=1),
+        )
+
+    def forward(self, x):
+        if x.ndim != 3 or x.shape[-1] != self.in_dim:
+            raise InputError(
+                f"tokens of shape {tuple(x.shape)}", where="ProjectionHead input", expected=f"(B, L, {self.in_dim})"
+            )
+        return self.head(x.transpose(1, 2)).transpose(1, 2)
+
+# %% ../nbs/02_models.ipynb #461a2f5f
+class MLRGAttention(nn.Module):
+    "Cross-attention with LayerNorms on the queries (`ln_1`) and the keys/values (`ln_2`); Linear init N(0, 0.001)."
+
+    def __init__(self, dim, heads=8, dim_head=None, dropout=0.0):
+        super().__init__()
+        self.heads, self.dim_head = int(heads), int(dim // 4 if dim_head is None else dim_head)
+        inner = self.heads * self.dim_head
+        self.fc_q, self.fc_k, self.fc_v = nn.Linear(dim, inner), nn.Linear(dim, inner), nn.Linear(dim, inner)
+        self.fc_o = nn.Linear(inner, dim)
+        self.dropout = nn.Dropout(dropout)
+        self.ln_1, self.ln_2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
+        for lin in (self.fc_q, self.fc_k, self.fc_v, self.fc_o):
+            nn.init.normal_(lin.weight, std=0.001)
+            nn.init.zeros_(lin.bias)
+
+    def forward(self, x, memory, memory_pad=None):
+        "`x` (B, N, d) attends to `memory` (B, M, d), ignoring positions where `memory_pad` (B, M) is True."
+        B, N, _ = x.shape
+        M, h, k = memory.shape[1], self.heads, self.dim_head
+        kv = self.ln_2(memory)
+        q = self.fc_q(self.ln_1(x)).view(B, N, h, k).transpose(1, 2)
+        key = self.fc_k(kv).view(B, M, h, k).transpose(1, 2)
+        val = self.fc_v(kv).view(B, M, h, k).transpose(1, 2)
+        keep = None if memory_pad is None else ~memory_pad.bool()[:, None, None, :]
+        p = self.dropout.p if self.training else 0.0
+        # softmax(q k^T / sqrt(dim_head)) v, without materialising the scores where a fused kernel can
+        out = F.scaled_dot_product_attention(q, key, val, attn_mask=keep, dropout_p=p)
+        return self.fc_o(out.transpose(1, 2).reshape(B, N, h * k))
+
+
+class MLRGFeedForward(nn.Module):
+    "LayerNorm, Linear d -> hidden, GELU, Linear hidden -> d (dropout after each Linear's activation and output)."
+
+    def __init__(self, dim, hidden, dropout=0.0):
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.LayerNorm(dim),
+            nn.Linear(dim, hidden),
+            nn.GELU(),
+            nn.Dropout(dropout),
+            nn.Linear(hidden, dim),
+            nn.Dropout(dropout),
+        )
+
+    def forward(self, x):
+        return self.net(x)
+
+
+class MLRGFusion(nn.Module):
+    "MLRG's fusion `Transformer`: per layer x + Attn(x, memory), x + FF(x); then LayerNorm. No null token."
+
+    def __init__(self, dim, depth=3, heads=8, dim_head=None, mlp_dim=None, dropout=0.0):
+        super().__init__()
+        self.norm = nn.LayerNorm(dim)
+        mlp_dim = dim if mlp_dim is None else mlp_dim
+        self.layers = nn.ModuleList(
+            nn.ModuleList([MLRGAttention(dim, heads, dim_head, dropout), MLRGFeedForward(dim, mlp_dim, dropout)])
+            for _ in range(depth)
+        )
+
+    def forward(self, anchor, memory, memory_pad=None):
+        "`anchor` (B, N, d) after attending to `memory` (B, M, d); every anchor needs an unpadded memory token."
+        x = anchor
+        for attn, ff in self.layers:
+            x = attn(x, memory, memory_pad) + x
+            x = ff(x) + x
+        return self.norm(x)
+
 # %% ../nbs/02_models.ipynb #e48e8b83
 def soft_cross_entropy(logits, target):
     "Per-row cross-entropy of `logits` (N, M) against target distributions (N, M)."
@@ -761,6 +853,25 @@ def multi_positive_contrastive(emb, groups, temperature=0.5, return_rows=False):
         logp = F.log_softmax(logits[rows], dim=-1).masked_fill(eye[rows], 0.0)  # -inf on the diagonal times 0 target
         loss = -(target * logp).sum(1).mean()
     return (loss, int(rows.sum())) if return_rows else loss
+
+# %% ../nbs/02_models.ipynb #5adf3d57
+def mlrg_multi_positive_contrastive(emb, groups, temperature=0.5, return_rows=False):
+    """Loss (a) as MLRG computes it: images without a positive are removed as rows and columns; diagonal -1e9, logits
+    minus each row's maximum, soft targets. `return_rows` also returns how many images were kept."""
+    groups = torch.as_tensor(groups).to(emb.device)
+    n = emb.shape[0]
+    eye = torch.eye(n, dtype=torch.bool, device=emb.device)
+    pos = same_group(groups).to(emb.device) & ~eye
+    keep = pos.any(1)
+    if not keep.any():
+        return (emb.sum() * 0.0, 0) if return_rows else emb.sum() * 0.0
+    z = F.normalize(emb[keep], dim=-1)
+    target = pos[keep][:, keep].to(z.dtype)
+    target = target / target.sum(1, keepdim=True)
+    logits = (z @ z.T / temperature).masked_fill(torch.eye(len(z), dtype=torch.bool, device=z.device), -1e9)
+    logits = logits - logits.max(1, keepdim=True).values.detach()
+    loss = F.cross_entropy(logits, target)
+    return (loss, int(keep.sum())) if return_rows else loss
 
 # %% ../nbs/02_models.ipynb #6d14f678
 def soft_infonce(img, txt, groups, temperature=0.5):
@@ -803,7 +914,7 @@ DEFAULT_PRETRAIN_CONFIG = dict(
     text_depth=2,
     text_heads=4,
     text_max_len=512,
-    text_pooling="mean",
+    text_pooling="mean",  # "mean" (masked mean) or "cls" (= "first": token 0; MLRG, 1.15/1.17)
     text_pretrained_path=None,
     text_encoder_kw={},
     text_layers=None,
@@ -816,8 +927,19 @@ DEFAULT_PRETRAIN_CONFIG = dict(
     text_weight=1.0,
     clip_logit_scale_init=CLIP_SCALE_INIT,
     clip_logit_scale_max=CLIP_SCALE_MAX,
+    projection="linear",  # "linear" or "mlrg" (view embedding + ln_1, ProjectionHead, ln_2; no heads; 1.6-1.9, 1.18)
+    fusion_style="null_token",  # "null_token" or "mlrg" (MLRG's Transformer, bypass when alone; 1.10-1.12)
+    batch_images="slots",  # "slots" or "dedup" (MLRG's batch: distinct images by image_keys; 1.2, 1.12, 1.13, B4)
+    embed_init="normal",  # "normal" (N(0, 1)) or "mlrg" (view randn, temporal U[0, 1); 1.6, 1.9)
 )
 ABLATION_FLAGS = ("is_multiview_learning", "is_prior_scan", "using_mpc_loss")
+MLRG_OPTIONS = {  # the stage-1 options that reproduce MLRG: each key's default first, MLRG's value second
+    "projection": ("linear", "mlrg"),
+    "fusion_style": ("null_token", "mlrg"),
+    "batch_images": ("slots", "dedup"),
+    "embed_init": ("normal", "mlrg"),
+}
+MLRG_STAGE1 = {**{k: v[1] for k, v in MLRG_OPTIONS.items()}, "text_pooling": "cls"}  # MLRG's model (`mimic`)
 VISUAL_KEYS = (
     "mode",
     "image_encoder",
@@ -832,6 +954,7 @@ VISUAL_KEYS = (
     "dropout",
     "is_multiview_learning",
     "is_prior_scan",
+    *MLRG_OPTIONS,
 )
 
 # %% ../nbs/02_models.ipynb #484e251c
@@ -853,6 +976,15 @@ def _resolve_config(config, overrides) -> dict:
                 f"{f}=True has no meaning in medclip mode", where=f, expected="False or None in medclip mode"
             )
         cfg[f] = bool(cfg[f])
+    for key, values in MLRG_OPTIONS.items():
+        if cfg[key] not in values:
+            raise InputError(f"{key}={cfg[key]!r}", where=key, expected=" or ".join(map(repr, values)))
+        if cfg["mode"] == "medclip" and cfg[key] != values[0]:
+            raise InputError(
+                f"{key}={cfg[key]!r} has no meaning in medclip mode",
+                where=key,
+                expected=f"{values[0]!r} in medclip mode",
+            )
     if cfg["freeze_image_encoder"] is None and cfg["image_encoder"] in IMAGE_ENCODERS:
         cfg["freeze_image_encoder"] = IMAGE_ENCODERS[cfg["image_encoder"]][2]
     return cfg
@@ -869,6 +1001,14 @@ def pretrain_config(config=None, **overrides) -> dict:
         )
     if not cfg["temperature"] or cfg["temperature"] <= 0:
         raise InputError(f"temperature={cfg['temperature']}", where="temperature", expected="> 0")
+    if cfg["text_pooling"] not in ("mean", "first", "cls"):
+        raise InputError(f"text_pooling={cfg['text_pooling']!r}", where="text_pooling", expected="'mean' or 'cls'")
+    if cfg["projection"] == "mlrg" and cfg["proj_dim"] != cfg["d_model"]:
+        raise InputError(
+            f"proj_dim={cfg['proj_dim']} but d_model={cfg['d_model']}",
+            where="proj_dim",
+            expected="proj_dim == d_model with projection='mlrg' (the losses read the d_model-wide tokens, no head)",
+        )
     return cfg
 
 
@@ -886,6 +1026,11 @@ class VisualEncoder(nn.Module):
         super().__init__()
         cfg = self.config = visual_config(config, **overrides)
         self.mode, d = cfg["mode"], cfg["d_model"]
+        self.projection, self.fusion_style, self.batch_images = (
+            cfg["projection"],
+            cfg["fusion_style"],
+            cfg["batch_images"],
+        )
         self.image_encoder = build_image_encoder(
             cfg["image_encoder"],
             pretrained_path=cfg["image_pretrained_path"],
@@ -893,17 +1038,31 @@ class VisualEncoder(nn.Module):
             image_size=cfg["image_size"],
             **cfg["image_encoder_kw"],
         )
-        self.image_proj = nn.Linear(self.image_encoder.dim, d)
+        E = self.image_encoder.dim
+        self.image_proj = ProjectionHead(E, 2 * d, d) if self.projection == "mlrg" else nn.Linear(E, d)
         # `MLRGPretrainModel` builds its image head here, so a seed gives it the same initial weights
         # as before this class existed
         if after_projection is not None:
             after_projection()
         if self.mode == "mlrg":
-            self.view_embed = nn.Embedding(len(VIEW_POSITIONS) + 1, d, padding_idx=0)
-            self.temporal_embed = nn.Embedding(2, d)
-            self.fusion = LongitudinalFusion(
-                d, cfg["fusion_depth"], cfg["fusion_heads"], cfg["fusion_mlp_ratio"], cfg["dropout"]
-            )
+            if self.projection == "mlrg":  # MLRG: view embedding in the encoder's space, 3 temporal rows, 2 norms
+                self.view_embed = nn.Embedding(len(VIEW_POSITIONS) + 1, E, padding_idx=0)
+                self.ln_1 = nn.LayerNorm(E)
+                self.temporal_embed = nn.Embedding(3, d)
+                self.ln_2 = nn.LayerNorm(d)
+            else:
+                self.view_embed = nn.Embedding(len(VIEW_POSITIONS) + 1, d, padding_idx=0)
+                self.temporal_embed = nn.Embedding(2, d)
+            if cfg["embed_init"] == "mlrg":
+                with torch.no_grad():
+                    self.view_embed.weight.normal_()
+                    self.temporal_embed.weight.uniform_()
+            if self.fusion_style == "mlrg":
+                self.fusion = MLRGFusion(d, cfg["fusion_depth"], cfg["fusion_heads"], d // 4, d, cfg["dropout"])
+            else:
+                self.fusion = LongitudinalFusion(
+                    d, cfg["fusion_depth"], cfg["fusion_heads"], cfg["fusion_mlp_ratio"], cfg["dropout"]
+                )
         self.dim, self.n_tokens = d, self.image_encoder.n_tokens
 
     def used_slots(self, batch):
@@ -926,31 +1085,85 @@ class VisualEncoder(nn.Module):
         return use
 
 # %% ../nbs/02_models.ipynb #a2bc2447
-@patch
-def encode_slots(self: VisualEncoder, batch):
-    "Projected tokens (B, V+1, N, d) of the used image slots (zeros in the others), and the used slots (B, V+1)."
-    images = batch["images"]
-    if images.ndim != 5:
-        raise InputError(
-            f"images of shape {tuple(images.shape)}", where="batch['images']", expected="(B, V+1, 1, S, S)"
-        )
-    use = self.used_slots(batch)
-    B, V1 = use.shape
-    tok = self.image_proj(self.image_encoder(images[use])[0])  # (M, N, d), M = used images, row-major
-    return tok.new_zeros(B, V1, tok.shape[1], tok.shape[2]).index_put((use,), tok), use
-
-
-@patch
-def embed_slots(self: VisualEncoder, tokens, batch):
-    "`tokens` (B, V+1, N, d) plus the view-position and temporal embedding of each slot (mlrg mode)."
-    vid, tid = batch["view_ids"].long(), batch["temporal_ids"].long()
-    if int(vid.max()) > len(VIEW_POSITIONS) or int(vid.min()) < 0 or int(tid.max()) > 1 or int(tid.min()) < 0:
+def _check_ids(view_ids, temporal_ids, n_temporal=2):
+    "An InputError unless the view ids are in 0..len(VIEW_POSITIONS) and the temporal ids in 0..n_temporal-1."
+    vid, tid = view_ids, temporal_ids
+    if (
+        vid.numel()
+        and (int(vid.max()) > len(VIEW_POSITIONS) or int(vid.min()) < 0)
+        or (tid.numel() and (int(tid.max()) >= n_temporal or int(tid.min()) < 0))
+    ):
         raise InputError(
             "view_ids / temporal_ids out of range",
             where="batch",
             expected=f"view ids 0..{len(VIEW_POSITIONS)} (mlrg.data.view_id), temporal ids 0/1",
         )
-    return tokens + (self.view_embed(vid) + self.temporal_embed(tid))[:, :, None]
+
+
+@patch
+def encoder_tokens(self: VisualEncoder, batch, index):
+    """The image encoder's tokens (M, N, E) of the images at `index` (a pair of (M,) tensors: sample, slot), or their
+    cached `features` when the batch has them."""
+    if "features" in batch:
+        return batch["features"][index]
+    images = batch["images"]
+    if images.ndim != 5:
+        raise InputError(
+            f"images of shape {tuple(images.shape)}", where="batch['images']", expected="(B, V+1, 1, S, S)"
+        )
+    return self.image_encoder(images[index])[0]
+
+
+@patch
+def project(self: VisualEncoder, feats, view_ids):
+    """Encoder tokens (M, N, E) of M images with view ids (M,) -> projected tokens (M, N, d); with projection="mlrg",
+    ln_1(tokens + view embedding), then the ProjectionHead (MLRG's "ori" tokens)."""
+    if self.projection != "mlrg":
+        return self.image_proj(feats)
+    _check_ids(view_ids, view_ids.new_zeros(0))
+    w = self.ln_1.weight
+    return self.image_proj(self.ln_1(feats.to(w.dtype) + self.view_embed(view_ids.long())[:, None]))
+
+
+@patch
+def add_embeddings(self: VisualEncoder, tokens, view_ids, temporal_ids):
+    """Projected tokens (..., N, d) with the view and temporal embeddings of ids (...): both added (projection
+    "linear"), or the temporal one added then ln_2 (projection "mlrg", whose view embedding came before)."""
+    vid, tid = view_ids.long(), temporal_ids.long()
+    _check_ids(vid, tid)
+    if self.projection == "mlrg":
+        return self.ln_2(tokens + self.temporal_embed(tid)[..., None, :])
+    return tokens + (self.view_embed(vid) + self.temporal_embed(tid))[..., None, :]
+
+
+@patch
+def encode_slots(self: VisualEncoder, batch):
+    "Projected tokens (B, V+1, N, d) of the used image slots (zeros in the others), and the used slots (B, V+1)."
+    use = self.used_slots(batch)
+    B, V1 = use.shape
+    index = use.nonzero(as_tuple=True)  # M used images, row-major: one encoder call, one projection call
+    tok = self.project(self.encoder_tokens(batch, index), batch["view_ids"][index])
+    return tok.new_zeros(B, V1, tok.shape[1], tok.shape[2]).index_put((use,), tok), use
+
+
+@patch
+def embed_slots(self: VisualEncoder, tokens, batch):
+    "`tokens` (B, V+1, N, d) with the view-position and temporal embeddings of each slot (mlrg mode)."
+    return self.add_embeddings(tokens, batch["view_ids"], batch["temporal_ids"])
+
+
+@patch
+def run_fusion(self: VisualEncoder, anchor, memory, pad):
+    """`anchor` (B, N, d) fused with `memory` (B, M, d) but where `pad` (B, M); with fusion_style="mlrg" an anchor
+    without an unpadded memory token is passed by unchanged (MLRG's bypass)."""
+    if self.fusion_style != "mlrg":
+        return self.fusion(anchor, memory, pad)
+    has = (~pad).any(1) if pad.shape[1] else torch.zeros(len(anchor), dtype=torch.bool, device=anchor.device)
+    if not bool(has.any()):
+        return anchor
+    if bool(has.all()):
+        return self.fusion(anchor, memory, pad)
+    return anchor.index_put((has,), self.fusion(anchor[has], memory[has], pad[has]))
 
 
 @patch
@@ -960,14 +1173,103 @@ def fuse(self: VisualEncoder, emb, used):
     mem_slots = [k for k in range(1, V1) if bool(used[:, k].any())]
     memory = emb[:, mem_slots].reshape(B, len(mem_slots) * N, d)
     pad = (~used[:, mem_slots]).repeat_interleave(N, dim=1)
-    return self.fusion(emb[:, 0], memory, pad)
+    return self.run_fusion(emb[:, 0], memory, pad)
+
+# %% ../nbs/02_models.ipynb #bc9bd89f
+def dedup_images(keys, used):
+    """MLRG's image list of a batch: (`source` (M, 2) long, the sample and slot each image is read from; `index`
+    (B, V+1) long, the image each used slot shows, -1 for an unused one; the number of current images, which come
+    first). `keys`: B lists of V+1 image keys ("" or None: no key), or None (no two slots match)."""
+    used = used.bool().cpu()
+    B, V1 = used.shape
+    V = V1 - 1
+    if keys is not None and (len(keys) != B or any(len(k) != V1 for k in keys)):
+        raise InputError(
+            f"image_keys of {len(keys)} samples for {B} samples of {V1} slots",
+            where="batch['image_keys']",
+            expected="one key per slot of every sample (mlrg.data.collate)",
+        )
+
+    def key(b, k):
+        s = keys[b][k] if keys is not None else None
+        return s if s else ("slot", b, k)  # no key: never equal to another slot's
+
+    source, index, seen = [], torch.full((B, V1), -1, dtype=torch.long), {}
+    for b in range(B):
+        seen.setdefault(key(b, 0), len(source))
+        index[b, 0] = len(source)
+        source.append((b, 0))
+    for b in range(B):
+        for k in range(1, V):
+            if used[b, k]:
+                if key(b, k) not in seen:
+                    seen[key(b, k)] = len(source)
+                    source.append((b, k))
+                index[b, k] = seen[key(b, k)]
+    n_current, priors = len(source), {}
+    for b in range(B):
+        if V > 0 and used[b, V]:
+            if key(b, V) not in priors:
+                priors[key(b, V)] = len(source)
+                source.append((b, V))
+            index[b, V] = priors[key(b, V)]
+    return torch.tensor(source, dtype=torch.long).view(-1, 2), index, n_current
+
+# %% ../nbs/02_models.ipynb #ffbb3ca2
+@patch
+def fuse_images(self: VisualEncoder, emb, groups, current, n_anchors):
+    """The first `n_anchors` images of `emb` (M, N, d) after attending to every other image of their group (only the
+    priors among them when is_multiview_learning is off): (n_anchors, N, d)."""
+    M, N, d = emb.shape
+    ar = torch.arange(M, device=emb.device)
+    member = (same_group(groups).to(emb.device) & (ar[:, None] != ar[None, :]))[:n_anchors]
+    if not self.config["is_multiview_learning"]:
+        member = member & ~current.to(emb.device)[None, :]
+    L = int(member.sum(1).max()) if n_anchors else 0
+    if L == 0:
+        return self.run_fusion(emb[:n_anchors], emb.new_zeros(n_anchors, 0, d), member.new_zeros(n_anchors, 0))
+    order = torch.where(member, ar[None, :], ar[None, :] + M).sort(1).values[:, :L]  # members first, in list order
+    memory = emb[order % M].reshape(n_anchors, L * N, d)
+    return self.run_fusion(emb[:n_anchors], memory, (order >= M).repeat_interleave(N, dim=1))
+
+
+@patch
+def forward_dedup(self: VisualEncoder, batch) -> dict:
+    """`forward` over the batch's distinct images (`dedup_images`, keys from `image_keys`): one encoder and projection
+    call for them all; also returns `image_tokens` (M, N, d), `image_groups` (M,), `image_current` (M,) and
+    `image_source` (M, 2) of those images."""
+    use = self.used_slots(batch)
+    B, V1 = use.shape
+    source, index, n_cur = dedup_images(batch.get("image_keys"), use)
+    source, index = source.to(use.device), index.to(use.device)
+    src = (source[:, 0], source[:, 1])
+    tok = self.project(self.encoder_tokens(batch, src), batch["view_ids"][src])
+    emb = self.add_embeddings(tok, batch["view_ids"][src], batch["temporal_ids"][src])
+    groups = study_groups(batch).to(use.device)[source[:, 0]]
+    current = torch.arange(len(source), device=use.device) < n_cur
+    fused = self.fuse_images(emb, groups, current, B)
+    tokens = tok.new_zeros(B, V1, tok.shape[1], tok.shape[2]).index_put((use,), tok[index[use]])
+    return {
+        "tokens": tokens,
+        "used": use,
+        "global": tokens[:, :, 0],
+        "anchor_tokens": emb[:B],
+        "fused_tokens": fused,
+        "fused_global": fused[:, 0],
+        "image_tokens": tok,
+        "image_groups": groups,
+        "image_current": current,
+        "image_source": source,
+    }
 
 
 @patch
 def forward(self: VisualEncoder, batch) -> dict:
     """`tokens` (B, V+1, N, d), `used` (B, V+1) and `global` (B, V+1, d) of every slot; the anchor's tokens with their
     embeddings `anchor_tokens` (B, N, d); in mlrg mode also `fused_tokens` (B, N, d) and their global token
-    `fused_global`."""
+    `fused_global` (with batch_images="dedup", see `forward_dedup`)."""
+    if self.mode == "mlrg" and self.batch_images == "dedup":
+        return self.forward_dedup(batch)
     tokens, use = self.encode_slots(batch)
     out = {"tokens": tokens, "used": use, "global": tokens[:, :, 0]}
     if self.mode != "mlrg":
@@ -1006,9 +1308,13 @@ class MLRGPretrainModel(nn.Module):
         super().__init__()
         cfg = self.config = pretrain_config(config, **overrides)
         self.mode, d, p = cfg["mode"], cfg["d_model"], cfg["proj_dim"]
+        self.projection = cfg["projection"]
+        self.pooling = "first" if cfg["text_pooling"] == "cls" else cfg["text_pooling"]
         # the image head is built right after the visual projection: the initial weights of a seed stay as they were
         heads = []
-        self.visual = VisualEncoder(cfg, after_projection=lambda: heads.append(nn.Linear(d, p)))
+        self.visual = VisualEncoder(
+            cfg, after_projection=lambda: heads.append(nn.Identity() if self.projection == "mlrg" else nn.Linear(d, p))
+        )
         self.image_head = heads[0]
         if self.mode != "mlrg":
             self.logit_scale = nn.Parameter(torch.tensor(float(cfg["clip_logit_scale_init"])))
@@ -1020,7 +1326,7 @@ class MLRGPretrainModel(nn.Module):
                 heads=cfg["text_heads"],
                 max_len=cfg["text_max_len"],
                 dropout=cfg["dropout"],
-                pooling=cfg["text_pooling"],
+                pooling=self.pooling,
                 **tkw,
             )
         else:  # cxr_bert: the project's token ids in mlrg mode, its own tokenizer in medclip mode
@@ -1028,7 +1334,7 @@ class MLRGPretrainModel(nn.Module):
                 n_layers=cfg["text_layers"],
                 trust_remote_code=cfg["trust_remote_code"],
                 max_len=cfg["text_max_len"],
-                pooling=cfg["text_pooling"],
+                pooling=self.pooling,
                 **tkw,
             )
         self.text_encoder = build_text_encoder(
@@ -1038,10 +1344,15 @@ class MLRGPretrainModel(nn.Module):
             pretrained_path=cfg["text_pretrained_path"],
             **tkw,
         )
-        self.text_head = nn.Linear(self.text_encoder.dim, p)
+        if self.projection == "mlrg":  # MLRG: a ProjectionHead on every text token, then token 0 (or the mean)
+            self.text_proj = ProjectionHead(self.text_encoder.dim, 2 * d, d)
+            self.text_head = nn.Identity()
+        else:
+            self.text_head = nn.Linear(self.text_encoder.dim, p)
         # built last, so switching the loss on or off leaves every other layer's initial weights unchanged
         if self.mode == "mlrg":
-            self.mpc_head = nn.Linear(d, p) if cfg["using_mpc_loss"] else None
+            mpc_head = nn.Identity() if self.projection == "mlrg" else nn.Linear(d, p)
+            self.mpc_head = mpc_head if cfg["using_mpc_loss"] else None
 
     def encode_visual(self, batch) -> dict:
         "The visual encoder's outputs for `batch` (see `VisualEncoder.forward`)."
@@ -1059,9 +1370,14 @@ class MLRGPretrainModel(nn.Module):
         "L2-normalised report embeddings (B, proj_dim), one per sample (for retrieval)."
         te = self.text_encoder
         if te.uses_raw_text:
-            _, pooled = te(batch["findings"])
-        else:
-            _, pooled = te(batch["target_ids"], batch.get("target_mask"))
+            _, pooled = te(batch.get("text") or batch["findings"])
+        else:  # stage 1's text (`text_ids`, as report_style says) when the batch has it, else the target
+            key = "text" if "text_ids" in batch else "target"
+            ids, mask = batch[f"{key}_ids"], batch.get(f"{key}_mask")
+            tokens, pooled = te(ids, mask, where=f"{key}_ids")
+            if self.projection == "mlrg":
+                mask = ids != self.config["pad_id"] if mask is None else mask.bool()
+                pooled = pool_tokens(self.text_proj(tokens), mask, self.pooling)
         return F.normalize(self.text_head(pooled), dim=-1)
 
 # %% ../nbs/02_models.ipynb #72fc7169
@@ -1081,11 +1397,18 @@ def forward(self: MLRGPretrainModel, batch) -> dict:
     out["loss_text"] = soft_infonce(img, txt, groups, t)
     out["loss"] = self.config["text_weight"] * out["loss_text"]
     if self.config["using_mpc_loss"]:
-        V = vis["used"].shape[1] - 1
-        cur = vis["used"][:, :V]
-        g = self.mpc_head(vis["global"][:, :V][cur])
-        img_groups = groups[:, None].expand(-1, V)[cur]
-        out["loss_mpc"], out["n_mpc_rows"] = multi_positive_contrastive(g, img_groups, t, return_rows=True)
+        if "image_tokens" in vis:  # batch_images="dedup": MLRG's loss (a) over the distinct current images
+            cur = vis["image_current"]
+            g = self.mpc_head(vis["image_tokens"][cur][:, 0])
+            out["loss_mpc"], out["n_mpc_rows"] = mlrg_multi_positive_contrastive(
+                g, vis["image_groups"][cur], t, return_rows=True
+            )
+        else:
+            V = vis["used"].shape[1] - 1
+            cur = vis["used"][:, :V]
+            g = self.mpc_head(vis["global"][:, :V][cur])
+            img_groups = groups[:, None].expand(-1, V)[cur]
+            out["loss_mpc"], out["n_mpc_rows"] = multi_positive_contrastive(g, img_groups, t, return_rows=True)
         out["loss"] = out["loss"] + self.config["mpc_weight"] * out["loss_mpc"]
     return out
 

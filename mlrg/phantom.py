@@ -42,10 +42,10 @@ from mlrg.core import (
 
 # %% auto #0
 __all__ = ['TRUTH_FILE', 'METADATA_COLUMNS', 'PRESETS', 'DEVICES', 'CHANGES', 'SEVERITY_WORDS', 'STATED', 'PHANTOM', 'PROFILES',
-           'LOBES', 'BOTH', 'REASONS', 'INFO_FILE', 'initial_state', 'evolve_state', 'visible_views', 'findings_of',
-           'change_of', 'compose_report', 'write_report', 'findings_text', 'image_geometry', 'render_image',
-           'n_studies', 'assign_ids', 'simulate_patient', 'phantom_folder', 'write_phantom', 'read_truth',
-           'phantom_cli']
+           'LOBES', 'BOTH', 'REASONS', 'FACTS_FILE', 'INFO_FILE', 'initial_state', 'evolve_state', 'visible_views',
+           'findings_of', 'change_of', 'fact_of', 'compose_report', 'write_report', 'findings_text', 'image_geometry',
+           'render_image', 'n_studies', 'assign_ids', 'simulate_patient', 'phantom_folder', 'write_phantom',
+           'read_truth', 'phantom_cli']
 
 # %% ../nbs/01a_phantom.ipynb #ae9548f5
 TRUTH_FILE = "phantom-truth.jsonl"  # the ground truth the real dataset lacks
@@ -907,8 +907,22 @@ def _wrap(s, width=78):
     return [" " + l for l in textwrap.wrap(s, width - 1)] or [" "]
 
 # %% ../nbs/01a_phantom.ipynb #c9f1f224
+FACTS_FILE = "findings_factual_serialization.jsonl"  # mlrg.data.FACTS_FILE: what `prepare` reads
+
+
+def fact_of(sentence) -> str:
+    "A findings sentence as a fact of MLRG's factual serialization: lower case, no final full stop."
+    return " ".join(sentence.split()).rstrip(".").lower()
+
+
 def compose_report(rec, prior=None, rng=None):
     "(report text, CheXpert labels {observation: 1.0/0.0/-1.0/None}) for a truth record and its prior's record."
+    return _compose(rec, prior, rng)[:2]
+
+
+def _compose(rec, prior=None, rng=None):
+    """`compose_report`'s text and labels, and the facts of the findings paragraph (one per statement; the sentence
+    naming the views is no fact; none when the report has no FINDINGS section)."""
     rng = np.random.default_rng(0) if rng is None else rng
     det = rec.get("details", {})
     stmts = _statements(rec, prior, rng)
@@ -957,7 +971,8 @@ def compose_report(rec, prior=None, rng=None):
         if not any(final[o] in (1.0, -1.0) for o in OBSERVATIONS if o not in ("No Finding", "Support Devices"))
         else None
     )
-    return "\n".join(text) + "\n", final
+    facts = [fact_of(s) for s, _ in stmts] if rec.get("has_findings_section", True) is not False else []
+    return "\n".join(text) + "\n", final, facts
 
 # %% ../nbs/01a_phantom.ipynb #27d15bce
 def write_report(rec, prior=None, rng=None):
@@ -1765,7 +1780,7 @@ def _write_patient(args):
     recs, states = simulate_patient(seed, i, subject_id, study_ids)
     ri = np.random.default_rng(derive_seed(seed, "patient", i, "images"))
     rt = np.random.default_rng(derive_seed(seed, "patient", i, "text"))
-    meta, chex = [], []
+    meta, chex, facts = [], [], []
     files = out / "files"
     for k, (rec, st) in enumerate(zip(recs, states)):
         sdir = files / study_dir(subject_id, rec["study_id"])
@@ -1801,10 +1816,11 @@ def _write_patient(args):
                     orient,
                 ]
             )
-        text, lab = compose_report(rec, recs[k - 1] if k else None, rt)
+        text, lab, fs = _compose(rec, recs[k - 1] if k else None, rt)
+        facts.append({"study_id": rec["study_id"], "findings_factual_serialization": fs})
         atomic_write(files / report_relpath(subject_id, rec["study_id"]), text.encode(), fsync=False)
         chex.append([subject_id, rec["study_id"]] + [lab[o] for o in OBSERVATIONS])
-    return meta, chex, recs
+    return meta, chex, recs, facts
 
 # %% ../nbs/01a_phantom.ipynb #f80c10fa
 def _csv(rows, header):
@@ -1909,24 +1925,26 @@ def write_phantom(out_dir, patients=None, seed=0, size=None, workers=None, progr
         workers = 1 if patients < 64 else min(2, os.cpu_count() or 1)
     workers = max(1, int(workers))
     _tune_malloc()
-    meta, chex, truth = [], [], []
+    meta, chex, truth, facts = [], [], [], []
     bar = tqdm(total=patients, desc="phantom patients", disable=not progress)
     if workers == 1:
         results = map(_write_patient, jobs)
-        for m, c, r in results:
+        for m, c, r, f in results:
             meta += m
             chex += c
             truth += r
+            facts += f
             bar.update()
     else:
         import multiprocessing as mp
 
         ctx = mp.get_context("fork" if sys.platform.startswith("linux") else "spawn")
         with ctx.Pool(workers, initializer=_tune_malloc) as pool:
-            for m, c, r in pool.imap(_write_patient, jobs, chunksize=4):
+            for m, c, r, f in pool.imap(_write_patient, jobs, chunksize=4):
                 meta += m
                 chex += c
                 truth += r
+                facts += f
                 bar.update()
     bar.close()
     split = _split_of(seed, patients)
@@ -1941,6 +1959,7 @@ def write_phantom(out_dir, patients=None, seed=0, size=None, workers=None, progr
             ),
             out / "mimic-cxr-2.0.0-chexpert.csv": _csv(chex, ["subject_id", "study_id", *OBSERVATIONS]),
             out / TRUTH_FILE: jsonl_text(truth),
+            out / FACTS_FILE: jsonl_text(sorted(facts, key=lambda r: r["study_id"])),
         }
     )
     info = {

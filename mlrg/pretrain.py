@@ -22,7 +22,7 @@ from .inputs import INPUTS, Inputs, backbones, load_inputs
 from .engine import TRAIN, TRAIN_OUTPUT, fit, is_main_process, load_checkpoint, to_device
 from .metrics import roc_auc
 from .runs import RunFolder, check_output_folder, in_ipython, one_line_errors, output_folder
-from .models import MLRGPretrainModel, list_image_encoders, pretrain_config
+from .models import MLRG_STAGE1, MLRGPretrainModel, list_image_encoders, pretrain_config
 
 # %% auto #0
 __all__ = ['PRETRAIN_PRESETS', 'PRETRAIN', 'recall_at_k', 'probe_labels', 'fit_logistic', 'linear_probe', 'PretrainEvaluator',
@@ -62,13 +62,24 @@ PRETRAIN_PRESETS = {
             amp="bf16",
             seed=9233,
             gpu_id="0",
-            model_config={"d_model": 768, "proj_dim": 768},
-            eval_batch_size=64,
+            model_config={"d_model": 768, "proj_dim": 768, **MLRG_STAGE1},
+            eval_batch_size=32,
+            val_loss_mean="batches",
+            weight_decay=0.01,
+            weight_decay_scope="all",
+            drop_last=True,
+            report_style="factual_serialization",
+            image_preprocess="processor",
+            max_views=None,
             num_workers=8,
         ),
         required=(("data_path", "run_dir"), "image_pretrained_path", "text_pretrained_path", "tokenizer_path"),
         help="MLRG's MIMIC-CXR settings: RAD-DINO at 518 px (frozen), CXR-BERT cut to 6 layers, GPT-2's tokenizer, "
-        "batch 32 x 2, lr 5e-5, plateau schedule, early stopping 15, clip 0.1, bf16, seed 9233",
+        "MLRG's text (factual serialization), images (RAD-DINO's processor, every view of the study), "
+        "MLRG's stage-1 model (mlrg.models.MLRG_STAGE1: projection heads and LayerNorms, [CLS] pooling, its fusion "
+        "network, the batch's distinct images), batch 32 x 2 (last partial batch dropped), AdamW lr 5e-5 with weight "
+        "decay 0.01 on every parameter, plateau schedule, early stopping 15, clip 0.1, bf16, seed 9233, val batch 32 "
+        "averaged per batch",
     ),
     "iu": Preset(
         dict(max_views=2, is_prior_scan=False, max_length=60, num_epochs=30),
@@ -84,6 +95,7 @@ _TRAINING = TRAIN.subset(
         "max_steps",
         "lr",
         "weight_decay",
+        "weight_decay_scope",
         "warmup",
         "scheduler",
         "grad_accum",
@@ -94,6 +106,7 @@ _TRAINING = TRAIN.subset(
         "seed",
         "plateau_factor",
         "plateau_patience",
+        "drop_last",
     ],
     batch_size=16,
     num_epochs=2,
@@ -109,7 +122,7 @@ PRETRAIN = Params(
         run_dir=Param(
             None, "a run folder: data from <run>/prepared and <run>/mimic, outputs to <run>/pretrain", kind=str
         ),
-        **INPUTS.subset(["sample_unit", "max_views"]).params,
+        **INPUTS.subset(["sample_unit", "max_views", "report_style", "image_preprocess"]).params,
         max_length=Param(100, "report tokens, [BOS] and [EOS] included (MLRG: 100)", low=3),
         **INPUTS.subset(["augment", "phantom_patients"]).params,
         # --- model (mlrg.models.pretrain_config) ---
@@ -145,7 +158,13 @@ PRETRAIN = Params(
         # --- training (mlrg.engine.fit) ---
         **_TRAINING.params,
         # --- evaluation ---
-        eval_batch_size=Param(64, "samples per validation batch", low=1),
+        eval_batch_size=Param(64, "samples per validation batch (MLRG: 32, fidelity 1.20)", low=1),
+        val_loss_mean=Param(
+            "samples",
+            "the val losses averaged over samples, or over batches, each batch's loss counting once (MLRG's "
+            "val_epoch_loss, fidelity 1.20)",
+            choices=("samples", "batches"),
+        ),
         recall_ks=Param([1, 5, 10], "Recall@K cut-offs"),
         linear_probe=Param(True, "the CheXpert linear probe at each evaluation"),
         uncertain=Param(
@@ -322,6 +341,7 @@ class PretrainEvaluator:
         num_workers=0,
         progress=False,
         pad_id=0,
+        loss_mean="samples",
     ):
         self.val_ds, self.probe_ds, self.batch_size, self.ks = val_ds, probe_ds, batch_size, tuple(ks)
         self.uncertain, self.l2, self.num_workers, self.progress, self.pad_id = (
@@ -331,6 +351,9 @@ class PretrainEvaluator:
             progress,
             pad_id,
         )
+        if loss_mean not in ("samples", "batches"):
+            raise InputError(f"loss_mean={loss_mean!r}", where="val_loss_mean", expected="'samples' or 'batches'")
+        self.loss_mean = loss_mean
         self.groups = _groups_of(val_ds.items)
 
     def _batches(self, ds, desc):
@@ -345,11 +368,11 @@ class PretrainEvaluator:
 
     @torch.no_grad()
     def embed_val(self, model):
-        "Loss terms (summed over samples) and image / text embeddings of the val split."
+        "Loss terms (mean over samples, or over batches) and image / text embeddings of the val split."
         dev = next(model.parameters()).device
         sums, n, img, txt = {}, 0, [], []
         for batch in self._batches(self.val_ds, "val"):
-            b = len(batch["id"])
+            b = len(batch["id"]) if self.loss_mean == "samples" else 1
             out = model(to_device(batch, dev))
             for k, v in out.items():
                 if k.startswith("loss") and torch.is_tensor(v):
@@ -437,7 +460,12 @@ def build_pretrain(p: dict, data: Inputs | None = None) -> PretrainParts:
     mcfg = model_config_for(p, vocab)
     model = MLRGPretrainModel(mcfg)
     dkw = dict(
-        image_root=root, vocab=vocab, image_size=p["image_size"], max_views=p["max_views"], max_length=p["max_length"]
+        image_root=root,
+        vocab=vocab,
+        image_size=p["image_size"],
+        max_views=p["max_views"],
+        max_length=p["max_length"],
+        **data.dataset_options,  # report_style, image_preprocess (and its processor), as load_inputs resolved them
     )
     train_ds = MLRGDataset(items["train"], augment=p["augment"], seed=derive_seed(p["seed"], "augment"), **dkw)
     val = items["val"] if not p["debug"] else items["val"][: 2 * p["eval_batch_size"]]
@@ -459,6 +487,7 @@ def build_pretrain(p: dict, data: Inputs | None = None) -> PretrainParts:
         p["num_workers"],
         p["progress"],
         vocab.pad_id,
+        p["val_loss_mean"],
     )
     used = backbones(
         vocab, mcfg["image_encoder"], mcfg["image_pretrained_path"], mcfg["text_encoder"], mcfg["text_pretrained_path"]
@@ -618,6 +647,11 @@ def summarize(result: dict, p: dict, parts: PretrainParts, out_dir) -> dict:
                     "using_mpc_loss",
                     "d_model",
                     "proj_dim",
+                    "projection",
+                    "text_pooling",
+                    "fusion_style",
+                    "batch_images",
+                    "embed_init",
                 )
             },
             "parameters": sum(x.numel() for x in parts.model.parameters()),
@@ -660,7 +694,15 @@ def pretrain(params: dict | None = None, **overrides) -> dict:
         "data": {k: parts.data.info[k] for k in ("annotation", "image_root", "sample_unit", "samples")},
         "eval": {
             k: p[k]
-            for k in ("eval_batch_size", "recall_ks", "linear_probe", "uncertain", "probe_max_train", "probe_l2")
+            for k in (
+                "eval_batch_size",
+                "val_loss_mean",
+                "recall_ks",
+                "linear_probe",
+                "uncertain",
+                "probe_max_train",
+                "probe_l2",
+            )
         },
     }
     if is_main_process():

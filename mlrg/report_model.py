@@ -5,18 +5,22 @@
 # %% ../nbs/02c_report_model.ipynb #6c7a7b76
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from .core import InputError, patch
 from .data import collate
 from .decoder import ReportDecoder, beam_search, decoder_config, greedy
 from .engine import to_device
-from .models import VisualEncoder, build_text_encoder, visual_config
+from .models import ProjectionHead, VisualEncoder, build_text_encoder, visual_config
 
 # %% auto #0
-__all__ = ['GENERATION_KEYS', 'FeatureCache', 'PromptFusion', 'report_model_config', 'MLRGReportModel', 'generation_settings',
-           'generate_records', 'token_losses', 'attention_maps']
+__all__ = ['REPORT_MLRG_OPTIONS', 'GENERATION_KEYS', 'FeatureCache', 'PromptFusion', 'BertAttentionBlock', 'BertPromptFusion',
+           'report_model_config', 'MLRGReportModel', 'generation_settings', 'generate_records', 'token_losses',
+           'attention_maps']
 
 # %% ../nbs/02c_report_model.ipynb #dbe65bc7
 class FeatureCache:
@@ -70,13 +74,14 @@ class _Images(torch.utils.data.Dataset):
 class PromptFusion(nn.Module):
     "memory = LN(memory + SelfAttn(memory)); LN(memory + CrossAttn(memory -> prompt)); LN(memory + FFN(memory))."
 
-    def __init__(self, dim, heads=8, mlp_ratio=4, dropout=0.0):
+    def __init__(self, dim, heads=8, mlp_ratio=4, dropout=0.0, ffn=None):
         super().__init__()
         if dim % heads:
             raise InputError(f"width {dim} is not a multiple of prompt_heads={heads}", where="parameter 'prompt_heads'")
         self.self_attn = nn.MultiheadAttention(dim, heads, dropout=dropout, batch_first=True)
         self.cross_attn = nn.MultiheadAttention(dim, heads, dropout=dropout, batch_first=True)
-        self.ff = nn.Sequential(nn.Linear(dim, dim * mlp_ratio), nn.GELU(), nn.Linear(dim * mlp_ratio, dim))
+        hidden = int(ffn or dim * mlp_ratio)
+        self.ff = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim))
         self.norm1, self.norm2, self.norm3 = nn.LayerNorm(dim), nn.LayerNorm(dim), nn.LayerNorm(dim)
         self.drop = nn.Dropout(dropout)
 
@@ -88,16 +93,79 @@ class PromptFusion(nn.Module):
         )
         return self.norm3(x + self.drop(self.ff(x)))
 
+# %% ../nbs/02c_report_model.ipynb #1cabe619
+class BertAttentionBlock(nn.Module):
+    "BERT's attention sublayer, post-norm: LayerNorm(x + Dropout(out(Attention(q(x), k(y), v(y))))); `y`: `x`."
+
+    def __init__(self, dim, heads=8, dropout=0.0, eps=1e-12):
+        super().__init__()
+        if dim % heads:
+            raise InputError(f"width {dim} is not a multiple of prompt_heads={heads}", where="parameter 'prompt_heads'")
+        self.heads, self.dropout = heads, dropout
+        self.q, self.k, self.v, self.out = (nn.Linear(dim, dim) for _ in range(4))
+        self.norm = nn.LayerNorm(dim, eps=eps)
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x, y=None, key_pad=None):
+        "`x` (B, M, d) attending to `y` (B, L, d); `key_pad` (B, L) True where `y` is padding."
+        y = x if y is None else y
+        B, M, d = x.shape
+
+        def split(t):
+            return t.view(B, -1, self.heads, d // self.heads).transpose(1, 2)
+
+        mask = None if key_pad is None else ~key_pad.bool()[:, None, None, :]
+        a = F.scaled_dot_product_attention(
+            split(self.q(x)),
+            split(self.k(y)),
+            split(self.v(y)),
+            attn_mask=mask,
+            dropout_p=self.dropout if self.training else 0.0,
+        )
+        return self.norm(x + self.drop(self.out(a.transpose(1, 2).reshape(B, M, d))))
+
+
+class BertPromptFusion(nn.Module):
+    "MLRG's BertCrossLayer: self-attention over the memory, cross-attention to the prompt, GELU FFN; post-norm."
+
+    def __init__(self, dim, heads=8, ffn=None, dropout=0.0, eps=1e-12):
+        super().__init__()
+        hidden = int(ffn or 4 * dim)
+        self.self_attn = BertAttentionBlock(dim, heads, dropout, eps)
+        self.cross_attn = BertAttentionBlock(dim, heads, dropout, eps)
+        self.ff_in, self.ff_out = nn.Linear(dim, hidden), nn.Linear(hidden, dim)
+        self.norm = nn.LayerNorm(dim, eps=eps)
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, memory, prompt, prompt_pad=None):
+        "`memory` (B, M, d) after attending to itself and to `prompt` (B, L, d); `prompt_pad` (B, L) True = padding."
+        x = self.cross_attn(self.self_attn(memory), prompt, prompt_pad)
+        return self.norm(x + self.drop(self.ff_out(F.gelu(self.ff_in(x)))))
+
 # %% ../nbs/02c_report_model.ipynb #d8ce8cdb
+REPORT_MLRG_OPTIONS = {  # the stage-2 options that reproduce MLRG: each key's default first, MLRG's value second
+    "prompt_projection": ("linear", "mlrg"),  # 2.5: stage 1's text ProjectionHead on every prompt token
+    "memory_tokens": ("embedded", "mlrg"),  # 2.6: the anchor's projected tokens ("ori"), before temporal / ln_2
+    "prompt_fusion": ("torch", "mlrg"),  # 2.8-2.9: BERT's layer (q/k/v Linear, default init, LN eps 1e-12)
+    "type_init": ("normal", "mlrg"),  # 2.7: type embeddings N(0, 1) or U[0, 1)
+}
+_REPORT_KEYS = {"visual", "prompt", "prompt_heads", "prompt_ffn", "decoder", "dropout", "label_smoothing"}
+
+
 def report_model_config(config: dict) -> dict:
-    """A complete, checked stage-2 model config from `config` (visual, prompt, prompt_heads, decoder, dropout,
-    label_smoothing, prompt_memory)."""
+    """A complete, checked stage-2 model config from `config` (visual, prompt, prompt_heads, prompt_ffn, decoder,
+    dropout, label_smoothing, prompt_memory and the keys of `REPORT_MLRG_OPTIONS`)."""
     cfg = dict(config or {})
-    unknown = sorted(
-        set(cfg) - {"visual", "prompt", "prompt_heads", "decoder", "dropout", "label_smoothing", "prompt_memory"}
-    )
+    unknown = sorted(set(cfg) - _REPORT_KEYS - {"prompt_memory", *REPORT_MLRG_OPTIONS})
     if unknown:
         raise InputError(f"unknown model config key(s) {unknown}", where="model config")
+    for key, values in REPORT_MLRG_OPTIONS.items():
+        if cfg.setdefault(key, values[0]) not in values:
+            expected = " or ".join(map(repr, values))
+            raise InputError(f"{key}={cfg[key]!r}", where=f"model config {key!r}", expected=expected)
+    ffn = cfg.get("prompt_ffn")
+    if ffn is not None and (int(ffn) != ffn or ffn < 1):
+        raise InputError(f"prompt_ffn={ffn!r}", where="model config 'prompt_ffn'", expected="None or a width >= 1")
     vis = visual_config({**(cfg.get("visual") or {}), "mode": "mlrg"})
     pr = {
         "encoder": "small",
@@ -121,6 +189,8 @@ def report_model_config(config: dict) -> dict:
         "visual": vis,
         "prompt": pr,
         "prompt_heads": int(cfg.get("prompt_heads", 8)),
+        "prompt_ffn": None if ffn is None else int(ffn),
+        **{k: cfg[k] for k in REPORT_MLRG_OPTIONS},
         "decoder": dec,
         "dropout": float(cfg.get("dropout", 0.1)),
         "label_smoothing": float(cfg.get("label_smoothing", 0.0)),
@@ -153,10 +223,19 @@ class MLRGReportModel(nn.Module):
         )
         if not getattr(self.text_encoder, "native_segments", False):
             self.segment_embed = nn.Embedding(2, self.text_encoder.dim)
-        self.prompt_proj = nn.Linear(self.text_encoder.dim, d) if self.text_encoder.dim != d else nn.Identity()
+        if cfg["prompt_projection"] == "mlrg":  # stage 1's text head, under its stage-1 name
+            self.text_proj = ProjectionHead(self.text_encoder.dim, 2 * d, d)
+        else:
+            self.prompt_proj = nn.Linear(self.text_encoder.dim, d) if self.text_encoder.dim != d else nn.Identity()
         self.type_embed = nn.Embedding(2, d)
+        if cfg["type_init"] == "mlrg":
+            with torch.no_grad():
+                self.type_embed.weight.uniform_()
         self.memory_norm = nn.LayerNorm(d)
-        self.prompt_fusion = PromptFusion(d, cfg["prompt_heads"], 4, cfg["dropout"])
+        if cfg["prompt_fusion"] == "mlrg":
+            self.prompt_fusion = BertPromptFusion(d, cfg["prompt_heads"], cfg["prompt_ffn"], cfg["dropout"])
+        else:
+            self.prompt_fusion = PromptFusion(d, cfg["prompt_heads"], 4, cfg["dropout"], cfg["prompt_ffn"])
         D = cfg["decoder"]["d_model"]
         self.memory_proj = nn.Linear(d, D) if D != d else nn.Identity()
         self.decoder = ReportDecoder(cfg["decoder"])
@@ -164,32 +243,25 @@ class MLRGReportModel(nn.Module):
 # %% ../nbs/02c_report_model.ipynb #687f1655
 @patch
 def visual_memory(self: MLRGReportModel, batch) -> torch.Tensor:
-    "LayerNorm(anchor tokens + type 0 ; fused tokens + type 1): (B, 2N, d)."
-    vis = self.visual
-    if "features" in batch:
-        use = vis.used_slots(batch)
-        f = batch["features"]
-        tok = vis.image_proj(f[use].to(vis.image_proj.weight.dtype))
-        tokens = tok.new_zeros(*use.shape, tok.shape[1], tok.shape[2]).index_put((use,), tok)
-    else:
-        tokens, use = vis.encode_slots(batch)
-    emb = vis.embed_slots(tokens, batch)
-    anchor, fused = emb[:, 0], vis.fuse(emb, use)
+    """LayerNorm(anchor tokens + type 0 ; fused tokens + type 1): (B, 2N, d). The anchor's tokens are MLRG's "ori" (its
+    projected tokens) with `memory_tokens="mlrg"`, else the ones with their view and temporal embeddings."""
+    out = self.visual(batch)
+    anchor = out["tokens"][:, 0] if self.config["memory_tokens"] == "mlrg" else out["anchor_tokens"]
     t = self.type_embed.weight
-    return self.memory_norm(torch.cat([anchor + t[0], fused + t[1]], 1))
+    return self.memory_norm(torch.cat([anchor + t[0], out["fused_tokens"] + t[1]], 1))
 
 
 @patch
 def encode_prompt(self: MLRGReportModel, batch) -> torch.Tensor:
-    """The prompt's tokens (B, L, d): stage 1's text encoder with a segment embedding added (indication 0, prior report
-    1)."""
+    """The prompt's tokens (B, L, d): stage 1's text encoder with the segments (indication 0, prior report 1) as token
+    types or an added embedding, then the prompt projection."""
     ids, seg = batch["prompt_ids"], batch.get("prompt_segments")
     seg = torch.zeros_like(ids) if seg is None else seg.clamp(0, 1)
     if hasattr(self, "segment_embed"):
         tokens = self.text_encoder(ids, batch["prompt_mask"], added=self.segment_embed(seg), where="prompt_ids")[0]
     else:
         tokens = self.text_encoder(ids, batch["prompt_mask"], segments=seg, where="prompt_ids")[0]
-    return self.prompt_proj(tokens)
+    return self.text_proj(tokens) if self.config["prompt_projection"] == "mlrg" else self.prompt_proj(tokens)
 
 
 @patch
@@ -213,6 +285,13 @@ def memory_mask(self: MLRGReportModel, batch, memory) -> torch.Tensor | None:
     return torch.cat([pm.new_ones(pm.shape[0], memory.shape[1] - pm.shape[1]), pm], 1)
 
 # %% ../nbs/02c_report_model.ipynb #c558e6cb
+@patch
+def logits(self: MLRGReportModel, batch) -> torch.Tensor:
+    "The teacher-forced next-token logits (B, T-1, vocab) of `batch`'s targets (`ReportDecoder.teacher_forced`)."
+    m = self.memory(batch)
+    return self.decoder.teacher_forced(batch["target_ids"], m, self.memory_mask(batch, m))
+
+
 @patch
 def forward(self: MLRGReportModel, batch) -> dict:
     "The teacher-forced loss of `batch` ({'loss'})."
@@ -305,7 +384,7 @@ def token_losses(model, targets, memory, memory_mask=None) -> tuple:
     """Per sample: the summed teacher-forced cross-entropy of `targets` (B, T) given `memory`, and the number of tokens
     scored."""
     pad = model.decoder.config["pad_id"]
-    logits = model.decoder(targets[:, :-1], memory, memory_mask)
+    logits = model.decoder.teacher_forced(targets, memory, memory_mask)
     ce = torch.nn.functional.cross_entropy(
         logits.transpose(1, 2).float(), targets[:, 1:], ignore_index=pad, reduction="none"
     )

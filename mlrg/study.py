@@ -23,9 +23,9 @@ from .core import InputError, _suggest, atomic_write, load_json, maxrss_mb, move
 from .runs import STAGES, RunFolder, repo_root
 
 # %% auto #0
-__all__ = ['STUDY_PRESETS', 'ABLATIONS', 'TRAINING_STAGES', 'STAGE_BY_NAME', 'INDEX_COLUMNS', 'StudyStep', 'plan_study',
-           'notebooks_dir', 'failed_cell', 'run_step', 'render_html', 'run_study', 'StudyFailed', 'result_rows',
-           'write_index', 'study_parser', 'study_cli']
+__all__ = ['STUDY_PRESETS', 'ABLATIONS', 'TRAINING_STAGES', 'STAGE_BY_NAME', 'INDEX_COLUMNS', 'StudyStep', 'study_notes',
+           'plan_study', 'notebooks_dir', 'failed_cell', 'run_step', 'render_html', 'run_study', 'StudyFailed',
+           'result_rows', 'write_index', 'study_parser', 'study_cli']
 
 # %% ../nbs/06_study.ipynb #2a43e7f9
 STUDY_PRESETS = {
@@ -77,6 +77,11 @@ STUDY_PRESETS = {
             "pretrain.tokenizer_path",
             "finetune.decoder_path",
         ),
+        recommended={
+            "finetune.decoder_init": "the paper's decoder start (cvt2distilgpt2's checkpoint, e.g. "
+            "epoch=8-val_chen_cider=0.425092.ckpt); without it the decoder starts from decoder_path's GPT-2: its "
+            "50,257 token rows kept (decoder_token_rows='keep'), the added tokens and the cross-attention new",
+        },
     ),
     "iu": dict(
         help="IU X-Ray in R2Gen's annotation.json (two views per study, no prior), for users who have the images",
@@ -135,6 +140,17 @@ def _fingerprint(step_params: dict, before: str) -> str:
     return hashlib.sha256(
         json.dumps([to_plain(step_params), before], sort_keys=True, default=str).encode()
     ).hexdigest()[:16]
+
+
+def study_notes(preset, params=()) -> list:
+    "A line for each parameter `STUDY_PRESETS[preset]` recommends that `params` ((key, value) pairs) leave unset."
+    spec, out = STUDY_PRESETS[preset], []
+    over = _overrides(params, spec["stages"])
+    for req, why in spec.get("recommended", {}).items():
+        stage, _, key = req.rpartition(".")
+        if over.get(stage, {}).get(key, over.get(None, {}).get(key)) is None:
+            out.append(f"-p {req} not given: {why}")
+    return out
 
 
 def plan_study(preset="demo", run="demo", params=(), seeds=1, ablations=False) -> list:
@@ -382,9 +398,11 @@ def run_study(
     if preset == "mimic":
         _link_mimic(rf, study_level["mimic_root"])
     (rf.root / "study").mkdir(exist_ok=True)
+    notes = study_notes(preset, params)
     save_json(
         {
             "preset": preset,
+            "notes": notes,
             "params": [list(p) for p in params],
             "seeds": seeds,
             "ablations": ablations,
@@ -395,6 +413,8 @@ def run_study(
         rf.root / "study" / "study.json",
     )
     log(f"mlrg study: preset {preset}, {len(steps)} steps, run folder {rf.root}")
+    for line in notes:
+        log(f"mlrg study: note: {line}")
     records, t_all = [], time.perf_counter()
     for i, step in enumerate(steps, 1):
         head = f"[{i}/{len(steps)}] {step.key:<28}"

@@ -38,8 +38,23 @@ def hub(tmp_path_factory):
     transformers.Dinov2Model(transformers.Dinov2Config(patch_size=14, image_size=28, **d)).save_pretrained(
         root / "dino"
     )
-    (root / "dino" / "preprocessor_config.json").write_text(
-        json.dumps({"image_mean": [0.5] * 3, "image_std": [0.25] * 3})
+    (root / "dino" / "preprocessor_config.json").write_text(  # RAD-DINO's BitImageProcessor settings, at 28 px
+        json.dumps(
+            {
+                "image_processor_type": "BitImageProcessor",
+                "do_resize": True,
+                "size": {"shortest_edge": 28},
+                "resample": 3,
+                "do_center_crop": True,
+                "crop_size": {"height": 28, "width": 28},
+                "do_rescale": True,
+                "rescale_factor": 1 / 255,
+                "do_normalize": True,
+                "image_mean": [0.5] * 3,
+                "image_std": [0.25] * 3,
+                "do_convert_rgb": True,
+            }
+        )
     )
     transformers.BertModel(transformers.BertConfig(vocab_size=100, max_position_embeddings=256, **d)).save_pretrained(
         root / "bert"

@@ -82,3 +82,18 @@ def test_constraints():
     pen = score_next(base, seq, eos_id=3, repetition_penalty=2.0)
     plain = score_next(base, seq, eos_id=3)
     assert torch.all(pen[0, [5, 6]] < plain[0, [5, 6]]) and torch.equal(pen[0, [4, 7]], plain[0, [4, 7]])
+
+
+def test_beam_search_stops_and_finalizes_as_transformers():
+    """Hugging Face's BeamSearchScorer (transformers 4.43, MLRG's pin): a report is done only when its worst finished
+    score beats the best of all candidates, an [EOS] one too, over the length so far; beams still running at max_length
+    are scored over their generated tokens ([BOS] not counted)."""
+    A, B, W, X, Z, EOS = 4, 5, 6, 7, 8, 3
+    # step 2: A+[EOS] tops the candidates; the best running beam (B Z) alone would end the search there with [A],
+    # but B Z W [EOS] (sum -1.98 over 4 tokens) beats it later
+    lm = TableLM({2: {EOS: 0.4, A: 0.35, B: 0.25}, A: {EOS: 0.9, X: 0.1}, B: {EOS: 0.45, Z: 0.55}, Z: {W: 1.0}}, 10)
+    assert beam_search(lm, torch.zeros(1, 1, 1), num_beams=2, max_length=6) == [[B, Z, W]]
+    # at max_length the running A C scores log(0.25) / 2 (not / 3) and loses to [EOS] at once, log(0.55) / 1
+    lm = TableLM({2: {EOS: 0.55, A: 0.25, B: 0.2}, A: {W: 1.0}, B: {X: 1.0}}, 10)
+    assert beam_search(lm, torch.zeros(1, 1, 1), num_beams=2, max_length=3) == [[]]
+    assert beam_search(lm, torch.zeros(1, 1, 1), num_beams=2, max_length=4) == [[A, W]]

@@ -436,3 +436,42 @@ def test_optimizer_groups():
     ]  # embedding, biases, norm: no decay
     assert groups["default/no_decay"]["weight_decay"] == 0.0 and len(groups["default/no_decay"]["params"]) == 4
     assert groups["3./decay"]["lr"] == 5e-6 and groups["default/decay"]["lr"] == 5e-5
+
+
+class _Still(torch.nn.Module):
+    "A loss with zero gradient: AdamW then only applies its decoupled weight decay, p <- p * (1 - lr * wd) a step."
+
+    def __init__(self):
+        super().__init__()
+        self.lin = torch.nn.Linear(4, 2)
+
+    def forward(self, batch):
+        return {"loss": sum(p.sum() for p in self.parameters()) * 0.0 + batch["y"].sum() * 0.0}
+
+
+@pytest.mark.parametrize("scope", ["matrices", "all"])
+def test_weight_decay_scope_in_fit(toy, tmp_path, scope):
+    conf = {"num_epochs": 1, "batch_size": 4, "lr": 0.1, "weight_decay": 0.5, "warmup": 0, "scheduler": "constant"}
+    torch.manual_seed(0)
+    m = _Still()
+    w0, b0 = m.lin.weight.detach().clone(), m.lin.bias.detach().clone()
+    run = fit(
+        m,
+        toy.Data(noise=0.0),
+        toy.collate,
+        {**conf, "progress": False, "weight_decay_scope": scope, "out_dir": str(tmp_path)},
+    )
+    shrink = (1 - 0.1 * 0.5) ** run["global_step"]
+    assert run["global_step"] == 7
+    torch.testing.assert_close(m.lin.weight.detach(), w0 * shrink)  # matrices decay under both scopes
+    torch.testing.assert_close(m.lin.bias.detach(), b0 * shrink if scope == "all" else b0)  # the bias only under "all"
+    with pytest.raises(InputError, match="weight_decay_scope"):
+        train_config({"weight_decay_scope": "most"})
+
+
+@pytest.mark.parametrize("drop_last,steps", [(False, 4), (True, 3)])
+def test_drop_last_in_fit(toy, tmp_path, drop_last, steps):
+    conf = {"num_epochs": 1, "batch_size": 8, "progress": False, "drop_last": drop_last, "out_dir": str(tmp_path)}
+    seen = []
+    run = fit(toy.Linear(), toy.Data(), lambda items: seen.append(len(items)) or toy.collate(items), conf)
+    assert run["global_step"] == steps and seen == [8, 8, 8, 4][:steps]  # 28 samples: the batch of 4 is dropped or not

@@ -20,7 +20,7 @@ from mlrg.decoder import ReportDecoder, gpt2_decoder_config, load_gpt2_weights
 from mlrg.engine import load_checkpoint
 from mlrg.data import collate
 from mlrg.finetune import build_finetune, dataset_for, finetune, load_report_model, FINETUNE
-from mlrg.models import build_image_encoder, build_text_encoder
+from mlrg.models import MLRG_STAGE1, build_image_encoder, build_text_encoder
 from mlrg.inputs import write_tiny_phantom
 from mlrg.pretrain import PRETRAIN, pretrain
 
@@ -45,7 +45,7 @@ def test_tiny_backbones_end_to_end(hub, tmp_path):
         batch_size=4,
         grad_accum=1,
         max_steps=2,
-        model_config={"d_model": 32, "proj_dim": 32},
+        model_config={"d_model": 32, "proj_dim": 32, **MLRG_STAGE1},
         linear_probe=False,
         model_save_path=str(tmp_path / "pt"),
         **SMALL,
@@ -93,6 +93,10 @@ def test_tiny_backbones_end_to_end(hub, tmp_path):
     assert ft["test"]["n"] > 0
     ck2 = load_checkpoint(ft["best_checkpoint"])
     assert ck2["vocab"] == ck1["vocab"]
+    # the preset's stage 2 is MLRG's: stage 1's text ProjectionHead on the prompt, BERT's fusion layer, MLRG's scoring
+    assert {ft["model"][k] for k in ("prompt_projection", "memory_tokens", "prompt_fusion", "type_init")} == {"mlrg"}
+    head = {k for k in ck1["model"] if k.startswith("text_proj.")}
+    assert head and head <= set(ck2["model"]) and ft["test"]["protocol"]["name"] == "mlrg"
     # the reloaded checkpoint writes the reports the run wrote
     model, vocab2, ck = load_report_model(ft["best_checkpoint"])
     items = read_annotation(ann)["test"][:3]

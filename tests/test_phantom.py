@@ -448,3 +448,24 @@ def test_lateral_only_prevalence_and_balanced_change():
     for o in ("Pleural Effusion", "Edema", "Consolidation", "Atelectasis"):
         c = np.bincount([cls[r["change"][o]] for r in T if o in r["change"]], minlength=3)
         assert c.min() / c.sum() > 0.2, (o, c)
+
+
+def test_factual_serialization_file(ds):
+    "The phantom writes each study's findings as facts: one per findings sentence, lower case, as `prepare` reads them."
+    from mlrg.data import FACTS_FILE, parse_report, read_factual_serialization
+    from mlrg.phantom import FACTS_FILE as PHANTOM_FACTS_FILE
+
+    a = ds[0]
+    assert PHANTOM_FACTS_FILE == FACTS_FILE and (a / FACTS_FILE).is_file()
+    facts = read_factual_serialization(a)
+    T = truth(a)
+    assert sorted(facts) == sorted(r["study_id"] for r in T)
+    for r in T:
+        f = facts[r["study_id"]]
+        if not r["has_findings_section"]:
+            assert f == []
+            continue
+        rep = parse_report(next((a / "files").rglob(f"s{r['study_id']}.txt")).read_text())
+        assert f and all(x == x.lower() and not x.endswith(".") for x in f)
+        text = rep["findings"].lower().replace("- ", "-")  # the report's line wrapping may break a word at its hyphen
+        assert all(x in text for x in f)  # each fact is a sentence of the findings

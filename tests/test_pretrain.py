@@ -17,9 +17,10 @@ from mlrg.core import InputError, read_jsonl
 from mlrg.data import Vocab
 from mlrg.engine import load_checkpoint
 from mlrg.metrics import roc_auc
-from mlrg.models import VisualEncoder, load_visual_state
+from mlrg.models import MLRG_STAGE1, ProjectionHead, VisualEncoder, load_visual_state
 from mlrg.pretrain import (
     PRETRAIN,
+    PretrainEvaluator,
     build_pretrain,
     linear_probe,
     load_pretrained,
@@ -279,3 +280,78 @@ def test_linear_probe_and_auc():
     assert r["probe_auc/Atelectasis"] > 0.95 and r["probe_auc/Cardiomegaly"] > 0.95 and r["probe_n_scored"] == 2
     none = linear_probe(x[:200], [{"chexpert": None}] * 200, x[200:], items[200:])
     assert none["probe_n_scored"] == 0 and none["probe_unlabelled_train"] == 200
+
+
+def test_mimic_preset_is_mlrg_stage1():
+    p = PRETRAIN.check(
+        preset="mimic",
+        data_path="a.json",
+        image_pretrained_path="rad-dino",
+        text_pretrained_path="cxr-bert",
+        tokenizer_path="distilgpt2",
+    )
+    assert p["model_config"] == {"d_model": 768, "proj_dim": 768, **MLRG_STAGE1}
+    assert (p["eval_batch_size"], p["val_loss_mean"]) == (32, "batches")
+    assert (p["weight_decay"], p["weight_decay_scope"], p["drop_last"]) == (0.01, "all", True)
+    assert (p["report_style"], p["image_preprocess"], p["max_views"]) == ("factual_serialization", "processor", None)
+    d = PRETRAIN.defaults()  # mlrg's own defaults stay
+    assert (d["eval_batch_size"], d["val_loss_mean"], d["weight_decay_scope"], d["drop_last"]) == (
+        64,
+        "samples",
+        "matrices",
+        False,
+    )
+
+
+def test_mlrg_stage1_on_the_phantom_deduplicates_val_images(phantom):
+    _, ann = phantom
+    mc = {"d_model": 32, "proj_dim": 32, **MLRG_STAGE1}
+    p = PRETRAIN.check(
+        data_path=str(ann), linear_probe=False, model_config=mc, report_style="factual_serialization", **FAST
+    )
+    parts = build_pretrain(p)
+    assert isinstance(parts.model.visual.image_proj, ProjectionHead) and parts.model_config["batch_images"] == "dedup"
+    ds = parts.val_ds
+    batch = parts.collate_fn([ds[i] for i in range(min(8, len(ds)))])  # unshuffled: a study's views side by side
+    # the report is read as MLRG's [CLS]fact[SEP]...[SEP], at [CLS], after the text ProjectionHead
+    assert (batch["text_ids"][:, 0] == parts.vocab.cls_id).all()
+    m = parts.model.eval()
+    with torch.no_grad():
+        tok = m.text_encoder(batch["text_ids"], batch["text_mask"])[0]
+        want = torch.nn.functional.normalize(m.text_proj(tok)[:, 0], dim=-1)
+        torch.testing.assert_close(m.encode_texts(batch), want)
+    keys = [k for row in batch["image_keys"] for k in row if k]
+    current = {k for row in batch["image_keys"] for k in row[:-1] if k}
+    priors = {row[-1] for row in batch["image_keys"] if row[-1]}  # MLRG: priors are told apart among priors only
+    with torch.no_grad():
+        vis = parts.model.eval().visual(batch)
+        out = parts.model(batch)
+    assert len(keys) > len(current) + len(priors)  # the slots hold images twice (B4) ...
+    assert vis["image_tokens"].shape[0] == len(current) + len(priors)  # ... the model sees each once
+    assert torch.isfinite(out["loss"])
+    ev = parts.evaluator(parts.model)
+    assert np.isfinite(ev["val_loss"])
+
+
+def test_val_loss_mean_over_batches(phantom):
+    _, ann = phantom
+    parts = build_pretrain(PRETRAIN.check(data_path=str(ann), linear_probe=False, **FAST))
+    model = parts.model.eval()
+    n = len(parts.val_ds)
+    bs = 3 if n % 3 else 4
+    assert n % bs, "the val split should end with a partial batch"
+    got = {}
+    for how in ("samples", "batches"):
+        ev = PretrainEvaluator(parts.val_ds, batch_size=bs, loss_mean=how)
+        got[how] = ev.embed_val(model)[0]["loss"]
+    with torch.no_grad():
+        losses, sizes = [], []
+        for i in range(0, n, bs):
+            b = parts.collate_fn([parts.val_ds[j] for j in range(i, min(n, i + bs))])
+            losses.append(float(model(b)["loss"]))
+            sizes.append(len(b["id"]))
+    assert got["batches"] == pytest.approx(np.mean(losses), rel=1e-6)
+    assert got["samples"] == pytest.approx(np.average(losses, weights=sizes), rel=1e-6)
+    assert got["samples"] != pytest.approx(got["batches"], rel=1e-6)
+    with pytest.raises(InputError, match="val_loss_mean"):
+        PretrainEvaluator(parts.val_ds, loss_mean="median")

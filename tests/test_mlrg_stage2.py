@@ -1,0 +1,341 @@
+"""Stage 2 as MLRG's code computes it (fidelity points 2.5-2.9, 2.12-2.14, 2.17-2.23): stage 1's text ProjectionHead on
+the prompt, loaded from a stage-1 model; the memory's "ori" tokens and U[0, 1) type embeddings; BERT's fusion layer;
+the decoder's inputs, padding and beam search as transformers' GPT-2 has them; GPT-2's token rows kept; a Lightning
+checkpoint of plain values read without the pickle flag; the mimic presets; the scoring protocol at val and test."""
+
+import argparse
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mlrg.core import InputError
+from mlrg.data import Vocab
+from mlrg.decoder import ReportDecoder, beam_search, greedy, load_gpt2_weights
+from mlrg.finetune import FINETUNE, FINETUNE_PRESETS, lr_groups, load_stage1, model_config_for
+from mlrg.models import MLRG_OPTIONS, MLRGPretrainModel, dummy_batch
+from mlrg.report_model import REPORT_MLRG_OPTIONS, BertPromptFusion, MLRGReportModel, report_model_config
+from mlrg.study import study_notes
+
+MLRG_VISUAL = {k: v[1] for k, v in MLRG_OPTIONS.items()}
+MLRG_REPORT = {k: v[1] for k, v in REPORT_MLRG_OPTIONS.items()}
+TINY = {"image_size": 32, "d_model": 32, "fusion_heads": 4, "fusion_depth": 1}
+
+
+def _report_model(seed=0, **options):
+    torch.manual_seed(seed)
+    cfg = report_model_config(
+        {
+            "visual": {**TINY, **options.pop("visual", {})},
+            "prompt": {"vocab_size": 60, "heads": 4},
+            "prompt_heads": 4,
+            "decoder": {"n_layers": 1, "n_heads": 4, "max_length": 32},
+            **options,
+        }
+    )
+    return MLRGReportModel(cfg)
+
+
+def test_prompt_projection_is_stage1_text_head():
+    "2.5: prompt_projection='mlrg' builds `text_proj` on every prompt token; a stage-1 model's loads into it by name."
+    torch.manual_seed(1)
+    s1 = MLRGPretrainModel({**TINY, **MLRG_VISUAL, "vocab_size": 60, "proj_dim": 32, "text_dim": 32, "text_heads": 4})
+    m = _report_model(visual=MLRG_VISUAL, **MLRG_REPORT).eval()
+    assert not hasattr(m, "prompt_proj") and hasattr(m, "text_proj")
+    t = load_stage1(m, s1, print_fn=None).set_index("name")
+    head = [k for k in t.index if k.startswith("text_proj.")]
+    assert head and set(t.loc[head, "status"]) == {"loaded"}
+    for k, v in s1.text_proj.state_dict().items():
+        assert torch.equal(m.text_proj.state_dict()[k], v)
+    assert any(k.startswith("text_proj") for k in lr_groups(m, t[t.status == "loaded"].index, 1e-4))  # pt_lr
+    b = dummy_batch(batch_size=2, image_size=32, vocab_size=60)
+    with torch.no_grad():
+        tok = m.text_encoder(b["prompt_ids"], b["prompt_mask"], added=m.segment_embed(b["prompt_segments"].clamp(0, 1)))
+        torch.testing.assert_close(m.encode_prompt(b), s1.text_proj.eval()(tok[0]))
+    # the default keeps mlrg's prompt path: no projection when the widths match
+    assert isinstance(_report_model().prompt_proj, torch.nn.Identity)
+
+
+def test_type_embeddings_and_ori_memory():
+    "2.6-2.7: type embeddings U[0, 1) with type_init='mlrg'; memory_tokens='mlrg': the projected anchor tokens first."
+    w = _report_model(type_init="mlrg").type_embed.weight.detach()
+    assert float(w.min()) >= 0 and float(w.max()) < 1
+    assert float(_report_model().type_embed.weight.detach().min()) < 0  # N(0, 1) by default
+    m = _report_model(visual=MLRG_VISUAL, **MLRG_REPORT).eval()
+    b = dummy_batch(batch_size=3, image_size=32, vocab_size=60)
+    with torch.no_grad():
+        out, mem = m.visual(b), m.visual_memory(b)
+        t = m.type_embed.weight
+        want = m.memory_norm(torch.cat([out["tokens"][:, 0] + t[0], out["fused_tokens"] + t[1]], 1))
+        torch.testing.assert_close(mem, want)
+        assert not torch.allclose(out["tokens"][:, 0], out["anchor_tokens"])  # ori: before temporal + ln_2
+
+
+def test_bert_fusion_is_transformers_bert_layer():
+    "2.8-2.9: BertPromptFusion computes what a BERT layer with cross-attention computes from the same weights."
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = transformers.BertConfig(
+        hidden_size=32,
+        num_attention_heads=4,
+        intermediate_size=48,
+        is_decoder=True,
+        add_cross_attention=True,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+    )
+    cfg._attn_implementation = "eager"
+    ref = transformers.models.bert.modeling_bert.BertLayer(cfg).eval()
+    ours = BertPromptFusion(32, 4, ffn=48).eval()
+    names = {"q": "self.query", "k": "self.key", "v": "self.value", "out": "output.dense", "norm": "output.LayerNorm"}
+    sd = {}
+    for mine, theirs in (("self_attn", "attention"), ("cross_attn", "crossattention")):
+        for a, b in names.items():
+            for p in ("weight", "bias"):
+                sd[f"{mine}.{a}.{p}"] = ref.state_dict()[f"{theirs}.{b}.{p}"]
+    for mine, theirs in (("ff_in", "intermediate.dense"), ("ff_out", "output.dense"), ("norm", "output.LayerNorm")):
+        for p in ("weight", "bias"):
+            sd[f"{mine}.{p}"] = ref.state_dict()[f"{theirs}.{p}"]
+    ours.load_state_dict(sd)
+    assert ours.norm.eps == ref.output.LayerNorm.eps == 1e-12
+    mem, prompt = torch.randn(2, 6, 32), torch.randn(2, 5, 32)
+    pad = torch.zeros(2, 5, dtype=torch.bool)
+    pad[1, 3:] = True
+    ext = pad[:, None, None, :].float() * torch.finfo(torch.float32).min
+    want = ref(mem, attention_mask=None, encoder_hidden_states=prompt, encoder_attention_mask=ext)
+    want = want[0] if isinstance(want, tuple) else want  # a tuple in transformers 4, a tensor in 5
+    torch.testing.assert_close(ours(mem, prompt, pad), want, atol=1e-5, rtol=1e-5)
+    # built with PyTorch's default Linear init, as MLRG's layer (no BERT init_weights)
+    assert float(ours.self_attn.q.weight.abs().max()) > 0.1
+
+
+def _gpt2(tmp_path, vocab=40):
+    transformers = pytest.importorskip("transformers")
+    transformers.utils.logging.set_verbosity_error()
+    torch.manual_seed(3)
+    cfg = transformers.GPT2Config(
+        vocab_size=vocab,
+        n_embd=32,
+        n_layer=2,
+        n_head=4,
+        n_positions=64,
+        add_cross_attention=True,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+    )
+    hf = transformers.GPT2LMHeadModel(cfg).eval()
+    hf.save_pretrained(tmp_path / "gpt2")
+    return hf
+
+
+def _decoder(hf, tmp_path, vocab=40, **kw):
+    from mlrg.decoder import gpt2_decoder_config
+
+    cfg = dict(vocab_size=vocab, max_length=24, pad_id=1, bos_id=2, eos_id=3, **gpt2_decoder_config(tmp_path / "gpt2"))
+    dec = ReportDecoder({**cfg, **kw}).eval()
+    load_gpt2_weights(dec, tmp_path / "gpt2", print_fn=None)
+    return dec
+
+
+def test_decoder_inputs_and_padding_as_gpt2(tmp_path):
+    "2.14: inputs tokens[:, :-1], [SEP] read as [PAD], padding masked: transformers' GPT-2 logits at every position."
+    hf = _gpt2(tmp_path)
+    dec = _decoder(hf, tmp_path, sep_id=4)
+    toks = torch.tensor([[2, 10, 4, 12, 3, 1, 1], [2, 13, 14, 15, 16, 17, 3]])
+    mem = torch.randn(2, 5, 32)
+    inputs, mask = toks[:, :-1].clone(), (toks[:, :-1] != 1).long()
+    inputs[inputs == 4] = 1
+    want = hf(input_ids=inputs, attention_mask=mask, encoder_hidden_states=mem).logits
+    torch.testing.assert_close(dec.teacher_forced(toks, mem), want, atol=1e-5, rtol=1e-5)
+    labels = toks[:, 1:].masked_fill(toks[:, 1:] == 1, -100)
+    torch.testing.assert_close(dec.loss(toks, mem), F.cross_entropy(want.transpose(1, 2), labels), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_greedy_and_beam_search_pick_transformers_tokens(tmp_path, seed):
+    "2.23: greedy and 3-beam search give the tokens of transformers' generate from the same weights and memory."
+    hf = _gpt2(tmp_path)
+    with torch.no_grad():  # [EOS] likelier, so that beams finish at different lengths
+        hf.transformer.wte.weight[3] += 0.3 * hf.transformer.wte.weight.std()
+    dec = _decoder(hf, tmp_path)
+    torch.manual_seed(seed)
+    mem = torch.randn(3, 5, 32) * 2
+    start = torch.full((3, 1), 2)
+    kw = dict(max_length=16, eos_token_id=3, pad_token_id=1, encoder_hidden_states=mem, do_sample=False)
+
+    def strip(rows):
+        return [[t for t in r[1:] if t not in (1,)][: (r[1:].index(3) if 3 in r[1:] else None)] for r in rows]
+
+    g = hf.generate(start, num_beams=1, **kw).tolist()
+    assert greedy(dec, mem, max_length=16) == [r[: r.index(3)] if 3 in r else r for r in strip(g)]
+    b = hf.generate(start, num_beams=3, length_penalty=1.0, early_stopping=False, **kw).tolist()
+    assert beam_search(dec, mem, num_beams=3, max_length=16) == [r[: r.index(3)] if 3 in r else r for r in strip(b)]
+
+
+def test_gpt2_token_rows_kept(tmp_path):
+    "2.12/B2: token_rows='keep' keeps the folder's rows (as resize_token_embeddings), the added ones new."
+    hf = _gpt2(tmp_path, vocab=40)
+    torch.manual_seed(0)
+    dec = ReportDecoder(dict(vocab_size=49, n_positions=64, d_model=32, n_layers=2, n_heads=4, max_length=24))
+    start = dec.tok.weight.detach().clone()
+    t = load_gpt2_weights(dec, tmp_path / "gpt2", print_fn=None, token_rows="keep").set_index("name")
+    assert t.loc["tok.weight", "status"] == "loaded (40 of 49 rows)"
+    assert torch.equal(dec.tok.weight[:40].detach(), hf.transformer.wte.weight.detach())
+    assert torch.equal(dec.tok.weight[40:].detach(), start[40:]) and dec.head.weight is dec.tok.weight
+    torch.manual_seed(0)
+    dec2 = ReportDecoder(dict(vocab_size=49, n_positions=64, d_model=32, n_layers=2, n_heads=4, max_length=24))
+    t2 = load_gpt2_weights(dec2, tmp_path / "gpt2", print_fn=None).set_index("name")  # default: every row new
+    assert t2.loc["tok.weight", "status"] == "new (shape mismatch)" and torch.equal(dec2.tok.weight.detach(), start)
+
+
+def test_lightning_checkpoint_without_the_pickle_flag(tmp_path):
+    """A Lightning .ckpt of tensors and plain values loads with weights_only=True (no trust_pickle); one holding a
+    pickled object needs trust_pickle, and says so."""
+    hf = _gpt2(tmp_path)
+    sd = {f"decoder.encoder_decoder.decoder.{k}": v for k, v in hf.state_dict().items()}
+    ck = {
+        "state_dict": sd,
+        "epoch": 8,
+        "global_step": 1234,
+        "pytorch-lightning_version": "2.3.0",
+        "hyper_parameters": {"lr": 5e-5, "name": "cvt_21_to_distilgpt2", "layers": [1, 2], "flags": {"bf16": True}},
+        "callbacks": {"ModelCheckpoint{'monitor': 'val_chen_cider'}": {"best_model_score": torch.tensor(0.425)}},
+        "optimizer_states": [{"state": {0: {"exp_avg": torch.zeros(3)}}, "param_groups": [{"lr": 1e-4}]}],
+        "lr_schedulers": [{"factor": 0.1, "patience": 5, "best": 0.42}],
+    }
+    torch.save(ck, tmp_path / "plain.ckpt")
+    dec = _decoder(hf, tmp_path)
+    t = load_gpt2_weights(dec, tmp_path / "plain.ckpt", trust_pickle=False, print_fn=None)
+    assert (t.status == "loaded").sum() > 0
+    torch.save({**ck, "hyper_parameters": argparse.Namespace(lr=5e-5)}, tmp_path / "pickled.ckpt")
+    with pytest.raises(InputError, match="trust_pickle=True"):
+        load_gpt2_weights(dec, tmp_path / "pickled.ckpt", trust_pickle=False, print_fn=None)
+    load_gpt2_weights(dec, tmp_path / "pickled.ckpt", trust_pickle=True, print_fn=None)
+
+
+def test_mimic_presets_set_mlrg_values():
+    "2.17-2.19, 2.21: the finetune preset's stage-2 options are MLRG's; the study asks for decoder_init or says why."
+    v = FINETUNE_PRESETS["mimic"].values
+    assert {k: v[k] for k in MLRG_REPORT} == MLRG_REPORT and v["model_config"] == MLRG_VISUAL
+    assert (v["weight_decay"], v["weight_decay_scope"], v["drop_last"], v["eval_batch_size"]) == (0.01, "all", True, 14)
+    assert (v["protocol"], v["select_metric"], v["decoder_token_rows"]) == ("mlrg", "rcb", "keep")
+    assert all(k in FINETUNE.params for k in v)  # validated against the declaration
+    assert FINETUNE.check()["protocol"] == "plain" and FINETUNE.check()["prompt_fusion"] == "torch"  # defaults: mlrg's
+    note = study_notes("mimic", [("study.mimic_root", "x")])
+    assert len(note) == 1 and "finetune.decoder_init" in note[0] and "50,257 token rows kept" in note[0]
+    assert study_notes("mimic", [("finetune.decoder_init", "cvt.ckpt")]) == []
+
+
+def test_mlrg_exact_model_from_the_preset():
+    "The mimic preset's parameters and a stage-1 config build MLRG's stage-2 model; its loss is the logits' CE."
+    vocab = Vocab("heart size normal small left pleural effusion cough fever".split())
+    s1 = {"config": {"model": {**TINY, **MLRG_VISUAL, "text_dim": 32, "text_heads": 4, "proj_dim": 32}}}
+    p = FINETUNE.check(
+        {**FINETUNE_PRESETS["mimic"].values, "decoder": "small", "select_metric": "bleu4+ce14"},
+        pretrained_path="stage1.pt",
+        decoder_path="gpt2",
+        prompt_heads=4,
+        decoder_heads=4,
+        decoder_layers=1,
+    )
+    cfg = model_config_for(p, vocab, s1)
+    assert {k: cfg[k] for k in MLRG_REPORT} == MLRG_REPORT and cfg["decoder"]["sep_id"] == vocab.sep_id
+    assert {k: cfg["visual"][k] for k in MLRG_VISUAL} == MLRG_VISUAL
+    torch.manual_seed(0)
+    m = MLRGReportModel(cfg).eval()
+    assert isinstance(m.prompt_fusion, BertPromptFusion)
+    b = dummy_batch(batch_size=3, image_size=32, vocab_size=len(vocab))
+    with torch.no_grad():
+        logits = m.logits(b)
+        want = F.cross_entropy(logits.transpose(1, 2), b["target_ids"][:, 1:], ignore_index=vocab.pad_id)
+        torch.testing.assert_close(m(b)["loss"], want)
+        assert len(m.generate(b, num_beams=3, max_length=8)) == 3
+
+
+def test_protocol_reaches_apply_protocol_at_val_and_test(monkeypatch, tmp_path):
+    """2.21-2.22: protocol='mlrg' hands the val and the test records to mlrg.evaluate.apply_protocol (split 'val', then
+    'test'), with GPT-2's tokenizer and max_length, and scores and writes its texts; the metrics file names it."""
+    import mlrg.finetune as ft
+
+    calls, tok = [], object()
+
+    def fake(references, hypotheses, protocol, tokenizer=None, max_tokens=100, split="test"):
+        calls.append((protocol, tokenizer is tok, max_tokens, split))
+        return [f"cut {r}"[:12] for r in references], [h or "..." for h in hypotheses]
+
+    monkeypatch.setattr(ft, "apply_protocol", fake)
+    monkeypatch.setattr(ft, "protocol_tokenizer_for", lambda p, vocab: tok if p["protocol"] == "mlrg" else None)
+    s = ft.finetune(
+        protocol="mlrg",
+        max_steps=1,
+        eval_steps=1,
+        batch_size=4,
+        eval_batch_size=16,
+        decoder_layers=1,
+        max_length=24,
+        num_beams=2,
+        val_max_samples=4,
+        progress=False,
+        meteor=False,
+        num_threads=1,
+        phantom_patients=8,
+        model_save_path=str(tmp_path / "ft"),
+    )
+    assert set(calls) == {("mlrg", True, 24, "val"), ("mlrg", True, 24, "test")}
+    preds = json.loads((tmp_path / "ft" / "test_predictions.json").read_text())
+    assert preds and all(r["reference"].startswith("cut ") for r in preds)
+    metrics = json.loads((tmp_path / "ft" / "test_metrics.json").read_text())
+    assert metrics["protocol"]["name"] == metrics["result"]["protocol"]["name"] == "mlrg"
+    val = [json.loads(x) for x in next((tmp_path / "ft" / "evals").glob("val_step_*")).read_text().splitlines()]
+    assert val and all(r["reference"].startswith("cut ") for r in val) and s["protocol"] == "mlrg"
+
+
+def test_protocol_needs_gpt2_tokenizer():
+    "protocol='mlrg' with a word vocabulary and no GPT-2 folder stops before any work, naming what it needs."
+    from mlrg.finetune import protocol_tokenizer_for
+
+    vocab = Vocab("heart size normal".split())
+    assert protocol_tokenizer_for(FINETUNE.check(), vocab) is None
+    with pytest.raises(InputError, match="GPT-2"):
+        protocol_tokenizer_for(FINETUNE.check(protocol="mlrg"), vocab)
+
+
+@pytest.mark.parametrize(
+    "table, max_length",
+    [
+        ({2: {3: 0.55, 4: 0.25, 5: 0.2}, 4: {6: 1.0}, 5: {7: 1.0}}, 3),
+        ({2: {3: 0.55, 4: 0.25, 5: 0.2}, 4: {6: 1.0}, 5: {7: 1.0}}, 4),
+    ],
+)
+def test_beam_search_rules_are_transformers(tmp_path, table, max_length):
+    """A toy table of test_decoder (how beams still running at max_length are scored) through transformers' own beam
+    search: a logits processor puts the table's log-probabilities in place of the model's. (When to stop differs
+    between versions: transformers 4.43, MLRG's pin, compares with the best of all candidates, `[EOS]` ones too, as
+    mlrg does and test_decoder pins; the vectorized beam search of transformers >= 4.50 with the best running beam.)"""
+    transformers = pytest.importorskip("transformers")
+    from mlrg.decoder import TableLM
+
+    lm = TableLM(table, vocab_size=10)
+    hf = _gpt2(tmp_path, vocab=10)
+
+    class Table(transformers.LogitsProcessor):
+        def __call__(self, input_ids, scores):
+            return lm.next_logits(input_ids, None).log_softmax(-1).to(scores.dtype)
+
+    out = hf.generate(
+        torch.full((1, 1), 2),
+        encoder_hidden_states=torch.zeros(1, 1, 32),
+        num_beams=2,
+        max_length=max_length,
+        eos_token_id=3,
+        pad_token_id=1,
+        do_sample=False,
+        length_penalty=1.0,
+        early_stopping=False,
+        logits_processor=transformers.LogitsProcessorList([Table()]),
+    ).tolist()[0][1:]
+    assert beam_search(lm, torch.zeros(1, 1, 1), num_beams=2, max_length=max_length) == [
+        [t for t in out[: out.index(3) if 3 in out else None] if t != 1]
+    ]
