@@ -46,12 +46,13 @@ from mlrg.core import (
 __all__ = ['IMAGE_CHECKS', 'PRIOR_ORDERS', 'PREPARE', 'METADATA_CSV', 'SPLIT_CSV', 'CHEXPERT_CSV', 'FACTS_FILE',
            'METADATA_REQUIRED', 'SPLIT_REQUIRED', 'SPLIT_NAMES', 'SPLITS', 'CHEXPERT_LABELS', 'MLRG_ITEM_KEYS',
            'SPECIAL_TOKENS', 'BPE_STATE_TAG', 'BPE_SPECIAL', 'BPE_ADDED', 'CXR_MEAN', 'CXR_STD', 'REPORT_STYLES',
-           'TARGET_TRUNCATIONS', 'PROMPT_TRUNCATIONS', 'IMAGE_PREPROCESSES', 'VIEW_POSITIONS', 'find_table',
-           'normalize_view', 'view_projection', 'view_rank', 'BadInputs', 'read_metadata', 'read_split',
-           'assign_priors', 'choose_prior_images', 'parse_report', 'normalize_text', 'clean_indication', 'read_reports',
-           'check_image', 'check_images', 'tokenize', 'Tokens', 'Vocab', 'clean_text', 'BPETokenizer',
-           'vocab_from_state', 'read_factual_serialization', 'prepare', 'prepare_cli', 'validate_mlrg_item',
-           'read_mlrg_annotation', 'read_r2gen_annotation', 'read_medclip_pickle', 'read_annotation', 'view_id',
+           'TARGET_TRUNCATIONS', 'PROMPT_TRUNCATIONS', 'IMAGE_PREPROCESSES', 'VIEW_POSITIONS', 'VIEW_VOCABS',
+           'MIMIC_VIEW_POSITIONS', 'find_table', 'normalize_view', 'view_projection', 'view_rank', 'BadInputs',
+           'read_metadata', 'read_split', 'assign_priors', 'choose_prior_images', 'parse_report', 'normalize_text',
+           'clean_indication', 'read_reports', 'check_image', 'check_images', 'tokenize', 'Tokens', 'Vocab',
+           'clean_text', 'BPETokenizer', 'vocab_from_state', 'read_factual_serialization', 'prepare', 'prepare_cli',
+           'validate_mlrg_item', 'read_mlrg_annotation', 'read_r2gen_annotation', 'read_medclip_pickle',
+           'read_annotation', 'view_id', 'view_vocab', 'view_table', 'n_view_rows', 'view_row', 'view_rows',
            'load_image', 'processor_config', 'processed_size', 'load_processed_image', 'prior_findings', 'facts_of',
            'prior_report', 'longest_first', 'build_prompt', 'target_ids', 'stage1_text', 'stage1_ids', 'image_slots',
            'MLRGDataset', 'collate']
@@ -1350,6 +1351,99 @@ def view_id(v) -> int:
     v = normalize_view(v)
     return VIEW_POSITIONS.index(v if v in VIEW_POSITIONS else "other") + 1
 
+# %% ../nbs/01_data.ipynb #15b068bd
+VIEW_VOCABS = ("collapsed", "raw")
+MIMIC_VIEW_POSITIONS = (  # the ViewPosition values of mimic-cxr-2.0.0-metadata.csv; "": missing
+    "PA",
+    "AP",
+    "LATERAL",
+    "LL",
+    "AP AXIAL",
+    "PA LLD",
+    "AP LLD",
+    "AP RLD",
+    "PA RLD",
+    "LAO",
+    "RAO",
+    "LPO",
+    "XTABLE LATERAL",
+    "SWIMMERS",
+    "",
+)
+_VIEW_VOCAB_EXPECTED = '"collapsed", "raw", or MLRG\'s view-position JSON (its path, or its dict {view name: row})'
+
+
+def view_vocab(spec, where="parameter 'view_vocab'"):
+    """A checked view vocabulary: "collapsed", "raw", or MLRG's {view name: row} (given as a dict, or as the path of
+    its view-position JSON, which is read)."""
+    if isinstance(spec, str) and spec in VIEW_VOCABS:
+        return spec
+    if isinstance(spec, (str, Path)):
+        p = Path(spec)
+        if not p.is_file():
+            raise InputError(f"view_vocab={str(spec)!r}: no such file", where=where, expected=_VIEW_VOCAB_EXPECTED)
+        try:
+            spec = json.loads(p.read_text())
+        except (ValueError, UnicodeDecodeError) as e:
+            raise InputError(f"{p} is not JSON ({e})", where=where, expected=_VIEW_VOCAB_EXPECTED) from None
+    if not isinstance(spec, dict) or not spec:
+        raise InputError(f"view_vocab={spec!r}", where=where, expected=_VIEW_VOCAB_EXPECTED)
+    n = len(spec)
+    bad = [
+        (k, r)
+        for k, r in spec.items()
+        if not isinstance(k, str) or isinstance(r, bool) or not isinstance(r, int) or not 0 <= r < n
+    ]
+    if bad:
+        raise InputError(
+            f"view_vocab entries {bad[:3]}",
+            where=where,
+            expected=f"{{view name: row}} with rows in 0..{n - 1} (MLRG's table has one row per name)",
+        )
+    return dict(spec)
+
+
+def view_table(vocab) -> dict:
+    "{view name: embedding row} of view vocabulary `vocab` (row 0 is padding)."
+    vocab = view_vocab(vocab)
+    if isinstance(vocab, dict):
+        return {k: r + 1 for k, r in vocab.items()}
+    return {v: i + 1 for i, v in enumerate(VIEW_POSITIONS if vocab == "collapsed" else MIMIC_VIEW_POSITIONS)}
+
+
+def n_view_rows(vocab) -> int:
+    "The rows of the view embedding of vocabulary `vocab`, padding included (MLRG's table has one fewer)."
+    return len(view_table(vocab)) + 1
+
+
+def view_row(v, vocab, table=None, item=None) -> int:
+    """The embedding row of view position `v` in `vocab` (`view_id` for "collapsed"): the string as given up to an
+    `_` suffix, else normalised, a missing view as ""; an `InputError` naming `item` and `v` when it has none."""
+    if isinstance(vocab, str) and vocab == "collapsed":
+        return view_id(v)
+    table = table if table is not None else view_table(vocab)
+    s = "" if v is None or (isinstance(v, float) and np.isnan(v)) else str(v).split("_")[0]
+    n = normalize_view(s)
+    for key in (s, n, "" if n == "unk" else None):
+        if key is not None and key in table:
+            return table[key]
+    raise InputError(
+        f"view position {v!r}" + ("" if item is None else f" of item {item}") + " is not in the view vocabulary",
+        where="parameter 'view_vocab'",
+        expected=f"one of {sorted(table)}, or view_vocab='collapsed' (which pools the other views)",
+    )
+
+
+def view_rows(view_positions, image_mask, vocab, ids=None, table=None) -> torch.Tensor:
+    """The (B, V+1) embedding rows of a batch's `view_positions` (B lists of V+1 strings) in `vocab`: 0 where
+    `image_mask` is False; `ids` (the batch's item ids) name the item of a view the vocabulary lacks."""
+    mask = image_mask.bool().cpu()
+    table = table if table is not None else view_table(vocab)
+    out = torch.zeros(mask.shape, dtype=torch.long)
+    for b, k in mask.nonzero().tolist():
+        out[b, k] = view_row(view_positions[b][k], vocab, table, None if ids is None else ids[b])
+    return out
+
 # %% ../nbs/01_data.ipynb #abbd204d
 def load_image(path, image_size=224):
     "A grayscale image as a uint8 array (image_size x image_size): padded to a square, then resized."
@@ -1748,10 +1842,11 @@ class MLRGDataset(torch.utils.data.Dataset):
         mask = torch.zeros(V + 1, dtype=torch.bool)
         views = torch.zeros(V + 1, dtype=torch.long)
         temporal = torch.zeros(V + 1, dtype=torch.long)
-        keys = [""] * (V + 1)
+        keys, vnames = [""] * (V + 1), [""] * (V + 1)
         for k, p, vp, t in self.slots(it):
             slots[k] = self.cached(p, it) if cached else self.image(p, rng)
             mask[k], views[k], temporal[k], keys[k] = True, view_id(vp), t, p
+            vnames[k] = "" if vp is None else str(vp)
         target = target_ids(self.vocab, it["findings"], self.max_length, self.target_truncation)
         text = stage1_ids(self.vocab, it, self.report_style, self.max_length, self.target_truncation)
         pixels = {"images": torch.zeros(V + 1, 1, 1, 1), "features": slots} if cached else {"images": slots}
@@ -1759,6 +1854,7 @@ class MLRGDataset(torch.utils.data.Dataset):
             **pixels,
             "image_mask": mask,
             "view_ids": views,
+            "view_positions": vnames,
             "temporal_ids": temporal,
             "has_prior": bool(it.get("prior_study")),
             **dict(zip(("prompt_ids", "prompt_segments"), map(torch.tensor, self.prompt(it)))),
@@ -1787,13 +1883,16 @@ def _pad_slots(x, V):
 def collate(batch, pad_id=0):
     """A batch: images (B, V+1, 1, S, S) with slot 0 the anchor, 1..V-1 auxiliary views and V the prior (V: the
     batch's most, when samples differ); image_mask, view_ids, temporal_ids (B, V+1); image_keys (B lists of V+1 image
-    paths, "" for an empty slot); features (B, V+1, N, C) when cached; has_prior (B,); prompt, target and stage-1
-    text ids and masks padded to the batch's longest."""
+    paths, "" for an empty slot); view_positions (B lists of V+1 view positions, "" for an empty slot); features
+    (B, V+1, N, C) when cached; has_prior (B,); prompt, target and stage-1 text ids and masks padded to the batch's
+    longest."""
     keys = ("images", "image_mask", "view_ids", "temporal_ids") + (("features",) if "features" in batch[0] else ())
     V = max(len(b["image_mask"]) for b in batch) - 1
     out = {k: torch.stack([_pad_slots(b[k], V) for b in batch]) for k in keys}
     if all("image_keys" in b for b in batch):
         out["image_keys"] = [_pad_slots(b["image_keys"], V) for b in batch]
+    if all("view_positions" in b for b in batch):
+        out["view_positions"] = [_pad_slots(b["view_positions"], V) for b in batch]
     out["has_prior"] = torch.tensor([b["has_prior"] for b in batch])
     for k in ("prompt", "target") + (("text",) if all("text_ids" in b for b in batch) else ()):
         ids = torch.full((len(batch), max(len(b[f"{k}_ids"]) for b in batch)), pad_id, dtype=torch.long)

@@ -202,7 +202,7 @@ FINETUNE_PRESETS = {
             drop_last=True,
             protocol="mlrg",
             decoder_token_rows="keep",
-            model_config={k: v[1] for k, v in MLRG_OPTIONS.items()},
+            model_config={**{k: v[1] for k, v in MLRG_OPTIONS.items()}, "view_vocab": "raw"},
             **{k: v[1] for k, v in REPORT_MLRG_OPTIONS.items()},
             **{k: v for k, v in MLRG_DATA.items() if _declared(k, v)},
         ),

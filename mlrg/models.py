@@ -28,7 +28,7 @@ from mlrg.core import (
     hub_transformers,
     require_package,
 )
-from .data import CXR_MEAN, CXR_STD, VIEW_POSITIONS, collate
+from .data import CXR_MEAN, CXR_STD, VIEW_POSITIONS, collate, n_view_rows, view_rows, view_table, view_vocab
 from .engine import load_checkpoint
 
 # %% auto #0
@@ -61,6 +61,9 @@ MODELS = Params(
 )
 
 # %% ../nbs/02_models.ipynb #888d77fb
+_DUMMY_VIEW_NAMES = ["", "PA", "AP", "LATERAL", "LL", "AP AXIAL", ""]  # a MIMIC-CXR name of each view id
+
+
 def dummy_batch(batch_size=4, image_size=128, max_views=3, vocab_size=50, seed=0, max_text=24):
     "A random batch in `mlrg.data.collate`'s format (for tests, examples and throughput measurements)."
     g = torch.Generator().manual_seed(derive_seed(seed, "dummy_batch") % 2**63)
@@ -86,6 +89,7 @@ def dummy_batch(batch_size=4, image_size=128, max_views=3, vocab_size=50, seed=0
                 "images": images,
                 "image_mask": mask,
                 "view_ids": views,
+                "view_positions": [_DUMMY_VIEW_NAMES[int(v)] for v in views],
                 "temporal_ids": temporal,
                 "has_prior": has_prior,
                 "prompt_ids": torch.tensor([4, 6, 5, 7]),
@@ -931,6 +935,7 @@ DEFAULT_PRETRAIN_CONFIG = dict(
     fusion_style="null_token",  # "null_token" or "mlrg" (MLRG's Transformer, bypass when alone; 1.10-1.12)
     batch_images="slots",  # "slots" or "dedup" (MLRG's batch: distinct images by image_keys; 1.2, 1.12, 1.13, B4)
     embed_init="normal",  # "normal" (N(0, 1)) or "mlrg" (view randn, temporal U[0, 1); 1.6, 1.9)
+    view_vocab="collapsed",  # "collapsed", "raw" or MLRG's view-position JSON (path or dict; 1.6)
 )
 ABLATION_FLAGS = ("is_multiview_learning", "is_prior_scan", "using_mpc_loss")
 MLRG_OPTIONS = {  # the stage-1 options that reproduce MLRG: each key's default first, MLRG's value second
@@ -955,6 +960,7 @@ VISUAL_KEYS = (
     "is_multiview_learning",
     "is_prior_scan",
     *MLRG_OPTIONS,
+    "view_vocab",
 )
 
 # %% ../nbs/02_models.ipynb #484e251c
@@ -985,6 +991,13 @@ def _resolve_config(config, overrides) -> dict:
                 where=key,
                 expected=f"{values[0]!r} in medclip mode",
             )
+    cfg["view_vocab"] = view_vocab(cfg["view_vocab"], where="view_vocab")
+    if cfg["mode"] == "medclip" and cfg["view_vocab"] != "collapsed":
+        raise InputError(
+            "view_vocab has no meaning in medclip mode (no view embedding)",
+            where="view_vocab",
+            expected="'collapsed' in medclip mode",
+        )
     if cfg["freeze_image_encoder"] is None and cfg["image_encoder"] in IMAGE_ENCODERS:
         cfg["freeze_image_encoder"] = IMAGE_ENCODERS[cfg["image_encoder"]][2]
     return cfg
@@ -1044,14 +1057,16 @@ class VisualEncoder(nn.Module):
         # as before this class existed
         if after_projection is not None:
             after_projection()
+        vv = cfg["view_vocab"]
+        self.view_lookup = None if isinstance(vv, str) and vv == "collapsed" else view_table(vv)  # name -> row
         if self.mode == "mlrg":
             if self.projection == "mlrg":  # MLRG: view embedding in the encoder's space, 3 temporal rows, 2 norms
-                self.view_embed = nn.Embedding(len(VIEW_POSITIONS) + 1, E, padding_idx=0)
+                self.view_embed = nn.Embedding(n_view_rows(vv), E, padding_idx=0)
                 self.ln_1 = nn.LayerNorm(E)
                 self.temporal_embed = nn.Embedding(3, d)
                 self.ln_2 = nn.LayerNorm(d)
             else:
-                self.view_embed = nn.Embedding(len(VIEW_POSITIONS) + 1, d, padding_idx=0)
+                self.view_embed = nn.Embedding(n_view_rows(vv), d, padding_idx=0)
                 self.temporal_embed = nn.Embedding(2, d)
             if cfg["embed_init"] == "mlrg":
                 with torch.no_grad():
@@ -1085,19 +1100,37 @@ class VisualEncoder(nn.Module):
         return use
 
 # %% ../nbs/02_models.ipynb #a2bc2447
-def _check_ids(view_ids, temporal_ids, n_temporal=2):
-    "An InputError unless the view ids are in 0..len(VIEW_POSITIONS) and the temporal ids in 0..n_temporal-1."
+def _check_ids(view_ids, temporal_ids, n_temporal=2, n_views=len(VIEW_POSITIONS) + 1):
+    "An InputError unless the view ids are in 0..n_views-1 and the temporal ids in 0..n_temporal-1."
     vid, tid = view_ids, temporal_ids
     if (
         vid.numel()
-        and (int(vid.max()) > len(VIEW_POSITIONS) or int(vid.min()) < 0)
+        and (int(vid.max()) >= n_views or int(vid.min()) < 0)
         or (tid.numel() and (int(tid.max()) >= n_temporal or int(tid.min()) < 0))
     ):
         raise InputError(
             "view_ids / temporal_ids out of range",
             where="batch",
-            expected=f"view ids 0..{len(VIEW_POSITIONS)} (mlrg.data.view_id), temporal ids 0/1",
+            expected=f"view ids 0..{n_views - 1} (mlrg.data.view_id / view_rows), temporal ids 0/1",
         )
+
+
+@patch
+def slot_view_ids(self: VisualEncoder, batch):
+    """The view-embedding row of every slot (B, V+1): the batch's `view_ids` (view_vocab "collapsed"), else its
+    `view_positions` looked up in this model's vocabulary (0 for an empty slot)."""
+    if self.view_lookup is None:
+        return batch["view_ids"]
+    if "view_positions" not in batch:
+        raise InputError(
+            f"the batch has no view_positions, which view_vocab={self.config['view_vocab']!r} reads",
+            where="batch",
+            expected="view_positions: B lists of V+1 view names (mlrg.data.collate)",
+        )
+    mask = batch["image_mask"]
+    ids = batch.get("id")
+    rows = view_rows(batch["view_positions"], mask, self.config["view_vocab"], ids, self.view_lookup)
+    return rows.to(mask.device)
 
 
 @patch
@@ -1120,7 +1153,7 @@ def project(self: VisualEncoder, feats, view_ids):
     ln_1(tokens + view embedding), then the ProjectionHead (MLRG's "ori" tokens)."""
     if self.projection != "mlrg":
         return self.image_proj(feats)
-    _check_ids(view_ids, view_ids.new_zeros(0))
+    _check_ids(view_ids, view_ids.new_zeros(0), n_views=self.view_embed.num_embeddings)
     w = self.ln_1.weight
     return self.image_proj(self.ln_1(feats.to(w.dtype) + self.view_embed(view_ids.long())[:, None]))
 
@@ -1130,7 +1163,7 @@ def add_embeddings(self: VisualEncoder, tokens, view_ids, temporal_ids):
     """Projected tokens (..., N, d) with the view and temporal embeddings of ids (...): both added (projection
     "linear"), or the temporal one added then ln_2 (projection "mlrg", whose view embedding came before)."""
     vid, tid = view_ids.long(), temporal_ids.long()
-    _check_ids(vid, tid)
+    _check_ids(vid, tid, n_views=self.view_embed.num_embeddings)
     if self.projection == "mlrg":
         return self.ln_2(tokens + self.temporal_embed(tid)[..., None, :])
     return tokens + (self.view_embed(vid) + self.temporal_embed(tid))[..., None, :]
@@ -1142,14 +1175,14 @@ def encode_slots(self: VisualEncoder, batch):
     use = self.used_slots(batch)
     B, V1 = use.shape
     index = use.nonzero(as_tuple=True)  # M used images, row-major: one encoder call, one projection call
-    tok = self.project(self.encoder_tokens(batch, index), batch["view_ids"][index])
+    tok = self.project(self.encoder_tokens(batch, index), self.slot_view_ids(batch)[index])
     return tok.new_zeros(B, V1, tok.shape[1], tok.shape[2]).index_put((use,), tok), use
 
 
 @patch
 def embed_slots(self: VisualEncoder, tokens, batch):
     "`tokens` (B, V+1, N, d) with the view-position and temporal embeddings of each slot (mlrg mode)."
-    return self.add_embeddings(tokens, batch["view_ids"], batch["temporal_ids"])
+    return self.add_embeddings(tokens, self.slot_view_ids(batch), batch["temporal_ids"])
 
 
 @patch
@@ -1243,8 +1276,9 @@ def forward_dedup(self: VisualEncoder, batch) -> dict:
     source, index, n_cur = dedup_images(batch.get("image_keys"), use)
     source, index = source.to(use.device), index.to(use.device)
     src = (source[:, 0], source[:, 1])
-    tok = self.project(self.encoder_tokens(batch, src), batch["view_ids"][src])
-    emb = self.add_embeddings(tok, batch["view_ids"][src], batch["temporal_ids"][src])
+    vid = self.slot_view_ids(batch)[src]
+    tok = self.project(self.encoder_tokens(batch, src), vid)
+    emb = self.add_embeddings(tok, vid, batch["temporal_ids"][src])
     groups = study_groups(batch).to(use.device)[source[:, 0]]
     current = torch.arange(len(source), device=use.device) < n_cur
     fused = self.fuse_images(emb, groups, current, B)
@@ -1444,6 +1478,13 @@ def load_visual_state(visual, source, prefix="visual.", strict=False, print_fn=p
     rows, take = [], {}
     for k, v in visual.state_dict().items():
         w = theirs.get(k)
+        if k.endswith("view_embed.weight") and w is not None and w.shape[0] != v.shape[0]:
+            raise InputError(
+                f"{prefix}{k} has {w.shape[0]} rows (view positions + padding) there, {v.shape[0]} in this model: "
+                "another view vocabulary",
+                where=where,
+                expected="the view_vocab the checkpoint was trained with (its config's view_vocab; fidelity 1.6)",
+            )
         status = "missing" if w is None else "shape mismatch" if w.shape != v.shape else "loaded"
         if status == "loaded":
             take[k] = w

@@ -71,6 +71,7 @@ PRETRAIN_PRESETS = {
             report_style="factual_serialization",
             image_preprocess="processor",
             max_views=None,
+            view_vocab="raw",
             num_workers=8,
         ),
         required=(("data_path", "run_dir"), "image_pretrained_path", "text_pretrained_path", "tokenizer_path"),
@@ -79,7 +80,8 @@ PRETRAIN_PRESETS = {
         "MLRG's stage-1 model (mlrg.models.MLRG_STAGE1: projection heads and LayerNorms, [CLS] pooling, its fusion "
         "network, the batch's distinct images), batch 32 x 2 (last partial batch dropped), AdamW lr 5e-5 with weight "
         "decay 0.01 on every parameter, plateau schedule, early stopping 15, clip 0.1, bf16, seed 9233, val batch 32 "
-        "averaged per batch",
+        "averaged per batch, a view-embedding row per MIMIC-CXR view position (view_vocab=raw; for MLRG's rows "
+        "exactly, view_vocab=<path of MLRG's five_work_mimic_cxr_view_position_v1.1.json>)",
     ),
     "iu": Preset(
         dict(max_views=2, is_prior_scan=False, max_length=60, num_epochs=30),
@@ -154,6 +156,14 @@ PRETRAIN = Params(
         ),
         is_prior_scan=Param(None, "MLRG ablation: the prior image (None: as the mode)", kind=bool),
         using_mpc_loss=Param(None, "MLRG ablation: the image-image multi-positive loss (None: as the mode)", kind=bool),
+        view_vocab=Param(
+            None,
+            "the view embedding's rows (fidelity 1.6): collapsed (mlrg: PA, AP, LATERAL, LL, other, unk), raw (a row "
+            "per MIMIC-CXR ViewPosition value, mlrg.data.MIMIC_VIEW_POSITIONS; the mimic preset) or the path of "
+            "MLRG's view-position JSON (its --view_position_embed, five_work_mimic_cxr_view_position_v1.1.json: "
+            "MLRG's rows exactly); None: model_config's view_vocab (default collapsed)",
+            kind=str,
+        ),
         model_config=Param({}, 'further pretrain_config keys, e.g. {"d_model": 256, "temperature": 0.5}'),
         # --- training (mlrg.engine.fit) ---
         **_TRAINING.params,
@@ -429,6 +439,7 @@ def model_config_for(p: dict, vocab) -> dict:
             "is_multiview_learning": p["is_multiview_learning"],
             "is_prior_scan": p["is_prior_scan"],
             "using_mpc_loss": p["using_mpc_loss"],
+            **({"view_vocab": p["view_vocab"]} if p.get("view_vocab") is not None else {}),
             "vocab_size": len(vocab),
             "pad_id": vocab.pad_id,
             "text_max_len": max(int(p["model_config"].get("text_max_len", 512)), p["max_length"]),

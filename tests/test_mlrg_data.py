@@ -12,17 +12,24 @@ from PIL import Image
 
 from mlrg.core import InputError
 from mlrg.data import (
+    MIMIC_VIEW_POSITIONS,
     BPETokenizer,
     MLRGDataset,
     Vocab,
     build_prompt,
     collate,
+    n_view_rows,
     prepare,
     prior_report,
     processor_config,
     read_mlrg_annotation,
     stage1_ids,
     target_ids,
+    view_id,
+    view_row,
+    view_rows,
+    view_table,
+    view_vocab,
 )
 from mlrg.inputs import INPUTS, load_inputs, write_tiny_phantom
 
@@ -294,3 +301,42 @@ def test_facts_checked_and_cli_prior_order(tmp_path, capsys):
     out = tmp_path / "cli" / "a.json"
     assert prepare_cli(["--mimic-root", str(tmp_path / "mimic"), "--out", str(out), "--prior-order", "study_id"]) == 0
     assert json.loads((out.parent / "prepare_summary.json").read_text())["prior_order"] == "study_id"
+
+
+# --- view vocabulary (fidelity 1.6): the batch carries each slot's view string; view rows per vocabulary ---
+def test_batch_carries_view_positions_and_view_ids_stay_collapsed(images):
+    v = Vocab.build(["the lungs are clear . no effusion ."], min_freq=1)
+    aux = {"image_path": ["p1/b.png", "p1/c.png"], "view_position": ["XTABLE LATERAL", "LATERAL"]}
+    it = _item(auxiliary_references=aux)
+    it["prior_study"]["latest_study"]["view_position"] = None
+    x = MLRGDataset([it], images, v, image_size=16, max_views=None)[0]
+    assert x["view_positions"] == ["PA", "XTABLE LATERAL", "LATERAL", ""]
+    assert x["view_ids"].tolist() == [view_id("PA"), view_id("other"), view_id("LATERAL"), view_id("unk")]
+    b = collate([x, MLRGDataset([_item()], images, v, image_size=16, max_views=2)[0]])
+    assert b["view_positions"] == [x["view_positions"], ["PA", "LL", "", "PA"]]
+    rows = view_rows(b["view_positions"], b["image_mask"], "raw", ids=b["id"])
+    assert rows[0].tolist() == [1, 13, 3, 15] and rows[1].tolist() == [1, 4, 0, 1]  # an empty slot: 0 (padding)
+    assert rows[0, 1] != rows[0, 2]  # XTABLE LATERAL and LATERAL: two rows (collapsed: "other" and "LATERAL")
+    assert torch.equal(view_rows(b["view_positions"], b["image_mask"], "collapsed"), b["view_ids"])
+
+
+def test_view_vocabularies(tmp_path):
+    assert n_view_rows("collapsed") == 7 and view_table("collapsed")["other"] == 5  # the default: today's six
+    assert n_view_rows("raw") == len(MIMIC_VIEW_POSITIONS) + 1 == 16 and "" in MIMIC_VIEW_POSITIONS
+    assert view_row("XTABLE LATERAL", "raw") != view_row("LATERAL", "raw")
+    assert view_row("XTABLE LATERAL", "collapsed") == view_row("SWIMMERS", "collapsed")  # pooled in "other"
+    assert [view_row(x, "raw") for x in (None, "", "unk", float("nan"), " ap  axial ")] == [15] * 4 + [5]
+    # MLRG's JSON (name -> row): its rows exactly, one further on (row 0 is padding), MLRG's "_" suffix ignored
+    mlrg = {"LATERAL": 0, "PA": 1, "": 2, "XTABLE LATERAL": 3}
+    path = tmp_path / "five_work_mimic_cxr_view_position_v1.1.json"
+    path.write_text(json.dumps(mlrg))
+    assert view_vocab(str(path)) == mlrg and n_view_rows(str(path)) == 5
+    assert {k: view_row(k, str(path)) for k in mlrg} == {k: r + 1 for k, r in mlrg.items()}
+    assert view_row("PA_0_prior", mlrg) == 2 and view_row("unk", mlrg) == 3
+    with pytest.raises(InputError, match="'AP' of item s7"):
+        view_row("AP", mlrg, item="s7")
+    with pytest.raises(InputError, match="'RL' of item s2"):
+        view_rows([["PA", "RL"]], torch.tensor([[True, True]]), "raw", ids=["s2"])
+    for bad, msg in (("views.json", "no such file"), ({"PA": 1}, "rows in 0..0"), ({}, "view_vocab")):
+        with pytest.raises(InputError, match=msg):
+            view_vocab(bad if not isinstance(bad, str) else str(tmp_path / bad))

@@ -2,14 +2,17 @@
 ProjectionHead and LayerNorms, [CLS] pooling, MLRG's fusion network and its bypass, the batch of distinct images and
 MLRG's form of loss (a); each checked against a computation written out here the way MLRG's code does it."""
 
+import json
+
 import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from mlrg.core import InputError, seed_everything
-from mlrg.data import VIEW_POSITIONS, collate
+from mlrg.data import MIMIC_VIEW_POSITIONS, VIEW_POSITIONS, collate, view_rows
 from mlrg.models import (
+    DEFAULT_PRETRAIN_CONFIG,
     MLRG_OPTIONS,
     MLRG_STAGE1,
     VISUAL_KEYS,
@@ -349,3 +352,131 @@ def test_defaults_unchanged():
     assert res["mlrg"][1] == pytest.approx(3.231661796569824, abs=1e-5)
     assert res["medclip"][0] == pytest.approx(1476.2004889177374, rel=1e-9)
     assert res["medclip"][1] == pytest.approx(2.0288302898406982, abs=1e-5)
+
+
+# --- view vocabulary (fidelity 1.6): a row per raw view position, or MLRG's JSON rows ---
+VIEW_NAMES = {  # the view position of each image key of SAMPLES
+    "a": "PA",
+    "b": "XTABLE LATERAL",
+    "c": "",
+    "d": "LATERAL",
+    "e": "AP AXIAL",
+    "f": "LL",
+    "g": "AP",
+    "h": "SWIMMERS",
+    "p": "PA",
+    "q": "AP",
+    "r": "LATERAL",
+}
+
+
+def named_batch():
+    "keyed_batch(SAMPLES) with each slot's view position (VIEW_NAMES), as mlrg.data.collate carries it."
+    b = keyed_batch(SAMPLES)
+    b["view_positions"] = [[VIEW_NAMES.get(k, "") for k in keys] for keys in b["image_keys"]]
+    return b
+
+
+def rows_by_name(batch, table):
+    "(B, V+1) rows of `table` (view name -> row) for the batch's used slots, 0 elsewhere, written out."
+    return torch.tensor(
+        [
+            [table[n] if used else 0 for n, used in zip(names, mask.tolist())]
+            for names, mask in zip(batch["view_positions"], batch["image_mask"])
+        ]
+    )
+
+
+def test_raw_view_vocab_gives_each_view_its_row():
+    batch = named_batch()
+    m = model(view_vocab="raw").train()
+    assert m.visual.view_embed.weight.shape[0] == len(MIMIC_VIEW_POSITIONS) + 1 == 16
+    rows = m.visual.slot_view_ids(batch)
+    want = rows_by_name(batch, {n: i + 1 for i, n in enumerate(MIMIC_VIEW_POSITIONS)})
+    assert torch.equal(rows, want)
+    assert int(rows[0, 1]) == 13 and int(rows[3, 0]) == 3 and int(rows[2, 0]) == 15  # XTABLE LATERAL, LATERAL, ""
+    with torch.no_grad():  # the model adds exactly those rows (MLRG's forward written out, fed the rows)
+        ref = mlrg_reference(m, {**batch, "view_ids": want})
+        assert torch.allclose(m(batch)["loss"], ref["loss"], atol=1e-5)
+    # collapsed: XTABLE LATERAL and AP AXIAL share "other"; raw: two rows, so the projected tokens differ
+    c = view_rows(batch["view_positions"], batch["image_mask"], "collapsed")  # mlrg.data.view_id of each name
+    assert int(c[0, 1]) == int(c[3, 1]) == VIEW_POSITIONS.index("other") + 1 and int(rows[0, 1]) != int(rows[3, 1])
+    with pytest.raises(InputError, match="view_positions"):
+        m.visual.slot_view_ids({k: v for k, v in batch.items() if k != "view_positions"})
+    bad = {**batch, "view_positions": [list(v) for v in batch["view_positions"]]}
+    bad["view_positions"][4][0] = "OBLIQUE"
+    with pytest.raises(InputError, match="'OBLIQUE' of item s4"):
+        m(bad)
+
+
+def test_mlrg_view_json_gives_mlrg_rows(tmp_path):
+    # MLRG's form, rows in another order than mlrg's list: rows follow the file, by name
+    vp2id = {n: i for i, n in enumerate(reversed(MIMIC_VIEW_POSITIONS))}
+    path = tmp_path / "five_work_mimic_cxr_view_position_v1.1.json"
+    path.write_text(json.dumps(vp2id))
+    m = model(view_vocab=str(path)).train()
+    assert m.config["view_vocab"] == vp2id  # the checkpoint's config holds the names, not only the path
+    assert m.visual.view_embed.weight.shape[0] == len(vp2id) + 1
+    batch = named_batch()
+    want = rows_by_name(batch, {n: r + 1 for n, r in vp2id.items()})  # MLRG's vp_pos_embed[r] is row r + 1 here
+    assert torch.equal(m.visual.slot_view_ids(batch), want)
+    with torch.no_grad():
+        vp_pos_embed = m.visual.view_embed.weight[1:]  # MLRG's table
+        b, k = 0, 1  # XTABLE LATERAL; eval mode: BatchNorm's running statistics, so one image alone computes the same
+        x = m.eval().visual.image_encoder(batch["images"][b, k][None])[0]
+        ori = m.visual.image_proj(m.visual.ln_1(x + vp_pos_embed[vp2id["XTABLE LATERAL"]]))
+        assert torch.allclose(m.visual(batch)["tokens"][b, k], ori[0], atol=1e-5)
+        m.train()
+        ref = mlrg_reference(m, {**batch, "view_ids": want})
+        assert torch.allclose(m(batch)["loss"], ref["loss"], atol=1e-5)
+    # the pretrain parameter reaches the model config (the mimic preset: raw; the default: the model config's)
+    from mlrg.data import Vocab
+    from mlrg.pretrain import PRETRAIN, PRETRAIN_PRESETS, model_config_for
+
+    v = Vocab("a b c".split())
+    assert model_config_for(PRETRAIN.check(view_vocab=str(path)), v)["view_vocab"] == vp2id
+    assert PRETRAIN_PRESETS["mimic"].values["view_vocab"] == "raw"
+    assert model_config_for(PRETRAIN.check(), v)["view_vocab"] == "collapsed"
+    with pytest.raises(InputError, match="view_vocab"):
+        model_config_for(PRETRAIN.check(view_vocab="rows.json"), v)
+
+
+def test_view_vocab_default_is_collapsed():
+    assert DEFAULT_PRETRAIN_CONFIG["view_vocab"] == "collapsed" and "view_vocab" in VISUAL_KEYS
+    assert "view_vocab" not in MLRG_STAGE1  # set by the presets' parameter, not by the model options
+    m = MLRGPretrainModel(TINY)
+    assert m.visual.view_embed.weight.shape[0] == len(VIEW_POSITIONS) + 1 and m.config["view_vocab"] == "collapsed"
+    batch = keyed_batch(SAMPLES)  # no view_positions needed
+    assert m.visual.slot_view_ids(batch) is batch["view_ids"]
+    with pytest.raises(InputError, match="medclip"):
+        visual_config(mode="medclip", view_vocab="raw")
+    with pytest.raises(InputError, match="view_vocab"):
+        pretrain_config(vocab_size=10, view_vocab=["PA"])
+
+
+def test_stage2_from_a_stage1_checkpoint_of_another_view_vocab(tmp_path):
+    from mlrg.finetune import FINETUNE, FINETUNE_PRESETS, load_stage1
+    from mlrg.finetune import model_config_for as stage2_config
+    from mlrg.data import Vocab
+    from mlrg.models import VisualEncoder, load_visual_state
+
+    s1 = model(view_vocab="raw")
+    torch.save({"model": s1.state_dict(), "config": {"model": s1.config}}, tmp_path / "best.pt")
+    # stage 2 takes stage 1's vocabulary with its architecture
+    vocab = Vocab("heart size normal".split())
+    p = FINETUNE.check(
+        {**FINETUNE_PRESETS["mimic"].values, "decoder": "small", "select_metric": "bleu4+ce14"},
+        pretrained_path=str(tmp_path / "best.pt"),
+        decoder_path="gpt2",
+        prompt_heads=4,
+        decoder_heads=4,
+        decoder_layers=1,
+    )
+    assert stage2_config(p, vocab, {"config": {"model": s1.config}})["visual"]["view_vocab"] == "raw"
+    # a model of another vocabulary size: an error naming it, not a silently new view embedding
+    other = VisualEncoder({**TINY, **MLRG_STAGE1})
+    with pytest.raises(InputError, match="16 rows .* 7 in this model: another view vocabulary"):
+        load_visual_state(other, tmp_path / "best.pt", print_fn=None)
+    with pytest.raises(InputError, match="another view vocabulary"):
+        load_stage1(model(), tmp_path / "best.pt", print_fn=None)
+    assert (load_stage1(model(view_vocab="raw"), tmp_path / "best.pt", print_fn=None).status == "loaded").all()

@@ -218,7 +218,7 @@ def test_lightning_checkpoint_without_the_pickle_flag(tmp_path):
 def test_mimic_presets_set_mlrg_values():
     "2.17-2.19, 2.21: the finetune preset's stage-2 options are MLRG's; the study asks for decoder_init or says why."
     v = FINETUNE_PRESETS["mimic"].values
-    assert {k: v[k] for k in MLRG_REPORT} == MLRG_REPORT and v["model_config"] == MLRG_VISUAL
+    assert {k: v[k] for k in MLRG_REPORT} == MLRG_REPORT and v["model_config"] == {**MLRG_VISUAL, "view_vocab": "raw"}
     assert (v["weight_decay"], v["weight_decay_scope"], v["drop_last"], v["eval_batch_size"]) == (0.01, "all", True, 14)
     assert (v["protocol"], v["select_metric"], v["decoder_token_rows"]) == ("mlrg", "rcb", "keep")
     assert all(k in FINETUNE.params for k in v)  # validated against the declaration
