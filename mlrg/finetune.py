@@ -155,20 +155,13 @@ def _check_finetune(p):
 
 # %% ../nbs/04_finetune.ipynb #8c391709
 MLRG_DATA_KEYS = ("report_style", "target_truncation", "prompt_truncation", "image_preprocess")
-MLRG_DATA = {  # MLRG's values of the data parameters (mlrg.inputs), where they are declared
+MLRG_DATA = {  # MLRG's values of the data parameters (mlrg.inputs)
     "report_style": "factual_serialization",
     "target_truncation": "mlrg",
     "prompt_truncation": "mlrg",
     "image_preprocess": "processor",
     "max_views": None,
 }
-_DATA_PARAMS = [k for k in MLRG_DATA_KEYS if k in INPUTS.params]
-
-
-def _declared(name, value) -> bool:
-    "Whether data parameter `name` exists and takes `value` (None only where it is nullable)."
-    p = INPUTS.params.get(name)
-    return p is not None and (value is not None or p.default is None or p.nullable)
 
 
 FINETUNE_PRESETS = {
@@ -204,7 +197,7 @@ FINETUNE_PRESETS = {
             decoder_token_rows="keep",
             model_config={**{k: v[1] for k, v in MLRG_OPTIONS.items()}, "view_vocab": "raw"},
             **{k: v[1] for k, v in REPORT_MLRG_OPTIONS.items()},
-            **{k: v for k, v in MLRG_DATA.items() if _declared(k, v)},
+            **MLRG_DATA,
         ),
         required=(("pretrained_path", "run_dir"), "decoder_path"),
         help="MLRG's MIMIC-CXR settings and model: the stage-1 checkpoint, DistilGPT2 with cross-attention, batch 14x2 "
@@ -259,7 +252,7 @@ FINETUNE = Params(
         # --- data (mlrg.inputs, as stage 1's) ---
         **INPUTS.subset(
             ["data_path", "image_root", "trust_pickle", "sample_unit", "max_views", "augment", "phantom_patients"]
-            + _DATA_PARAMS
+            + list(MLRG_DATA_KEYS)
         ).params,
         **INPUTS.subset(["tokenizer", "tokenizer_path"], tokenizer=None).params,
         run_dir=Param(

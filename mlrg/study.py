@@ -69,13 +69,14 @@ STUDY_PRESETS = {
         help="MIMIC-CXR-JPG with MLRG's own backbones at the paper's settings, for GPUs (the run folder's mimic/ "
         "links to mimic_root)",
         stages=("prepare", "pretrain", "finetune", "evaluate"),
-        params={"pretrain": {"preset": "mimic"}, "finetune": {"preset": "mimic"}},
+        params={"pretrain": {"preset": "mimic"}, "finetune": {"preset": "mimic"}, "evaluate": {"protocol": "mlrg"}},
         required=(
             "study.mimic_root",
             "pretrain.image_pretrained_path",
             "pretrain.text_pretrained_path",
             "pretrain.tokenizer_path",
             "finetune.decoder_path",
+            "evaluate.tokenizer_path",
         ),
         recommended={
             "finetune.decoder_init": "the paper's decoder start (cvt2distilgpt2's checkpoint, e.g. "
