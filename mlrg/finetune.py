@@ -663,10 +663,11 @@ class FinetuneParts:
     data: Inputs
 
 
-def _mlrg_data_kw(p, mcfg) -> dict:
-    """`MLRGDataset` keywords of the data parameters that choose MLRG's way (`MLRG_DATA_KEYS`) present in `p`, and the
-    RAD-DINO folder as the processor with `image_preprocess="processor"`."""
-    kw = {k: p[k] for k in MLRG_DATA_KEYS if k in p}
+def _mlrg_data_kw(options, mcfg) -> dict:
+    """`MLRGDataset` keywords of the data options that choose MLRG's way (`MLRG_DATA_KEYS`) in `options` (as
+    `load_inputs` resolved them, or a checkpoint's data config), and the RAD-DINO folder of the model config `mcfg`
+    as the processor with `image_preprocess="processor"`."""
+    kw = {k: options[k] for k in MLRG_DATA_KEYS if k in options}
     if kw.get("image_preprocess") == "processor":
         kw["processor"] = mcfg["visual"]["image_pretrained_path"]
     return kw
@@ -715,7 +716,7 @@ def build_finetune(p: dict, data: Inputs | None = None, log=None) -> FinetunePar
         max_prompt_length=p["max_prompt_length"],
         use_indication=p["use_indication"],
         use_prior_report=p["use_prior_report"],
-        **_mlrg_data_kw(p, mcfg),
+        **_mlrg_data_kw(data.dataset_options, mcfg),  # as load_inputs resolved them (stage 1 likewise)
     )
     features = _features_for(p, model, items, ds_kw, log)
     train_ds = MLRGDataset(
