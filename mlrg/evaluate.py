@@ -24,7 +24,7 @@ import numpy as np
 from .core import InputError, Param, Params, atomic_write, derive_seed, get_logger, read_jsonl, save_json
 from .metrics import prf
 from .runs import RunFolder
-from .labeler import OBSERVATIONS, POLICIES, apply_policy, extract_changes, label_reports
+from .labeler import OBSERVATIONS, POLICIES, apply_policy, contradicted_observations, extract_changes, label_reports
 
 # %% auto #0
 __all__ = ['EVALUATE', 'PROTOCOLS', 'MLRG_EMPTY_GENERATION', 'JAVA_FIX', 'NLG_KEYS', 'LABELER_NAME', 'CE5', 'CHANGE_CLASSES',
@@ -32,10 +32,10 @@ __all__ = ['EVALUATE', 'PROTOCOLS', 'MLRG_EMPTY_GENERATION', 'JAVA_FIX', 'NLG_KE
            'TABLE_COLUMNS', 'MLRG_PUBLISHED_MIMIC', 'prepare_text', 'truncate_tokens', 'clean_up_spaces',
            'protocol_tokenizer', 'mlrg_reference', 'apply_protocol', 'sanitize_meteor', 'MissingJava', 'check_java',
            'MeteorScorer', 'nlg_scores', 'ce_table', 'ce_summary', 'change_scores', 'temporal_entities',
-           'temporal_entity_f1', 'resolve_weights', 'run_adapter', 'read_texts', 'match_ids', 'evaluate', 'summary_row',
-           'format_result', 'load_truth', 'truth_changes', 'image_embedding', 'most_frequent_baseline',
-           'nearest_neighbour_baseline', 'copy_prior_baseline', 'oracle_baseline', 'split_items', 'evaluate_files',
-           'evaluate_cli']
+           'temporal_entity_f1', 'contradiction_scores', 'resolve_weights', 'run_adapter', 'read_texts', 'match_ids',
+           'evaluate', 'summary_row', 'format_result', 'load_truth', 'truth_changes', 'image_embedding',
+           'most_frequent_baseline', 'nearest_neighbour_baseline', 'copy_prior_baseline', 'oracle_baseline',
+           'split_items', 'evaluate_files', 'evaluate_cli']
 
 # %% ../nbs/05_evaluate.ipynb #6f60ab3f
 EVALUATE = Params(
@@ -94,7 +94,12 @@ EVALUATE = Params(
         meteor=Param(True, "run METEOR (it needs Java); --no-meteor skips it", flag="--no-meteor"),
         seed=Param(0, "drives the phantom and the oracle's phrasing", cli=False),
         out=Param(None, "write the metrics JSON here (atomically)", kind=str, notebook=False),
-        per_sample=Param(None, "write the per-pair NLG scores as CSV here", kind=str, notebook=False),
+        per_sample=Param(
+            None,
+            "write the per-pair scores (NLG, temporal F1, contradicted observations) as CSV here",
+            kind=str,
+            notebook=False,
+        ),
         annotation=Param(None, "MLRG annotation telling which ids have a prior study", kind=str, notebook=False),
         truth=Param(None, "phantom-truth.jsonl (or its folder): priors and true changes", kind=str, notebook=False),
         chexbert_weights=Param(None, "local chexbert.pth (or set MLRG_CHEXBERT_WEIGHTS)", kind=str, notebook=False),
@@ -572,6 +577,25 @@ def temporal_entity_f1(refs, hyps) -> dict:
             per.append(2 * tp / (len(R) + len(H)))
     return {"f1": float(np.mean(per)) if per else float("nan"), "pairs": len(per), "per_sample": per}
 
+# %% ../nbs/05_evaluate.ipynb #9a096833
+def contradiction_scores(texts, ids=None, examples=5) -> dict:
+    """The share of `texts` that assert and deny an observation (`rate`), their number (`reports`) of `n`, the reports
+    per observation, the first `examples` ids (`ids`, else positions) and each report's contradicted observations."""
+    texts = list(texts)
+    ids = [str(i) for i in (ids if ids is not None else range(len(texts)))]
+    if len(ids) != len(texts):
+        raise InputError(f"{len(ids)} ids for {len(texts)} reports", where="ids", expected="one id per report")
+    found = [contradicted_observations(t) for t in texts]
+    flagged = [i for i, f in zip(ids, found) if f]
+    return {
+        "rate": len(flagged) / len(texts) if texts else float("nan"),
+        "reports": len(flagged),
+        "n": len(texts),
+        "per_observation": {o: sum(o in f for f in found) for o in OBSERVATIONS if o != "No Finding"},
+        "examples": flagged[:examples],
+        "per_sample": found,
+    }
+
 # %% ../nbs/05_evaluate.ipynb #9034f578
 ADAPTERS = {
     "chexbert": {"package": "f1chexbert", "version": "0.0.2", "env": "MLRG_CHEXBERT_WEIGHTS", "file": "chexbert.pth"},
@@ -1012,7 +1036,8 @@ def evaluate(
     ref_max_tokens=100,
     split="test",
 ) -> dict:
-    """All metrics of `hyps` vs `refs` (aligned str lists): NLG, CE, longitudinal and adapters, with the settings used.
+    """All metrics of `hyps` vs `refs` (aligned str lists): NLG, CE, longitudinal, contradictions and adapters, with the
+    settings used.
     `protocol`, `tokenizer`, `ref_max_tokens`, `split`: `apply_protocol`'s, before every metric."""
     _check_settings(uncertain_policy, truncate_ref, protocol)
     _check_protocol(protocol, ref_max_tokens, split)
@@ -1046,6 +1071,9 @@ def evaluate(
         longi, lt = _longitudinal(refs, hyps, ids, has_prior, truth_changes)
         tem = temporal_entity_f1(refs, hyps)
         secs["longitudinal"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        con, ref_con = contradiction_scores(hyps, ids), contradiction_scores(refs, ids)
+        secs["contradictions"] = time.perf_counter() - t0
     finally:
         m = job.result() if job is not None else None
     if m is not None:
@@ -1075,6 +1103,10 @@ def evaluate(
         "longitudinal": longi,
         "longitudinal_vs_truth": lt,
         "temporal_entity_f1": {k: tem[k] for k in ("f1", "pairs")},
+        "contradictions": {
+            **{k: v for k, v in con.items() if k != "per_sample"},
+            "references": {k: v for k, v in ref_con.items() if k != "per_sample"},
+        },
         "adapters": adapters,
         "empty_texts": {"references": sum(not r.strip() for r in refs), "hypotheses": sum(not h.strip() for h in hyps)},
         "meteor_sanitised": {
@@ -1084,7 +1116,12 @@ def evaluate(
         if meteor
         else None,
         "seconds": {k: round(v, 3) for k, v in secs.items()},
-        "per_sample": {"id": ids, **nlg["per_sample"], "temporal_entity_f1": tem["per_sample"]},
+        "per_sample": {
+            "id": ids,
+            **nlg["per_sample"],
+            "temporal_entity_f1": tem["per_sample"],
+            "contradicted": ["; ".join(f) for f in con["per_sample"]],
+        },
     }
 
 # %% ../nbs/05_evaluate.ipynb #f089d48c
@@ -1107,6 +1144,7 @@ TABLE_COLUMNS = [
     "Long. acc",
     "Long. vs truth",
     "Temporal F1",
+    "Contradictions",
 ]
 
 # MLRG's published test scores on MIMIC-CXR (MLRG, CVPR 2025: the released logs of its official repository
@@ -1129,7 +1167,8 @@ MLRG_PUBLISHED_MIMIC = {
 
 def summary_row(result) -> dict:
     """One row of the comparison table (columns `TABLE_COLUMNS`; NaN where not computed); the CE columns are the
-    headline labeler's (`result['ce_headline']`: CheXbert under protocol 'mlrg' with its weights, else the rules)."""
+    headline labeler's (`result['ce_headline']`: CheXbert under protocol 'mlrg' with its weights, else the rules);
+    `Contradictions` is the share of generated reports that assert and deny an observation."""
     n, c = result["nlg"], (result.get("ce_headline") or {}).get("scores") or result["ce"]
     lt = result.get("longitudinal_vs_truth")
     vals = [n.get(f"BLEU-{k}") for k in range(1, 5)] + [n.get("METEOR"), n.get("ROUGE-L"), n.get("CIDEr")]
@@ -1142,12 +1181,13 @@ def summary_row(result) -> dict:
         result["longitudinal"]["accuracy"],
         lt["accuracy"] if lt else None,
         (result.get("temporal_entity_f1") or {}).get("f1"),
+        (result.get("contradictions") or {}).get("rate"),
     ]
     return {k: (float("nan") if v is None else float(v)) for k, v in zip(TABLE_COLUMNS, vals)}
 
 # %% ../nbs/05_evaluate.ipynb #8b7e5aa8
 def format_result(result, name="predictions") -> str:
-    "The printed report: settings, the main scores, the per-observation CE table, the longitudinal score, adapters."
+    "The printed report: settings, main scores, the per-observation CE table, longitudinal, contradictions, adapters."
     import pandas as pd
 
     s = result["settings"]
@@ -1217,6 +1257,16 @@ def format_result(result, name="predictions") -> str:
     te = result.get("temporal_entity_f1")
     if te:
         lines.append(f"temporal entity F1 (Libra's 44 change words): {te['f1']:.4f} over {te['pairs']} pairs")
+    co = result.get("contradictions")
+    if co:
+        ref = co.get("references")
+        per = ", ".join(f"{o} {k}" for o, k in co["per_observation"].items() if k)
+        lines.append(
+            f"contradictions: {co['rate']:.4f} of generated reports ({co['reports']} of {co['n']})"
+            " assert and deny the same observation"
+            + (f" (references: {ref['rate']:.4f}, {ref['reports']} of {ref['n']})" if ref else "")
+            + (f"; per observation: {per}; e.g. ids {', '.join(co['examples'])}" if per else "")
+        )
     for a in result["adapters"].values():
         lines.append(a["message"] + (f": {a['scores']}" if a["status"] == "ok" else ""))
     return "\n".join(lines)

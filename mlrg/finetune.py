@@ -803,6 +803,7 @@ def score_records(records, truth=None, meteor=False) -> tuple:
         "ce5": ce["CE-5"]["micro"]["f1"],
         "long_acc": res["longitudinal"]["accuracy"],
         "temporal_f1": res["temporal_entity_f1"]["f1"],
+        "contradictions": res["contradictions"]["rate"],
     }
     if meteor:
         flat["meteor"] = n.get("METEOR")

@@ -18,8 +18,8 @@ from .metrics import prf
 # %% auto #0
 __all__ = ['POLICIES', 'LABEL', 'MENTIONS', 'CHANGE_PRIORITY', 'MESH_MAP', 'MESH_QUALIFIED', 'normalize', 'split_sentences',
            'find_mentions', 'label_text', 'label_reports', 'apply_policy', 'label_frame', 'read_reports_csv',
-           'write_labels_csv', 'label_cli', 'extract_changes', 'iu_xray_path', 'load_iu_xray', 'mesh_to_observations',
-           'agreement_table', 'phantom_check']
+           'write_labels_csv', 'label_cli', 'extract_changes', 'contradiction_pairs', 'contradicted_observations',
+           'iu_xray_path', 'load_iu_xray', 'mesh_to_observations', 'agreement_table', 'phantom_check']
 
 # %% ../nbs/05a_labeler.ipynb #be143159
 POLICIES = {
@@ -542,6 +542,109 @@ def extract_changes(text) -> dict:
         if o not in found or CHANGE_PRIORITY.index(kind) < CHANGE_PRIORITY.index(found[o]):
             found[o] = kind
     return found
+
+# %% ../nbs/05a_labeler.ipynb #69770956
+# ---- contradictions: one report that asserts and denies the same observation
+# the place a clause names: sides ("bilateral", "both" and "bi-" words name both) and zones of the lungs
+_PLACE_RE = re.compile(
+    r"\b(?:(?P<L>left)|(?P<R>right)|(?P<B>bilateral\w*|both)|bi(?P<Bbase>basilar|basal|bases)|bi(?P<Bapex>apical)|"
+    r"(?P<upper>upper)|(?P<middle>middle|mid|lingula\w*)|(?P<lower>lower)|(?P<base>basilar|basal|bases?)|"
+    r"(?P<apex>apical|apex|apices)|(?P<hilar>(?:peri)?hilar)|(?P<retrocardiac>retrocardiac))\b"
+)
+# words between a negation and its mention that deny only a subset ("no new", "no acute", "no large", "no ___")
+_NARROW_RE = re.compile(
+    r"___|\b(?:new|newly|acute|focal|large|larger|sizable|sizeable|significant|substantial|displaced|overt|frank|"
+    r"other|additional|further|confluent|developing|gross|lobar|active|residual|moderate|severe|dense|definite|"
+    r"suspicious|discrete|dominant)\b"
+)
+# of those, the ones that carry over a negated list ("no other nodules or masses")
+_LIST_NARROW_RE = re.compile(r"\b(?:new|newly|other|additional|further)\b")
+# a sentence that carves out an exception ("no opacity elsewhere", "aside from X, no Y")
+_EXCEPT_RE = re.compile(
+    r"\b(?:otherwise|except|aside from|apart from|other than|besides|elsewhere|remainder|remaining|rest of)\b"
+)
+# an old finding asserted ("healed rib fracture", "calcified nodule"): a plain denial means no acute one
+_OLD_RE = re.compile(r"\b(?:healed|healing|old|remote|chronic|calcified|calcific|granulomas?|granulomatous)\b")
+# device mentions that name no particular device: their denial covers every device ("no tubes or lines")
+_GENERIC_DEVICE_RE = re.compile(r"(?:tubes?|lines?|devices?|catheters?|hardware|wires?|leads)")
+_SENT_END_RE = re.compile(r"[.!?](?!\d)")
+
+
+def _place(text, cs, ce) -> tuple:
+    "(sides, zones): the sides ({'L', 'R'}) and lung zones ('upper', 'base', ...) the clause [cs, ce) of `text` names."
+    sides, zones = set(), set()
+    for m in _PLACE_RE.finditer(text, cs, ce):
+        g = m.lastgroup
+        if g in ("L", "R"):
+            sides.add(g)
+        else:
+            if g.startswith("B"):
+                sides |= {"L", "R"}
+            if g != "B":
+                zones.add(g[1:] if g.startswith("B") else g)
+    return sides, zones
+
+# %% ../nbs/05a_labeler.ipynb #33621bdb
+def _denials_and_assertions(t):
+    """(denials, assertions) in normalised `t`: `find_mentions`' dicts (plus `sides`, `zones`) of value 0 that deny
+    presence outright (with `resolved`: a change word of resolution in the clause), and of value 1 (with `old`)."""
+    mentions = find_mentions(t)
+    values = {}
+    for m in mentions:
+        values.setdefault(m["observation"], set()).add(m["value"])
+    if not any({0, 1} <= v for v in values.values()):
+        return [], []  # nothing both asserted and denied (most reports): the scopes below are not needed
+    breaks = [m.start() for m in _BREAK_RE.finditer(t)]
+    negs = [(m.start(), m.end()) for m in _PRE_RE.finditer(t) if m.lastgroup.startswith("NEG")]
+    resolved = [m.start() for m in _CHANGE_RE.finditer(t) if m.lastgroup == "resolved"]
+    sent = [0] + [m.end() for m in _SENT_END_RE.finditer(t)] + [len(t)]
+    denials, assertions, prev_end = [], [], 0
+    for m in mentions:
+        s, e = m["start"], m["end"]
+        cs, ce = _clause(breaks, s, e, len(t))
+        lo, prev_end = max(cs, prev_end), e
+        if m["value"] == -1 or (m["value"] == 0 and _GROUP_INFO[_MENTION_RE.match(t, s).lastgroup][1] == "n"):
+            continue  # uncertain: neither; "the lungs are clear": a summary, written beside minor opacities too
+        m = dict(m, **dict(zip(("sides", "zones"), _place(t, cs, ce))))
+        if m["value"] == 1:
+            assertions.append(dict(m, old=bool(_OLD_RE.search(t, cs, ce))))
+            continue
+        cue = [c[1] for c in negs if cs <= c[0] and c[1] <= s]
+        k = bisect.bisect_right(sent, s) - 1
+        if (
+            _NARROW_RE.search(t, max([lo] + cue), s)
+            or (cue and _LIST_NARROW_RE.search(t, cue[-1], s))
+            or _EXCEPT_RE.search(t, sent[k], sent[k + 1])
+        ):
+            continue  # "no new effusion", "no other nodules or masses", "no opacity elsewhere": a part denied
+        denials.append(dict(m, resolved=any(cs <= r < ce for r in resolved)))
+    return denials, assertions
+
+
+def _contradicts(d, a) -> bool:
+    "Whether denial `d` and assertion `a` (of one observation) cannot both hold."
+    if d["resolved"]:  # a finding of the prior study is gone: only the same one, named by its place, contradicts
+        same = bool(d["sides"]) and (d["sides"], d["zones"]) == (a["sides"], a["zones"])
+    else:  # a denial limited to a place covers only that place; an old finding is no acute one
+        same = not a["old"] and all(not d[k] or d[k] & a[k] for k in ("sides", "zones"))
+    if same and d["observation"] == "Support Devices":  # many devices: the same one, or a denial of them all
+        same = d["text"] == a["text"] or (not d["resolved"] and bool(_GENERIC_DEVICE_RE.fullmatch(d["text"])))
+    return same
+
+# %% ../nbs/05a_labeler.ipynb #239624ea
+def contradiction_pairs(text) -> list:
+    "(denial, assertion) pairs of mentions of one observation that `text` cannot both mean (`_contradicts`)."
+    t = normalize(text)
+    if not t:
+        return []
+    denials, assertions = _denials_and_assertions(t)
+    return [(d, a) for d in denials for a in assertions if a["observation"] == d["observation"] and _contradicts(d, a)]
+
+
+def contradicted_observations(text) -> list:
+    "The observations `text` both asserts and denies (`contradiction_pairs`), in `OBSERVATIONS` order."
+    found = {d["observation"] for d, _ in contradiction_pairs(text)}
+    return [o for o in OBSERVATIONS if o in found]
 
 # %% ../nbs/05a_labeler.ipynb #afb1e5f5
 # ---- IU X-Ray (Open-i) reports, read from the installed torchxrayvision package

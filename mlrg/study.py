@@ -484,6 +484,7 @@ INDEX_COLUMNS = [
     "Long. acc",
     "Long. vs truth",
     "Temporal F1",
+    "Contradictions",
 ]
 
 
@@ -627,7 +628,8 @@ figure{{display:inline-block;margin:0 1em 1em 0}} img{{max-width:1150px}} table.
 <h2>Results on the test split</h2>
 <p>Scores of the model beside the baselines and the oracle (<code>evaluate/metrics.json</code>; """
         f"""CE by mlrg's rule labeler,
-uncertain counted as positive; "Long. vs truth" against the phantom's true changes). The last row is MLRG's published
+uncertain counted as positive; "Long. vs truth" against the phantom's true changes; "Contradictions": the share of
+generated reports that both assert and deny an observation, lower is better). The last row is MLRG's published
 MIMIC-CXR result: another dataset and CheXbert labels, for scale only.</p>
 <table><tr><th>method</th>{"".join(f"<th>{c}</th>" for c in INDEX_COLUMNS)}</tr>{res}</table>
 <h2>Plots</h2>{fig_html or "<p>No plots yet.</p>"}

@@ -389,3 +389,58 @@ def test_temporal_entity_f1_and_copy_prior_baseline(tmp_path):
     # copying the prior report: the prior's findings where there is one
     items = [{"id": "a", "findings": "now", "prior_study": {"latest_study": {"findings": "before", "image_path": "x"}}}]
     assert copy_prior_baseline([], items, tmp_path) == {"a": "before"}
+
+
+def test_contradictions_rate_in_the_result_and_every_table(tmp_path):
+    """The share of generated reports that assert and deny an observation: in the result, summary_row, the printed
+    report, the per-pair CSV and the study's index."""
+    import math
+    import re
+
+    from mlrg.core import save_json
+    from mlrg.evaluate import TABLE_COLUMNS, format_result
+    from mlrg.study import INDEX_COLUMNS, write_index
+
+    refs = ["Mild edema.", "No effusion.", "Mild cardiomegaly.", "No pneumothorax."]
+    hyps = [
+        "Mild pulmonary edema is seen. No evidence of pulmonary edema.",
+        "No new effusion. Small left effusion is unchanged.",
+        "Mild cardiomegaly is seen. The heart is normal in size.",
+        "Possible pneumonia. No pneumonia.",
+    ]
+    ids = ["a", "b", "c", "d"]
+    r = evaluate(refs, hyps, ids, meteor=False)
+    co = r["contradictions"]
+    assert (co["rate"], co["reports"], co["n"], co["examples"]) == (0.5, 2, 4, ["a", "c"])
+    assert {o: k for o, k in co["per_observation"].items() if k} == {"Cardiomegaly": 1, "Edema": 1}
+    assert (co["references"]["rate"], co["references"]["reports"]) == (0.0, 0)
+    assert r["per_sample"]["contradicted"] == ["Edema", "", "Cardiomegaly", ""]
+    row = summary_row(r)
+    assert list(row) == TABLE_COLUMNS and row["Contradictions"] == 0.5
+    assert math.isnan(summary_row({k: v for k, v in r.items() if k != "contradictions"})["Contradictions"])
+    text = format_result(r, "x")
+    assert re.search(r"^Contradictions\s+0\.5000$", text, re.M), text
+    assert "contradictions: 0.5000 of generated reports (2 of 4)" in text and "(references: 0.0000, 0 of 4)" in text
+    # the command's per-pair CSV names each pair's contradicted observations
+    pred, gt = _write(tmp_path / "p.json", dict(zip(ids, hyps))), _write(tmp_path / "g.json", dict(zip(ids, refs)))
+    per = tmp_path / "per.csv"
+    assert evaluate_cli(["--pred", str(pred), "--gt", str(gt), "--no-meteor", "--per-sample", str(per)]) == 0
+    assert pd.read_csv(per, keep_default_na=False)["contradicted"].tolist() == r["per_sample"]["contradicted"]
+    # the study's index: the column, with the value of the evaluate stage's table row
+    assert INDEX_COLUMNS[-1] == "Contradictions" and set(INDEX_COLUMNS) <= set(TABLE_COLUMNS)
+    rf = runs.RunFolder.create(tmp_path / "run")
+    res = {k: v for k, v in r.items() if k != "per_sample"}
+    save_json({"methods": {"m": res}, "table": [{"method": "MLRG stage 2", **row}]}, rf.evaluation / "metrics.json")
+    page = write_index(rf, [], []).read_text()
+    assert "<th>Contradictions</th></tr>" in page and "<td>0.500</td></tr>" in page
+
+
+def test_stage2_flat_scores_carry_contradictions():
+    from mlrg.finetune import score_records
+
+    recs = [
+        {"id": "a", "reference": "Mild edema.", "generated": "Mild edema. No edema.", "has_prior": False},
+        {"id": "b", "reference": "No effusion.", "generated": "No effusion.", "has_prior": False},
+    ]
+    flat, res = score_records(recs)
+    assert flat["contradictions"] == 0.5 == res["contradictions"]["rate"]

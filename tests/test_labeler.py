@@ -11,7 +11,10 @@ from mlrg.labeler import (
     OBSERVATIONS,
     agreement_table,
     apply_policy,
+    contradicted_observations,
+    contradiction_pairs,
     extract_changes,
+    find_mentions,
     iu_xray_path,
     label_cli,
     label_frame,
@@ -19,6 +22,7 @@ from mlrg.labeler import (
     label_text,
     load_iu_xray,
     mesh_to_observations,
+    normalize,
 )
 
 
@@ -208,3 +212,90 @@ def test_iu_xray_micro_f1():
     micro = agreement_table(apply_policy(pred, "positive"), truth, obs).iloc[-2]["f1"]
     assert len(iu) > 3000
     assert micro >= 0.80, micro
+
+
+@pytest.mark.parametrize(
+    "text,expected",
+    [
+        ("Mild pulmonary edema is seen. The lungs are clear. No evidence of pulmonary edema.", ["Edema"]),
+        ("mild cardiomegaly is seen . the heart is normal in size", ["Cardiomegaly"]),
+        ("Mild widening of the mediastinum. The mediastinum is normal.", ["Enlarged Cardiomediastinum"]),
+        ("No pleural effusion. Small left pleural effusion.", ["Pleural Effusion"]),
+        ("No tubes or lines. The ET tube is 4 cm above the carina.", ["Support Devices"]),
+        ("The left pleural effusion is no longer seen. Worsening left pleural effusion.", ["Pleural Effusion"]),
+        ("Cardiomegaly. No edema. Pulmonary edema. Normal heart size.", ["Cardiomegaly", "Edema"]),
+    ],
+)
+def test_contradictions_flagged(text, expected):
+    assert contradicted_observations(text) == expected
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "No new effusion. Small left effusion is unchanged.",
+        "The ET tube has been removed.",
+        "The ET tube has been removed. The NG tube is in the stomach.",
+        "No pneumothorax. Left apical pneumothorax has resolved.",
+        "Left apical pneumothorax has resolved. Small right pneumothorax.",
+        "Right pleural effusion. No left effusion.",
+        "No right upper lobe consolidation. Right lower lobe consolidation.",
+        "No acute fracture. Healed left rib fracture.",
+        "No large pleural effusion. Small left effusion.",
+        "Possible pneumonia. No pneumonia.",
+        "No acute cardiopulmonary process. Mild cardiomegaly.",
+        "No other nodules or masses. Stable 8 mm nodule.",
+        "Left basilar opacity. No opacity elsewhere.",
+        "The lungs are clear. Minimal left basilar atelectatic opacity.",
+        "Heart size is normal. The lungs are clear. No pleural effusion or pneumothorax.",
+        "",
+    ],
+)
+def test_consistent_reports_not_flagged(text):
+    assert contradicted_observations(text) == []
+
+
+def test_resolution_denies_only_the_same_prior_finding():
+    "find_mentions values a resolved finding as negative; it contradicts only an assertion at the same place."
+    text = "Left apical pneumothorax has resolved. Small right pneumothorax."
+    assert [(m["observation"], m["value"]) for m in find_mentions(normalize(text))] == [
+        ("Pneumothorax", 0),
+        ("Pneumothorax", 1),
+    ]
+    assert contradicted_observations(text) == []
+    pairs = contradiction_pairs("The right pneumothorax has resolved. Small right pneumothorax is seen.")
+    assert [(d["resolved"], d["sides"], a["value"]) for d, a in pairs] == [(True, {"R"}, 1)]
+    assert contradiction_pairs("The pneumothorax has resolved. Small pneumothorax.") == []  # no place: unknown
+
+
+def _phantom_reference_texts(patients=120, seed=0):
+    "FINDINGS + IMPRESSION of the phantom writer's reports for `patients` patients (no images drawn)."
+    import re
+
+    from mlrg.core import derive_seed
+    from mlrg.phantom import assign_ids, compose_report, simulate_patient
+
+    subjects, studies = assign_ids(seed, patients)
+    out = []
+    for i in range(patients):
+        recs, _ = simulate_patient(seed, i, subjects[i], studies[i])
+        rng = np.random.default_rng(derive_seed(seed, "patient", i, "text"))
+        for k, rec in enumerate(recs):
+            text = compose_report(rec, recs[k - 1] if k else None, rng)[0]
+            out.append(re.split(r"\n ?(?:FINDINGS|IMPRESSION): ?\n", text, maxsplit=1)[1])
+    return out
+
+
+def test_reference_reports_rarely_contradict_themselves():
+    texts = _phantom_reference_texts()
+    assert len(texts) > 200
+    flagged = [t for t in texts if contradicted_observations(t)]
+    assert not flagged, flagged[:2]
+    if iu_xray_path() is None:
+        return
+    t0 = time.perf_counter()
+    iu = [r for r in load_iu_xray() if (r["findings"] + r["impression"]).strip()]
+    if time.perf_counter() - t0 > 10:
+        pytest.skip("reading IU X-Ray took > 10 s here; the labeler notebook reports its rate")
+    rate = np.mean([bool(contradicted_observations(r["findings"] + " " + r["impression"])) for r in iu])
+    assert rate < 0.02, rate
