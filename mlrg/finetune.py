@@ -60,6 +60,7 @@ from mlrg.evaluate import (
 from .labeler import label_reports
 from mlrg.report_model import (
     GENERATION_KEYS,
+    PRIOR_PATHS,
     REPORT_MLRG_OPTIONS,
     FeatureCache,
     MLRGReportModel,
@@ -285,6 +286,13 @@ FINETUNE = Params(
             None, "without a stage-1 checkpoint: pixels (None: 64); with one, None keeps its size", kind=int, low=16
         ),
         d_model=Param(None, "without a stage-1 checkpoint: visual and prompt width (None: 128)", kind=int, low=8),
+        token_grid=Param(
+            None,
+            "tokens per image: the first token + the grid average-pooled to token_grid x token_grid (None: the stage-1 "
+            "checkpoint's, else the encoder's own, 1 + 8 x 8 for small_cnn at 128 px; no weights, so any value loads)",
+            kind=int,
+            low=1,
+        ),
         model_config=Param({}, 'further stage-1 visual keys without a checkpoint, e.g. {"fusion_depth": 2}'),
         freeze_image_encoder=Param(True, "keep the image encoder fixed (MLRG freezes RAD-DINO)"),
         image_pretrained_path=Param(
@@ -326,8 +334,12 @@ FINETUNE = Params(
             0.0, "dropout of the prompt encoder, the prompt fusion layer and the decoder (MLRG: 0.1)", low=0, high=0.9
         ),
         label_smoothing=Param(0.0, "label smoothing of the token cross-entropy (MLRG: none)", low=0, high=0.9),
-        prompt_memory=Param(
-            False, "not MLRG, a probe: the decoder also reads the prompt's tokens (MLRG: only through the fusion layer)"
+        prior_path=Param(
+            "fusion",
+            "how the prompt reaches the decoder: fusion (only through the prompt fusion layer; MLRG), decoder (the "
+            "prior report's tokens also in the decoder's memory, as CXRMate-style models) or prompt (every prompt "
+            "token there too; formerly prompt_memory=True)",
+            choices=PRIOR_PATHS,
         ),
         prompt_projection=Param(
             "linear",
@@ -540,8 +552,8 @@ def model_config_for(p, vocab, stage1=None) -> dict:
     vis.update(
         {
             k: p[k]
-            for k in ("image_encoder", "image_size", "d_model")
-            if p[k] is not None and (not base or k == "image_size")
+            for k in ("image_encoder", "image_size", "d_model", "token_grid")
+            if p[k] is not None and (not base or k in ("image_size", "token_grid"))
         }
     )
     # the image encoder's weights come from stage 1; a folder-built encoder (rad_dino) still needs its folder to be
@@ -592,7 +604,7 @@ def model_config_for(p, vocab, stage1=None) -> dict:
             "decoder": dec,
             "dropout": p["dropout"],
             "label_smoothing": p["label_smoothing"],
-            "prompt_memory": p["prompt_memory"],
+            "prior_path": p["prior_path"],
         }
     )
 

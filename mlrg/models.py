@@ -35,13 +35,13 @@ from .engine import load_checkpoint
 __all__ = ['MODELS', 'IMAGENET_MEAN', 'IMAGENET_STD', 'IMAGE_ENCODERS', 'BERT_KINDS', 'TEXT_ENCODERS', 'CLIP_SCALE_INIT',
            'CLIP_SCALE_MAX', 'DEFAULT_PRETRAIN_CONFIG', 'ABLATION_FLAGS', 'MLRG_OPTIONS', 'MLRG_STAGE1', 'VISUAL_KEYS',
            'dummy_batch', 'ImageEncoder', 'load_weights_file', 'load_into', 'register_image_encoder',
-           'list_image_encoders', 'build_image_encoder', 'conv_bn', 'Residual', 'grid_tokens', 'SmallCNN', 'SmallViT',
-           'TorchvisionResNet', 'TorchvisionViT', 'xrv_cache_dir', 'XRVDenseNet', 'HubViT', 'pool_tokens',
-           'SmallTextEncoder', 'HubTextEncoder', 'build_text_encoder', 'CrossAttentionLayer', 'LongitudinalFusion',
-           'ProjectionHead', 'MLRGAttention', 'MLRGFeedForward', 'MLRGFusion', 'soft_cross_entropy', 'same_group',
-           'multi_positive_contrastive', 'mlrg_multi_positive_contrastive', 'soft_infonce', 'clip_loss',
-           'pretrain_config', 'visual_config', 'VisualEncoder', 'dedup_images', 'study_groups', 'MLRGPretrainModel',
-           'load_visual_state', 'partial_load', 'summarize_init']
+           'list_image_encoders', 'build_image_encoder', 'conv_bn', 'Residual', 'grid_tokens', 'grid_side', 'pool_grid',
+           'SmallCNN', 'SmallViT', 'TorchvisionResNet', 'TorchvisionViT', 'xrv_cache_dir', 'XRVDenseNet', 'HubViT',
+           'pool_tokens', 'SmallTextEncoder', 'HubTextEncoder', 'build_text_encoder', 'CrossAttentionLayer',
+           'LongitudinalFusion', 'ProjectionHead', 'MLRGAttention', 'MLRGFeedForward', 'MLRGFusion',
+           'soft_cross_entropy', 'same_group', 'multi_positive_contrastive', 'mlrg_multi_positive_contrastive',
+           'soft_infonce', 'clip_loss', 'pretrain_config', 'visual_config', 'VisualEncoder', 'dedup_images',
+           'study_groups', 'MLRGPretrainModel', 'load_visual_state', 'partial_load', 'summarize_init']
 
 # %% ../nbs/02_models.ipynb #c6631748
 MODELS = Params(
@@ -275,6 +275,31 @@ def grid_tokens(fmap):
     "Feature map (B, C, h, w) -> tokens (B, 1 + h*w, C): the mean of the grid first, then the grid row by row."
     g = fmap.flatten(2).transpose(1, 2)
     return torch.cat([g.mean(1, keepdim=True), g], 1)
+
+# %% ../nbs/02_models.ipynb #4c6f0d2a
+def grid_side(n_tokens, grid, where="token_grid") -> int:
+    "The side s of `n_tokens` = 1 + s x s tokens, with 1 <= `grid` <= s checked; an InputError otherwise."
+    s = math.isqrt(max(int(n_tokens) - 1, 0))
+    if s < 1 or s * s != n_tokens - 1:
+        raise InputError(
+            f"token_grid={grid} but the image encoder gives {n_tokens} tokens per image, not 1 + a square grid",
+            where=where,
+            expected="token_grid=None with this encoder, or an encoder of one global token + an s x s grid "
+            "(small_cnn, small_vit, resnet18/50, vit_b_16, xrv_densenet121)",
+        )
+    if not 1 <= grid <= s:
+        raise InputError(
+            f"token_grid={grid} but the image encoder's grid is {s} x {s}", where=where, expected=f"1 to {s}"
+        )
+    return s
+
+
+def pool_grid(tokens, grid):
+    "Tokens (M, 1 + s*s, E) -> (M, 1 + grid*grid, E): the first token kept, the s x s grid average-pooled to grid^2."
+    M, N, E = tokens.shape
+    s = grid_side(N, grid)
+    g = F.adaptive_avg_pool2d(tokens[:, 1:].transpose(1, 2).reshape(M, E, s, s), grid)
+    return torch.cat([tokens[:, :1], g.flatten(2).transpose(1, 2)], 1)
 
 # %% ../nbs/02_models.ipynb #1c0a4caf
 class SmallCNN(ImageEncoder):
@@ -904,6 +929,7 @@ DEFAULT_PRETRAIN_CONFIG = dict(
     image_size=128,
     image_pretrained_path=None,
     image_encoder_kw={},
+    token_grid=None,  # None: the encoder's own tokens per image; g: its first token + the grid average-pooled to g x g
     freeze_image_encoder=None,  # None -> the encoder's default (rad_dino frozen, as MLRG; the others trained)
     d_model=128,
     proj_dim=128,  # fusion width; width of the contrastive embeddings (sized for a 2-core CPU)
@@ -952,6 +978,7 @@ VISUAL_KEYS = (
     "image_pretrained_path",
     "freeze_image_encoder",
     "image_encoder_kw",
+    "token_grid",
     "d_model",
     "fusion_depth",
     "fusion_heads",
@@ -974,6 +1001,10 @@ def _resolve_config(config, overrides) -> dict:
         )
     if cfg["mode"] not in ("mlrg", "medclip"):
         raise InputError(f"mode={cfg['mode']!r}", where="mode", expected="'mlrg' or 'medclip'")
+    tg = cfg["token_grid"]
+    if tg is not None and (isinstance(tg, bool) or not isinstance(tg, (int, float)) or int(tg) != tg or tg < 1):
+        raise InputError(f"token_grid={tg!r}", where="token_grid", expected="None (the encoder's own) or a side >= 1")
+    cfg["token_grid"] = None if tg is None else int(tg)
     for f in ABLATION_FLAGS:
         if cfg[f] is None:
             cfg[f] = cfg["mode"] == "mlrg"
@@ -1078,7 +1109,10 @@ class VisualEncoder(nn.Module):
                 self.fusion = LongitudinalFusion(
                     d, cfg["fusion_depth"], cfg["fusion_heads"], cfg["fusion_mlp_ratio"], cfg["dropout"]
                 )
-        self.dim, self.n_tokens = d, self.image_encoder.n_tokens
+        N, g = self.image_encoder.n_tokens, cfg["token_grid"]
+        if g is not None:
+            grid_side(N, g)  # an error now when the encoder's tokens cannot be pooled to g x g
+        self.dim, self.n_tokens = d, N if g is None else 1 + g * g
 
     def used_slots(self, batch):
         "Boolean (B, V+1): the image slots this model encodes (the anchor; auxiliary views / prior per the flags)."
@@ -1136,15 +1170,18 @@ def slot_view_ids(self: VisualEncoder, batch):
 @patch
 def encoder_tokens(self: VisualEncoder, batch, index):
     """The image encoder's tokens (M, N, E) of the images at `index` (a pair of (M,) tensors: sample, slot), or their
-    cached `features` when the batch has them."""
+    cached `features` when the batch has them; pooled to 1 + g x g tokens with token_grid=g (`pool_grid`)."""
+    g = self.config["token_grid"]
     if "features" in batch:
-        return batch["features"][index]
-    images = batch["images"]
-    if images.ndim != 5:
-        raise InputError(
-            f"images of shape {tuple(images.shape)}", where="batch['images']", expected="(B, V+1, 1, S, S)"
-        )
-    return self.image_encoder(images[index])[0]
+        t = batch["features"][index]
+    else:
+        images = batch["images"]
+        if images.ndim != 5:
+            raise InputError(
+                f"images of shape {tuple(images.shape)}", where="batch['images']", expected="(B, V+1, 1, S, S)"
+            )
+        t = self.image_encoder(images[index])[0]
+    return t if g is None else pool_grid(t, g)
 
 
 @patch

@@ -18,9 +18,9 @@ from .engine import to_device
 from .models import ProjectionHead, VisualEncoder, build_text_encoder, visual_config
 
 # %% auto #0
-__all__ = ['REPORT_MLRG_OPTIONS', 'GENERATION_KEYS', 'FeatureCache', 'PromptFusion', 'BertAttentionBlock', 'BertPromptFusion',
-           'report_model_config', 'MLRGReportModel', 'generation_settings', 'generate_records', 'token_losses',
-           'attention_maps']
+__all__ = ['REPORT_MLRG_OPTIONS', 'PRIOR_PATHS', 'GENERATION_KEYS', 'FeatureCache', 'PromptFusion', 'BertAttentionBlock',
+           'BertPromptFusion', 'report_model_config', 'MLRGReportModel', 'generation_settings', 'generate_records',
+           'token_losses', 'attention_maps']
 
 # %% ../nbs/02c_report_model.ipynb #dbe65bc7
 class FeatureCache:
@@ -150,15 +150,30 @@ REPORT_MLRG_OPTIONS = {  # the stage-2 options that reproduce MLRG: each key's d
     "type_init": ("normal", "mlrg"),  # 2.7: type embeddings N(0, 1) or U[0, 1)
 }
 _REPORT_KEYS = {"visual", "prompt", "prompt_heads", "prompt_ffn", "decoder", "dropout", "label_smoothing"}
+PRIOR_PATHS = ("fusion", "decoder", "prompt")  # how the prompt reaches the decoder; MLRG's first
 
 
 def report_model_config(config: dict) -> dict:
     """A complete, checked stage-2 model config from `config` (visual, prompt, prompt_heads, prompt_ffn, decoder,
-    dropout, label_smoothing, prompt_memory and the keys of `REPORT_MLRG_OPTIONS`)."""
+    dropout, label_smoothing, prior_path and the keys of `REPORT_MLRG_OPTIONS`). An older config's `prompt_memory`
+    (True / False) reads as prior_path "prompt" / "fusion"."""
     cfg = dict(config or {})
-    unknown = sorted(set(cfg) - _REPORT_KEYS - {"prompt_memory", *REPORT_MLRG_OPTIONS})
+    unknown = sorted(set(cfg) - _REPORT_KEYS - {"prior_path", "prompt_memory", *REPORT_MLRG_OPTIONS})
     if unknown:
         raise InputError(f"unknown model config key(s) {unknown}", where="model config")
+    path = cfg.get("prior_path")
+    if cfg.get("prompt_memory") is not None:
+        old = "prompt" if cfg["prompt_memory"] else "fusion"
+        if path not in (None, old):
+            raise InputError(
+                f"prompt_memory={cfg['prompt_memory']!r} and prior_path={path!r}",
+                where="model config 'prior_path'",
+                expected="prior_path alone (prompt_memory, its older name: True is 'prompt', False 'fusion')",
+            )
+        path = old
+    path = "fusion" if path is None else path
+    if path not in PRIOR_PATHS:
+        raise InputError(f"prior_path={path!r}", where="model config 'prior_path'", expected=" or ".join(PRIOR_PATHS))
     for key, values in REPORT_MLRG_OPTIONS.items():
         if cfg.setdefault(key, values[0]) not in values:
             expected = " or ".join(map(repr, values))
@@ -194,7 +209,7 @@ def report_model_config(config: dict) -> dict:
         "decoder": dec,
         "dropout": float(cfg.get("dropout", 0.1)),
         "label_smoothing": float(cfg.get("label_smoothing", 0.0)),
-        "prompt_memory": bool(cfg.get("prompt_memory", False)),
+        "prior_path": path,
     }
 
 # %% ../nbs/02c_report_model.ipynb #8bee4e11
@@ -265,24 +280,52 @@ def encode_prompt(self: MLRGReportModel, batch) -> torch.Tensor:
 
 
 @patch
+def prompt_in_memory(self: MLRGReportModel, batch) -> tuple | None:
+    """The prompt positions (B, K) the decoder reads besides the fused memory, and which of them are real tokens (B, K),
+    by `prior_path`: None ("fusion", MLRG: none), every prompt position ("prompt"), or the prior report's segment
+    ("decoder": segment 1, `[NHPR]` when there is none, first in each row, padding after)."""
+    path = self.config["prior_path"]
+    if path == "fusion":
+        return None
+    real = batch["prompt_mask"].bool()
+    B, L = real.shape
+    ar = torch.arange(L, device=real.device)
+    if path == "prompt":
+        return ar.expand(B, L), real
+    if batch.get("prompt_segments") is None:
+        raise InputError(
+            "the batch has no prompt_segments, which prior_path='decoder' reads",
+            where="batch",
+            expected="prompt_segments (B, L): 0 for the indication, 1 for the prior report (mlrg.data.collate)",
+        )
+    real = real & (batch["prompt_segments"].clamp(0, 1) == 1)
+    K = int(real.sum(1).max()) if B else 0
+    order = torch.where(real, ar, ar + L).sort(1).values[:, :K]  # the segment's positions first, in order
+    return order % L, order < L
+
+
+@patch
 def memory(self: MLRGReportModel, batch) -> torch.Tensor:
-    """The decoder's memory (B, 2N, D): the visual memory after attending to the prompt (then the prompt's tokens, with
-    `prompt_memory`)."""
+    """The decoder's memory (B, 2N + K, D): the visual memory after attending to the prompt, then the K prompt tokens
+    `prompt_in_memory` picks (none with prior_path="fusion", MLRG's way)."""
     prompt = self.encode_prompt(batch)
     m = self.prompt_fusion(self.visual_memory(batch), prompt, ~batch["prompt_mask"].bool())
-    if self.config["prompt_memory"]:
-        m = torch.cat([m, prompt], 1)
+    extra = self.prompt_in_memory(batch)
+    if extra is not None:
+        m = torch.cat([m, prompt.gather(1, extra[0][..., None].expand(-1, -1, prompt.shape[-1]))], 1)
     return self.memory_proj(m)
 
 
 @patch
 def memory_mask(self: MLRGReportModel, batch, memory) -> torch.Tensor | None:
-    """True for the memory tokens the decoder may read: None (all) unless the prompt's tokens, padding and all, are in
-    it."""
-    if not self.config["prompt_memory"]:
+    """True for the memory tokens the decoder may read (B, M): None (all) with prior_path="fusion", else the fused
+    memory and the real prompt tokens after it (their padding masked)."""
+    extra = self.prompt_in_memory(batch)
+    if extra is None:
         return None
-    pm = batch["prompt_mask"].bool()
-    return torch.cat([pm.new_ones(pm.shape[0], memory.shape[1] - pm.shape[1]), pm], 1)
+    real = extra[1]
+    return torch.cat([real.new_ones(real.shape[0], memory.shape[1] - real.shape[1]), real], 1)
+
 
 # %% ../nbs/02c_report_model.ipynb #c558e6cb
 @patch

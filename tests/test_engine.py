@@ -3,6 +3,7 @@ training under torchrun, bf16, NaN stop, early stopping, best-checkpoint selecti
 
 import importlib.util
 import json
+import math
 import os
 import subprocess
 import sys
@@ -13,7 +14,17 @@ import pytest
 import torch
 
 from mlrg.core import InputError, Params, read_jsonl, seed_everything
-from mlrg.engine import NonFiniteLoss, build_optimizer, compare_configs, fit, load_checkpoint, resolve_amp, train_config
+from mlrg.engine import (
+    NonFiniteLoss,
+    build_optimizer,
+    build_scheduler,
+    compare_configs,
+    fit,
+    load_checkpoint,
+    resolve_amp,
+    train_config,
+    warmup_steps,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -475,3 +486,66 @@ def test_drop_last_in_fit(toy, tmp_path, drop_last, steps):
     seen = []
     run = fit(toy.Linear(), toy.Data(), lambda items: seen.append(len(items)) or toy.collate(items), conf)
     assert run["global_step"] == steps and seen == [8, 8, 8, 4][:steps]  # 28 samples: the batch of 4 is dropped or not
+
+
+def _schedule(kind, total, warmup, lrs=(1.0, 0.1), steps=None):
+    "The learning rate of each param group at every optimizer step of `build_scheduler(kind, total, warmup)`."
+    params = [torch.nn.Parameter(torch.zeros(1)) for _ in lrs]
+    opt = torch.optim.SGD([{"params": [p], "lr": lr} for p, lr in zip(params, lrs)])
+    sched = build_scheduler(opt, kind, total, warmup)
+    out = []
+    for _ in range(steps or total):  # fit: the step runs at the current lr, then scheduler.step()
+        out.append([g["lr"] for g in opt.param_groups])
+        opt.step()
+        sched.step()
+    return torch.tensor(out, dtype=torch.float64)  # (steps, groups)
+
+
+@pytest.mark.parametrize("total,warmup", [(50, 10), (50, 0.2), (7, 3), (40, 1)])
+def test_warmup_cosine_schedule_shape(total, warmup):
+    lr = _schedule("cosine", total, warmup)
+    w = warmup_steps(warmup, total)
+    assert w == (10 if total == 50 else warmup)  # a fraction < 1 of the run, else a step count
+    peak = torch.tensor([1.0, 0.1], dtype=torch.float64)
+    # warmup: a straight line from peak / w up to the peak at its last step (no step is wasted at lr 0)
+    ramp = torch.arange(1, w + 1, dtype=torch.float64)[:, None] / w * peak
+    torch.testing.assert_close(lr[:w], ramp)
+    # then the cosine: from the peak down towards 0, never rising; it would reach 0 at step `total`, one past the last
+    # (so the last step still moves the weights: at ~0 for a long run, 0.15 x the peak for the 4 steps after a warmup)
+    torch.testing.assert_close(lr[w], peak)
+    assert (lr[w:].diff(dim=0) <= 1e-12).all() and (lr[w + 1 :].diff(dim=0) < 0).all()
+    assert (lr.max(0).values == peak).all()
+
+    def cosine(step):
+        return peak * 0.5 * (1 + math.cos(math.pi * (step - w) / (total - w)))
+
+    middle = w + (total - w) // 2
+    torch.testing.assert_close(lr[middle], cosine(middle))
+    torch.testing.assert_close(lr[-1], cosine(total - 1))
+    if total - w >= 40:
+        assert (lr[-1] < 2e-3 * peak).all()
+    torch.testing.assert_close(lr[:, 0] / lr[:, 1], torch.full((total,), 10.0, dtype=torch.float64))  # ratios kept
+    # past the planned end it stays at 0 (progress is capped)
+    assert _schedule("cosine", total, warmup, steps=total + 3)[total:].abs().max() < 1e-12
+
+
+def test_constant_schedule_with_and_without_warmup():
+    lr = _schedule("constant", 30, 5)
+    torch.testing.assert_close(lr[:5, 0], torch.tensor([0.2, 0.4, 0.6, 0.8, 1.0], dtype=torch.float64))
+    assert (lr[5:] == torch.tensor([1.0, 0.1], dtype=torch.float64)).all()  # flat after the warmup
+    assert (_schedule("constant", 30, 0) == torch.tensor([1.0, 0.1], dtype=torch.float64)).all()
+    cos = _schedule("cosine", 30, 0)
+    assert cos[0, 0] == 1.0 and (cos[:, 0].diff() < 0).all()  # no warmup: the cosine from the first step
+    with pytest.raises(InputError, match="scheduler"):
+        _schedule("linear", 30, 5)
+
+
+def test_schedule_in_fit(toy, tmp_path):
+    "fit's logged learning rate per optimizer step is the schedule's (14 steps: 2 epochs of 7 batches)."
+    conf = {**BASE, "num_epochs": 2, "warmup": 4, "eval_steps": None, "out_dir": str(tmp_path)}
+    torch.manual_seed(0)
+    fit(toy.Linear(), toy.Data(), toy.collate, conf)
+    logged = [r["lr"] for r in read_jsonl(tmp_path / "metrics.jsonl") if r["kind"] == "train"]
+    want = _schedule("cosine", 14, 4, lrs=(BASE["lr"],))[:, 0].tolist()
+    assert len(logged) == 14
+    torch.testing.assert_close(torch.tensor(logged, dtype=torch.float64), torch.tensor(want, dtype=torch.float64))

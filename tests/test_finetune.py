@@ -1,7 +1,8 @@
 """Tests of stage 2 (mlrg.finetune): a reloaded checkpoint writes the same reports, the stage-1 weights load by name
 and shape with two learning rates, each ablation flag changes only what it names, empty / garbage / over-long prompt
 parts are handled, cached features equal pixels, a run killed by SIGKILL and started again ends with the weights of an
-uninterrupted run, a 2-process gloo run generates every val sample exactly once, and `mlrg generate` end to end."""
+uninterrupted run, a 2-process gloo run generates every val sample exactly once, `mlrg generate` end to end, and
+`token_grid` over a stage-1 checkpoint with and without the feature cache."""
 
 import csv
 import json
@@ -27,6 +28,7 @@ from mlrg.finetune import (
     generate_cli,
     load_finetune_data,
     load_report_model,
+    model_config_for,
 )
 from mlrg.data import collate
 from mlrg.inputs import write_tiny_phantom
@@ -242,6 +244,38 @@ def test_cached_features_equal_pixels(run, trained):
     assert "features" in feat and "features" not in pix
     with torch.no_grad():
         torch.testing.assert_close(model.memory(feat), model.memory(pix), atol=1e-4, rtol=1e-4)
+
+
+def test_token_grid_with_and_without_the_feature_cache(run):
+    """token_grid over a stage-1 checkpoint: its weights load as they are; the cache keeps the encoder's own tokens and
+    the model pools them, as it pools the pixels' tokens: the same memory either way."""
+    root, _ = run
+    cached = _parts(root, token_grid=1)  # frozen, not augmented: the feature cache is on
+    pixels = _parts(root, data=cached.data, token_grid=1, cache_features=False)
+    assert cached.features is not None and pixels.features is None
+    assert cached.features.tokens.shape[1] == 1 + 2 * 2  # small_cnn at 32 px, stage 1's
+    assert cached.model_config["visual"]["token_grid"] == 1 and cached.model.visual.n_tokens == 2
+    t = cached.init_table
+    assert set(t[t.name.str.startswith("visual.")].status) == {"loaded"}
+    batch_c = collate([cached.train_ds[i] for i in range(4)])
+    batch_p = collate([pixels.train_ds[i] for i in range(4)])
+    assert "features" in batch_c and "features" not in batch_p
+    with torch.no_grad():
+        mem = cached.model.eval().memory(batch_c)
+        assert mem.shape[1] == 2 * 2  # anchor + fused tokens, 2 each
+        torch.testing.assert_close(mem, pixels.model.eval().memory(batch_p), atol=1e-4, rtol=1e-4)
+
+
+def test_token_grid_and_prior_path_over_a_stage1_config():
+    "None keeps the stage-1 checkpoint's token_grid, a value replaces it; prior_path goes into the model config."
+    vocab = Vocab("heart size normal".split())
+    s1 = {"config": {"model": {"image_size": 64, "d_model": 32, "fusion_heads": 4, "token_grid": 2}}}
+    assert model_config_for(FINETUNE.check(), vocab, s1)["visual"]["token_grid"] == 2
+    mc = model_config_for(FINETUNE.check(token_grid=3, prior_path="decoder"), vocab, s1)
+    assert (mc["visual"]["token_grid"], mc["prior_path"]) == (3, "decoder")
+    assert model_config_for(FINETUNE.check(), vocab)["visual"]["token_grid"] is None
+    with pytest.raises(InputError, match="parameter 'token_grid'"):
+        FINETUNE.check(token_grid=0)
 
 
 KILL = """

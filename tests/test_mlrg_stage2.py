@@ -1,7 +1,9 @@
 """Stage 2 as MLRG's code computes it (fidelity points 2.5-2.9, 2.12-2.14, 2.17-2.23): stage 1's text ProjectionHead on
 the prompt, loaded from a stage-1 model; the memory's "ori" tokens and U[0, 1) type embeddings; BERT's fusion layer;
 the decoder's inputs, padding and beam search as transformers' GPT-2 has them; GPT-2's token rows kept; a Lightning
-checkpoint of plain values read without the pickle flag; the mimic presets; the scoring protocol at val and test."""
+checkpoint of plain values read without the pickle flag; the mimic presets; the scoring protocol at val and test.
+Also mlrg's `prior_path` variants (not MLRG's): they change only the decoder's memory, and generate with and without
+the cache alike."""
 
 import argparse
 import json
@@ -339,3 +341,98 @@ def test_beam_search_rules_are_transformers(tmp_path, table, max_length):
     assert beam_search(lm, torch.zeros(1, 1, 1), num_beams=2, max_length=max_length) == [
         [t for t in out[: out.index(3) if 3 in out else None] if t != 1]
     ]
+
+
+def _prompt_batch():
+    "A dummy batch whose prompts `[CLS] indication [SEP] prior [SEP]` differ in length; the third has no prior tokens."
+    b = dummy_batch(batch_size=3, image_size=32, vocab_size=60)
+    ids = torch.tensor([[4, 9, 10, 5, 11, 12, 13, 5], [4, 9, 5, 14, 5, 0, 0, 0], [4, 9, 10, 11, 5, 0, 0, 0]])
+    seg = torch.tensor([[0, 0, 0, 0, 1, 1, 1, 1], [0, 0, 0, 1, 1, 1, 1, 1], [0, 0, 0, 0, 0, 0, 0, 0]])
+    return {**b, "prompt_ids": ids, "prompt_mask": ids != 0, "prompt_segments": seg}
+
+
+def test_prior_path_changes_only_the_decoders_memory():
+    "fusion / decoder / prompt: same weights, same fused memory; only the prompt tokens appended after it differ."
+    models = {p: _report_model(seed=3, prior_path=p).eval() for p in ("fusion", "decoder", "prompt")}
+    sd = models["fusion"].state_dict()
+    for m in models.values():  # no weights of its own: the same seed builds the same model
+        assert m.state_dict().keys() == sd.keys() and all(torch.equal(v, sd[k]) for k, v in m.state_dict().items())
+    b = _prompt_batch()
+    with torch.no_grad():
+        vis = {p: m.visual_memory(b) for p, m in models.items()}
+        mem = {p: m.memory(b) for p, m in models.items()}
+        mask = {p: m.memory_mask(b, mem[p]) for p, m in models.items()}
+        prompt = models["fusion"].encode_prompt(b)
+    n = vis["fusion"].shape[1]
+    assert n == 2 * models["fusion"].visual.n_tokens and mem["fusion"].shape[1] == n and mask["fusion"] is None
+    for p in ("decoder", "prompt"):
+        assert torch.equal(vis[p], vis["fusion"]) and torch.equal(mem[p][:, :n], mem["fusion"])
+        assert mask[p].shape == mem[p].shape[:2] and mask[p][:, :n].all()
+    # prompt: every prompt token, the prompt's padding masked
+    assert torch.equal(mem["prompt"][:, n:], prompt) and torch.equal(mask["prompt"][:, n:], b["prompt_mask"])
+    # decoder: the prior report's tokens (segment 1) first in each row: 4, 2 and none here; the rest masked
+    assert mem["decoder"].shape[1] == n + 4 and mask["decoder"][:, n:].sum(1).tolist() == [4, 2, 0]
+    for j in range(3):
+        real = b["prompt_mask"][j] & (b["prompt_segments"][j] == 1)
+        k = int(real.sum())
+        assert torch.equal(mem["decoder"][j, n : n + k], prompt[j, real])
+    # the decoder never reads a masked token: garbage there leaves the logits as they were
+    for p in ("decoder", "prompt"):
+        m, junk = models[p], mem[p].masked_fill(~mask[p][..., None], 1e4)
+        with torch.no_grad():
+            a = m.decoder.teacher_forced(b["target_ids"], mem[p], mask[p])
+            torch.testing.assert_close(m.decoder.teacher_forced(b["target_ids"], junk, mask[p]), a)
+            assert not torch.allclose(m.decoder.teacher_forced(b["target_ids"], junk, None), a)  # the test can fail
+    # a batch without prior tokens anywhere: nothing appended
+    plain = dummy_batch(batch_size=2, image_size=32, vocab_size=60)
+    with torch.no_grad():
+        assert models["decoder"].memory(plain).shape[1] == n
+
+
+def test_prior_path_config_and_older_prompt_memory():
+    "prior_path values are checked; an older config's prompt_memory reads as prior_path (True: prompt, False: fusion)."
+    base = {"prompt": {"vocab_size": 60, "heads": 4}, "prompt_heads": 4}
+    assert report_model_config(base)["prior_path"] == "fusion"
+    assert report_model_config({**base, "prompt_memory": True})["prior_path"] == "prompt"
+    cfg = report_model_config({**base, "prompt_memory": False})
+    assert cfg["prior_path"] == "fusion" and "prompt_memory" not in cfg
+    assert report_model_config({**base, "prompt_memory": True, "prior_path": "prompt"})["prior_path"] == "prompt"
+    with pytest.raises(InputError, match="prompt_memory"):
+        report_model_config({**base, "prompt_memory": True, "prior_path": "decoder"})
+    with pytest.raises(InputError, match="prior_path"):
+        report_model_config({**base, "prior_path": "both"})
+    with pytest.raises(InputError, match="parameter 'prior_path'"):
+        FINETUNE.check(prior_path="both")
+    # an older checkpoint's model (prompt_memory=True) loads into today's model, which computes as before
+    old = _report_model(seed=4, prompt_memory=True).eval()
+    new = MLRGReportModel(old.config).eval()
+    new.load_state_dict(old.state_dict())
+    b = _prompt_batch()
+    with torch.no_grad():
+        torch.testing.assert_close(new.logits(b), old.logits(b))
+
+
+def _varied(path):
+    "A random model of `prior_path` whose decoder blocks' weights are large enough that it writes varied tokens."
+    m = _report_model(seed=5, prior_path=path).eval()
+    torch.manual_seed(6)
+    with torch.no_grad():
+        for blk in m.decoder.blocks:
+            for mod in blk.modules():
+                if isinstance(mod, torch.nn.Linear):
+                    mod.weight.normal_(0, 0.3)
+    return m
+
+
+@pytest.mark.parametrize("num_beams", [1, 3])
+def test_prior_path_generation_cached_and_uncached_agree(num_beams):
+    "Greedy and beam search run with each prior_path, and the key-value cache gives the uncached tokens."
+    b, out = _prompt_batch(), {}
+    for path in ("fusion", "decoder", "prompt"):
+        m = _varied(path)
+        out[path] = m.generate(b, num_beams=num_beams, max_length=12, use_cache=True)
+        assert len(out[path]) == 3 and all(0 < len(s) <= 12 for s in out[path])
+        assert out[path] == m.generate(b, num_beams=num_beams, max_length=12, use_cache=False)
+    assert len({t for s in out["fusion"] for t in s}) > 3  # varied tokens: the comparison can fail
+    assert out["decoder"][0] != out["fusion"][0]  # the prior's tokens change what is written
+    assert out["decoder"][2] == out["fusion"][2]  # the third prompt has none: all masked, nothing changes

@@ -13,8 +13,10 @@ from mlrg.core import InputError, seed_everything
 from mlrg.engine import save_checkpoint
 from mlrg.models import (
     CLIP_SCALE_INIT,
+    IMAGE_ENCODERS,
     MODELS,
     VISUAL_KEYS,
+    ImageEncoder,
     LongitudinalFusion,
     MLRGPretrainModel,
     VisualEncoder,
@@ -26,6 +28,7 @@ from mlrg.models import (
     load_visual_state,
     load_weights_file,
     multi_positive_contrastive,
+    pool_grid,
     pretrain_config,
     soft_infonce,
     study_groups,
@@ -520,3 +523,77 @@ def test_models_notebook_parameters():
         MODELS.check(image_sise=64)
     with pytest.raises(InputError, match="parameter 'image_encoder'"):
         MODELS.check(image_encoder="resnet1")
+
+
+# ---------------------------------------------------------------- tokens per image (token_grid)
+
+
+@pytest.mark.parametrize("batch_images", ["slots", "dedup"])
+def test_token_grid_counts_and_native_grid_is_identity(batch_images):
+    "small_cnn at 64 px: 1 + 4 x 4 tokens; token_grid=g gives 1 + g x g, pooled from them; g = 4 changes nothing."
+    b, kw = _batch(), {"batch_images": batch_images}
+    native = _model(**kw).train()
+    sd = {k: v.clone() for k, v in native.state_dict().items()}
+    out = {None: native(b)}
+    for g, n in ((4, 17), (2, 5), (1, 2)):
+        m = _model(token_grid=g, **kw).train()
+        assert m.visual.n_tokens == n and m.visual.config["token_grid"] == g
+        # no weights of its own: the same seed builds the same model, and stage 1's weights load as they are
+        assert m.state_dict().keys() == sd.keys() and all(torch.equal(v, sd[k]) for k, v in m.state_dict().items())
+        out[g] = m(b)
+        out[g]["loss"].backward()
+        with torch.no_grad():
+            vis = m.eval().encode_visual(b)
+            assert vis["fused_tokens"].shape == (4, n, m.visual.dim) and vis["tokens"].shape[2] == n
+            idx = m.visual.used_slots(b).nonzero(as_tuple=True)
+            own = m.visual.image_encoder(b["images"][idx])[0]
+            assert own.shape[1] == 17
+            torch.testing.assert_close(m.visual.encoder_tokens(b, idx), pool_grid(own, g))
+    assert torch.equal(out[4]["loss"], out[None]["loss"])  # the native grid: the identity
+    assert not torch.allclose(out[2]["loss"], out[None]["loss"])  # fewer tokens: another model
+
+
+def test_pool_grid_averages_windows():
+    t = torch.randn(3, 1 + 6 * 6, 5)
+    p = pool_grid(t, 3)
+    grid = t[:, 1:].reshape(3, 6, 6, 5)
+    assert p.shape == (3, 10, 5) and torch.equal(p[:, 0], t[:, 0])
+    torch.testing.assert_close(p[:, 1 + 1 * 3 + 2], grid[:, 2:4, 4:6].mean((1, 2)))  # window (row 1, col 2)
+    assert torch.equal(pool_grid(t, 6), t)
+    torch.testing.assert_close(pool_grid(t, 1)[:, 1], grid.mean((1, 2)))
+
+
+class _Registers(ImageEncoder):
+    "A toy encoder with a CLS and a register token before its 2 x 2 grid, as RAD-DINO has (2 + s x s tokens)."
+
+    def __init__(self, image_size, **kw):
+        super().__init__(8, image_size)
+
+    def count_tokens(self, size):
+        return 2 + 2 * 2
+
+    def tokens(self, x):
+        return x.new_zeros(len(x), 6, 8)
+
+
+def test_token_grid_errors(monkeypatch):
+    for bad in (0, 2.5, True, "4"):
+        with pytest.raises(InputError, match="token_grid"):
+            pretrain_config(vocab_size=VOCAB, token_grid=bad)
+    assert pretrain_config(vocab_size=VOCAB, token_grid=2.0)["token_grid"] == 2 and "token_grid" in VISUAL_KEYS
+    with pytest.raises(InputError, match="1 to 4"):
+        VisualEncoder(image_size=64, token_grid=5)  # pooling only shrinks the 4 x 4 grid
+    monkeypatch.setitem(IMAGE_ENCODERS, "registers", (lambda image_size, **kw: _Registers(image_size), "toy", False))
+    assert VisualEncoder(image_encoder="registers", image_size=32).n_tokens == 6  # fine without token_grid
+    with pytest.raises(InputError, match=r"6 tokens per image, not 1 \+ a square grid"):
+        VisualEncoder(image_encoder="registers", image_size=32, token_grid=1)
+
+
+@pytest.mark.parametrize("name,size,grid,n", [("small_vit", 64, 2, 5), ("resnet18", 64, 1, 2)])
+def test_token_grid_on_other_grid_encoders(no_download, name, size, grid, n):
+    torch.manual_seed(0)
+    v = VisualEncoder(image_encoder=name, image_size=size, d_model=32, fusion_heads=4, token_grid=grid).eval()
+    b = dummy_batch(2, size, max_views=2, vocab_size=VOCAB)
+    with torch.no_grad():
+        out = v(b)
+    assert v.n_tokens == n and out["fused_tokens"].shape == (2, n, 32)
