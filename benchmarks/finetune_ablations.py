@@ -38,6 +38,7 @@ ABLATIONS = {
     "no stage-1 init": {"stage1_init": False},
 }
 KEYS = ["ce14_truth", "long_acc_truth", "lateral_only_recall", "ce14", "bleu4", "cider", "temporal_f1"]
+KEYS += ["contradictions"]
 
 
 def lateral_only_recall(records, truth) -> dict:
@@ -71,7 +72,7 @@ def score_run(summary, truth) -> dict:
     allr, _ = score_records(recs, truth)
     prior, _ = score_records([r for r in recs if r["has_prior"]], truth)
     return {
-        **{k: allr[k] for k in ("ce14_truth", "ce14", "bleu4", "cider", "temporal_f1")},
+        **{k: allr[k] for k in ("ce14_truth", "ce14", "bleu4", "cider", "temporal_f1", "contradictions")},
         "long_acc_truth": prior["long_acc_truth"],
         **lateral_only_recall(recs, truth),
         "best_step": summary["best_step"],

@@ -43,6 +43,7 @@ KEYS = [
     "rouge_l",
     "cider",
     "temporal_f1",
+    "contradictions",
     "bleu4+ce14",
 ]
 

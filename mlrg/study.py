@@ -42,8 +42,20 @@ STUDY_PRESETS = {
                 "eval_steps": 200,
                 "val_max_samples": 200,
                 "val_num_beams": 1,
+                # the recipe benchmarks/finetune_recipe.py found best at this budget (README, "Stage 2 on the demo
+                # phantom"): 1 + 4 x 4 tokens per image, the prompt also in the decoder's memory, warmup then cosine
+                # decay at twice the lr, the stage-1 encoder trained on
+                "token_grid": 4,
+                "prior_path": "prompt",
+                "scheduler": "cosine",
+                "warmup": 0.1,
+                "ft_lr": 2e-3,
+                "pt_lr": 4e-4,
+                "freeze_image_encoder": False,
             },
         },
+        # beside it, MLRG's own design on the same stage 1: the encoder frozen, the prompt only through the fusion layer
+        variants={"mlrg_design": {"freeze_image_encoder": True, "prior_path": "fusion"}},
     ),
     "tiny": dict(
         help="the tiny phantom (40 patients), every stage at the size of a test",
@@ -108,7 +120,7 @@ class StudyStep:
     stage: object
     params: dict
     fingerprint: str = ""
-    group: str = "main"  # main, seed <k> or ablation <name>
+    group: str = "main"  # main, seed <k>, ablation <name> or variant <name>
     outputs: tuple = ()  # folders a rerun with other inputs moves aside (training stages)
 
     @property
@@ -230,6 +242,8 @@ def plan_study(preset="demo", run="demo", params=(), seeds=1, ablations=False) -
                 {**flags, "model_save_path": str(root / "ablations" / a)},
                 group=f"ablation {a}",
             )
+    for v, flags in spec.get("variants", {}).items():  # another recipe beside the main one, on the same stage 1
+        add(f"finetune.{v}", "finetune", {**flags, "model_save_path": str(root / "variants" / v)}, group=f"variant {v}")
     return steps
 
 # %% ../nbs/06_study.ipynb #e67ec224
@@ -521,6 +535,8 @@ def result_rows(rf: RunFolder, steps, metrics=None) -> list:
     for g, v in runs.items():
         if g.startswith("ablation"):
             rows.append((f"ablation: {g.split(' ', 1)[1].replace('_', ' ')}", v, None, "ablation"))
+        elif g.startswith("variant"):
+            rows.append((f"variant: {g.split(' ', 1)[1].replace('_', ' ')}", v, None, "variant"))
     rows.append(
         ("MLRG, published (MIMIC-CXR: another dataset, CheXbert labels)", MLRG_PUBLISHED_MIMIC, None, "published")
     )
@@ -618,7 +634,7 @@ def write_index(rf: RunFolder, steps, records) -> Path:
 td,th{{border:1px solid #ccc;padding:3px 7px;font-size:13px;vertical-align:top}} th{{background:#f3f3f3}} """
         f"""td.na{{color:#aaa}}
 tr.model td{{font-weight:bold}} tr.published td{{color:#777;font-style:italic}} """
-        f"""tr.ablation td,tr.seeds td{{background:#f8f8ff}}
+        f"""tr.ablation td,tr.seeds td,tr.variant td{{background:#f8f8ff}}
 figure{{display:inline-block;margin:0 1em 1em 0}} img{{max-width:1150px}} table.ex td{{max-width:520px}} """
         f"""pre{{font-size:12px}}</style></head><body>
 <h1>mlrg study: {html.escape(rf.root.name)}</h1>

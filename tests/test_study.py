@@ -253,3 +253,32 @@ def test_mimic_preset_through_the_notebooks(hub, tmp_path):
         and ft["params"]["amp"] == "bf16"
     )
     _resolves(run / "index.html")
+
+
+def test_demo_plans_its_variant_beside_the_main_stage_2_and_the_index_shows_both(tmp_path):
+    "A preset's `variants` add a stage-2 run each on the same stage 1, in its own folder; result_rows labels it."
+    from mlrg.runs import RunFolder
+    from mlrg.study import STUDY_PRESETS, result_rows
+
+    steps = plan_study("demo", tmp_path / "d")
+    keys = [s.key for s in steps]
+    assert keys == ["phantom", "prepare", "label", "pretrain", "finetune", "evaluate", "finetune.mlrg_design"]
+    main, variant = steps[4], steps[-1]
+    assert variant.group == "variant mlrg_design"
+    assert variant.outputs == (str(tmp_path / "d" / "variants" / "mlrg_design"),)
+    for k, v in STUDY_PRESETS["demo"]["variants"]["mlrg_design"].items():
+        assert variant.params[k] == v
+    differ = {k for k in {*main.params, *variant.params} if main.params.get(k) != variant.params.get(k)}
+    assert differ == {"prior_path", "freeze_image_encoder", "model_save_path"}
+    assert variant.fingerprint != main.fingerprint
+    # the rows index.html shows: the main run and the variant, each from the test result in its summary
+    from mlrg.evaluate import evaluate
+
+    res = evaluate(["no effusion ."], ["small effusion ."], ["a"], meteor=False)
+    for s in (main, variant):
+        Path(s.outputs[0]).mkdir(parents=True)
+        (Path(s.outputs[0]) / "finetune_summary.json").write_text(json.dumps({"test": {"result": res}}, default=str))
+    rows = result_rows(RunFolder.create(tmp_path / "d"), steps)
+    labels = [r[0] for r in rows]
+    assert "MLRG stage 2 (this run)" in labels and "variant: mlrg design" in labels
+    assert [r[3] for r in rows if r[0] == "variant: mlrg design"] == ["variant"]

@@ -1,0 +1,191 @@
+"""Controlled runs of stage 2's recipe on the demo phantom: the demo preset's stage 2 ("base") and variants that each
+change one thing, over seeds and budgets (1 = the demo's step budget, 4 = four times it), scored on the test split
+against the references and the phantom's truth. Finds which part of the recipe costs stage 2 its CE-14 and
+longitudinal accuracy.
+
+The run folder must hold the demo phantom, prepared, and stage 1 (`mlrg study --preset demo` leaves all three, or
+see benchmarks/finetune_demo.py). Each run writes to RUN/recipe/<variant>-b<budget>-s<seed> and its row to
+row.json there; a finished run is read back, not repeated, so the script can be stopped and rerun. Runs go `--jobs`
+at a time, each on `--threads` CPU threads.
+
+    python benchmarks/finetune_recipe.py --run_dir outputs/demo --seeds 0 1 --budgets 1 --jobs 2
+    python benchmarks/finetune_recipe.py --run_dir outputs/demo --variants base prompt_memory --budgets 4
+
+Results: benchmarks/results/finetune_recipe.json (every row, and mean / spread per variant and budget)."""
+
+import argparse
+import json
+import multiprocessing as mp
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from finetune_ablations import lateral_only_recall  # noqa: E402
+
+from mlrg.core import save_json  # noqa: E402
+from mlrg.data import read_annotation  # noqa: E402
+from mlrg.evaluate import copy_prior_baseline, load_truth  # noqa: E402
+from mlrg.finetune import FINETUNE, baseline_records, score_records  # noqa: E402
+from mlrg.study import STUDY_PRESETS  # noqa: E402
+
+# each variant changes one thing of the demo's stage 2 (STUDY_PRESETS["demo"]); {} is the demo recipe itself
+VARIANTS = {
+    "base": {},
+    "warmup_cosine": {"scheduler": "cosine", "warmup": 0.1},
+    "warmup_cosine_2x_lr": {"scheduler": "cosine", "warmup": 0.1, "ft_lr": 2e-3, "pt_lr": 4e-4},
+    "end_to_end": {"freeze_image_encoder": False, "cache_features": False},
+    "prompt_memory": {"prior_path": "prompt"},  # every prompt token in the decoder's memory (once prompt_memory=True)
+    "prior_decoder": {"prior_path": "decoder"},  # the prior report's tokens in the decoder's memory (CXRMate-style)
+    "token_grid_4": {"token_grid": 4},  # 1 + 4x4 = 17 tokens per image (65 today)
+    "decoder_3_layers": {"decoder_layers": 3},
+    "decoder_1_layer": {"decoder_layers": 1},
+    "dropout_0.1": {"dropout": 0.1},
+    "batch_16": {"batch_size": 16, "steps_scale": 2},
+    # the changes together: fewer image tokens, the prompt in the decoder's memory, warmup + cosine at twice the lr
+    "combined": {
+        "token_grid": 4,
+        "prior_path": "prompt",
+        "scheduler": "cosine",
+        "warmup": 0.1,
+        "ft_lr": 2e-3,
+        "pt_lr": 4e-4,
+    },
+    "combined_end_to_end": {
+        "token_grid": 4,
+        "prior_path": "prompt",
+        "scheduler": "cosine",
+        "warmup": 0.1,
+        "ft_lr": 2e-3,
+        "pt_lr": 4e-4,
+        "freeze_image_encoder": False,
+        "cache_features": False,
+    },
+}
+# the combined recipe without the prior study, and without the auxiliary views (MLRG's ablations of it)
+VARIANTS["combined_end_to_end_no_prior"] = {
+    **VARIANTS["combined_end_to_end"],
+    "use_prior_report": False,
+    "use_prior_scan": False,
+}
+VARIANTS["combined_end_to_end_no_auxiliary_views"] = {**VARIANTS["combined_end_to_end"], "use_auxiliary_views": False}
+KEYS = ["ce14", "ce14_truth", "long_acc_truth", "lateral_only_recall", "bleu4", "contradictions", "train_seconds"]
+
+
+def demo_recipe() -> dict:
+    "The demo preset's stage-2 parameters (the study's values over FINETUNE's defaults)."
+    return dict(STUDY_PRESETS["demo"]["params"]["finetune"])
+
+
+def run_params(run_dir, variant, budget, seed, threads) -> dict:
+    "FINETUNE parameters of one run: the demo recipe, the variant's change, the budget's steps, the seed."
+    change = dict(VARIANTS[variant])
+    scale = change.pop("steps_scale", 1) * budget
+    p = {**demo_recipe(), **change}
+    p["max_steps"] = int(p["max_steps"] * scale)
+    p["eval_steps"] = int(p["eval_steps"] * scale)
+    folder = Path(run_dir) / "recipe" / f"{variant}-b{budget}-s{seed}"
+    p.update(
+        run_dir=str(run_dir), seed=seed, model_save_path=str(folder), num_threads=threads, test=True, progress=False
+    )
+    return FINETUNE.check(p)
+
+
+def scores(records, truth) -> dict:
+    "Test figures of `records`: CE-14 (references, truth), longitudinal vs truth, lateral-only recall, contradictions."
+    allr, _ = score_records(records, truth)
+    prior, _ = score_records([r for r in records if r["has_prior"]], truth)
+    out = {k: allr.get(k) for k in ("ce14", "ce14_truth", "bleu4", "cider", "contradictions")}
+    out["long_acc_truth"] = prior.get("long_acc_truth")
+    out.update(lateral_only_recall(records, truth))
+    return out
+
+
+def one_run(args) -> dict:
+    "Train and score one run (in a worker process); its row is saved beside its checkpoints."
+    run_dir, variant, budget, seed, threads = args
+    from mlrg.finetune import finetune
+
+    p = run_params(run_dir, variant, budget, seed, threads)
+    row_path = Path(p["model_save_path"]) / "row.json"
+    if row_path.is_file():  # a finished run: scored again from its predictions (scores added since are filled in)
+        row = json.loads(row_path.read_text())
+        recs = json.loads((Path(p["model_save_path"]) / "test_predictions.json").read_text())
+        row.update(scores(recs, load_truth(Path(run_dir) / "mimic")))
+        return row
+    t0 = time.perf_counter()
+    s = finetune(p)
+    recs = json.loads(Path(s["test"]["predictions"]).read_text())
+    row = {
+        "variant": variant,
+        "budget": budget,
+        "seed": seed,
+        "change": VARIANTS[variant],
+        **scores(recs, load_truth(Path(run_dir) / "mimic")),
+        "train_seconds": s["train_seconds"],
+        "global_step": s["global_step"],
+        "epochs": s["epochs"],
+        "best_step": s["best_step"],
+        "wall_seconds": round(time.perf_counter() - t0, 1),
+        "curve": s["curve"],
+    }
+    save_json(row, row_path)
+    return row
+
+
+def copy_prior_row(run_dir) -> dict:
+    "Copying the prior report (nearest neighbour's report without a prior) on the test split, scored the same way."
+    run = Path(run_dir)
+    ann = read_annotation(run / "prepared" / "annotation.json")
+    items = ann["test"]
+    texts = copy_prior_baseline(ann["train"], items, run / "mimic" / "files")
+    return {"variant": "copy prior report", **scores(baseline_records(items, texts), load_truth(run / "mimic"))}
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
+    ap.add_argument("--run_dir", required=True)
+    ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    ap.add_argument("--budgets", type=int, nargs="+", default=[1])
+    ap.add_argument("--jobs", type=int, default=2, help="runs at a time")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads per run")
+    args = ap.parse_args(argv)
+    out = Path(__file__).resolve().parent / "results" / "finetune_recipe.json"
+    previous = json.loads(out.read_text()).get("runs", []) if out.is_file() else []
+    todo = [(args.run_dir, v, b, s, args.threads) for b in args.budgets for v in args.variants for s in args.seeds]
+    rows = {(r["variant"], r["budget"], r["seed"]): r for r in previous}
+    baseline = copy_prior_row(args.run_dir)
+    print(json.dumps({k: baseline.get(k) for k in ["variant"] + KEYS}), flush=True)
+    with mp.get_context("spawn").Pool(args.jobs) as pool:
+        for row in pool.imap_unordered(one_run, todo):
+            rows[(row["variant"], row["budget"], row["seed"])] = row
+            print(json.dumps({k: row.get(k) for k in ["variant", "budget", "seed"] + KEYS}), flush=True)
+            done = {"recipe": demo_recipe(), "variants": VARIANTS, "copy_prior": baseline, "runs": list(rows.values())}
+            save_json(done, out)
+    df = pd.DataFrame(list(rows.values()))
+    keys = [k for k in KEYS if k in df and df[k].notna().any()]
+    by_run = df.groupby(["budget", "variant"], sort=False)[keys]
+    agg = by_run.agg(["mean", "std"])
+    pd.set_option("display.width", 250)
+    print("\nmean and spread (sample std over seeds) of the test figures:")
+    print(agg.round(3).to_string())
+    save_json(
+        {
+            "recipe": demo_recipe(),
+            "variants": VARIANTS,
+            "copy_prior": baseline,
+            "runs": list(rows.values()),
+            "mean": {f"{b}/{v}": r.to_dict() for (b, v), r in by_run.mean().iterrows()},
+            "std": {f"{b}/{v}": r.to_dict() for (b, v), r in by_run.std().iterrows()},
+        },
+        out,
+    )
+    print(f"-> {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
