@@ -39,6 +39,13 @@ def _check_recall_ks(p):
         )
     p["recall_ks"] = sorted({int(k) for k in ks})
 
+
+def _check_pretrain(p):
+    "`PRETRAIN`'s rule: the Recall@K cut-offs checked, and `eval_batch_size` None resolved to the training batch size."
+    _check_recall_ks(p)
+    if p["eval_batch_size"] is None:
+        p["eval_batch_size"] = p["batch_size"]
+
 # %% ../nbs/03_pretrain.ipynb #8ca5778a
 PRETRAIN_PRESETS = {
     "mimic": Preset(
@@ -168,7 +175,13 @@ PRETRAIN = Params(
         # --- training (mlrg.engine.fit) ---
         **_TRAINING.params,
         # --- evaluation ---
-        eval_batch_size=Param(64, "samples per validation batch (MLRG: 32, fidelity 1.20)", low=1),
+        eval_batch_size=Param(
+            None,
+            "samples per validation batch; None: batch_size, so that the val and train losses (whose in-batch "
+            "negatives grow with the batch) compare (MLRG: 32, its batch_size, fidelity 1.20)",
+            kind=int,
+            low=1,
+        ),
         val_loss_mean=Param(
             "samples",
             "the val losses averaged over samples, or over batches, each batch's loss counting once (MLRG's "
@@ -206,7 +219,7 @@ PRETRAIN = Params(
             choices=("mimic", "iu"),
         ),
     ),
-    rule=_check_recall_ks,
+    rule=_check_pretrain,
     presets=PRETRAIN_PRESETS,
 )
 
@@ -337,8 +350,8 @@ def _loader(dataset, batch_size, num_workers=0, pad_id=0):
 
 
 class PretrainEvaluator:
-    """The `evaluate(model, ctx)` of `fit`: val losses, Recall@K on the val split and the CheXpert linear probe of a
-    stage-1 model."""
+    """The `evaluate(model, ctx)` of `fit`: val losses, Recall@K on the val split and the CheXpert linear probes of a
+    stage-1 model: of its image embedding (`probe_*`) and of its image encoder's features (`probe_encoder_*`)."""
 
     def __init__(
         self,
@@ -376,27 +389,46 @@ class PretrainEvaluator:
             disable=not self.progress,
         )
 
+    @staticmethod
+    def encoder_features(model, batch):
+        """The image encoder's token 0 of each sample's anchor image (B, E): the grid's mean (small_cnn) or [CLS], the
+        features a frozen encoder hands on to stage 2."""
+        B = len(batch["id"])
+        dev = batch["image_mask"].device
+        index = (torch.arange(B, device=dev), torch.zeros(B, dtype=torch.long, device=dev))
+        return model.visual.encoder_tokens(batch, index)[:, 0].float().cpu()
+
     @torch.no_grad()
     def embed_val(self, model):
-        "Loss terms (mean over samples, or over batches) and image / text embeddings of the val split."
+        """Loss terms (mean over samples, or over batches), image / text embeddings and the encoder's features of the
+        val split."""
         dev = next(model.parameters()).device
-        sums, n, img, txt = {}, 0, [], []
+        sums, n, img, txt, enc = {}, 0, [], [], []
         for batch in self._batches(self.val_ds, "val"):
             b = len(batch["id"]) if self.loss_mean == "samples" else 1
-            out = model(to_device(batch, dev))
+            batch = to_device(batch, dev)
+            out = model(batch)
             for k, v in out.items():
                 if k.startswith("loss") and torch.is_tensor(v):
                     sums[k] = sums.get(k, 0.0) + float(v) * b
             img.append(out["image_emb"].float().cpu())
             txt.append(out["text_emb"].float().cpu())
+            if self.probe_ds is not None:
+                enc.append(self.encoder_features(model, batch))
             n += b
-        return {k: v / n for k, v in sums.items()}, torch.cat(img), torch.cat(txt)
+        enc = torch.cat(enc) if enc else None
+        return {k: v / n for k, v in sums.items()}, torch.cat(img), torch.cat(txt), enc
 
     @torch.no_grad()
     def embed_images(self, model, ds):
-        "Image embeddings (encode_images) of every sample of `ds`."
+        "Image embeddings (encode_images) and the encoder's features of every sample of `ds`."
         dev = next(model.parameters()).device
-        return torch.cat([model.encode_images(to_device(b, dev)).float().cpu() for b in self._batches(ds, "probe")])
+        img, enc = [], []
+        for b in self._batches(ds, "probe"):
+            b = to_device(b, dev)
+            img.append(model.encode_images(b).float().cpu())
+            enc.append(self.encoder_features(model, b))
+        return torch.cat(img), torch.cat(enc)
 
     def __call__(self, model, ctx=None) -> dict:
         if ctx is not None and not ctx.main:
@@ -404,19 +436,16 @@ class PretrainEvaluator:
         was = model.training
         model.eval()
         try:
-            losses, img, txt = self.embed_val(model)
+            losses, img, txt, enc = self.embed_val(model)
             out = {f"val_{k}": v for k, v in losses.items()}
             out.update({f"val_{k}": v for k, v in recall_at_k(img, txt, self.groups, self.ks).items()})
             if self.probe_ds is not None:
-                tr = self.embed_images(model, self.probe_ds)
-                out.update(
-                    {
-                        f"val_{k}": v
-                        for k, v in linear_probe(
-                            tr.numpy(), self.probe_ds.items, img.numpy(), self.val_ds.items, self.uncertain, self.l2
-                        ).items()
-                    }
-                )
+                tr_img, tr_enc = self.embed_images(model, self.probe_ds)
+                for prefix, tr, va in (("probe_", tr_img, img), ("probe_encoder_", tr_enc, enc)):
+                    got = linear_probe(
+                        tr.numpy(), self.probe_ds.items, va.numpy(), self.val_ds.items, self.uncertain, self.l2
+                    )
+                    out.update({"val_" + prefix + k[len("probe_") :]: v for k, v in got.items()})
             return out
         finally:
             model.train(was)
@@ -617,9 +646,12 @@ def plot_history(history, ks=(1, 5, 10), fig=None):
         ax.set(xlabel="step", title=f"val {name} (dotted: chance)", ylim=(0, 1))
         ax.legend(fontsize=8)
     ax = axes[3]
-    ax.plot([r["step"] for r in ev], [r.get("val_probe_auc_macro") for r in ev], "o-", color="C3")
+    ax.plot([r["step"] for r in ev], [r.get("val_probe_auc_macro") for r in ev], "o-", color="C3", label="embedding")
+    enc = [r.get("val_probe_encoder_auc_macro") for r in ev]
+    ax.plot([r["step"] for r in ev], enc, "s--", color="C4", label="encoder")
     ax.axhline(0.5, color="gray", ls=":", lw=1)
     ax.set(xlabel="step", title="val linear probe: macro AUC", ylim=(0.4, 1))
+    ax.legend(fontsize=8)
     fig.tight_layout()
     return fig
 
@@ -636,6 +668,7 @@ def summarize(result: dict, p: dict, parts: PretrainParts, out_dir) -> dict:
             "val_loss": r.get("val_loss"),
             **{f"{d}_R@{k}": r.get(f"val_{d}_R@{k}") for d in ("i2t", "t2i") for k in ks},
             "probe_auc_macro": r.get("val_probe_auc_macro"),
+            "probe_encoder_auc_macro": r.get("val_probe_encoder_auc_macro"),
         }
         for r in evals
     ]
@@ -742,7 +775,11 @@ def pretrain(params: dict | None = None, **overrides) -> dict:
                 best_checkpoint=summary["best_checkpoint"],
                 best_step=summary["best_step"],
                 best_val_loss=summary["best_val_loss"],
-                **{f"val_{k}": v for k, v in summary["best"].items() if "R@" in k or k == "probe_auc_macro"},
+                **{
+                    f"val_{k}": v
+                    for k, v in summary["best"].items()
+                    if "R@" in k or k in ("probe_auc_macro", "probe_encoder_auc_macro")
+                },
             )
     return summary
 
@@ -764,6 +801,7 @@ def pretrain_cli(argv=None) -> int:
                 for k in p["recall_ks"]
             )
             + (f"; probe macro AUC {b['probe_auc_macro']:.3f}" if "probe_auc_macro" in b else "")
+            + (f" (encoder {b['probe_encoder_auc_macro']:.3f})" if "probe_encoder_auc_macro" in b else "")
             + f"\ncheckpoints and metrics: {s['out_dir']}"
         )
     return 0

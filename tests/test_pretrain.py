@@ -134,6 +134,33 @@ def test_visual_half_of_a_pretrain_checkpoint(phantom, tmp_path):
         assert torch.equal(model.image_embedding(mine), model.encode_images(batch))
 
 
+def test_stage1_probe_on_a_tiny_run(phantom, tmp_path):
+    """A tiny stage-1 run scores the val linear probes (image embedding and encoder features): the macro AUC, the mean
+    of the observations scored, lies in [0, 1] and is the same in the summary, its eval curve, metrics.jsonl and the
+    run folder's results.jsonl."""
+    root, _ = phantom
+    run = tmp_path / "run"
+    run.mkdir()
+    for sub in ("prepared", "mimic"):
+        (run / sub).symlink_to(root / sub)
+    s = pretrain(run_dir=str(run), max_steps=2, **FAST)
+    b = s["best"]
+    auc = b["probe_auc_macro"]
+    per = [v for k, v in b.items() if k.startswith("probe_auc/")]
+    assert 0.0 <= auc <= 1.0 and len(per) == b["probe_n_scored"] >= 1 and auc == pytest.approx(np.mean(per))
+    assert b["probe_n_val"] >= 2 and b["probe_n_train"] >= 2
+    enc = b["probe_encoder_auc_macro"]  # the image encoder's own features (what a frozen encoder gives stage 2)
+    assert 0.0 <= enc <= 1.0 and b["probe_encoder_n_scored"] == b["probe_n_scored"]
+    assert s["curve"][-1]["probe_encoder_auc_macro"] == enc
+    assert s["curve"][-1]["probe_auc_macro"] == auc
+    assert json.loads((run / "pretrain" / "pretrain_summary.json").read_text())["best"]["probe_auc_macro"] == auc
+    ev = [r for r in read_jsonl(run / "pretrain" / "metrics.jsonl") if r["kind"] == "eval"]
+    assert ev[-1]["val_probe_auc_macro"] == auc
+    rec = read_jsonl(run / "results.jsonl")[-1]
+    assert (rec["val_probe_auc_macro"], rec["val_probe_encoder_auc_macro"]) == (auc, enc)
+    assert s["params"]["eval_batch_size"] == 16  # FAST's, as given
+
+
 def test_medclip_mode_refuses_mlrg_flags_and_trains(phantom, tmp_path):
     _, ann = phantom
     with pytest.raises(InputError, match="medclip"):
@@ -296,11 +323,12 @@ def test_mimic_preset_is_mlrg_stage1():
     assert (p["report_style"], p["image_preprocess"], p["max_views"]) == ("factual_serialization", "processor", None)
     d = PRETRAIN.defaults()  # mlrg's own defaults stay
     assert (d["eval_batch_size"], d["val_loss_mean"], d["weight_decay_scope"], d["drop_last"]) == (
-        64,
+        None,
         "samples",
         "matrices",
         False,
     )
+    assert PRETRAIN.check(batch_size=8)["eval_batch_size"] == 8  # val batches of the training size: losses compare
 
 
 def test_mlrg_stage1_on_the_phantom_deduplicates_val_images(phantom):
