@@ -61,6 +61,8 @@ VARIANTS["combined_end_to_end_no_prior"] = {
     "use_prior_scan": False,
 }
 VARIANTS["combined_end_to_end_no_auxiliary_views"] = {**VARIANTS["combined_end_to_end"], "use_auxiliary_views": False}
+# beyond the demo recipe: a copy mechanism over the prompt tokens in the decoder's memory (copy_prompt)
+VARIANTS["combined_copy_prompt"] = {**VARIANTS["combined_end_to_end"], "copy_prompt": True}
 KEYS = ["ce14", "ce14_truth", "long_acc_truth", "lateral_only_recall", "bleu4", "contradictions", "train_seconds"]
 
 

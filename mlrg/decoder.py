@@ -17,8 +17,8 @@ from .core import InputError, hub_folder, hub_transformers, patch
 
 # %% auto #0
 __all__ = ['DECODER_DEFAULTS', 'ACTIVATIONS', 'GPT2_ACTIVATIONS', 'decoder_config', 'CausalSelfAttention', 'CrossAttention',
-           'DecoderBlock', 'ReportDecoder', 'score_next', 'greedy', 'beam_search', 'TableLM', 'gpt2_decoder_config',
-           'gpt2_state_to_decoder', 'keep_token_rows', 'load_gpt2_weights']
+           'DecoderBlock', 'CopyHead', 'ReportDecoder', 'score_next', 'greedy', 'beam_search', 'TableLM',
+           'gpt2_decoder_config', 'gpt2_state_to_decoder', 'keep_token_rows', 'load_gpt2_weights']
 
 # %% ../nbs/02b_decoder.ipynb #3dcad532
 DECODER_DEFAULTS = dict(
@@ -35,6 +35,7 @@ DECODER_DEFAULTS = dict(
     sep_id=None,
     n_positions=None,
     activation="gelu",
+    copy=False,
 )
 ACTIVATIONS = {"gelu": "none", "gelu_tanh": "tanh"}  # name -> nn.GELU(approximate=...)
 
@@ -159,6 +160,27 @@ class DecoderBlock(nn.Module):
         x = x + self.drop(self.cross(self.ln2(x), memory, memory_mask, cache))
         return x + self.mlp(self.ln3(x))
 
+# %% ../nbs/02b_decoder.ipynb #3c747731
+class CopyHead(nn.Module):
+    "Mixes the vocabulary distribution with copying memory slots' token ids (a pointer-generator); log-probabilities."
+
+    def __init__(self, d_model):
+        super().__init__()
+        self.q, self.k, self.gate = nn.Linear(d_model, d_model), nn.Linear(d_model, d_model), nn.Linear(2 * d_model, 1)
+
+    def forward(self, h, logits, memory, copy_ids, pad_id=0):
+        """Log-probabilities (B, T, V) from the decoder's states `h` (B, T, d), its `logits` (B, T, V), the `memory`
+        (B, M, d) and the token id of each memory slot `copy_ids` (B, M; `pad_id`: a slot that is not a token)."""
+        can = copy_ids != pad_id
+        s = self.q(h) @ self.k(memory).transpose(1, 2) / math.sqrt(h.shape[-1])  # (B, T, M)
+        attn = s.float().masked_fill(~can[:, None, :], float("-inf")).softmax(-1).nan_to_num(0.0)
+        context = attn.to(memory.dtype) @ memory  # what the copy attention read
+        gate = torch.sigmoid(self.gate(torch.cat([h, context], -1)).float())  # the share of the vocabulary
+        gate = torch.where(can.any(1)[:, None, None], gate, torch.ones_like(gate))  # nothing to copy: write
+        p = gate * logits.float().softmax(-1)
+        p = p.scatter_add(-1, copy_ids[:, None, :].expand(-1, h.shape[1], -1), (1 - gate) * attn)
+        return p.clamp_min(1e-12).log()
+
 # %% ../nbs/02b_decoder.ipynb #85c4158c
 class ReportDecoder(nn.Module):
     "GPT-style decoder with cross-attention: `forward(tokens, memory)` -> next-token logits; `generate` writes reports."
@@ -176,6 +198,8 @@ class ReportDecoder(nn.Module):
         )
         self.ln_f = nn.LayerNorm(d)
         self.head = nn.Linear(d, cfg["vocab_size"], bias=False)
+        if cfg["copy"]:
+            self.copy = CopyHead(d)
         self.apply(self._init)
         self.head.weight = self.tok.weight  # tied input and output embeddings
 
@@ -186,9 +210,11 @@ class ReportDecoder(nn.Module):
         if isinstance(m, nn.Linear) and m.bias is not None:
             nn.init.zeros_(m.bias)
 
-    def forward(self, tokens, memory, memory_mask=None, cache=None, start=0, token_mask=None):
+    def forward(self, tokens, memory, memory_mask=None, cache=None, start=0, token_mask=None, copy_ids=None):
         """Logits (B, T, vocab) of `tokens` (B, T) at `start`.. given `memory` (B, M, d); `cache`: one dict per block;
-        `token_mask` (B, start + T): True for the real tokens (padding is then not attended to)."""
+        `token_mask` (B, start + T): True for the real tokens (padding is then not attended to). With `copy`: the
+        log-probabilities (normalised logits, so every softmax and cross-entropy after them reads them alike) of the
+        vocabulary mixed with copying the memory slots' `copy_ids` (B, M)."""
         T = tokens.shape[1]
         if start + T > self.config["max_length"]:
             raise InputError(
@@ -197,9 +223,18 @@ class ReportDecoder(nn.Module):
         x = self.drop(self.tok(tokens) + self.pos(torch.arange(start, start + T, device=tokens.device)))
         for i, block in enumerate(self.blocks):
             x = block(x, memory, memory_mask, None if cache is None else cache[i], token_mask)
-        return self.head(self.ln_f(x))
+        h = self.ln_f(x)
+        if not self.config["copy"]:
+            return self.head(h)
+        if copy_ids is None or copy_ids.shape != memory.shape[:2]:
+            raise InputError(
+                f"copy_ids {None if copy_ids is None else tuple(copy_ids.shape)}",
+                where="ReportDecoder (copy=True)",
+                expected=f"the token id of each memory slot, shape {tuple(memory.shape[:2])}",
+            )
+        return self.copy(h, self.head(h), memory, copy_ids, self.config["pad_id"])
 
-    def teacher_forced(self, tokens, memory, memory_mask=None):
+    def teacher_forced(self, tokens, memory, memory_mask=None, copy_ids=None):
         """Logits (B, T-1, vocab) of the next token at each position of `tokens` (`[BOS] report [EOS]`, padded), read as
         MLRG feeds GPT-2: inputs `tokens[:, :-1]` with `[SEP]` read as `[PAD]`, padding not attended to."""
         cfg = self.config
@@ -207,11 +242,11 @@ class ReportDecoder(nn.Module):
         real = inputs != cfg["pad_id"]
         if cfg["sep_id"] is not None:
             inputs = inputs.masked_fill(inputs == cfg["sep_id"], cfg["pad_id"])
-        return self(inputs, memory, memory_mask, token_mask=real)
+        return self(inputs, memory, memory_mask, token_mask=real, copy_ids=copy_ids)
 
-    def loss(self, tokens, memory, memory_mask=None, label_smoothing=0.0):
+    def loss(self, tokens, memory, memory_mask=None, label_smoothing=0.0, copy_ids=None):
         "Teacher-forced cross-entropy of `tokens` (`[BOS] report [EOS]`, padded): each token from the ones before it."
-        logits = self.teacher_forced(tokens, memory, memory_mask)
+        logits = self.teacher_forced(tokens, memory, memory_mask, copy_ids)
         return F.cross_entropy(
             logits.reshape(-1, logits.shape[-1]).float(),
             tokens[:, 1:].reshape(-1),
@@ -221,12 +256,12 @@ class ReportDecoder(nn.Module):
 
 # %% ../nbs/02b_decoder.ipynb #4c2666dd
 @patch
-def next_logits(self: ReportDecoder, tokens, memory, memory_mask=None, cache=None):
+def next_logits(self: ReportDecoder, tokens, memory, memory_mask=None, cache=None, copy_ids=None):
     "Logits (N, vocab) of the token after `tokens` (N, L); with `cache` (`new_cache`) a call feeds only new tokens."
     if cache is None:
-        return self(tokens, memory, memory_mask)[:, -1]
+        return self(tokens, memory, memory_mask, copy_ids=copy_ids)[:, -1]
     seen = cache[0]["k"].shape[2] if "k" in cache[0] else 0
-    return self(tokens[:, seen:], memory, memory_mask, cache, start=seen)[:, -1]
+    return self(tokens[:, seen:], memory, memory_mask, cache, start=seen, copy_ids=copy_ids)[:, -1]
 
 
 @patch
@@ -269,14 +304,16 @@ def _strip_ids(seq, eos_id, pad_id):
 
 
 @torch.no_grad()
-def greedy(model, memory, memory_mask=None, max_length=100, use_cache=True, **constraints) -> list:
-    "Greedy decoding by `model` (anything with `next_logits` and a decoder config) from `memory` (B, M, d)."
+def greedy(model, memory, memory_mask=None, max_length=100, use_cache=True, copy_ids=None, **constraints) -> list:
+    """Greedy decoding by `model` (anything with `next_logits` and a decoder config) from `memory` (B, M, d) (and
+    `copy_ids` (B, M) for a decoder that copies)."""
     cfg = model.config
     seqs = torch.full((memory.shape[0], 1), cfg["bos_id"], dtype=torch.long, device=memory.device)
     done = torch.zeros(memory.shape[0], dtype=torch.bool, device=memory.device)
     cache = model.new_cache() if use_cache else None
     for _ in range(max_length - 1):
-        logp = score_next(model.next_logits(seqs, memory, memory_mask, cache), seqs, cfg["eos_id"], **constraints)
+        logits = model.next_logits(seqs, memory, memory_mask, cache, copy_ids)
+        logp = score_next(logits, seqs, cfg["eos_id"], **constraints)
         nxt = logp.argmax(-1).masked_fill(done, cfg["pad_id"])
         seqs = torch.cat([seqs, nxt[:, None]], 1)
         done |= nxt == cfg["eos_id"]
@@ -294,13 +331,22 @@ def _add_finished(finished: list, k: int, score: float, seq: list):
 
 @torch.no_grad()
 def beam_search(
-    model, memory, memory_mask=None, num_beams=3, max_length=100, length_penalty=1.0, use_cache=True, **constraints
+    model,
+    memory,
+    memory_mask=None,
+    num_beams=3,
+    max_length=100,
+    length_penalty=1.0,
+    use_cache=True,
+    copy_ids=None,
+    **constraints,
 ) -> list:
     "Beam search by `model` from `memory` (B, M, d); each report's best hypothesis, as token ids without [BOS]/[EOS]."
     cfg, B, K = model.config, memory.shape[0], num_beams
     eos, pad, dev = cfg["eos_id"], cfg["pad_id"], memory.device
     memory = memory.repeat_interleave(K, 0)
     memory_mask = None if memory_mask is None else memory_mask.repeat_interleave(K, 0)
+    copy_ids = None if copy_ids is None else copy_ids.repeat_interleave(K, 0)
     seqs = torch.full((B * K, 1), cfg["bos_id"], dtype=torch.long, device=dev)
     scores = torch.zeros(B, K, device=dev)
     scores[:, 1:] = float("-inf")  # at first all beams are the same: keep one
@@ -308,7 +354,7 @@ def beam_search(
     cache = model.new_cache() if use_cache else None
     for _ in range(max_length - 1):
         L = seqs.shape[1]  # length so far, [BOS] included
-        logp = score_next(model.next_logits(seqs, memory, memory_mask, cache), seqs, eos, **constraints)
+        logp = score_next(model.next_logits(seqs, memory, memory_mask, cache, copy_ids), seqs, eos, **constraints)
         V = logp.shape[-1]
         top, idx = (scores.view(-1, 1) + logp).view(B, K * V).topk(min(2 * K, K * V), dim=1)
         new_scores = torch.full((B, K), float("-inf"), device=dev)
@@ -366,7 +412,7 @@ class TableLM(nn.Module):
     def new_cache(self):
         return None
 
-    def next_logits(self, tokens, memory, memory_mask=None, cache=None):
+    def next_logits(self, tokens, memory, memory_mask=None, cache=None, copy_ids=None):
         probs = torch.full((tokens.shape[0], self.config["vocab_size"]), 1e-9)
         for r, last in enumerate(tokens[:, -1].tolist()):
             for t, p in self.table.get(last, {self.config["eos_id"]: 1.0}).items():

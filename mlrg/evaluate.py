@@ -516,7 +516,7 @@ def change_scores(ref_changes, gen_changes, mask=None) -> dict:
     mask = [True] * len(ref_changes) if mask is None else [bool(m) for m in mask]
     labels = CHANGE_CLASSES + ["none"]
     conf = pd.DataFrame(0, index=pd.Index(labels, name="reference"), columns=pd.Index(labels, name="generated"))
-    n_pairs = 0
+    n_pairs, counts = 0, Counter()
     for rc, gc, m in zip(ref_changes, gen_changes, mask):
         if not m:
             continue
@@ -528,7 +528,9 @@ def change_scores(ref_changes, gen_changes, mask=None) -> dict:
                     f"unknown change {r if r not in labels else g!r} for {o}", expected=" / ".join(CHANGE_CLASSES)
                 )
             if r != "none" or g != "none":
-                conf.loc[r, g] += 1
+                counts[r, g] += 1
+    for (r, g), k in counts.items():
+        conf.loc[r, g] = k
     scored = int(conf.loc[CHANGE_CLASSES].to_numpy().sum())
     correct = int(sum(conf.loc[c, c] for c in CHANGE_CLASSES))
     per = {}

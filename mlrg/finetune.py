@@ -36,6 +36,7 @@ from mlrg.core import (
     write_set,
 )
 from mlrg.data import (
+    SPECIAL_TOKENS,
     BPETokenizer,
     MLRGDataset,
     collate,
@@ -341,6 +342,12 @@ FINETUNE = Params(
             "token there too; formerly prompt_memory=True)",
             choices=PRIOR_PATHS,
         ),
+        copy_prompt=Param(
+            False,
+            "a copy mechanism (pointer-generator; not MLRG's): each next token may also be copied from the prompt "
+            "tokens prior_path puts in the decoder's memory (decoder: the prior report's; prompt: the whole prompt's), "
+            "a learned gate mixing copying and writing; needs prior_path decoder or prompt",
+        ),
         prompt_projection=Param(
             "linear",
             "the prompt's tokens: linear (none when the widths match) or mlrg (stage 1's text ProjectionHead on every "
@@ -591,6 +598,7 @@ def model_config_for(p, vocab, stage1=None) -> dict:
         "bos_id": vocab.bos_id,
         "eos_id": vocab.eos_id,
         "sep_id": getattr(vocab, "sep_id", None),
+        "copy": p["copy_prompt"],
     }
     if p["decoder"] == "distilgpt2":
         dec.update({**gpt2_decoder_config(p["decoder_path"]), "dropout": p["dropout"]})
@@ -605,6 +613,7 @@ def model_config_for(p, vocab, stage1=None) -> dict:
             "dropout": p["dropout"],
             "label_smoothing": p["label_smoothing"],
             "prior_path": p["prior_path"],
+            "copy_skip_ids": [getattr(vocab, t.strip("[]").lower() + "_id") for t in SPECIAL_TOKENS],
         }
     )
 

@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import bisect
+import functools
 import io
 import re
 from pathlib import Path
@@ -318,7 +319,14 @@ def _qualifier(quals, s, e, cs, ce, text):
 # %% ../nbs/05a_labeler.ipynb #5e3a4cb8
 def find_mentions(text: str):
     """The mentions in normalised `text`: a list of dicts with the observation, its span (`start`, `end`), its `text`
-    and its `value` (1 positive, 0 negative, -1 uncertain). Attribute mentions without a size qualifier are left out."""
+    and its `value` (1 positive, 0 negative, -1 uncertain). Attribute mentions without a size qualifier are left out.
+    Remembered per text (a scoring reads the same references for every method): the dicts returned are copies."""
+    return [dict(m) for m in _mentions(text)]
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def _mentions(text: str) -> tuple:
+    "`find_mentions`' work, once per text."
     breaks = [m.start() for m in _BREAK_RE.finditer(text)]
     pre = _spans(_PRE_RE, text)
     post = None
@@ -356,7 +364,7 @@ def find_mentions(text: str):
                 post = _spans(_POST_RE, text)
             value = _post_cue_value(post, e, ce)
         out.append({"observation": obs, "start": s, "end": e, "value": value, "text": m.group()})
-    return out
+    return tuple(out)
 
 # %% ../nbs/05a_labeler.ipynb #138ea16b
 def label_text(text) -> np.ndarray:

@@ -149,7 +149,16 @@ REPORT_MLRG_OPTIONS = {  # the stage-2 options that reproduce MLRG: each key's d
     "prompt_fusion": ("torch", "mlrg"),  # 2.8-2.9: BERT's layer (q/k/v Linear, default init, LN eps 1e-12)
     "type_init": ("normal", "mlrg"),  # 2.7: type embeddings N(0, 1) or U[0, 1)
 }
-_REPORT_KEYS = {"visual", "prompt", "prompt_heads", "prompt_ffn", "decoder", "dropout", "label_smoothing"}
+_REPORT_KEYS = {
+    "visual",
+    "prompt",
+    "prompt_heads",
+    "prompt_ffn",
+    "decoder",
+    "dropout",
+    "label_smoothing",
+    "copy_skip_ids",
+}
 PRIOR_PATHS = ("fusion", "decoder", "prompt")  # how the prompt reaches the decoder; MLRG's first
 
 
@@ -200,6 +209,12 @@ def report_model_config(config: dict) -> dict:
     dec = decoder_config({"vocab_size": pr["vocab_size"], "d_model": vis["d_model"], **(cfg.get("decoder") or {})})
     if dec["vocab_size"] != pr["vocab_size"]:
         raise InputError("prompt and decoder vocabularies differ", where="model config")
+    if dec["copy"] and path == "fusion":
+        raise InputError(
+            "the decoder copies from the prompt tokens in its memory, and prior_path='fusion' puts none there",
+            where="model config 'decoder.copy'",
+            expected="prior_path 'decoder' or 'prompt' with copy",
+        )
     return {
         "visual": vis,
         "prompt": pr,
@@ -210,6 +225,7 @@ def report_model_config(config: dict) -> dict:
         "dropout": float(cfg.get("dropout", 0.1)),
         "label_smoothing": float(cfg.get("label_smoothing", 0.0)),
         "prior_path": path,
+        "copy_skip_ids": sorted(int(i) for i in cfg.get("copy_skip_ids") or ()),  # tokens never copied (special ones)
     }
 
 # %% ../nbs/02c_report_model.ipynb #8bee4e11
@@ -317,6 +333,21 @@ def memory(self: MLRGReportModel, batch) -> torch.Tensor:
 
 
 @patch
+def copy_ids(self: MLRGReportModel, batch, memory) -> torch.Tensor | None:
+    """For a decoder that copies: the token id each memory slot stands for (B, M): the prompt tokens `prompt_in_memory`
+    puts at the memory's end, `[PAD]` for the fused memory, padding and the `copy_skip_ids` (special tokens); else
+    None."""
+    if not self.decoder.config["copy"]:
+        return None
+    pos, real = self.prompt_in_memory(batch)
+    pad = self.decoder.config["pad_id"]
+    ids = batch["prompt_ids"].gather(1, pos)
+    skip = torch.tensor(self.config["copy_skip_ids"], dtype=ids.dtype, device=ids.device)
+    ids = ids.masked_fill(~real | torch.isin(ids, skip), pad)
+    return torch.cat([ids.new_full((ids.shape[0], memory.shape[1] - ids.shape[1]), pad), ids], 1)
+
+
+@patch
 def memory_mask(self: MLRGReportModel, batch, memory) -> torch.Tensor | None:
     """True for the memory tokens the decoder may read (B, M): None (all) with prior_path="fusion", else the fused
     memory and the real prompt tokens after it (their padding masked)."""
@@ -332,16 +363,15 @@ def memory_mask(self: MLRGReportModel, batch, memory) -> torch.Tensor | None:
 def logits(self: MLRGReportModel, batch) -> torch.Tensor:
     "The teacher-forced next-token logits (B, T-1, vocab) of `batch`'s targets (`ReportDecoder.teacher_forced`)."
     m = self.memory(batch)
-    return self.decoder.teacher_forced(batch["target_ids"], m, self.memory_mask(batch, m))
+    return self.decoder.teacher_forced(batch["target_ids"], m, self.memory_mask(batch, m), self.copy_ids(batch, m))
 
 
 @patch
 def forward(self: MLRGReportModel, batch) -> dict:
     "The teacher-forced loss of `batch` ({'loss'})."
     m = self.memory(batch)
-    return {
-        "loss": self.decoder.loss(batch["target_ids"], m, self.memory_mask(batch, m), self.config["label_smoothing"])
-    }
+    ls = self.config["label_smoothing"]
+    return {"loss": self.decoder.loss(batch["target_ids"], m, self.memory_mask(batch, m), ls, self.copy_ids(batch, m))}
 
 
 @patch
@@ -361,12 +391,12 @@ def generate(
     """Token ids (without [BOS]/[EOS]) of the report of each sample of `batch` (or of `memory`): beam search, greedy
     when `num_beams` is 1."""
     memory = self.memory(batch) if memory is None else memory
-    mask = self.memory_mask(batch, memory)
+    mask, copy = self.memory_mask(batch, memory), self.copy_ids(batch, memory)
     L = min(int(max_length or self.decoder.config["max_length"]), self.decoder.config["max_length"])
     kw = dict(min_length=min_length, no_repeat_ngram_size=no_repeat_ngram_size, repetition_penalty=repetition_penalty)
     if num_beams == 1:
-        return greedy(self.decoder, memory, mask, L, use_cache, **kw)
-    return beam_search(self.decoder, memory, mask, num_beams, L, length_penalty, use_cache, **kw)
+        return greedy(self.decoder, memory, mask, L, use_cache, copy, **kw)
+    return beam_search(self.decoder, memory, mask, num_beams, L, length_penalty, use_cache, copy, **kw)
 
 # %% ../nbs/02c_report_model.ipynb #4a30d562
 GENERATION_KEYS = (
@@ -403,7 +433,8 @@ def generate_records(
             memory = model.memory(batch)
             ids = model.generate(batch, memory=memory, **(generation or {}))
             if with_loss:
-                loss_sum, tokens = token_losses(model, batch["target_ids"], memory, model.memory_mask(batch, memory))
+                mask, copy = model.memory_mask(batch, memory), model.copy_ids(batch, memory)
+                loss_sum, tokens = token_losses(model, batch["target_ids"], memory, mask, copy)
             for j, i in enumerate(chunk):
                 prompt = vocab.decode(batch["prompt_ids"][j][batch["prompt_mask"][j]], skip_special=False)
                 out.append(
@@ -423,11 +454,11 @@ def generate_records(
     return out
 
 
-def token_losses(model, targets, memory, memory_mask=None) -> tuple:
+def token_losses(model, targets, memory, memory_mask=None, copy_ids=None) -> tuple:
     """Per sample: the summed teacher-forced cross-entropy of `targets` (B, T) given `memory`, and the number of tokens
     scored."""
     pad = model.decoder.config["pad_id"]
-    logits = model.decoder.teacher_forced(targets, memory, memory_mask)
+    logits = model.decoder.teacher_forced(targets, memory, memory_mask, copy_ids)
     ce = torch.nn.functional.cross_entropy(
         logits.transpose(1, 2).float(), targets[:, 1:], ignore_index=pad, reduction="none"
     )
@@ -450,7 +481,7 @@ def attention_maps(model, batch, ids) -> torch.Tensor:
         for c in crosses:
             c.keep_weights = True
         m = model.memory(batch)
-        dec(tok.to(next(model.parameters()).device), m, model.memory_mask(batch, m))
+        dec(tok.to(next(model.parameters()).device), m, model.memory_mask(batch, m), copy_ids=model.copy_ids(batch, m))
         w = torch.stack([c.weights for c in crosses]).mean((0, 2))  # (B, T, M)
     finally:
         for c in crosses:

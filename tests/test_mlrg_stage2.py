@@ -436,3 +436,68 @@ def test_prior_path_generation_cached_and_uncached_agree(num_beams):
     assert len({t for s in out["fusion"] for t in s}) > 3  # varied tokens: the comparison can fail
     assert out["decoder"][0] != out["fusion"][0]  # the prior's tokens change what is written
     assert out["decoder"][2] == out["fusion"][2]  # the third prompt has none: all masked, nothing changes
+
+
+def _copying(path="decoder", gate_bias=0.0, seed=5):
+    "A varied random model whose decoder copies (copy=True); its copy gate's bias set to `gate_bias`."
+    m = _report_model(seed=seed, prior_path=path, decoder={"n_layers": 1, "n_heads": 4, "max_length": 32, "copy": True})
+    m.config["copy_skip_ids"] = [0, 1, 2, 3, 4, 5, 6, 7, 8]  # the word vocabulary's special tokens
+    torch.manual_seed(6)
+    with torch.no_grad():
+        for blk in m.decoder.blocks:
+            for mod in blk.modules():
+                if isinstance(mod, torch.nn.Linear):
+                    mod.weight.normal_(0, 0.3)
+        m.decoder.copy.gate.bias.fill_(gate_bias)
+    return m.eval()
+
+
+def test_copy_mechanism_copies_the_prompt_tokens_in_memory():
+    """copy_prompt: the decoder's next-token distribution mixes writing with copying the prompt tokens prior_path puts
+    in its memory (special tokens never); gate shut it writes as without copying, open it copies only those tokens."""
+    b = _prompt_batch()
+    m = _copying("decoder")
+    with torch.no_grad():
+        mem = m.memory(b)
+        ids = m.copy_ids(b, mem)
+    n = mem.shape[1] - 4  # the prior report's tokens (4, 2 and none here) after the fused memory
+    assert ids.shape == mem.shape[:2] and not ids[:, :n].any()  # the fused memory stands for no token
+    # row 0's prior report is `11 12 13 [SEP]`: [SEP] is special; row 1's `14 [SEP]`; row 2 has none
+    assert ids[:, n:].tolist() == [[11, 12, 13, 0], [14, 0, 0, 0], [0, 0, 0, 0]]
+    with torch.no_grad():
+        logp = m.logits(b)
+    torch.testing.assert_close(logp.exp().sum(-1), torch.ones(logp.shape[:2]))  # a distribution at each position
+    # gate open (bias -30: copy): every token written is one of the row's prior report tokens; a row with nothing to
+    # copy writes as without the copy mechanism
+    shut, open_ = _copying("decoder", 30.0), _copying("decoder", -30.0)
+    for num_beams in (1, 3):
+        out = open_.generate(b, num_beams=num_beams, max_length=10)
+        assert set(out[0]) <= {11, 12, 13} and set(out[1]) <= {14} and out[0] and out[1], out
+        assert out == open_.generate(b, num_beams=num_beams, max_length=10, use_cache=False)
+        plain = shut.generate(b, num_beams=num_beams, max_length=10)
+        shut.decoder.config["copy"] = False  # the same weights without the copy head
+        assert plain == shut.generate(b, num_beams=num_beams, max_length=10) and out[2] == plain[2]
+        assert set(plain[0]) - {11, 12, 13}  # writing differs from copying: the comparison can fail
+        shut.decoder.config["copy"] = True
+    # gate shut: the log-probabilities are the plain decoder's
+    with torch.no_grad():
+        a = shut.logits(b)
+        shut.decoder.config["copy"] = False
+        torch.testing.assert_close(a, shut.logits(b).log_softmax(-1), atol=1e-4, rtol=1e-4)
+    # the loss trains the gate and the copy attention
+    m.train()
+    m(b)["loss"].backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in m.decoder.copy.parameters())
+
+
+def test_copy_needs_prompt_tokens_in_memory_and_reaches_the_model_config():
+    base = {"prompt": {"vocab_size": 60, "heads": 4}, "prompt_heads": 4, "decoder": {"copy": True}}
+    with pytest.raises(InputError, match="prior_path 'decoder' or 'prompt'"):
+        report_model_config(base)
+    assert report_model_config({**base, "prior_path": "prompt"})["decoder"]["copy"] is True
+    vocab = Vocab(["effusion", "small"])
+    mc = model_config_for(FINETUNE.check(copy_prompt=True, prior_path="decoder"), vocab)
+    assert mc["decoder"]["copy"] is True and mc["copy_skip_ids"] == list(range(9))  # [PAD] .. [MASK]
+    assert model_config_for(FINETUNE.check(), vocab)["decoder"]["copy"] is False
+    with pytest.raises(InputError, match="decoder.copy"):
+        model_config_for(FINETUNE.check(copy_prompt=True), vocab)  # prior_path fusion
