@@ -64,6 +64,8 @@ def decoder_config(config: dict | None = None, **overrides) -> dict:
             where="parameter 'max_length'",
             expected=f"at most {cfg['n_positions']}",
         )
+    if not cfg["copy"]:  # an option newer than many checkpoints: absent unless on, so their configs compare equal
+        del cfg["copy"]
     return cfg
 
 # %% ../nbs/02b_decoder.ipynb #d9ccde8d
@@ -198,7 +200,7 @@ class ReportDecoder(nn.Module):
         )
         self.ln_f = nn.LayerNorm(d)
         self.head = nn.Linear(d, cfg["vocab_size"], bias=False)
-        if cfg["copy"]:
+        if cfg.get("copy"):
             self.copy = CopyHead(d)
         self.apply(self._init)
         self.head.weight = self.tok.weight  # tied input and output embeddings
@@ -224,7 +226,7 @@ class ReportDecoder(nn.Module):
         for i, block in enumerate(self.blocks):
             x = block(x, memory, memory_mask, None if cache is None else cache[i], token_mask)
         h = self.ln_f(x)
-        if not self.config["copy"]:
+        if not self.config.get("copy"):
             return self.head(h)
         if copy_ids is None or copy_ids.shape != memory.shape[:2]:
             raise InputError(

@@ -598,7 +598,7 @@ def model_config_for(p, vocab, stage1=None) -> dict:
         "bos_id": vocab.bos_id,
         "eos_id": vocab.eos_id,
         "sep_id": getattr(vocab, "sep_id", None),
-        "copy": p["copy_prompt"],
+        "copy": p["copy_prompt"],  # (absent from the config when off)
     }
     if p["decoder"] == "distilgpt2":
         dec.update({**gpt2_decoder_config(p["decoder_path"]), "dropout": p["dropout"]})

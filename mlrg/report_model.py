@@ -209,7 +209,7 @@ def report_model_config(config: dict) -> dict:
     dec = decoder_config({"vocab_size": pr["vocab_size"], "d_model": vis["d_model"], **(cfg.get("decoder") or {})})
     if dec["vocab_size"] != pr["vocab_size"]:
         raise InputError("prompt and decoder vocabularies differ", where="model config")
-    if dec["copy"] and path == "fusion":
+    if dec.get("copy") and path == "fusion":
         raise InputError(
             "the decoder copies from the prompt tokens in its memory, and prior_path='fusion' puts none there",
             where="model config 'decoder.copy'",
@@ -225,7 +225,8 @@ def report_model_config(config: dict) -> dict:
         "dropout": float(cfg.get("dropout", 0.1)),
         "label_smoothing": float(cfg.get("label_smoothing", 0.0)),
         "prior_path": path,
-        "copy_skip_ids": sorted(int(i) for i in cfg.get("copy_skip_ids") or ()),  # tokens never copied (special ones)
+        # the tokens never copied (the special ones), with copy only: older configs compare equal
+        **({"copy_skip_ids": sorted(int(i) for i in cfg.get("copy_skip_ids") or ())} if dec.get("copy") else {}),
     }
 
 # %% ../nbs/02c_report_model.ipynb #8bee4e11
@@ -337,12 +338,12 @@ def copy_ids(self: MLRGReportModel, batch, memory) -> torch.Tensor | None:
     """For a decoder that copies: the token id each memory slot stands for (B, M): the prompt tokens `prompt_in_memory`
     puts at the memory's end, `[PAD]` for the fused memory, padding and the `copy_skip_ids` (special tokens); else
     None."""
-    if not self.decoder.config["copy"]:
+    if not self.decoder.config.get("copy"):
         return None
     pos, real = self.prompt_in_memory(batch)
     pad = self.decoder.config["pad_id"]
     ids = batch["prompt_ids"].gather(1, pos)
-    skip = torch.tensor(self.config["copy_skip_ids"], dtype=ids.dtype, device=ids.device)
+    skip = torch.tensor(self.config.get("copy_skip_ids", []), dtype=ids.dtype, device=ids.device)
     ids = ids.masked_fill(~real | torch.isin(ids, skip), pad)
     return torch.cat([ids.new_full((ids.shape[0], memory.shape[1] - ids.shape[1]), pad), ids], 1)
 
