@@ -166,8 +166,9 @@ def study_notes(preset, params=()) -> list:
     return out
 
 
-def plan_study(preset="demo", run="demo", params=(), seeds=1, ablations=False) -> list:
-    "The checked, fingerprinted steps of a study; `params`: (key, value) pairs as `-p` gives them."
+def plan_study(preset="demo", run="demo", params=(), seeds=1, ablations=False, variants=True) -> list:
+    """The checked, fingerprinted steps of a study; `params`: (key, value) pairs as `-p` gives them; `variants=False`
+    leaves out the preset's other stage-2 recipes."""
     if preset not in STUDY_PRESETS:
         raise InputError(f"unknown preset {preset!r}", where="--preset", expected=" or ".join(STUDY_PRESETS))
     spec = STUDY_PRESETS[preset]
@@ -242,7 +243,7 @@ def plan_study(preset="demo", run="demo", params=(), seeds=1, ablations=False) -
                 {**flags, "model_save_path": str(root / "ablations" / a)},
                 group=f"ablation {a}",
             )
-    for v, flags in spec.get("variants", {}).items():  # another recipe beside the main one, on the same stage 1
+    for v, flags in spec.get("variants", {}).items() if variants else ():  # another recipe on the same stage 1
         add(f"finetune.{v}", "finetune", {**flags, "model_save_path": str(root / "variants" / v)}, group=f"variant {v}")
     return steps
 
@@ -403,11 +404,20 @@ def _link_mimic(run: RunFolder, mimic_root) -> None:
 
 # %% ../nbs/06_study.ipynb #1d5c7384
 def run_study(
-    preset="demo", run=None, params=(), force=False, seeds=1, ablations=False, nproc=1, log=print, command=None
+    preset="demo",
+    run=None,
+    params=(),
+    force=False,
+    seeds=1,
+    ablations=False,
+    nproc=1,
+    log=print,
+    command=None,
+    variants=True,
 ) -> dict:
     "Run or continue a study -> {'run', 'steps': records, 'index'}; raises `StudyFailed` naming the notebook and cell."
     run_name = run or preset
-    steps = plan_study(preset, run_name, params, seeds, ablations)  # every parameter checked before any work
+    steps = plan_study(preset, run_name, params, seeds, ablations, variants)  # every parameter checked first
     rf = RunFolder.create(run_name)
     study_level = _overrides(params, STUDY_PRESETS[preset]["stages"]).get("study", {})
     if preset == "mimic":
@@ -691,6 +701,11 @@ def study_parser() -> argparse.ArgumentParser:
     ap.add_argument(
         "--ablations", action="store_true", help="also run MLRG's stage-2 ablations: " + ", ".join(ABLATIONS)
     )
+    ap.add_argument(
+        "--no-variants",
+        action="store_true",
+        help="leave out the preset's other stage-2 recipes (demo: mlrg_design, MLRG's design beside the main one)",
+    )
     ap.add_argument("--nproc", type=int, default=1, help="GPUs per node for the training stages (torchrun)")
     return ap
 
@@ -711,6 +726,7 @@ def study_cli(argv=None) -> int:
             a.ablations,
             a.nproc,
             command="mlrg study " + shlex.join(argv),
+            variants=not a.no_variants,
         )
     except StudyFailed as e:
         print(f"mlrg study: stopped: {e}", file=sys.stderr)

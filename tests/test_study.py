@@ -263,6 +263,12 @@ def test_demo_plans_its_variant_beside_the_main_stage_2_and_the_index_shows_both
     steps = plan_study("demo", tmp_path / "d")
     keys = [s.key for s in steps]
     assert keys == ["phantom", "prepare", "label", "pretrain", "finetune", "evaluate", "finetune.mlrg_design"]
+    # --no-variants: the main recipe alone, its steps (and fingerprints) unchanged
+    from mlrg.study import study_parser
+
+    assert study_parser().parse_args(["--no-variants"]).no_variants and not study_parser().parse_args([]).no_variants
+    alone = plan_study("demo", tmp_path / "d", variants=False)
+    assert [(s.key, s.fingerprint) for s in alone] == [(s.key, s.fingerprint) for s in steps[:-1]]
     main, variant = steps[4], steps[-1]
     assert variant.group == "variant mlrg_design"
     assert variant.outputs == (str(tmp_path / "d" / "variants" / "mlrg_design"),)
