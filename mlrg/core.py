@@ -6,10 +6,12 @@
 from __future__ import annotations
 
 import argparse
+import codecs
 import contextlib
 import difflib
 import hashlib
 import importlib.util
+import io
 import json
 import logging
 import math
@@ -26,10 +28,11 @@ import numpy as np
 
 # %% auto #0
 __all__ = ['OBSERVATIONS', 'patch', 'study_dir', 'image_relpath', 'report_relpath', 'InputError', 'derive_seed',
-           'seed_everything', 'rng_states', 'set_rng_states', 'get_logger', 'write_set', 'atomic_write',
-           'remove_stale_temps', 'ensure_writable', 'move_aside', 'json_text', 'save_json', 'load_json', 'append_jsonl',
-           'jsonl_text', 'save_jsonl', 'read_jsonl', 'maxrss_mb', 'peak_rss_mb', 'measure', 'Param', 'coerce', 'Preset',
-           'Params', 'to_plain', 'require_package', 'hub_transformers', 'hub_folder']
+           'seed_everything', 'rng_states', 'set_rng_states', 'get_logger', 'writing_to', 'write_set', 'atomic_write',
+           'remove_stale_temps', 'ensure_writable', 'ensure_writable_file', 'save_figure', 'move_aside', 'json_text',
+           'save_json', 'decode_utf8', 'utf8_lines', 'load_json', 'append_jsonl', 'jsonl_text', 'save_jsonl',
+           'read_jsonl', 'maxrss_mb', 'peak_rss_mb', 'measure', 'Param', 'coerce', 'Preset', 'Params', 'to_plain',
+           'require_package', 'hub_transformers', 'hub_folder']
 
 # %% ../nbs/00_core.ipynb #f99be0f3
 def patch(f):
@@ -162,20 +165,41 @@ _UMASK = os.umask(0)
 os.umask(_UMASK)  # the process umask (read once), for the permissions of atomic writes
 
 
+@contextlib.contextmanager
+def writing_to(path, always=False):
+    """Make an `OSError` raised in the block name `path`: one naming no file (a full disk fails `write` and `fsync`
+    so) is raised again naming `path`, with the same errno (`ENOSPC` stays `ENOSPC`, a `PermissionError` stays one);
+    `always`: one naming another file too (the temporary file an atomic write writes for `path`)."""
+    try:
+        yield
+    except OSError as e:
+        if e.filename is not None and not always:
+            raise
+        raise OSError(e.errno, e.strerror or str(e), str(path)) from None
+
+
+def _write_all(fd, data):
+    "Write all of `data` (bytes, or str as UTF-8) to file descriptor `fd`, going on after a short write."
+    view = memoryview(data.encode("utf-8") if isinstance(data, str) else data).cast("B")
+    while view:
+        view = view[os.write(fd, view) :]
+
+
 def _write_temp(path: Path, data, fsync=True) -> str:
     """Write `data` (bytes or str) to a new temporary file beside `path`; returns its name (removed again if the write
-    fails)."""
+    fails). An `OSError` names `path` (its folder when no file can be made there), never the temporary file."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    with writing_to(path.parent, always=True):
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        with os.fdopen(
-            fd, "w" if isinstance(data, str) else "wb", **({"encoding": "utf-8"} if isinstance(data, str) else {})
-        ) as f:
-            f.write(data)
-            if fsync:
-                f.flush()
-                os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~_UMASK)
+        with writing_to(path, always=True):
+            try:
+                _write_all(fd, data)
+                if fsync:
+                    os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.chmod(tmp, 0o666 & ~_UMASK)
         return tmp
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
@@ -185,18 +209,20 @@ def _write_temp(path: Path, data, fsync=True) -> str:
 
 def write_set(files: dict, fsync=True) -> list:
     """Write files that belong together (`{path: bytes or str}`) so that a failure leaves the old set: every file is
-    first written to a temporary file beside it, and only when all are written are they renamed into place."""
+    first written to a temporary file beside it, and only when all are written are they renamed into place. A failure
+    (a full disk: an `OSError` naming the file) leaves no temporary file."""
     done = []
     try:
         for path, data in files.items():
             done.append((_write_temp(Path(path), data, fsync), Path(path)))
+        for tmp, path in done:
+            with writing_to(path, always=True):
+                os.replace(tmp, path)
     except BaseException:
-        for tmp, _ in done:
+        for tmp, _ in done:  # those renamed already are gone
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp)
         raise
-    for tmp, path in done:
-        os.replace(tmp, path)
     return [path for _, path in done]
 
 
@@ -234,14 +260,39 @@ def ensure_writable(folder, what="output folder") -> Path:
         ) from None
     return folder
 
+
+def ensure_writable_file(path, what="output file") -> Path:
+    """Check, before any work, that file `path` can be written: not a folder, and its folder writable (created if
+    needed); an `InputError` naming the path or its folder otherwise."""
+    path = Path(path)
+    if path.is_dir():
+        raise InputError(f"the {what} is a folder", where=path, expected="the path of a file")
+    ensure_writable(path.parent, f"folder of the {what}")
+    return path
+
+
+def save_figure(fig, path, **savefig_kw):
+    "Save matplotlib figure `fig` to `path` atomically (its format from the suffix); an `OSError` names `path`."
+    buf = io.BytesIO()
+    fig.savefig(buf, format=Path(path).suffix.lstrip(".") or "png", **savefig_kw)
+    return atomic_write(path, buf.getvalue())
+
 # %% ../nbs/00_core.ipynb #da0b6932
-def move_aside(folder) -> Path:
-    "Rename `folder` to `<folder>.replaced-<date-time>` (a free name) and return the new path; nothing is deleted."
+def move_aside(folder, keep=()) -> Path:
+    """Rename `folder` to `<folder>.replaced-<date-time>` (a free name) and return the new path; nothing is deleted.
+    `keep`: names of entries that stay where they are (the others are moved into the new folder one by one), e.g. the
+    lock file of the process moving the folder's contents aside."""
     folder = Path(folder)
     aside = folder.with_name(f"{folder.name}.replaced-{time.strftime('%Y%m%d-%H%M%S')}")
     while aside.exists():
         aside = aside.with_name(aside.name + "+")
-    os.replace(folder, aside)
+    if not keep:
+        os.replace(folder, aside)
+        return aside
+    aside.mkdir()
+    for p in folder.iterdir():
+        if p.name not in keep:
+            os.replace(p, aside / p.name)
     return aside
 
 # %% ../nbs/00_core.ipynb #276358f8
@@ -267,25 +318,78 @@ def save_json(obj, path, indent=2):
     return atomic_write(path, json_text(obj, indent))
 
 
+_WIDE_BOMS = ((codecs.BOM_UTF32_LE, "UTF-32"), (codecs.BOM_UTF32_BE, "UTF-32"))
+_WIDE_BOMS += ((codecs.BOM_UTF16_LE, "UTF-16"), (codecs.BOM_UTF16_BE, "UTF-16"))
+
+
+def _wide_encoding(raw: bytes):
+    """('UTF-16' or 'UTF-32', how it shows, its name for iconv) when `raw` starts as text in one of them does, else
+    None."""
+    for bom, enc in _WIDE_BOMS:
+        if raw.startswith(bom):
+            return enc, f"it starts with a {enc} byte-order mark", enc.lower()
+    enc = json.detect_encoding(raw[:4]) if b"\x00" in raw[:4] else "utf-8"  # ASCII in UTF-16/32, no byte-order mark
+    return None if enc == "utf-8" else (enc[:6].upper(), "NUL bytes between its first characters", enc[:6] + enc[7:])
+
+
+def decode_utf8(raw: bytes, where, what="text", offset=0, line=1) -> str:
+    """`raw`, the bytes of the file `where`, as text: UTF-8, a leading byte-order mark dropped. Anything else is an
+    `InputError` naming the file, the byte offset and line of the first byte that is not UTF-8 (or saying UTF-16 or
+    UTF-32), and how to convert it (`what`: the kind of file, for the message). `offset` and `line`: where `raw` starts
+    in the file, when it is a part of it."""
+    wide = _wide_encoding(raw) if offset == 0 else None
+    if wide is None:
+        try:
+            return raw.decode("utf-8-sig" if offset == 0 else "utf-8")
+        except UnicodeDecodeError as e:
+            n = line + raw[: e.start].count(b"\n")
+            why, enc = f"not UTF-8 (byte 0x{raw[e.start]:02x} at offset {offset + e.start}, line {n})", "latin1"
+    else:
+        why, enc = f"not UTF-8 but {wide[0]} ({wide[1]})", wide[2]
+    raise InputError(why, where=where, expected=f"UTF-8 {what} (convert it, e.g. iconv -f {enc} -t utf-8)")
+
+
+def utf8_lines(path, what="JSON lines"):
+    "(line number, text) of each line of the file at `path`, read as `decode_utf8` reads (the error names the line)."
+    offset = 0
+    with open(path, "rb") as f:
+        for n, raw in enumerate(f, 1):
+            yield n, decode_utf8(raw, path, what, offset, n)
+            offset += len(raw)
+
+
 def load_json(path):
-    "Read JSON from `path`, with an error naming the file if it is not valid JSON."
+    """Read JSON (UTF-8, with or without a byte-order mark) from `path`; an error naming the file if it is not UTF-8 or
+    not valid JSON."""
     path = Path(path)
     if not path.exists():
         raise InputError("file not found", where=path)
+    text = decode_utf8(path.read_bytes(), path, "JSON")
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        return json.loads(text)
     except json.JSONDecodeError as e:
         raise InputError(f"not valid JSON ({e.msg} at line {e.lineno}, column {e.colno})", where=path) from None
 
 
 def append_jsonl(path, record):
-    "Append one JSON record as a line to `path` (a run's `results.jsonl` / `metrics.jsonl`)."
+    """Append one JSON record as a line to `path` (a run's `results.jsonl` / `metrics.jsonl`) and flush it to disk. A
+    write that fails (a full disk) is cut off again, so the file never ends in half a line; the error names `path`."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a", encoding="utf-8") as f:
-        f.write(json.dumps(record, default=_json_default) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
+    line = json.dumps(record, default=_json_default) + "\n"
+    with writing_to(path):
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
+        try:
+            size = os.fstat(fd).st_size
+            try:
+                _write_all(fd, line)
+                os.fsync(fd)
+            except BaseException:
+                with contextlib.suppress(OSError):
+                    os.ftruncate(fd, size)
+                raise
+        finally:
+            os.close(fd)
 
 
 def jsonl_text(records) -> str:
@@ -299,19 +403,18 @@ def save_jsonl(records, path, fsync=True):
 
 
 def read_jsonl(path):
-    "All records of a JSON-lines file; a bad line is an error naming the file and the line."
+    "All records of a JSON-lines file (UTF-8); a bad line is an error naming the file and the line."
     path = Path(path)
     if not path.is_file():
         raise InputError("file not found", where=path)
     out = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                out.append(json.loads(line))
-            except json.JSONDecodeError as e:
-                raise InputError(f"line {n} is not valid JSON ({e.msg})", where=path) from None
+    for n, line in utf8_lines(path):
+        if not line.strip():
+            continue
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError as e:
+            raise InputError(f"line {n} is not valid JSON ({e.msg})", where=path) from None
     return out
 
 # %% ../nbs/00_core.ipynb #dd02ee8e
@@ -758,10 +861,9 @@ def hub_folder(path, what, param, kinds=None, hint="") -> tuple:
             where=p,
             expected="a folder written by `save_pretrained`" + (f" ({hint})" if hint else ""),
         )
-    try:
-        cfg = json.loads(cfg_path.read_text())
-    except json.JSONDecodeError as e:
-        raise InputError(f"config.json is not JSON ({e})", where=cfg_path) from None
+    cfg = load_json(cfg_path)
+    if not isinstance(cfg, dict):
+        raise InputError("not a JSON object", where=cfg_path, expected="a model's config.json")
     if kinds and cfg.get("model_type") not in kinds:
         raise InputError(
             f"{what}: the folder holds a {cfg.get('model_type')!r} model",

@@ -27,6 +27,7 @@ from mlrg.core import (
     Param,
     Params,
     atomic_write,
+    decode_utf8,
     derive_seed,
     ensure_writable,
     get_logger,
@@ -39,6 +40,7 @@ from mlrg.core import (
     require_package,
     save_json,
     study_dir,
+    utf8_lines,
     write_set,
 )
 
@@ -181,13 +183,25 @@ class BadInputs:
         return {"skipped": dict(sorted(self.counts.items())), "skipped_examples": dict(self.examples)}
 
 # %% ../nbs/01_data.ipynb #6954ee89
+def _read_csv(path, **kw):
+    """`pd.read_csv(path, **kw)` with an `InputError` naming the file when it cannot be read; a file that is not UTF-8
+    is `decode_utf8`'s error (where the first bad byte is, UTF-16 named, how to convert it)."""
+    try:
+        return pd.read_csv(path, **kw)
+    except UnicodeDecodeError as e:
+        import gzip
+
+        with (gzip.open if str(path).endswith(".gz") else open)(path, "rb") as f:
+            decode_utf8(f.read(), path, "CSV")  # raises, naming the first byte that is not UTF-8
+        raise InputError(f"cannot read CSV (UnicodeDecodeError: {e})", where=path) from None
+    except Exception as e:
+        raise InputError(f"cannot read CSV ({type(e).__name__}: {e})", where=path) from None
+
+
 def _read_table(path, required, optional=()):
     """A CSV (or .csv.gz) as strings, with only the columns we use; an error naming the file if a required one is
     missing."""
-    try:
-        header = pd.read_csv(path, nrows=0).columns
-    except Exception as e:
-        raise InputError(f"cannot read CSV ({type(e).__name__}: {e})", where=path) from None
+    header = _read_csv(path, nrows=0).columns
     header = [str(c).strip() for c in header]
     missing = [c for c in required if c not in header]
     if missing:
@@ -195,12 +209,7 @@ def _read_table(path, required, optional=()):
             f"missing column(s) {', '.join(missing)}", where=path, expected="columns " + ", ".join(required)
         )
     wanted = set(required) | set(optional)
-    try:
-        df = pd.read_csv(
-            path, dtype=str, keep_default_na=False, na_values=[], usecols=lambda c: str(c).strip() in wanted
-        )
-    except Exception as e:
-        raise InputError(f"cannot read CSV ({type(e).__name__}: {e})", where=path) from None
+    df = _read_csv(path, dtype=str, keep_default_na=False, na_values=[], usecols=lambda c: str(c).strip() in wanted)
     df.columns = [str(c).strip() for c in df.columns]
     return df
 
@@ -489,9 +498,9 @@ def clean_indication(s) -> str:
 def _tqdm(it, progress, **kw):
     if not progress:
         return it
-    from tqdm import tqdm  # text bars: they render in terminals, JupyterLab and executed reports alike
+    from mlrg.runs import progress_bar  # tqdm bars, or plain lines in a log
 
-    return tqdm(it, mininterval=1.0, **kw)
+    return progress_bar(it, mininterval=1.0, **kw)
 
 
 def read_reports(files_dir, studies: pd.DataFrame, bad=None, progress=True) -> dict:
@@ -731,6 +740,9 @@ class BPETokenizer(Tokens):
             raise InputError(
                 "no GPT-2 tokenizer files in the folder", where=p, expected="vocab.json + merges.txt, or tokenizer.json"
             )
+        for f in ("tokenizer.json", "vocab.json", "merges.txt"):  # the tokenizer's own decoding error names no file
+            if (p / f).is_file():
+                decode_utf8((p / f).read_bytes(), p / f, "JSON" if f.endswith(".json") else "text")
         tok = hub_transformers("the gpt2 tokenizer").AutoTokenizer.from_pretrained(str(p), local_files_only=True)
         model = json.loads(tok.backend_tokenizer.to_str()).get("model", {}).get("type")
         if model != "BPE":
@@ -890,24 +902,23 @@ def read_factual_serialization(mimic_root, bad=None) -> dict | None:
         return None
     bad = bad or BadInputs()
     out = {}
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                r = json.loads(line)
-                sid, facts = int(r["study_id"]), r["findings_factual_serialization"]
-                ok = isinstance(facts, list) and all(isinstance(x, str) for x in facts)
-            except (ValueError, KeyError, TypeError):
-                ok = False
-            if not ok:
-                bad(
-                    "facts_bad_row",
-                    "not a JSON object with study_id and findings_factual_serialization (a list of strings)",
-                    where=f"{path}, line {n}",
-                )
-                continue
-            out[sid] = facts
+    for n, line in utf8_lines(path):  # a file that is not UTF-8 is an error naming it
+        if not line.strip():
+            continue
+        try:
+            r = json.loads(line)
+            sid, facts = int(r["study_id"]), r["findings_factual_serialization"]
+            ok = isinstance(facts, list) and all(isinstance(x, str) for x in facts)
+        except (ValueError, KeyError, TypeError):
+            ok = False
+        if not ok:
+            bad(
+                "facts_bad_row",
+                "not a JSON object with study_id and findings_factual_serialization (a list of strings)",
+                where=f"{path}, line {n}",
+            )
+            continue
+        out[sid] = facts
     return out
 
 # %% ../nbs/01_data.ipynb #9a07c4e9
@@ -1301,6 +1312,13 @@ def read_medclip_pickle(path, trust_pickle=False) -> dict:
     try:
         with open(path, "rb") as f:
             data = pickle.load(f)
+    except UnicodeDecodeError as e:  # a Python 2 `str` that is not ASCII
+        raise InputError(
+            f"a Python 2 pickle with text that is not ASCII (byte 0x{e.object[e.start]:02x} in a string)",
+            where=path,
+            expected="ASCII in its Python 2 strings (Python 3 reads them as ASCII), or a pickle saved again by Python 3"
+            " (pickle.load(f, encoding='utf-8' or 'latin1'), the text's encoding; then pickle.dump)",
+        ) from None
     except Exception as e:
         raise InputError(f"cannot unpickle ({type(e).__name__}: {e})", where=path) from None
     data = _top_level(data, path)
@@ -1383,9 +1401,9 @@ def view_vocab(spec, where="parameter 'view_vocab'"):
         if not p.is_file():
             raise InputError(f"view_vocab={str(spec)!r}: no such file", where=where, expected=_VIEW_VOCAB_EXPECTED)
         try:
-            spec = json.loads(p.read_text())
-        except (ValueError, UnicodeDecodeError) as e:
-            raise InputError(f"{p} is not JSON ({e})", where=where, expected=_VIEW_VOCAB_EXPECTED) from None
+            spec = load_json(p)
+        except InputError as e:  # not UTF-8, not JSON
+            raise InputError(f"{e.where}: {e.what}", where=where, expected=e.expected or _VIEW_VOCAB_EXPECTED) from None
     if not isinstance(spec, dict) or not spec:
         raise InputError(f"view_vocab={spec!r}", where=where, expected=_VIEW_VOCAB_EXPECTED)
     n = len(spec)

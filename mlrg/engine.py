@@ -40,6 +40,7 @@ from mlrg.core import (
     set_rng_states,
     to_plain,
 )
+from .runs import LOCK_FILE
 
 # %% auto #0
 __all__ = ['SCHEDULERS', 'AMP_MODES', 'WEIGHT_DECAY_SCOPES', 'TRAIN', 'TRAIN_OUTPUT', 'RUN_ONLY_KEYS', 'CHECKPOINT_FORMAT',
@@ -733,8 +734,8 @@ def continue_or_start(out, config: dict, overwrite=False, log=None):
             "or another output folder",
         )
     if diffs:
-        aside = move_aside(out)
-        out.mkdir(parents=True)
+        aside = move_aside(out, keep=(LOCK_FILE,))  # the lock this run holds stays in the folder
+        out.mkdir(parents=True, exist_ok=True)
         log.warning("moved the run with other settings in %s aside to %s (%s)", out, aside, "; ".join(diffs))
         return None
     if last.exists():
@@ -838,7 +839,7 @@ def fit(model, train_dataset, collate_fn, config, evaluate=None, vocab=None, arc
     in every checkpoint. Returns best_metric, best_step, global_step, epoch, stopped, seconds, paths and history."""
     import torch, torch.distributed as dist
     from contextlib import nullcontext
-    from tqdm import tqdm  # text bars: they render in terminals, JupyterLab and executed reports alike
+    from mlrg.runs import progress_bar  # tqdm bars, or plain lines in a log
 
     cfg, config = train_config(config)
     log = log or get_logger()
@@ -956,7 +957,7 @@ def fit(model, train_dataset, collate_fn, config, evaluate=None, vocab=None, arc
                 )
 
         # --- the loop ---
-        pbar = tqdm(
+        pbar = progress_bar(
             total=total_steps,
             initial=st.global_step,
             desc="train",

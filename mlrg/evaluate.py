@@ -21,7 +21,18 @@ from pathlib import Path
 
 import numpy as np
 
-from .core import InputError, Param, Params, atomic_write, derive_seed, get_logger, read_jsonl, save_json
+from mlrg.core import (
+    InputError,
+    Param,
+    Params,
+    atomic_write,
+    decode_utf8,
+    derive_seed,
+    ensure_writable_file,
+    get_logger,
+    read_jsonl,
+    save_json,
+)
 from .metrics import prf
 from .runs import RunFolder
 from .labeler import OBSERVATIONS, POLICIES, apply_policy, contradicted_observations, extract_changes, label_reports
@@ -204,7 +215,6 @@ def apply_protocol(references, hypotheses, protocol="plain", tokenizer=None, max
     if split == "val":
         hyps = [h if len(h) > 0 else MLRG_EMPTY_GENERATION for h in hyps]
     return refs, hyps
-
 
 # %% ../nbs/05_evaluate.ipynb #43a45df3
 _METEOR_BAD = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029|]")
@@ -811,7 +821,6 @@ def run_adapter(name, refs, hyps, path=None) -> dict:
     out.update(message=f"{name}: {what}", scores={k: float(v) for k, v in scores.items()}, package_version=version)
     return out
 
-
 # %% ../nbs/05_evaluate.ipynb #70d9a0ed
 ID_COLS = ("id", "dicom_id", "image_id", "study_id")
 TEXT_COLS = {
@@ -880,12 +889,8 @@ def read_texts(path, role="pred", split="test", id_col=None, text_col=None):
     path = Path(path)
     if not path.is_file():
         raise InputError("file not found", where=path)
-    raw = path.read_bytes()
-    try:
-        text = raw.decode("utf-8-sig")
-    except UnicodeDecodeError as e:
-        line = raw[: e.start].count(b"\n") + 1
-        raise InputError(f"not UTF-8 (byte 0x{raw[e.start]:02x} at line {line})", where=path) from None
+    kind = {".csv": "CSV", ".jsonl": "JSON lines"}.get(path.suffix.lower(), "JSON")
+    text = decode_utf8(path.read_bytes(), path, kind)  # UTF-8 (a byte-order mark is dropped), else where it is not
     if not text.strip():
         raise InputError("empty file", where=path)
     if path.suffix.lower() == ".csv":
@@ -1293,11 +1298,11 @@ def truth_changes(truth) -> dict:
 def image_embedding(paths, size=32, progress=False) -> np.ndarray:
     "(n, size*size) float32: grayscale, square, `size` px, mean-centred, unit norm (a cosine = a dot product)."
     from mlrg.data import load_image
-    from tqdm import tqdm  # text bars: they render in terminals, JupyterLab and executed reports alike
+    from mlrg.runs import progress_bar  # tqdm bars, or plain lines in a log
 
     paths = list(paths)
     out = np.zeros((len(paths), size * size), np.float32)
-    for i, p in enumerate(tqdm(paths, desc="embedding images", unit="img", disable=not progress)):
+    for i, p in enumerate(progress_bar(paths, desc="embedding images", unit="img", disable=not progress)):
         v = load_image(p, size).astype(np.float32).ravel()
         v -= v.mean()
         n = float(np.linalg.norm(v))
@@ -1460,6 +1465,9 @@ def evaluate_files(
 def evaluate_cli(argv=None) -> int:
     "The `mlrg evaluate` command."
     a = EVALUATE.cli(argv, prog="mlrg evaluate")
+    for k in ("out", "per_sample"):  # before any work: the error names the folder at once
+        if a[k]:
+            ensure_writable_file(a[k], f"--{k.replace('_', '-')} file")
     res = evaluate_files(
         a["pred_path"],
         a["gt_path"],

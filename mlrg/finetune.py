@@ -29,19 +29,29 @@ from mlrg.core import (
     Params,
     Preset,
     derive_seed,
+    ensure_writable_file,
     get_logger,
     json_text,
+    save_figure,
     save_json,
     seed_everything,
     write_set,
 )
 from mlrg.data import (
+    MIMIC_VIEW_POSITIONS,
     SPECIAL_TOKENS,
     BPETokenizer,
     MLRGDataset,
+    check_image,
+    clean_indication,
     collate,
+    image_slots,
     load_image,
+    normalize_text,
+    normalize_view,
     read_annotation,
+    validate_mlrg_item,
+    view_row,
     vocab_from_state,
 )
 from .decoder import gpt2_decoder_config, load_gpt2_weights
@@ -72,17 +82,17 @@ from mlrg.report_model import (
 from .models import ABLATION_FLAGS, MLRG_OPTIONS, VISUAL_KEYS, list_image_encoders, partial_load, visual_config
 from .inputs import INPUTS, Inputs, backbones, check_image_files, image_root_for, load_inputs
 from .phantom import TRUTH_FILE
-from .runs import RunFolder, check_output_folder, in_ipython, one_line_errors, output_folder
+from .runs import RunFolder, check_output_folder, in_ipython, one_line_errors, output_folder, stage_lock
 
 # %% auto #0
 __all__ = ['SELECT_METRICS', 'RCB_ADAPTERS', 'MLRG_DATA_KEYS', 'MLRG_DATA', 'FINETUNE_PRESETS', 'FINETUNE',
-           'STAGE2_VISUAL_DEFAULTS', 'PREDICTION_KEYS', 'GENERATE', 'adapter_status', 'rcb_scores',
+           'STAGE2_VISUAL_DEFAULTS', 'PREDICTION_KEYS', 'GENERATE', 'REPORT', 'adapter_status', 'rcb_scores',
            'check_folder_sizes', 'load_stage1', 'lr_groups', 'stage1_checkpoint', 'load_finetune_data',
            'model_config_for', 'FinetuneParts', 'build_finetune', 'truth_labels', 'ce_against_truth', 'score_records',
            'protocol_tokenizer_for', 'protocol_records', 'protocol_info', 'ReportEvaluator', 'mlrg_csv_text',
            'write_predictions', 'fit_config', 'run_test', 'plot_curves', 'summarize', 'finetune', 'load_report_model',
            'dataset_for', 'generate_reports', 'finetune_cli', 'generate_cli', 'baseline_records', 'diff_html',
-           'case_images', 'plot_attention']
+           'case_images', 'report_study', 'report_cli', 'plot_attention']
 
 # %% ../nbs/04_finetune.ipynb #3a7516ba
 def adapter_status(name, path=None) -> str:
@@ -1111,57 +1121,58 @@ def finetune(params: dict | None = None, **overrides) -> dict:
     if p["num_threads"]:
         torch.set_num_threads(p["num_threads"])
     check_output_folder(p, "finetune")  # before any work
-    if p["test"] and p["meteor"]:
-        check_java()
-    parts = build_finetune(p, log=log)
-    out_dir = _out_dir(p, parts.data)
-    if is_main_process():
-        log.info(
-            "finetune: %d train / %d val / %d test samples -> %s",
-            len(parts.train_ds),
-            len(parts.val_ds),
-            len(parts.test_ds),
-            out_dir,
-        )
-    result = fit(
-        parts.model,
-        parts.train_ds,
-        parts.collate_fn,
-        fit_config(p, parts, out_dir),
-        evaluate=parts.evaluator,
-        vocab=parts.vocab.state(),
-        arch_keys=("model",),
-        log=log,
-    )
-    test = None
-    if is_main_process() and p["test"]:
-        ck = result["paths"].get("best")
-        if ck is None:  # e.g. resumed from another folder's checkpoint and never improved on its best since
-            log.warning(
-                "no best.pt in %s (best step %s was not written here): the test split is written with last.pt",
+    with stage_lock(p, "finetune", is_main_process()):  # one writer in the output folder
+        if p["test"] and p["meteor"]:
+            check_java()
+        parts = build_finetune(p, log=log)
+        out_dir = _out_dir(p, parts.data)
+        if is_main_process():
+            log.info(
+                "finetune: %d train / %d val / %d test samples -> %s",
+                len(parts.train_ds),
+                len(parts.val_ds),
+                len(parts.test_ds),
                 out_dir,
-                result["best_step"],
             )
-            ck = result["paths"]["last"]
-        test = run_test(parts.model, parts, p, out_dir, ck, log)
-    summary = summarize(result, p, parts, out_dir, test)
-    if is_main_process():
-        save_json(summary, Path(out_dir) / "finetune_summary.json")
-        try:
-            plot_curves(result["history"]).savefig(Path(out_dir) / "curves.png", dpi=100)
-        except Exception as e:
-            log.warning("could not save curves.png: %s", e)
-        if p["run_dir"] is not None:
-            RunFolder.create(p["run_dir"]).record(
-                "finetune",
-                out_dir=str(out_dir),
-                best_checkpoint=summary["best_checkpoint"],
-                best_step=summary["best_step"],
-                select_metric=p["select_metric"],
-                best_val_score=summary["best_val_score"],
-                **{f"test_{k}": v for k, v in ((test or {}).get("scores") or {}).items()},
-            )
-    return summary
+        result = fit(
+            parts.model,
+            parts.train_ds,
+            parts.collate_fn,
+            fit_config(p, parts, out_dir),
+            evaluate=parts.evaluator,
+            vocab=parts.vocab.state(),
+            arch_keys=("model",),
+            log=log,
+        )
+        test = None
+        if is_main_process() and p["test"]:
+            ck = result["paths"].get("best")
+            if ck is None:  # e.g. resumed from another folder's checkpoint and never improved on its best since
+                log.warning(
+                    "no best.pt in %s (best step %s was not written here): the test split is written with last.pt",
+                    out_dir,
+                    result["best_step"],
+                )
+                ck = result["paths"]["last"]
+            test = run_test(parts.model, parts, p, out_dir, ck, log)
+        summary = summarize(result, p, parts, out_dir, test)
+        if is_main_process():
+            save_json(summary, Path(out_dir) / "finetune_summary.json")
+            try:
+                save_figure(plot_curves(result["history"]), Path(out_dir) / "curves.png", dpi=100)
+            except Exception as e:
+                log.warning("could not save curves.png: %s", e)
+            if p["run_dir"] is not None:
+                RunFolder.create(p["run_dir"]).record(
+                    "finetune",
+                    out_dir=str(out_dir),
+                    best_checkpoint=summary["best_checkpoint"],
+                    best_step=summary["best_step"],
+                    select_metric=p["select_metric"],
+                    best_val_score=summary["best_val_score"],
+                    **{f"test_{k}": v for k, v in ((test or {}).get("scores") or {}).items()},
+                )
+        return summary
 
 # %% ../nbs/04_finetune.ipynb #dc33b112
 def load_report_model(path, map_location="cpu") -> tuple:
@@ -1238,6 +1249,20 @@ GENERATE = Params(
 )
 
 
+def _reports_of(
+    model, vocab, ck, items, image_root, generation, batch_size=16, gpu_id=None, progress=False, desc="generate"
+) -> tuple:
+    """(records, decoding settings, dataset) of the reports `model` (of checkpoint `ck`) writes for annotation `items`,
+    with the checkpoint's data and decoding settings, those of `generation` that are not None in their place. `mlrg
+    generate` and `mlrg report` both write through it."""
+    gen = {**ck["config"]["generation"], **{k: v for k, v in generation.items() if v is not None}}
+    ds = dataset_for(ck, items, image_root, vocab)
+    recs = generate_records(
+        model.to(get_device(gpu_id)), ds, None, batch_size, gen, with_loss=False, progress=progress, desc=desc
+    )
+    return recs, gen, ds
+
+
 def generate_reports(
     checkpoint,
     annotation,
@@ -1254,6 +1279,8 @@ def generate_reports(
     "Records of the reports `checkpoint` writes for `split` of `annotation` (written to `out` when given)."
     if out is not None and Path(out).suffix.lower() not in (".json", ".csv"):
         raise InputError(f"unknown output format {Path(out).suffix!r}", where=f"--out {out}", expected=".json or .csv")
+    if out is not None:
+        ensure_writable_file(out, "--out file")  # before any work
     model, vocab, ck = load_report_model(checkpoint)
     items = read_annotation(annotation, trust_pickle=trust_pickle)
     if split not in items or not items[split]:
@@ -1261,16 +1288,8 @@ def generate_reports(
     todo = items[split][:limit] if limit else items[split]
     root = image_root_for(Path(annotation), image_root)
     check_image_files({split: todo}, root, splits=(split,))
-    gen = {**ck["config"]["generation"], **{k: v for k, v in generation.items() if v is not None}}
-    recs = generate_records(
-        model.to(get_device(gpu_id)),
-        dataset_for(ck, todo, root, vocab),
-        None,
-        batch_size,
-        gen,
-        with_loss=False,
-        progress=progress,
-        desc=f"generate {split}",
+    recs, _, _ = _reports_of(
+        model, vocab, ck, todo, root, generation, batch_size, gpu_id, progress, f"generate {split}"
     )
     if out is not None:
         if Path(out).suffix.lower() == ".csv":
@@ -1373,6 +1392,266 @@ def case_images(item, image_root, size=128) -> list:
         ls = item["prior_study"]["latest_study"]
         out.append((f"prior {ls.get('view_position')}", load_image(root / ls["image_path"], size)))
     return out
+
+# %% ../nbs/04_finetune.ipynb #0eac95ed
+_REPORT_ARGS = {  # how an error names an argument: report_study's (with the entry's index) and mlrg report's
+    "checkpoint": ("checkpoint", "--checkpoint"),
+    "image": ("images[{k}]", "--image"),
+    "view": ("images[{k}] view", "--view"),
+    "prior_image": ("prior_images[{k}]", "--prior-image"),
+    "prior_view": ("prior_images[{k}] view", "--prior-view"),
+    "prior_findings": ("prior_findings", "--prior-findings"),
+    "generation": ("report_study", "command line"),
+}
+
+
+def _arg(cli, key, k=None, value=None) -> str:
+    "The name of argument `key` (its entry `k`, or the whole list) in errors, with its `value` when given."
+    py, flag = _REPORT_ARGS[key]
+    name = flag if cli else py.format(k=k) if k is not None else py.split("[")[0]
+    return name if value is None else f"{name} {value}" if cli else f"{name} = {str(value)!r}"
+
+
+def _report_views(view_vocab) -> list:
+    "The view names a model with view vocabulary `view_vocab` reads, as `report_study` and `mlrg report` take them."
+    if isinstance(view_vocab, str):  # collapsed or raw: MIMIC-CXR's ViewPosition values, UNK for a missing one
+        return [v for v in MIMIC_VIEW_POSITIONS if v] + ["UNK"]
+    return sorted(k for k in view_vocab if k) + (["UNK"] if "" in view_vocab else [])
+
+
+def _view(v, view_vocab, where) -> str:
+    "View `v` as the annotation item stores it; an `InputError` at `where` listing the accepted names."
+    if isinstance(v, str) and v.strip():
+        n = normalize_view(v)
+        if isinstance(view_vocab, str) and (n in _report_views(view_vocab) or n == "unk"):
+            return n
+        if not isinstance(view_vocab, str):
+            try:
+                view_row(v.strip(), view_vocab)
+                return v.strip()
+            except InputError:
+                pass
+    raise InputError(
+        f"unknown view {v!r}",
+        where=where,
+        expected="one of " + ", ".join(_report_views(view_vocab)) + " (case-insensitive)",
+    )
+
+
+def _image_file(p, where) -> str:
+    "The absolute path of image file `p`; an `InputError` at `where` when it is missing or unreadable."
+    if not isinstance(p, (str, Path)) or not str(p).strip():
+        raise InputError(f"{p!r} is not a path", where=where, expected="an image file (JPEG or PNG)")
+    q = Path(p).expanduser()
+    bad = check_image(q, decode=True)
+    if bad is not None:
+        raise InputError(bad[1], where=where, expected="an image file (JPEG or PNG)")
+    return str(q.resolve())
+
+
+def _study_entries(images, prior_images, cli) -> tuple:
+    "([(absolute path, view)] of the current images, the same of the prior images), files checked, views not yet."
+    if isinstance(images, (str, Path)) or not images:
+        raise InputError(
+            "no current image" if not images else f"{str(images)!r} alone",
+            where=_arg(cli, "image"),
+            expected="the study's images as (path, view) pairs, the anchor first"
+            if not cli
+            else "one --image PATH --view VIEW per image, the anchor first",
+        )
+    cur = []
+    for k, e in enumerate(images):
+        if not isinstance(e, (tuple, list)) or len(e) != 2:
+            raise InputError(f"{e!r}", where=_arg(cli, "image", k), expected="a (path, view) pair")
+        cur.append((_image_file(e[0], _arg(cli, "image", k, e[0])), e[1]))
+    pri = [] if prior_images is None else [prior_images] if isinstance(prior_images, (str, Path)) else prior_images
+    prior = []
+    for k, e in enumerate(pri):
+        p, v = e if isinstance(e, (tuple, list)) and len(e) == 2 else (e, None)
+        prior.append((_image_file(p, _arg(cli, "prior_image", k, p)), v))
+    if len(prior) > 1:
+        raise InputError(
+            f"{len(prior)} prior images",
+            where=_arg(cli, "prior_image"),
+            expected="at most one: the model reads one image of the prior study (prior_study.latest_study.image_path)",
+        )
+    return cur, prior
+
+
+def _study_item(cur, prior, prior_findings, indication, view_vocab, max_views, cli) -> dict:
+    "The annotation item (`mlrg prepare`'s shape) of one study: `_study_entries`' files, the texts; views checked."
+    if max_views is not None and len(cur) > max_views:
+        raise InputError(
+            f"{len(cur)} current images",
+            where=_arg(cli, "image"),
+            expected=f"at most {max_views}: the checkpoint reads the anchor and {max_views - 1} other view(s) "
+            "(its max_views)",
+        )
+    if prior_findings is not None and str(prior_findings).strip() and not prior:
+        raise InputError(
+            "prior findings without a prior image",
+            where=_arg(cli, "prior_findings"),
+            expected=f"{_arg(cli, 'prior_image')} too: a prior study is its image and its findings "
+            "together (as mlrg prepare writes it); leave both out for a study without a prior",
+        )
+    cur = [(p, _view(v, view_vocab, _arg(cli, "view", k, v))) for k, (p, v) in enumerate(cur)]
+    item = {
+        "id": Path(cur[0][0]).stem,
+        "findings": "",
+        "impression": "",
+        "indication": str(indication or ""),
+        "indication_pure": clean_indication(indication),
+        "anchor_scan": {"image_path": [cur[0][0]], "view_position": [cur[0][1]]},
+        "auxiliary_references": {"image_path": [p for p, _ in cur[1:]], "view_position": [v for _, v in cur[1:]]},
+        "prior_study": None,
+        "prior_status": "unknown",
+    }
+    if prior:
+        (p, v), text = prior[0], normalize_text(prior_findings)
+        view = cur[0][1] if v is None else _view(v, view_vocab, _arg(cli, "prior_view", 0, v))
+        latest = {"image_path": p, "view_position": view, "findings": text, "has_findings": bool(text)}
+        item.update(prior_study={"latest_study": {**latest, "report_read": prior_findings is not None}})
+        item["prior_status"] = "prior"
+    errors = validate_mlrg_item(item, "report item")
+    assert not errors, errors  # the item is ours: a problem here is a bug, not the user's input
+    return item
+
+
+def _prompt_parts(vocab, ids, segments) -> tuple:
+    "(indication, prior findings) of a prompt's ids as the model reads them: its two segments without [CLS] / [SEP]."
+    a = [i for i, s in zip(ids, segments) if s == 0]
+    b = [i for i, s in zip(ids, segments) if s == 1]
+    a = a[1:] if a[:1] == [vocab.cls_id] else a
+    a, b = (x[:-1] if x[-1:] == [vocab.sep_id] else x for x in (a, b))
+    return vocab.decode(a, skip_special=False), vocab.decode(b, skip_special=False)
+
+
+def _show_study(item, image_root, record):
+    "The images of the study (matplotlib) and its texts."
+    import matplotlib.pyplot as plt
+
+    ims = case_images(item, image_root)
+    fig, axes = plt.subplots(1, len(ims), figsize=(2.2 * len(ims), 2.4), squeeze=False)
+    for ax, (title, im) in zip(axes[0], ims):
+        ax.imshow(im, cmap="gray")
+        ax.set_title(title, fontsize=8)
+        ax.axis("off")
+    plt.show()
+    pr = record["prompt"]
+    print(f"indication: {pr['indication']}\nprior findings: {pr['prior_findings']}\nfindings: {record['findings']}")
+
+
+def _report(checkpoint, images, prior_images, prior_findings, indication, gpu_id, generation, cli, show=False):
+    unknown = sorted(set(generation) - set(GENERATION_KEYS))
+    if unknown:
+        raise InputError(
+            f"unknown decoding setting(s) {unknown}", where=_arg(cli, "generation"), expected=", ".join(GENERATION_KEYS)
+        )
+    cur, prior = _study_entries(images, prior_images, cli)  # the files first: before the checkpoint's load
+    try:
+        model, vocab, ck = load_report_model(checkpoint)
+    except InputError as e:
+        raise InputError(e.what, where=f"{_arg(cli, 'checkpoint')} {e.where}", expected=e.expected) from None
+    vis, data = model.config["visual"], ck["config"]["data"]
+    item = _study_item(cur, prior, prior_findings, indication, vis["view_vocab"], data["max_views"], cli)
+    slots = image_slots(item)
+    root = Path(os.path.commonpath([str(Path(p).parent) for _, p, _, _ in slots]))
+    (rec,), gen, ds = _reports_of(model, vocab, ck, [item], root, generation, 1, gpu_id)
+    ind, pri = _prompt_parts(vocab, *ds.prompt(item))
+    roles = ["anchor"] + ["view"] * (len(slots) - 1 - bool(item["prior_study"])) + ["prior"] * bool(item["prior_study"])
+    record = {
+        "findings": rec["generated"],
+        "prompt": {"indication": ind, "prior_findings": pri, "text": rec["prompt"]},
+        "images": [{"role": r, "path": p, "view": v} for r, (_, p, v, _) in zip(roles, slots)],
+        "model_reads": {
+            "indication": bool(data["use_indication"]),
+            "prior_findings": bool(data["use_prior_report"]),
+            "prior_image": bool(vis["is_prior_scan"]),
+            "auxiliary_views": bool(vis["is_multiview_learning"]),
+        },
+        "checkpoint": str(Path(checkpoint).resolve()),
+        "generation": gen,
+    }
+    if show:
+        _show_study(item, root, record)
+    return record
+
+
+def report_study(
+    checkpoint, images, prior_images=None, prior_findings=None, indication=None, show=False, gpu_id=None, **generation
+) -> dict:
+    """The findings stage-2 `checkpoint` writes for one study given as files: `images` [(path, view), ...] (the anchor
+    first), at most one prior image (`prior_images`: a path or [(path, view)]) with its `prior_findings`, the
+    `indication`; `generation`: num_beams, max_length, ... (None or absent: the checkpoint's). Returns the record
+    `mlrg report --json` prints; `show`: also draw the images and print the texts."""
+    return _report(checkpoint, images, prior_images, prior_findings, indication, gpu_id, generation, False, show)
+
+# %% ../nbs/04_finetune.ipynb #5ea51a68
+REPORT = Params(
+    "report",
+    "Findings for one new study from image files, with a trained stage-2 checkpoint "
+    "(--image PATH --view VIEW per image, the anchor first).",
+    dict(
+        checkpoint=GENERATE.params["checkpoint"],
+        prior_findings=Param(None, "the findings of the prior study (needs --prior-image)", kind=str),
+        indication=Param(None, "the indication (reason for the exam)", kind=str),
+        **{k: GENERATE.params[k] for k in GENERATION_KEYS},
+        gpu_id=GENERATE.params["gpu_id"],
+        json=Param(False, "print the record (findings, prompt, images, checkpoint, decoding settings) as JSON"),
+    ),
+)
+_REPORT_FILES = (  # mlrg report's repeated arguments: flag, name, metavar, help
+    ("--image", "images", "PATH", "an image of the study (one --image per image; the first is the anchor)"),
+    ("--view", "views", "VIEW", "the view of each --image, in their order (PA, AP, LATERAL, LL, ...; UNK)"),
+    ("--prior-image", "prior_images", "PATH", "the image of the prior study (at most one)"),
+    ("--prior-view", "prior_views", "VIEW", "the view of --prior-image (default: the anchor's)"),
+)
+
+
+def _report_from_cli(argv) -> tuple:
+    ap = REPORT.parser("mlrg report")
+    for flag, name, meta, hint in _REPORT_FILES:
+        flags = [flag] + (["--" + flag[2:].replace("-", "_")] if "-" in flag[2:] else [])  # as Params spells them
+        ap.add_argument(*flags, dest=name, metavar=meta, action="append", help=hint)
+    ns, rest = ap.parse_known_args(list(sys.argv[1:] if argv is None else argv))
+    if rest:
+        offered = [f"--{k.replace('_', '-')}" for k in REPORT.params] + [f for f, _, _, _ in _REPORT_FILES]
+        near = [m for a in rest if a.startswith("--") for m in difflib.get_close_matches(a.split("=")[0], offered, 1)]
+        raise InputError(
+            f"unexpected argument(s) {' '.join(rest)}" + (f"; did you mean {near[0]}?" if near else ""),
+            where="command line",
+            expected="--image PATH --view VIEW pairs and the options of mlrg report --help",
+        )
+    a = vars(ns)
+    images, views, prior_images, prior_views = (a.pop(name, None) or [] for _, name, _, _ in _REPORT_FILES)
+    p = REPORT.check(a)
+    if len(views) != len(images):
+        raise InputError(
+            f"{len(images)} --image but {len(views)} --view",
+            where="--view",
+            expected="one --view per --image, in order",
+        )
+    if prior_views and len(prior_views) != len(prior_images):
+        raise InputError(
+            f"{len(prior_images)} --prior-image but {len(prior_views)} --prior-view",
+            where="--prior-view",
+            expected="one --prior-view per --prior-image, or none (the anchor's view)",
+        )
+    prior = list(zip(prior_images, prior_views or [None] * len(prior_images)))
+    gen = {k: p[k] for k in GENERATION_KEYS}
+    rec = _report(
+        p["checkpoint"], list(zip(images, views)), prior, p["prior_findings"], p["indication"], p["gpu_id"], gen, True
+    )
+    return json_text(rec, indent=None) if p["json"] else rec["findings"] + "\n"
+
+
+def report_cli(argv=None) -> int:
+    """`mlrg report --checkpoint C --image P --view V [--image P --view V ...] [--prior-image P [--prior-view V]]
+    [--prior-findings T] [--indication T] [--json]`."""
+    status, text = one_line_errors("mlrg report", lambda: _report_from_cli(argv))
+    if not status:
+        print(text, end="")
+    return status
 
 # %% ../nbs/04_finetune.ipynb #446506a1
 def plot_attention(image, weights, words, n_tokens, fig=None):

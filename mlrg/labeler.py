@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .core import OBSERVATIONS, InputError, Param, Params, atomic_write
+from .core import OBSERVATIONS, InputError, Param, Params, atomic_write, decode_utf8, ensure_writable_file
 from .metrics import prf
 
 # %% auto #0
@@ -393,9 +393,9 @@ def label_reports(texts, progress=False) -> np.ndarray:
     out = np.full((len(texts), len(OBSERVATIONS)), np.nan)
     it = texts
     if progress:
-        from tqdm import tqdm  # text bars: they render in terminals, JupyterLab and executed reports alike
+        from mlrg.runs import progress_bar  # tqdm bars, or plain lines in a log
 
-        it = tqdm(texts, desc="labelling", unit="report")
+        it = progress_bar(texts, desc="labelling", unit="report")
     for r, t in enumerate(it):
         out[r] = label_text(t)
     return out
@@ -434,16 +434,7 @@ def read_reports_csv(path, text_col="Report"):
     path = Path(path)
     if not path.is_file():
         raise InputError("file not found", where=path, expected="a CSV file of reports")
-    raw = path.read_bytes()
-    try:
-        text = raw.decode("utf-8-sig")
-    except UnicodeDecodeError as e:
-        line = raw[: e.start].count(b"\n") + 1
-        raise InputError(
-            f"not UTF-8 (byte 0x{raw[e.start]:02x} at line {line})",
-            where=f"{path}:{line}",
-            expected="a UTF-8 encoded CSV",
-        ) from None
+    text = decode_utf8(path.read_bytes(), path, "CSV")  # UTF-8 (a byte-order mark is dropped), else where it is not
     try:
         df = pd.read_csv(io.StringIO(text), dtype=str, keep_default_na=False)
     except Exception as e:
@@ -463,6 +454,7 @@ def write_labels_csv(df, path):
 def label_cli(argv=None):
     "`mlrg label --in reports.csv --out labels.csv [--text-column Report]`: CheXpert-style labels for a CSV of reports."
     a = LABEL.cli(argv, prog="mlrg label")
+    ensure_writable_file(a["out"], "--out file")  # before any work: the error names the folder at once
     df = read_reports_csv(a["reports_csv"], a["text_column"])
     empty = int((df[a["text_column"]].str.strip() == "").sum())
     out = label_frame(df, a["text_column"], progress=a["progress"])
@@ -803,7 +795,7 @@ def phantom_check(root, policy="positive", reportable_only=True, progress=True):
         f = root / "files" / report_relpath(sid, st)
         if not f.is_file():
             raise InputError("report missing", where=f)
-        sec = parse_report(f.read_text(encoding="utf-8"))
+        sec = parse_report(decode_utf8(f.read_bytes(), f, "report text"))
         texts.append(((sec["findings"] or "") + "\n" + (sec["impression"] or "")).strip())
         proj = {im["projection"] for im in rec["images"]}
         s = {

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from tqdm import tqdm
+from .runs import progress_bar  # tqdm bars, or plain lines in a log
 
 from .core import OBSERVATIONS, InputError, derive_seed, image_relpath, seed_everything
 from .data import load_image
@@ -133,7 +133,7 @@ def load_images(root, records, size, progress=True):
 
     with ThreadPoolExecutor(2) as ex:
         list(
-            tqdm(
+            progress_bar(
                 ex.map(work, range(len(present))),
                 total=len(present),
                 desc="load images",
@@ -321,7 +321,7 @@ def train_lockstep(
     step = 0
     done = False
     ep = 0
-    bar = tqdm(
+    bar = progress_bar(
         total=round(seconds, 1) if seconds is not None else total,
         desc=f"train {experiment} ({' + '.join(m[0] for m in models)})",
         unit="s" if seconds is not None else "step",

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
-from tqdm import tqdm  # text bars: they render in terminals, JupyterLab and executed reports alike
+from .runs import progress_bar  # tqdm bars, or plain lines in a log
 
 from mlrg.core import (
     OBSERVATIONS,
@@ -1926,7 +1926,7 @@ def write_phantom(out_dir, patients=None, seed=0, size=None, workers=None, progr
     workers = max(1, int(workers))
     _tune_malloc()
     meta, chex, truth, facts = [], [], [], []
-    bar = tqdm(total=patients, desc="phantom patients", disable=not progress)
+    bar = progress_bar(total=patients, desc="phantom patients", disable=not progress)
     if workers == 1:
         results = map(_write_patient, jobs)
         for m, c, r, f in results:

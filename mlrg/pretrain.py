@@ -16,12 +16,30 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .core import InputError, Param, Params, Preset, derive_seed, get_logger, save_json, seed_everything
+from mlrg.core import (
+    InputError,
+    Param,
+    Params,
+    Preset,
+    derive_seed,
+    get_logger,
+    save_figure,
+    save_json,
+    seed_everything,
+)
 from .data import CHEXPERT_LABELS, MLRGDataset, collate, vocab_from_state
 from .inputs import INPUTS, Inputs, backbones, load_inputs
 from .engine import TRAIN, TRAIN_OUTPUT, fit, is_main_process, load_checkpoint, to_device
 from .metrics import roc_auc
-from .runs import RunFolder, check_output_folder, in_ipython, one_line_errors, output_folder
+from mlrg.runs import (
+    RunFolder,
+    check_output_folder,
+    in_ipython,
+    one_line_errors,
+    output_folder,
+    progress_bar,
+    stage_lock,
+)
 from .models import MLRG_STAGE1, MLRGPretrainModel, list_image_encoders, pretrain_config
 
 # %% auto #0
@@ -380,9 +398,7 @@ class PretrainEvaluator:
         self.groups = _groups_of(val_ds.items)
 
     def _batches(self, ds, desc):
-        from tqdm import tqdm  # text bars, as the rest of the project
-
-        return tqdm(
+        return progress_bar(
             _loader(ds, self.batch_size, self.num_workers, self.pad_id),
             desc=desc,
             leave=False,
@@ -722,66 +738,67 @@ def pretrain(params: dict | None = None, **overrides) -> dict:
     if p["num_threads"]:
         torch.set_num_threads(p["num_threads"])
     check_output_folder(p, "pretrain")  # before any work
-    parts = build_pretrain(p)
-    out_dir = _out_dir(p, parts.data)
-    if p["debug"]:
-        debug_report(parts, p, print_fn=print if is_main_process() else (lambda *a: None))
-    config = {
-        **{k: p[k] for k in _ENGINE_KEYS},
-        "out_dir": str(out_dir),
-        "select_metric": "val_loss",
-        "select_mode": "min",
-        "max_steps": p["debug_batches"] if p["debug"] else p["max_steps"],
-        "model": parts.model_config,
-        "stage": "pretrain",
-        "backbones": parts.backbones,
-        "data": {k: parts.data.info[k] for k in ("annotation", "image_root", "sample_unit", "samples")},
-        "eval": {
-            k: p[k]
-            for k in (
-                "eval_batch_size",
-                "val_loss_mean",
-                "recall_ks",
-                "linear_probe",
-                "uncertain",
-                "probe_max_train",
-                "probe_l2",
-            )
-        },
-    }
-    if is_main_process():
-        log.info("pretrain: %s train / %s val samples -> %s", len(parts.train_ds), len(parts.val_ds), out_dir)
-    result = fit(
-        parts.model,
-        parts.train_ds,
-        parts.collate_fn,
-        config,
-        evaluate=parts.evaluator,
-        vocab=parts.vocab.state(),
-        arch_keys=("model",),
-        log=log,
-    )
-    summary = summarize(result, p, parts, out_dir)
-    if is_main_process():
-        save_json(summary, Path(out_dir) / "pretrain_summary.json")
-        try:
-            plot_history(result["history"], p["recall_ks"]).savefig(Path(out_dir) / "curves.png", dpi=100)
-        except Exception as e:
-            log.warning("could not save curves.png: %s", e)
-        if p["run_dir"] is not None:
-            RunFolder.create(p["run_dir"]).record(
-                "pretrain",
-                out_dir=str(out_dir),
-                best_checkpoint=summary["best_checkpoint"],
-                best_step=summary["best_step"],
-                best_val_loss=summary["best_val_loss"],
-                **{
-                    f"val_{k}": v
-                    for k, v in summary["best"].items()
-                    if "R@" in k or k in ("probe_auc_macro", "probe_encoder_auc_macro")
-                },
-            )
-    return summary
+    with stage_lock(p, "pretrain", is_main_process()):  # one writer in the output folder
+        parts = build_pretrain(p)
+        out_dir = _out_dir(p, parts.data)
+        if p["debug"]:
+            debug_report(parts, p, print_fn=print if is_main_process() else (lambda *a: None))
+        config = {
+            **{k: p[k] for k in _ENGINE_KEYS},
+            "out_dir": str(out_dir),
+            "select_metric": "val_loss",
+            "select_mode": "min",
+            "max_steps": p["debug_batches"] if p["debug"] else p["max_steps"],
+            "model": parts.model_config,
+            "stage": "pretrain",
+            "backbones": parts.backbones,
+            "data": {k: parts.data.info[k] for k in ("annotation", "image_root", "sample_unit", "samples")},
+            "eval": {
+                k: p[k]
+                for k in (
+                    "eval_batch_size",
+                    "val_loss_mean",
+                    "recall_ks",
+                    "linear_probe",
+                    "uncertain",
+                    "probe_max_train",
+                    "probe_l2",
+                )
+            },
+        }
+        if is_main_process():
+            log.info("pretrain: %s train / %s val samples -> %s", len(parts.train_ds), len(parts.val_ds), out_dir)
+        result = fit(
+            parts.model,
+            parts.train_ds,
+            parts.collate_fn,
+            config,
+            evaluate=parts.evaluator,
+            vocab=parts.vocab.state(),
+            arch_keys=("model",),
+            log=log,
+        )
+        summary = summarize(result, p, parts, out_dir)
+        if is_main_process():
+            save_json(summary, Path(out_dir) / "pretrain_summary.json")
+            try:
+                save_figure(plot_history(result["history"], p["recall_ks"]), Path(out_dir) / "curves.png", dpi=100)
+            except Exception as e:
+                log.warning("could not save curves.png: %s", e)
+            if p["run_dir"] is not None:
+                RunFolder.create(p["run_dir"]).record(
+                    "pretrain",
+                    out_dir=str(out_dir),
+                    best_checkpoint=summary["best_checkpoint"],
+                    best_step=summary["best_step"],
+                    best_val_loss=summary["best_val_loss"],
+                    **{
+                        f"val_{k}": v
+                        for k, v in summary["best"].items()
+                        if "R@" in k or k in ("probe_auc_macro", "probe_encoder_auc_macro")
+                    },
+                )
+        return summary
 
 # %% ../nbs/03_pretrain.ipynb #2d4c2103
 def pretrain_cli(argv=None) -> int:

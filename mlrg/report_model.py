@@ -40,7 +40,7 @@ class FeatureCache:
     @torch.no_grad()
     def compute(cls, encoder, paths, load, batch_size=64, device="cpu", num_workers=0, progress=True):
         "Run the frozen `encoder` once over the distinct `paths`, each read by `load(path)` -> (1, S, S) tensor."
-        from tqdm import tqdm  # text bars, as the rest of the project
+        from mlrg.runs import progress_bar  # tqdm bars, or plain lines in a log
 
         if not getattr(encoder, "frozen", False):
             raise InputError(
@@ -52,7 +52,7 @@ class FeatureCache:
         loader = torch.utils.data.DataLoader(_Images(paths, load), batch_size=batch_size, num_workers=num_workers)
         out = []
         encoder = encoder.to(device).eval()
-        for x in tqdm(loader, desc="image features", unit="batch", disable=not progress, leave=False):
+        for x in progress_bar(loader, desc="image features", unit="batch", disable=not progress, leave=False):
             out.append(encoder(x.to(device))[0].float().cpu())
         tokens = torch.cat(out) if out else torch.zeros(0, encoder.n_tokens, encoder.dim)
         return cls({p: i for i, p in enumerate(paths)}, tokens)
@@ -358,7 +358,6 @@ def memory_mask(self: MLRGReportModel, batch, memory) -> torch.Tensor | None:
     real = extra[1]
     return torch.cat([real.new_ones(real.shape[0], memory.shape[1] - real.shape[1]), real], 1)
 
-
 # %% ../nbs/02c_report_model.ipynb #c558e6cb
 @patch
 def logits(self: MLRGReportModel, batch) -> torch.Tensor:
@@ -421,14 +420,16 @@ def generate_records(
 ) -> list:
     """One record per sample of `dataset` (at `indices`): id, study, reference, generated, prompt, has_prior (and loss
     terms)."""
-    from tqdm import tqdm  # text bars, as the rest of the project
+    from mlrg.runs import progress_bar  # tqdm bars, or plain lines in a log
 
     indices = list(range(len(dataset))) if indices is None else list(indices)
     vocab, dev, out = dataset.vocab, next(model.parameters()).device, []
     was = model.training
     model.eval()
     try:
-        for s in tqdm(range(0, len(indices), batch_size), desc=desc, unit="batch", disable=not progress, leave=False):
+        for s in progress_bar(
+            range(0, len(indices), batch_size), desc=desc, unit="batch", disable=not progress, leave=False
+        ):
             chunk = indices[s : s + batch_size]
             batch = to_device(collate([dataset[i] for i in chunk], vocab.pad_id), dev)
             memory = model.memory(batch)

@@ -5,9 +5,13 @@
 # %% ../nbs/00b_runs.ipynb #fd8260f4
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import importlib
 import json
 import os
+import re
+import shlex
 import sys
 import time
 from dataclasses import dataclass
@@ -16,8 +20,10 @@ from pathlib import Path
 from .core import InputError, append_jsonl, atomic_write, ensure_writable, read_jsonl
 
 # %% auto #0
-__all__ = ['STAGES', 'PARAMETER_NOTEBOOKS', 'SUBCOMMANDS', 'repo_root', 'outputs_root', 'RunFolder', 'check_output_folder',
-           'output_folder', 'Stage', 'write_parameter_cells', 'main', 'os_error_line', 'one_line_errors', 'in_ipython']
+__all__ = ['LOCK_FILE', 'STAGES', 'PARAMETER_NOTEBOOKS', 'SUBCOMMANDS', 'repo_root', 'outputs_root', 'RunFolder',
+           'check_output_folder', 'output_folder', 'FolderInUse', 'describe_holder', 'lock_holder', 'folder_lock',
+           'stage_lock', 'Stage', 'write_parameter_cells', 'main', 'os_error_line', 'one_line_errors', 'in_ipython',
+           'PlainLines', 'plain_progress', 'progress_bar']
 
 # %% ../nbs/00b_runs.ipynb #a708a2d7
 def repo_root():
@@ -43,12 +49,17 @@ class RunFolder:
     root: Path
 
     @classmethod
+    def at(cls, run):
+        "The run folder a name (under `outputs_root()`) or a path names, without creating it."
+        p = Path(run)
+        return cls((p if (p.is_absolute() or len(p.parts) > 1) else outputs_root() / p).resolve())
+
+    @classmethod
     def create(cls, run):
         "A run folder from a name (under `outputs_root()`) or a path; created if missing."
-        p = Path(run)
-        root = p if (p.is_absolute() or len(p.parts) > 1) else outputs_root() / p
-        root.mkdir(parents=True, exist_ok=True)
-        return cls(root.resolve())
+        run = cls.at(run)
+        run.root.mkdir(parents=True, exist_ok=True)
+        return run
 
     @property
     def mimic(self):
@@ -138,6 +149,94 @@ def output_folder(p, stage, temp_dir=None) -> Path:
         return Path(temp_dir) / stage
     return outputs_root() / time.strftime(f"{stage}-%Y%m%d-%H%M%S")
 
+# %% ../nbs/00b_runs.ipynb #f5adb3a0
+LOCK_FILE = ".mlrg.lock"
+
+
+class FolderInUse(InputError):
+    "Another process holds the folder's lock (one writer per folder)."
+
+
+def _holder(fd) -> dict:
+    "The note a lock's holder wrote in the lock file (open as `fd`), or {} when there is none."
+    try:
+        return json.loads(os.pread(fd, 4096, 0).decode("utf-8") or "{}")
+    except (ValueError, OSError):
+        return {}
+
+
+def describe_holder(h: dict) -> str:
+    "'process <pid> (<what>, since <time>: <command>)' of a lock holder's note"
+    what, since = h.get("what", "unknown"), h.get("since", "?")
+    return f"process {h.get('pid', '?')} ({what}, since {since}: {h.get('command', '?')})"
+
+
+def lock_holder(folder) -> dict | None:
+    "The note of the process holding `folder`'s lock now (pid, what, since, command), or None when nobody holds it."
+    path = Path(folder) / LOCK_FILE
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return _holder(fd) or {"pid": "?"}
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return None
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def folder_lock(folder, what="run folder", log=print, wait=2.0):
+    """Hold `folder`'s lock while the block runs (created if missing); `FolderInUse` naming the holder when another
+    process holds it for more than `wait` seconds. The lock ends with the process, however it ends."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / LOCK_FILE
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
+    try:
+        deadline = time.monotonic() + wait
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    raise FolderInUse(
+                        f"the {what} is in use by {describe_holder(_holder(fd))}",
+                        where=folder,
+                        expected="one writer per folder: wait for that process to end (or stop it), or write elsewhere",
+                    ) from None
+                time.sleep(0.1)
+        old = _holder(fd)
+        if old:
+            log(f"{what} {folder}: took over the lock left by {describe_holder(old)}, which is no longer running")
+        me = {
+            "pid": os.getpid(),
+            "what": what,
+            "since": time.strftime("%Y-%m-%dT%H:%M:%S"),
+            "command": shlex.join(sys.argv)[:300],
+        }
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps(me).encode("utf-8"), 0)
+        try:
+            yield me
+        finally:
+            os.ftruncate(fd, 0)  # a clean end leaves no note; a dead holder's note is what the next taker reports
+    finally:
+        os.close(fd)  # closing the file ends the lock
+
+
+def stage_lock(p, stage, main_process=True):
+    """The lock of the folder training stage `stage` with parameters `p` writes to, as a context manager, when the
+    parameters name that folder (the main process's only: DDP's other ranks write nothing there)."""
+    if not main_process or (p["model_save_path"] is None and p["run_dir"] is None):
+        return contextlib.nullcontext()
+    return folder_lock(output_folder(p, stage), f"{stage} output folder")
+
 # %% ../nbs/00b_runs.ipynb #6e983737
 @dataclass(frozen=True)
 class Stage:
@@ -204,6 +303,11 @@ SUBCOMMANDS = {
         "generate_cli",
         "write reports with a trained stage-2 checkpoint for a split of any prepared data",
     ),
+    "report": (
+        "mlrg.finetune",
+        "report_cli",
+        "findings for one new study from its image files, with a trained stage-2 checkpoint",
+    ),
     "evaluate": ("mlrg.evaluate", "evaluate_cli", "NLG, clinical (CE) and longitudinal scores of generated reports"),
     "study": (
         "mlrg.study",
@@ -254,3 +358,44 @@ def in_ipython() -> bool:
     except ImportError:
         return False
     return get_ipython() is not None
+
+# %% ../nbs/00b_runs.ipynb #632e07fa
+_CURSOR_CODES = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
+
+
+class PlainLines:
+    "A stream for a progress bar that writes each new status once as a plain line: no carriage returns or cursor codes."
+
+    encoding = "utf-8"
+
+    def __init__(self, fp):
+        self.fp, self.last = fp, None
+
+    def write(self, s):
+        for line in _CURSOR_CODES.sub("", s).replace("\r", "\n").split("\n"):
+            line = line.strip()
+            if line and line != self.last:
+                self.fp.write(line + "\n")
+                self.last = line
+
+    def flush(self):
+        self.fp.flush()
+
+
+def plain_progress() -> bool:
+    """Whether progress shows as plain lines: `MLRG_PROGRESS=lines` (or `bars`) decides; else lines when standard
+    error is not a terminal, outside IPython."""
+    mode = os.environ.get("MLRG_PROGRESS", "")
+    if mode in ("lines", "bars"):
+        return mode == "lines"
+    return not in_ipython() and not sys.stderr.isatty()
+
+
+def progress_bar(iterable=None, **kw):
+    "A tqdm bar over `iterable` (tqdm's arguments); a plain line every `MLRG_PROGRESS_SECONDS` when `plain_progress()`."
+    from tqdm import tqdm  # text bars: they render in terminals, JupyterLab and executed reports alike
+
+    if plain_progress() and not kw.get("disable"):
+        kw["file"] = PlainLines(kw.get("file") or sys.stderr)
+        kw["mininterval"] = max(kw.get("mininterval", 0.1), float(os.environ.get("MLRG_PROGRESS_SECONDS", 10)))
+    return tqdm(iterable, **kw)

@@ -6,26 +6,40 @@
 from __future__ import annotations
 
 import argparse
+import ctypes
 import hashlib
 import html
 import json
 import math
 import os
 import shlex
+import shutil
+import signal
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from .core import InputError, _suggest, atomic_write, load_json, maxrss_mb, move_aside, save_json, to_plain
-from .runs import STAGES, RunFolder, repo_root
+from mlrg.core import (
+    InputError,
+    _suggest,
+    atomic_write,
+    load_json,
+    maxrss_mb,
+    move_aside,
+    save_figure,
+    save_json,
+    to_plain,
+)
+from .runs import LOCK_FILE, STAGES, FolderInUse, RunFolder, describe_holder, folder_lock, lock_holder, repo_root
 
 # %% auto #0
 __all__ = ['STUDY_PRESETS', 'ABLATIONS', 'TRAINING_STAGES', 'STAGE_BY_NAME', 'INDEX_COLUMNS', 'StudyStep', 'study_notes',
-           'plan_study', 'notebooks_dir', 'failed_cell', 'run_step', 'render_html', 'run_study', 'StudyFailed',
-           'result_rows', 'write_index', 'study_parser', 'study_cli']
+           'plan_study', 'notebooks_dir', 'failed_cell', 'execute_stage', 'run_step', 'render_html', 'run_study',
+           'StudyFailed', 'result_rows', 'write_index', 'study_parser', 'study_cli']
 
 # %% ../nbs/06_study.ipynb #2a43e7f9
 STUDY_PRESETS = {
@@ -172,7 +186,7 @@ def plan_study(preset="demo", run="demo", params=(), seeds=1, ablations=False, v
     if preset not in STUDY_PRESETS:
         raise InputError(f"unknown preset {preset!r}", where="--preset", expected=" or ".join(STUDY_PRESETS))
     spec = STUDY_PRESETS[preset]
-    root = RunFolder.create(run).root
+    root = RunFolder.at(run).root  # not created: a plan that is refused leaves nothing behind
     over = _overrides(params, spec["stages"])
     study_level = over.pop("study", {})
     for req in spec.get("required", ()):
@@ -274,15 +288,71 @@ def failed_cell(executed: Path) -> str:
     return ""
 
 
+_LIBC = ctypes.CDLL(None, use_errno=True) if sys.platform.startswith("linux") else None
+
+
+def _die_with(parent: int):
+    """A `preexec_fn` for a child that must not outlive process `parent` (the study): on Linux the kernel sends it
+    SIGTERM when the parent ends, however it ends (`PR_SET_PDEATHSIG`); it ends at once if the parent already has."""
+
+    def set_parent_death_signal():
+        if _LIBC is not None:
+            _LIBC.prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
+        if os.getppid() != parent:
+            os._exit(1)
+
+    return set_parent_death_signal
+
+
 def _child(cmd, cwd, env) -> tuple:
-    "(exit status, peak RSS in MB, seconds) of `cmd` run as a child, its output streamed."
+    """(exit status, peak RSS in MB, seconds) of `cmd` run as a child that ends with the study, its output streamed.
+    papermill's kernel follows papermill: ipykernel ends itself when its parent is gone."""
     t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, cwd=cwd, env=env)
+    proc = subprocess.Popen(cmd, cwd=cwd, env=env, preexec_fn=_die_with(os.getpid()))
     _, status, usage = os.wait4(proc.pid, 0)
     proc.returncode = os.waitstatus_to_exitcode(status)
     return proc.returncode, maxrss_mb(usage.ru_maxrss), time.perf_counter() - t0
 
 # %% ../nbs/06_study.ipynb #1f334cdf
+def execute_stage(notebook, out, params_file, cwd) -> int:
+    """Execute `notebook` with papermill into `out` with the parameters of JSON file `params_file`, cells run in `cwd`,
+    their output streamed: a study step's child process (0 when every cell ran, else 1). The kernel talks over IPC
+    sockets in a temporary folder, not TCP ports."""
+    import logging
+
+    import papermill
+    from jupyter_client.manager import AsyncKernelManager
+    from traitlets import default
+
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")  # the cells' standard error, as it comes
+    logging.getLogger("papermill.translators").setLevel(logging.ERROR)  # its guesses at the parameters' comments
+    with tempfile.TemporaryDirectory(prefix="mlrg-kernel-") as sockets:
+
+        class IPCKernelManager(AsyncKernelManager):
+            @default("transport")
+            def _ipc(self):
+                return "ipc"
+
+            @default("ip")
+            def _socket_prefix(self):
+                return os.path.join(sockets, "kernel")
+
+        try:
+            papermill.execute_notebook(
+                str(notebook),
+                str(out),
+                parameters=load_json(params_file),
+                cwd=str(cwd),
+                log_output=True,
+                progress_bar=False,
+                kernel_manager_class=IPCKernelManager,
+            )
+        except papermill.PapermillExecutionError as e:
+            print(f"papermill: {notebook} failed in cell {e.exec_count}: {e.ename}: {e.evalue}", file=sys.stderr)
+            return 1
+    return 0
+
+
 def run_step(step: StudyStep, run: RunFolder, nproc=1, log=print) -> dict:
     "Execute one step's notebook into `run.reports` (+ HTML); its record: status, seconds, peak memory, reports, error."
     nbs = notebooks_dir()
@@ -290,10 +360,11 @@ def run_step(step: StudyStep, run: RunFolder, nproc=1, log=print) -> dict:
     out_nb, params_file = run.reports / step.report, run.root / "study" / f"{step.key}.params.json"
     atomic_write(params_file, json.dumps(to_plain(step.params), indent=1))
     env = {
-        "TQDM_MININTERVAL": "5",
+        "MLRG_PROGRESS": "lines",
+        "MLRG_PROGRESS_SECONDS": "5",
         **os.environ,
         "PYTHONUNBUFFERED": "1",
-    }  # a stage's bars stream as log lines: one per 5 s each
+    }  # a stage's bars stream as plain log lines (mlrg.runs.progress_bar): one per 5 s each
     rec = {
         "key": step.key,
         "stage": step.stage.name,
@@ -331,18 +402,12 @@ def run_step(step: StudyStep, run: RunFolder, nproc=1, log=print) -> dict:
             }
     cmd = [
         sys.executable,
-        "-m",
-        "papermill",
+        "-c",
+        "import sys; from mlrg.study import execute_stage; sys.exit(execute_stage(*sys.argv[1:]))",
         str(nbs / step.stage.notebook),
         str(out_nb),
-        "-f",
         str(params_file),
-        "--cwd",
         str(nbs),
-        "--log-output",
-        "--no-progress-bar",
-        "--log-level",
-        "WARNING",
     ]
     rc, peak2, secs2 = _child(cmd, nbs, env)
     rec.update(seconds=round(secs + secs2, 1), peak_rss_mb=round(max(peak, peak2)))
@@ -352,7 +417,7 @@ def run_step(step: StudyStep, run: RunFolder, nproc=1, log=print) -> dict:
             **rec,
             "status": "failed",
             "error": f"{rec['notebook']} failed"
-            + (f" in {where}" if where else f" (papermill exited with {rc})")
+            + (f" in {where}" if where else f" (its process exited with {rc})")
             + f"; the executed copy: {out_nb}",
         }
     try:
@@ -385,8 +450,8 @@ def _json_or_none(path) -> dict | None:
     return load_json(path) if Path(path).is_file() else None
 
 
-def _link_mimic(run: RunFolder, mimic_root) -> None:
-    "Make the run folder's mimic/ point at the user's MIMIC-CXR-JPG root (the stages read <run>/mimic)."
+def _mimic_source(mimic_root) -> Path:
+    "The user's MIMIC-CXR-JPG root, resolved, once it is checked to be one."
     src = Path(mimic_root).expanduser().resolve()
     if not (src / "files").is_dir():
         raise InputError(
@@ -394,6 +459,12 @@ def _link_mimic(run: RunFolder, mimic_root) -> None:
             where=src,
             expected="-p study.mimic_root <folder holding files/ and the metadata CSVs>",
         )
+    return src
+
+
+def _link_mimic(run: RunFolder, mimic_root) -> None:
+    "Make the run folder's mimic/ point at the user's MIMIC-CXR-JPG root (the stages read <run>/mimic)."
+    src = _mimic_source(mimic_root)
     if run.mimic.is_symlink() and run.mimic.resolve() == src:
         return
     if run.mimic.exists() or run.mimic.is_symlink():
@@ -401,6 +472,37 @@ def _link_mimic(run: RunFolder, mimic_root) -> None:
             "the run folder already has a mimic/ of other data", where=run.mimic, expected="a new run (--run NAME)"
         )
     run.mimic.symlink_to(src, target_is_directory=True)
+
+
+def _set_aside(path) -> Path | None:
+    """Move a previous run's `path` aside (`move_aside`; a file keeps its suffix: `x.replaced-<time>.ipynb`) and return
+    where; a folder holding nothing but its lock file is removed instead (None)."""
+    path = Path(path)
+    if path.is_dir() and all(p.name == LOCK_FILE for p in path.iterdir()):
+        shutil.rmtree(path)
+        return None
+    if path.is_dir():
+        return move_aside(path)
+    aside = path.with_name(f"{path.stem}.replaced-{time.strftime('%Y%m%d-%H%M%S')}{path.suffix}")
+    while aside.exists():
+        aside = aside.with_name(f"{aside.stem}+{aside.suffix}")
+    os.replace(path, aside)
+    return aside
+
+
+def _wait_for_stage_folders(steps, wait=15.0) -> None:
+    """Wait up to `wait` seconds while another process holds the lock of a training folder of this study (the stage
+    of a killed study ending); `FolderInUse` naming it if one still does."""
+    deadline = time.monotonic() + wait
+    for folder in dict.fromkeys(f for s in steps for f in s.outputs):
+        while (holder := lock_holder(folder)) is not None:
+            if time.monotonic() > deadline:
+                raise FolderInUse(
+                    f"a training folder of this study is in use by {describe_holder(holder)}",
+                    where=folder,
+                    expected="one writer per folder: wait for that process to end (or stop it)",
+                )
+            time.sleep(0.25)
 
 # %% ../nbs/06_study.ipynb #1d5c7384
 def run_study(
@@ -418,77 +520,91 @@ def run_study(
     "Run or continue a study -> {'run', 'steps': records, 'index'}; raises `StudyFailed` naming the notebook and cell."
     run_name = run or preset
     steps = plan_study(preset, run_name, params, seeds, ablations, variants)  # every parameter checked first
-    rf = RunFolder.create(run_name)
     study_level = _overrides(params, STUDY_PRESETS[preset]["stages"]).get("study", {})
     if preset == "mimic":
-        _link_mimic(rf, study_level["mimic_root"])
-    (rf.root / "study").mkdir(exist_ok=True)
-    notes = study_notes(preset, params)
-    save_json(
-        {
-            "preset": preset,
-            "notes": notes,
-            "params": [list(p) for p in params],
-            "seeds": seeds,
-            "ablations": ablations,
-            "nproc": nproc,
-            "command": command or f"run_study({preset!r}, {run!r}, {list(params)!r})",
-            "steps": [s.key for s in steps],
-        },
-        rf.root / "study" / "study.json",
-    )
-    log(f"mlrg study: preset {preset}, {len(steps)} steps, run folder {rf.root}")
-    for line in notes:
-        log(f"mlrg study: note: {line}")
-    records, t_all = [], time.perf_counter()
-    for i, step in enumerate(steps, 1):
-        head = f"[{i}/{len(steps)}] {step.key:<28}"
-        old = _json_or_none(_record_path(rf, step.key))
-        if (
-            old
-            and old.get("status") == "done"
-            and old.get("fingerprint") == step.fingerprint
-            and not force
-            and Path(old["report"]).is_file()
-        ):
-            log(f"{head} done before ({old.get('seconds', 0):.0f} s), skipped")
-            records.append({**old, "skipped": True})
-            continue
-        resuming = (
-            old is not None
-            and old.get("status") in ("running", "failed")
-            and old.get("fingerprint") == step.fingerprint
-            and not force
+        _mimic_source(study_level["mimic_root"])  # checked before the run folder exists: a refusal leaves nothing
+    rf = RunFolder.create(run_name)
+    with folder_lock(rf.root, "run folder", log=lambda line: log(f"mlrg study: {line}")):  # one study per folder
+        _wait_for_stage_folders(steps)  # ... and no stage of an earlier one still running in it
+        if preset == "mimic":
+            _link_mimic(rf, study_level["mimic_root"])
+        (rf.root / "study").mkdir(exist_ok=True)
+        notes = study_notes(preset, params)
+        save_json(
+            {
+                "preset": preset,
+                "notes": notes,
+                "params": [list(p) for p in params],
+                "seeds": seeds,
+                "ablations": ablations,
+                "nproc": nproc,
+                "command": command or f"run_study({preset!r}, {run!r}, {list(params)!r})",
+                "steps": [s.key for s in steps],
+            },
+            rf.root / "study" / "study.json",
         )
-        if not resuming:
-            for f in filter(os.path.exists, step.outputs):
-                log(f"        moved the previous outputs aside: {move_aside(f)}")
-        if step.stage.name == "phantom" and old is not None and (old.get("fingerprint") != step.fingerprint or force):
-            step.params["overwrite"] = True  # the phantom moves other data aside itself
-        log(f"{head} {'continuing' if resuming else 'running'} nbs/{step.stage.notebook} ...")
-        atomic_write(
-            _record_path(rf, step.key),
-            json.dumps(
-                {
-                    "key": step.key,
-                    "fingerprint": step.fingerprint,
-                    "status": "running",
-                    "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
-                }
-            ),
-        )
-        rec = run_step(step, rf, nproc, log)
-        rec["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S")
-        atomic_write(_record_path(rf, step.key), json.dumps(rec, indent=1))
-        records.append(rec)
-        if rec["status"] != "done":
-            log(f"{head} FAILED after {rec.get('seconds', 0):.0f} s: {rec['error']}")
-            write_index(rf, steps, records)
-            raise StudyFailed(rec["error"])
-        log(f"{head} done in {rec['seconds']:.0f} s, peak memory {rec['peak_rss_mb'] / 1024:.1f} GB")
-    index = write_index(rf, steps, records)
-    log(f"mlrg study: finished in {time.perf_counter() - t_all:.0f} s; open {index}")
-    return {"run": str(rf.root), "steps": records, "index": str(index)}
+        log(f"mlrg study: preset {preset}, {len(steps)} steps, run folder {rf.root}")
+        for line in notes:
+            log(f"mlrg study: note: {line}")
+        records, t_all = [], time.perf_counter()
+        for i, step in enumerate(steps, 1):
+            head = f"[{i}/{len(steps)}] {step.key:<28}"
+            old = _json_or_none(_record_path(rf, step.key))
+            if (
+                old
+                and old.get("status") == "done"
+                and old.get("fingerprint") == step.fingerprint
+                and not force
+                and Path(old["report"]).is_file()
+            ):
+                log(f"{head} done before ({old.get('seconds', 0):.0f} s), skipped")
+                records.append({**old, "skipped": True})
+                continue
+            resuming = (
+                old is not None
+                and old.get("status") in ("running", "failed")
+                and old.get("fingerprint") == step.fingerprint
+                and not force
+            )
+            if not resuming:  # a previous run's outputs and executed notebook are kept, moved aside
+                report = rf.reports / step.report
+                for f in filter(os.path.exists, (*step.outputs, report, report.with_suffix(".html"))):
+                    aside = _set_aside(f)
+                    log(
+                        f"        moved the previous {'outputs' if f in step.outputs else 'report'} aside: {aside}"
+                        if aside
+                        else f"        removed the empty folder {f}"
+                    )
+            if (
+                step.stage.name == "phantom"
+                and old is not None
+                and (old.get("fingerprint") != step.fingerprint or force)
+            ):
+                step.params["overwrite"] = True  # the phantom moves other data aside itself
+            log(f"{head} {'continuing' if resuming else 'running'} nbs/{step.stage.notebook} ...")
+            atomic_write(
+                _record_path(rf, step.key),
+                json.dumps(
+                    {
+                        "key": step.key,
+                        "fingerprint": step.fingerprint,
+                        "status": "running",
+                        "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                    }
+                ),
+            )
+            rec = run_step(step, rf, nproc, log)
+            rec["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S")
+            atomic_write(_record_path(rf, step.key), json.dumps(rec, indent=1))
+            records.append(rec)
+            if rec["status"] != "done":
+                log(f"{head} FAILED after {rec.get('seconds', 0):.0f} s: {rec['error']}")
+                write_index(rf, steps, records)
+                raise StudyFailed(rec["error"])
+            log(f"{head} done in {rec['seconds']:.0f} s, peak memory {rec['peak_rss_mb'] / 1024:.1f} GB")
+        index = write_index(rf, steps, records)
+        log(f"mlrg study: finished in {time.perf_counter() - t_all:.0f} s; open {index}")
+        return {"run": str(rf.root), "steps": records, "index": str(index)}
 
 
 class StudyFailed(Exception):
@@ -571,7 +687,7 @@ def _ce_figure(rf: RunFolder, metrics, out: Path) -> str | None:
     ax.set(ylabel="F1", ylim=(0, 1.05), title="CE F1 per observation (test split)")
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
-    fig.savefig(out, dpi=90)
+    save_figure(fig, out, dpi=90)
     return str(out.relative_to(rf.root))
 
 # %% ../nbs/06_study.ipynb #1c4ee440

@@ -1,8 +1,9 @@
 """The study end to end (mlrg.study): the tiny preset runs every stage notebook with papermill into one run folder and
 writes an index.html whose links and images all resolve; a second run skips every stage; changing one parameter reruns
-that stage and the ones after it only; a SIGKILL during pretraining, then the same command, redoes no finished stage,
-continues training from the last checkpoint and ends with the weights of an uninterrupted run; a failing stage is
-named by its notebook and cell."""
+that stage and the ones after it only, keeping the previous outputs and executed notebook; a second study into a running
+study's folder is refused; a SIGKILL of the study process alone during pretraining ends its stage too, and the same
+command then redoes no finished stage, continues training from the last checkpoint and ends with the weights of an
+uninterrupted run; a failing stage is named by its notebook and cell; a refused preset leaves no folder."""
 
 import json
 import os
@@ -16,10 +17,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from mlrg.core import InputError
+from mlrg.core import InputError, read_jsonl
 from mlrg.engine import load_checkpoint
 from mlrg.pretrain import pretrain
-from mlrg.study import plan_study
+from mlrg.runs import lock_holder
+from mlrg.study import failed_cell, plan_study
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["-p", "num_threads", "1", "-p", "pretrain.max_steps", "12", "-p", "pretrain.save_steps", "1"]
@@ -62,9 +64,35 @@ def _resolves(index: Path):
     return refs
 
 
+def _descendants(pid) -> set:
+    "The pids of every process below `pid` (papermill, its kernel...), from /proc's parent pids."
+    parent = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            parent[int(stat.parent.name)] = int(stat.read_text().rsplit(") ", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+    found, todo = set(), [pid]
+    while todo:
+        p = todo.pop()
+        kids = [c for c, pp in parent.items() if pp == p and c not in found]
+        found.update(kids)
+        todo += kids
+    return found
+
+
+def _alive(pid) -> bool:
+    "Whether process `pid` runs (a zombie, dead but not yet reaped, does not count)."
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(") ")[1][0] != "Z"
+    except (FileNotFoundError, IndexError):
+        return False
+
+
 @pytest.fixture(scope="module")
 def study(tmp_path_factory):
-    "A tiny study killed (SIGKILL) during pretraining, then the same command again to the end."
+    """A tiny study; a second one started into its folder while it runs (refused); the first killed (SIGKILL of the
+    study process alone) during pretraining; then the same command again to the end."""
     root = tmp_path_factory.mktemp("study")
     run = root / "run"
     proc = subprocess.Popen(
@@ -77,18 +105,61 @@ def study(tmp_path_factory):
         start_new_session=True,
     )
     deadline = time.time() + 400
+    while time.time() < deadline and lock_holder(run) is None and proc.poll() is None:
+        time.sleep(0.05)
+    second = subprocess.Popen(  # a second study into the same folder, while the first holds it
+        [sys.executable, "-m", "mlrg.study", "--preset", "tiny", "--run", str(run), *TINY],
+        cwd=REPO,
+        env=_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     while time.time() < deadline and len(list((run / "pretrain").glob("step_*.pt"))) < 2 and proc.poll() is None:
         time.sleep(0.1)
     assert proc.poll() is None, "the study ended before a pretraining checkpoint was written"
-    os.killpg(proc.pid, signal.SIGKILL)  # the study and papermill; the kernel (its own session) follows within ~1 s
+    children = _descendants(proc.pid)
+    os.kill(proc.pid, signal.SIGKILL)  # the study alone: its stage (papermill and the kernel) must end with it
     proc.wait()
-    time.sleep(3)  # ipykernel's parent poller ends the orphaned kernel
-    # the step the study must continue from: last.pt's, once the kernel has stopped (a kill between the numbered
-    # checkpoint and last.pt leaves last.pt one step behind the newest step_N.pt)
+    deadline = time.time() + 15
+    while time.time() < deadline and any(_alive(c) for c in children):
+        time.sleep(0.1)
+    orphans = [c for c in children if _alive(c)]
+    for c in orphans:
+        os.kill(c, signal.SIGKILL)
+    # the step the study must continue from: last.pt's (a kill between the numbered checkpoint and last.pt leaves
+    # last.pt one step behind the newest step_N.pt)
     killed_at = load_checkpoint(run / "pretrain" / "last.pt")["global_step"]
+    out, err = second.communicate(timeout=120)
+    second = subprocess.CompletedProcess(second.args, second.returncode, out, err)
     again = _study(run)
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
-    return dict(run=run, root=root, first=proc.stdout.read(), again=again.stdout, killed_at=killed_at)
+    return dict(
+        run=run,
+        root=root,
+        first=proc.stdout.read(),
+        again=again.stdout + again.stderr,
+        killed_at=killed_at,
+        second=second,
+        pid=proc.pid,
+        children=children,
+        orphans=orphans,
+    )
+
+
+def test_one_writer_per_run_folder_and_the_stage_ends_with_the_study(study):
+    """A second study into a running study's folder is refused at once, naming the folder and the first study; killing
+    the study alone ends its papermill and kernel; the log has no cursor codes or TCP warning."""
+    second = study["second"]
+    assert second.returncode == 2, second.stdout[-2000:] + second.stderr[-2000:]
+    assert f"in use by process {study['pid']}" in second.stderr and str(study["run"]) in second.stderr, second.stderr
+    assert len(second.stderr.strip().splitlines()) == 1 and "[1/" not in second.stdout
+    assert len(study["children"]) >= 2 and not study["orphans"], (study["children"], study["orphans"])
+    steps = [r["step"] for r in read_jsonl(study["run"] / "pretrain" / "metrics.jsonl") if r.get("kind") == "train"]
+    assert steps and len(steps) == len(set(steps)), steps  # one writer: no record twice
+    for log in (study["first"], study["again"]):
+        assert "\x1b[" not in log and "\r" not in log and "without encryption" not in log, log[-3000:]
+    assert re.search(r"^train: .*\d+/12", study["first"], re.M), study["first"][-3000:]  # progress as plain lines
 
 
 def test_study_writes_every_report_and_an_index(study):
@@ -146,6 +217,16 @@ def test_rerun_skips_and_one_changed_parameter_reruns_only_what_follows(study):
     assert json.loads((run / "finetune" / "finetune_summary.json").read_text())["global_step"] == 3
     assert list(run.glob("finetune.replaced-*"))  # the old stage-2 run was moved aside, not deleted
     _resolves(run / "index.html")
+    # ... and so was its executed notebook; no empty folder was set aside
+    kept = list((run / "reports").glob("04_finetune.replaced-*.ipynb"))
+    assert len(kept) == 1 and kept[0].with_suffix(".html").is_file(), kept
+    assert not [p for p in run.rglob("*.replaced-*") if p.is_dir() and not any(p.iterdir())]
+    # a rerun that fails keeps the executed notebook of the run before it
+    failed = _study(run, "-p", "finetune.max_steps", "2", "-p", "finetune.pretrained_path", str(run / "none.pt"))
+    assert failed.returncode == 1 and "04_finetune.ipynb failed" in failed.stderr, failed.stderr[-2000:]
+    kept = sorted((run / "reports").glob("04_finetune.replaced-*.ipynb"))
+    assert len(kept) == 2 and not any(failed_cell(k) for k in kept), kept
+    assert failed_cell(run / "reports" / "04_finetune.ipynb")  # the failed run's own, beside them
 
 
 def test_failing_stage_is_named_and_plan_errors_come_first(tmp_path):
@@ -172,7 +253,19 @@ def test_failing_stage_is_named_and_plan_errors_come_first(tmp_path):
         capture_output=True,
         text=True,
     )
-    assert out.returncode == 2 and "study.mimic_root" in out.stderr and not (tmp_path / "m" / "reports").exists()
+    assert out.returncode == 2 and "study.mimic_root" in out.stderr and not (tmp_path / "m").exists()
+    # a preset refused at the start leaves no run folder behind
+    required = ["image_pretrained_path", "text_pretrained_path", "tokenizer_path", "finetune.decoder_path"]
+    out = subprocess.run(
+        [sys.executable, "-m", "mlrg.study", "--preset", "mimic", "--run", str(tmp_path / "m")]
+        + ["-p", "study.mimic_root", str(tmp_path / "no-mimic")]
+        + [a for k in required for a in ("-p", k, str(tmp_path / "none"))],
+        cwd=REPO,
+        env=_env(),
+        capture_output=True,
+        text=True,
+    )
+    assert out.returncode == 2 and not (tmp_path / "m").exists(), out.stderr
 
 
 def test_mimic_preset_through_the_notebooks(hub, tmp_path):
