@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ctypes
 import hashlib
 import html
@@ -314,6 +315,16 @@ def _child(cmd, cwd, env) -> tuple:
     return proc.returncode, maxrss_mb(usage.ru_maxrss), time.perf_counter() - t0
 
 # %% ../nbs/06_study.ipynb #1f334cdf
+def _end_with_the_kernel(signum, frame):
+    """On SIGTERM, kill this process's children (papermill's kernel, in a session of its own) at once, then end: the
+    kernel would otherwise train on for up to a second before its parent poller notices."""
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            if int(stat.read_text().rsplit(") ", 1)[1].split()[1]) == os.getpid():
+                os.kill(int(stat.parent.name), signal.SIGKILL)
+    os._exit(128 + signum)
+
+
 def execute_stage(notebook, out, params_file, cwd) -> int:
     """Execute `notebook` with papermill into `out` with the parameters of JSON file `params_file`, cells run in `cwd`,
     their output streamed: a study step's child process (0 when every cell ran, else 1). The kernel talks over IPC
@@ -324,6 +335,7 @@ def execute_stage(notebook, out, params_file, cwd) -> int:
     from jupyter_client.manager import AsyncKernelManager
     from traitlets import default
 
+    signal.signal(signal.SIGTERM, _end_with_the_kernel)  # the study's end (its parent-death signal) ends the kernel
     logging.basicConfig(level=logging.WARNING, format="%(message)s")  # the cells' standard error, as it comes
     logging.getLogger("papermill.translators").setLevel(logging.ERROR)  # its guesses at the parameters' comments
     with tempfile.TemporaryDirectory(prefix="mlrg-kernel-") as sockets:
