@@ -37,7 +37,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from mlrg.core import save_json
-from mlrg.runs import lock_holder
+from mlrg.runs import lock_holder, processes_below, running
 
 MLRG = [sys.executable, "-c", "import sys; from mlrg.runs import main; sys.exit(main(sys.argv[1:]))"]
 TINY = ["-p", "num_threads", "1", "-p", "pretrain.max_steps", "12", "-p", "pretrain.save_steps", "1"]
@@ -151,31 +151,6 @@ def duplicates(steps) -> list:
     return sorted({s for s in steps if steps.count(s) > 1})
 
 
-def descendants(pid) -> set:
-    "The pids of every process below `pid`, from /proc's parent pids."
-    parent = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            parent[int(stat.parent.name)] = int(stat.read_text().rsplit(") ", 1)[1].split()[1])
-        except (OSError, IndexError, ValueError):
-            continue
-    found, todo = set(), [pid]
-    while todo:
-        p = todo.pop()
-        kids = [c for c, pp in parent.items() if pp == p and c not in found]
-        found.update(kids)
-        todo += kids
-    return found
-
-
-def alive(pid) -> bool:
-    "Whether process `pid` runs (a zombie does not count)."
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(") ", 1)[1][0] != "Z"
-    except (OSError, IndexError):
-        return False
-
-
 def cmdline(pid) -> str:
     try:
         return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")[:120]
@@ -272,7 +247,7 @@ def studies_together():
     holder = {}
     wait_for(lambda: holder.update(lock_holder(pt) or {}) or isinstance(holder.get("pid"), int), 400, winner, 0.02)
     pid = holder.get("pid")
-    paused = isinstance(pid, int) and alive(pid)
+    paused = isinstance(pid, int) and running(pid)
     if paused:
         os.kill(pid, signal.SIGSTOP)
     try:
@@ -388,15 +363,15 @@ def killed_study():
             False,
         )
         return
-    kids = descendants(proc.pid)
+    kids = processes_below(proc.pid)
     names = {k: cmdline(k) for k in kids}
     at_kill = sorted((p.name for p in pt.glob("step_*.pt")), key=lambda n: int(re.sub(r"\D", "", n) or 0))
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     t0 = time.monotonic()
-    wait_for(lambda: not any(alive(k) for k in kids), 30)
+    wait_for(lambda: not any(running(k) for k in kids), 30)
     gone = time.monotonic() - t0
-    orphans = [k for k in kids if alive(k)]
+    orphans = [k for k in kids if running(k)]
     for k in orphans:
         os.kill(k, signal.SIGKILL)
     kinds = sorted({"execute_stage" if "execute_stage" in n else "ipykernel" if "ipykernel" in n else n[:40]

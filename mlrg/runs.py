@@ -22,8 +22,8 @@ from .core import InputError, append_jsonl, atomic_write, ensure_writable, read_
 # %% auto #0
 __all__ = ['LOCK_FILE', 'STAGES', 'PARAMETER_NOTEBOOKS', 'SUBCOMMANDS', 'repo_root', 'outputs_root', 'RunFolder',
            'check_output_folder', 'output_folder', 'FolderInUse', 'describe_holder', 'lock_holder', 'folder_lock',
-           'stage_lock', 'Stage', 'write_parameter_cells', 'main', 'os_error_line', 'one_line_errors', 'in_ipython',
-           'PlainLines', 'plain_progress', 'progress_bar']
+           'stage_lock', 'processes_below', 'running', 'Stage', 'write_parameter_cells', 'main', 'os_error_line',
+           'one_line_errors', 'in_ipython', 'PlainLines', 'plain_progress', 'progress_bar']
 
 # %% ../nbs/00b_runs.ipynb #a708a2d7
 def repo_root():
@@ -236,6 +236,34 @@ def stage_lock(p, stage, main_process=True):
     if not main_process or (p["model_save_path"] is None and p["run_dir"] is None):
         return contextlib.nullcontext()
     return folder_lock(output_folder(p, stage), f"{stage} output folder")
+
+# %% ../nbs/00b_runs.ipynb #464c0a4a
+def _parents() -> dict:
+    "{pid: parent pid} of every process, from /proc (empty where there is none)."
+    out = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, IndexError, ValueError):
+            out[int(stat.parent.name)] = int(stat.read_text().rsplit(") ", 1)[1].split()[1])
+    return out
+
+
+def processes_below(pid=None, all_levels=True) -> set:
+    "The pids of the processes below `pid` (this process): every level, or its children only."
+    parents, found, todo = _parents(), set(), [os.getpid() if pid is None else pid]
+    while todo:
+        parent = todo.pop()
+        kids = {c for c, p in parents.items() if p == parent and c not in found}
+        found |= kids
+        todo += list(kids) if all_levels else []
+    return found
+
+
+def running(pid) -> bool:
+    "Whether process `pid` runs (one that has ended but is not yet reaped, a zombie, does not)."
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(") ", 1)[1][0] != "Z"
+    except (OSError, IndexError):
+        return False
 
 # %% ../nbs/00b_runs.ipynb #6e983737
 @dataclass(frozen=True)

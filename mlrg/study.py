@@ -35,7 +35,17 @@ from mlrg.core import (
     save_json,
     to_plain,
 )
-from .runs import LOCK_FILE, STAGES, FolderInUse, RunFolder, describe_holder, folder_lock, lock_holder, repo_root
+from mlrg.runs import (
+    LOCK_FILE,
+    STAGES,
+    FolderInUse,
+    RunFolder,
+    describe_holder,
+    folder_lock,
+    lock_holder,
+    processes_below,
+    repo_root,
+)
 
 # %% auto #0
 __all__ = ['STUDY_PRESETS', 'ABLATIONS', 'TRAINING_STAGES', 'STAGE_BY_NAME', 'INDEX_COLUMNS', 'StudyStep', 'study_notes',
@@ -318,10 +328,9 @@ def _child(cmd, cwd, env) -> tuple:
 def _end_with_the_kernel(signum, frame):
     """On SIGTERM, kill this process's children (papermill's kernel, in a session of its own) at once, then end: the
     kernel would otherwise train on for up to a second before its parent poller notices."""
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        with contextlib.suppress(OSError, ValueError, IndexError):
-            if int(stat.read_text().rsplit(") ", 1)[1].split()[1]) == os.getpid():
-                os.kill(int(stat.parent.name), signal.SIGKILL)
+    for child in processes_below(all_levels=False):
+        with contextlib.suppress(OSError):
+            os.kill(child, signal.SIGKILL)
     os._exit(128 + signum)
 
 

@@ -20,7 +20,7 @@ import torch
 from mlrg.core import InputError, read_jsonl
 from mlrg.engine import load_checkpoint
 from mlrg.pretrain import pretrain
-from mlrg.runs import lock_holder
+from mlrg.runs import lock_holder, processes_below, running
 from mlrg.study import failed_cell, plan_study
 
 REPO = Path(__file__).resolve().parents[1]
@@ -64,31 +64,6 @@ def _resolves(index: Path):
     return refs
 
 
-def _descendants(pid) -> set:
-    "The pids of every process below `pid` (papermill, its kernel...), from /proc's parent pids."
-    parent = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            parent[int(stat.parent.name)] = int(stat.read_text().rsplit(") ", 1)[1].split()[1])
-        except (OSError, IndexError, ValueError):
-            continue
-    found, todo = set(), [pid]
-    while todo:
-        p = todo.pop()
-        kids = [c for c, pp in parent.items() if pp == p and c not in found]
-        found.update(kids)
-        todo += kids
-    return found
-
-
-def _alive(pid) -> bool:
-    "Whether process `pid` runs (a zombie, dead but not yet reaped, does not count)."
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().split(") ")[1][0] != "Z"
-    except (FileNotFoundError, IndexError):
-        return False
-
-
 @pytest.fixture(scope="module")
 def study(tmp_path_factory):
     """A tiny study; a second one started into its folder while it runs (refused); the first killed (SIGKILL of the
@@ -118,13 +93,13 @@ def study(tmp_path_factory):
     while time.time() < deadline and len(list((run / "pretrain").glob("step_*.pt"))) < 2 and proc.poll() is None:
         time.sleep(0.1)
     assert proc.poll() is None, "the study ended before a pretraining checkpoint was written"
-    children = _descendants(proc.pid)
+    children = processes_below(proc.pid)
     os.kill(proc.pid, signal.SIGKILL)  # the study alone: its stage (papermill and the kernel) must end with it
     proc.wait()
     deadline = time.time() + 15
-    while time.time() < deadline and any(_alive(c) for c in children):
+    while time.time() < deadline and any(running(c) for c in children):
         time.sleep(0.1)
-    orphans = [c for c in children if _alive(c)]
+    orphans = [c for c in children if running(c)]
     for c in orphans:
         os.kill(c, signal.SIGKILL)
     # the step the study must continue from: last.pt's (a kill between the numbered checkpoint and last.pt leaves
