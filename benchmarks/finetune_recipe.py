@@ -70,6 +70,15 @@ VARIANTS["combined_end_to_end_no_stage1_equal_minutes"] = {
 }
 # beyond the demo recipe: a copy mechanism over the prompt tokens in the decoder's memory (copy_prompt)
 VARIANTS["combined_copy_prompt"] = {**VARIANTS["combined_end_to_end"], "copy_prompt": True}
+# one change from the demo recipe each: the stage-1 weights at the new weights' lr (a single lr), 2 decoder heads of 64
+# dimensions (8 of 16 today, as the plain yardstick of REFERENCE section 7)
+VARIANTS["combined_single_lr"] = {**VARIANTS["combined_end_to_end"], "pt_lr": VARIANTS["combined_end_to_end"]["ft_lr"]}
+VARIANTS["combined_decoder_heads_2"] = {**VARIANTS["combined_end_to_end"], "decoder_heads": 2}
+# a wider decoder (256, 4 heads of 64: the yardstick's model A) reading the 128-wide memory through a projection
+VARIANTS["combined_decoder_256"] = {**VARIANTS["combined_end_to_end"], "decoder_dim": 256, "decoder_heads": 4}
+# beyond MLRG: the other views' and the prior image's tokens also in the decoder's memory (other_images), as the plain
+# yardstick does, instead of only through the anchor's fused tokens
+VARIANTS["combined_images_in_memory"] = {**VARIANTS["combined_end_to_end"], "other_images": "memory"}
 KEYS = ["ce14", "ce14_truth", "long_acc_truth", "lateral_only_recall", "bleu4", "contradictions", "train_seconds"]
 
 

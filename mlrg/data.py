@@ -1723,7 +1723,8 @@ class MLRGDataset(torch.utils.data.Dataset):
     (`features`: {path: tokens} with `rows`) a sample carries its slots' cached tokens as `features` instead of pixels.
     `report_style`, `target_truncation`, `prompt_truncation` and `image_preprocess` choose mlrg's way (the defaults)
     or MLRG's; `processor` is the RAD-DINO folder (or `processor_config`'s dict) for `image_preprocess="processor"`;
-    `max_views=None` keeps every image of the study."""
+    `max_views=None` keeps every image of the study. Decoded images are kept in memory up to `image_cache_mb` (0: read
+    every time), so later epochs read no image file."""
 
     def __init__(
         self,
@@ -1746,6 +1747,7 @@ class MLRGDataset(torch.utils.data.Dataset):
         prompt_truncation="keep_sep",
         image_preprocess="pad",
         processor=None,
+        image_cache_mb=256,
     ):
         if max_views is not None and max_views < 1:
             raise InputError(f"max_views={max_views}", where="max_views", expected=">= 1, or None for every view")
@@ -1788,6 +1790,9 @@ class MLRGDataset(torch.utils.data.Dataset):
         self.image_size, self.max_views = image_size, max_views
         self.max_length, self.max_prompt_length = max_length, max_prompt_length
         self.augment, self.seed, self.mean, self.std, self.epoch = augment, seed, mean, std, 0
+        # decoded images (uint8, before augmentation) kept in memory up to image_cache_mb: the phantom's every image
+        # at 128 px is 78 MB; a larger set caches the first images read until the budget is spent
+        self.image_cache_bytes, self._decoded, self._decoded_bytes = int(image_cache_mb * 2**20), {}, 0
         self.use_indication, self.use_prior_report, self.features = (
             bool(use_indication),
             bool(use_prior_report),
@@ -1809,12 +1814,17 @@ class MLRGDataset(torch.utils.data.Dataset):
         "One image as a normalised (1, S, S) float tensor."
         p = Path(rel)
         p = p if p.is_absolute() else self.image_root / p
+        u8 = self._decoded.get(p)
+        if u8 is None:
+            proc = self.processor
+            u8 = load_processed_image(p, proc) if proc is not None else load_image(p, self.image_size)
+            if self._decoded_bytes + u8.nbytes <= self.image_cache_bytes:
+                self._decoded[p], self._decoded_bytes = u8, self._decoded_bytes + u8.nbytes
         if self.processor is not None:
-            u8 = load_processed_image(p, self.processor)
             f = self.processor["rescale_factor"] if self.processor["do_rescale"] else 1 / 255
             x = torch.from_numpy((u8.astype(np.float64) * f).astype(np.float32)).unsqueeze(0)  # as transformers does
         else:
-            x = torch.from_numpy(load_image(p, self.image_size).copy()).float().div_(255).unsqueeze(0)
+            x = torch.from_numpy(u8.copy()).float().div_(255).unsqueeze(0)
         if rng is not None:
             x = _augment(x, rng)
         return (x - self.mean) / self.std

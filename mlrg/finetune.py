@@ -71,6 +71,7 @@ from mlrg.evaluate import (
 from .labeler import label_reports
 from mlrg.report_model import (
     GENERATION_KEYS,
+    OTHER_IMAGES,
     PRIOR_PATHS,
     REPORT_MLRG_OPTIONS,
     FeatureCache,
@@ -352,6 +353,12 @@ FINETUNE = Params(
             "token there too; formerly prompt_memory=True)",
             choices=PRIOR_PATHS,
         ),
+        other_images=Param(
+            "fusion",
+            "how the other views and the prior image reach the decoder: fusion (only through the anchor's fused "
+            "tokens; MLRG) or memory (their tokens also in the decoder's memory, as plain multi-image captioners)",
+            choices=OTHER_IMAGES,
+        ),
         copy_prompt=Param(
             False,
             "a copy mechanism (pointer-generator; not MLRG's): each next token may also be copied from the prompt "
@@ -623,6 +630,7 @@ def model_config_for(p, vocab, stage1=None) -> dict:
             "dropout": p["dropout"],
             "label_smoothing": p["label_smoothing"],
             "prior_path": p["prior_path"],
+            "other_images": p["other_images"],
             "copy_skip_ids": [getattr(vocab, t.strip("[]").lower() + "_id") for t in SPECIAL_TOKENS],
         }
     )

@@ -1304,7 +1304,7 @@ def fuse_images(self: VisualEncoder, emb, groups, current, n_anchors):
 
 
 @patch
-def forward_dedup(self: VisualEncoder, batch) -> dict:
+def forward_dedup(self: VisualEncoder, batch, slot_tokens=False) -> dict:
     """`forward` over the batch's distinct images (`dedup_images`, keys from `image_keys`): one encoder and projection
     call for them all; also returns `image_tokens` (M, N, d), `image_groups` (M,), `image_current` (M,) and
     `image_source` (M, 2) of those images."""
@@ -1320,7 +1320,7 @@ def forward_dedup(self: VisualEncoder, batch) -> dict:
     current = torch.arange(len(source), device=use.device) < n_cur
     fused = self.fuse_images(emb, groups, current, B)
     tokens = tok.new_zeros(B, V1, tok.shape[1], tok.shape[2]).index_put((use,), tok[index[use]])
-    return {
+    out = {
         "tokens": tokens,
         "used": use,
         "global": tokens[:, :, 0],
@@ -1332,15 +1332,19 @@ def forward_dedup(self: VisualEncoder, batch) -> dict:
         "image_current": current,
         "image_source": source,
     }
+    if slot_tokens:  # each slot's copy of its image, only when asked: (B, V+1, N, d) is large at RAD-DINO's 1,370
+        out["slot_tokens"] = emb.new_zeros(B, V1, *emb.shape[1:]).index_put((use,), emb[index[use]])
+    return out
 
 
 @patch
-def forward(self: VisualEncoder, batch) -> dict:
+def forward(self: VisualEncoder, batch, slot_tokens=False) -> dict:
     """`tokens` (B, V+1, N, d), `used` (B, V+1) and `global` (B, V+1, d) of every slot; the anchor's tokens with their
     embeddings `anchor_tokens` (B, N, d); in mlrg mode also `fused_tokens` (B, N, d) and their global token
-    `fused_global` (with batch_images="dedup", see `forward_dedup`)."""
+    `fused_global`, and with `slot_tokens` every slot's tokens with their embeddings `slot_tokens` (B, V+1, N, d;
+    meaningful where `used`) (with batch_images="dedup", see `forward_dedup`)."""
     if self.mode == "mlrg" and self.batch_images == "dedup":
-        return self.forward_dedup(batch)
+        return self.forward_dedup(batch, slot_tokens)
     tokens, use = self.encode_slots(batch)
     out = {"tokens": tokens, "used": use, "global": tokens[:, :, 0]}
     if self.mode != "mlrg":
@@ -1348,6 +1352,8 @@ def forward(self: VisualEncoder, batch) -> dict:
         return out
     emb = self.embed_slots(tokens, batch)
     out["anchor_tokens"] = emb[:, 0]
+    if slot_tokens:
+        out["slot_tokens"] = emb
     out["fused_tokens"] = self.fuse(emb, use)
     out["fused_global"] = out["fused_tokens"][:, 0]
     return out

@@ -18,9 +18,9 @@ from .engine import to_device
 from .models import ProjectionHead, VisualEncoder, build_text_encoder, visual_config
 
 # %% auto #0
-__all__ = ['REPORT_MLRG_OPTIONS', 'PRIOR_PATHS', 'GENERATION_KEYS', 'FeatureCache', 'PromptFusion', 'BertAttentionBlock',
-           'BertPromptFusion', 'report_model_config', 'MLRGReportModel', 'generation_settings', 'generate_records',
-           'token_losses', 'attention_maps']
+__all__ = ['REPORT_MLRG_OPTIONS', 'PRIOR_PATHS', 'OTHER_IMAGES', 'GENERATION_KEYS', 'FeatureCache', 'PromptFusion',
+           'BertAttentionBlock', 'BertPromptFusion', 'report_model_config', 'MLRGReportModel', 'generation_settings',
+           'generate_records', 'token_losses', 'attention_maps']
 
 # %% ../nbs/02c_report_model.ipynb #dbe65bc7
 class FeatureCache:
@@ -160,6 +160,7 @@ _REPORT_KEYS = {
     "copy_skip_ids",
 }
 PRIOR_PATHS = ("fusion", "decoder", "prompt")  # how the prompt reaches the decoder; MLRG's first
+OTHER_IMAGES = ("fusion", "memory")  # how the other views and the prior image reach the decoder; MLRG's first
 
 
 def report_model_config(config: dict) -> dict:
@@ -167,7 +168,8 @@ def report_model_config(config: dict) -> dict:
     dropout, label_smoothing, prior_path and the keys of `REPORT_MLRG_OPTIONS`). An older config's `prompt_memory`
     (True / False) reads as prior_path "prompt" / "fusion"."""
     cfg = dict(config or {})
-    unknown = sorted(set(cfg) - _REPORT_KEYS - {"prior_path", "prompt_memory", *REPORT_MLRG_OPTIONS})
+    known = _REPORT_KEYS | {"prior_path", "other_images", "prompt_memory", *REPORT_MLRG_OPTIONS}
+    unknown = sorted(set(cfg) - known)
     if unknown:
         raise InputError(f"unknown model config key(s) {unknown}", where="model config")
     path = cfg.get("prior_path")
@@ -183,6 +185,10 @@ def report_model_config(config: dict) -> dict:
     path = "fusion" if path is None else path
     if path not in PRIOR_PATHS:
         raise InputError(f"prior_path={path!r}", where="model config 'prior_path'", expected=" or ".join(PRIOR_PATHS))
+    other = cfg.get("other_images") or "fusion"
+    if other not in OTHER_IMAGES:
+        where, expected = "model config 'other_images'", " or ".join(OTHER_IMAGES)
+        raise InputError(f"other_images={other!r}", where=where, expected=expected)
     for key, values in REPORT_MLRG_OPTIONS.items():
         if cfg.setdefault(key, values[0]) not in values:
             expected = " or ".join(map(repr, values))
@@ -225,6 +231,7 @@ def report_model_config(config: dict) -> dict:
         "dropout": float(cfg.get("dropout", 0.1)),
         "label_smoothing": float(cfg.get("label_smoothing", 0.0)),
         "prior_path": path,
+        "other_images": other,
         # the tokens never copied (the special ones), with copy only: older configs compare equal
         **({"copy_skip_ids": sorted(int(i) for i in cfg.get("copy_skip_ids") or ())} if dec.get("copy") else {}),
     }
@@ -274,10 +281,11 @@ class MLRGReportModel(nn.Module):
 
 # %% ../nbs/02c_report_model.ipynb #687f1655
 @patch
-def visual_memory(self: MLRGReportModel, batch) -> torch.Tensor:
+def visual_memory(self: MLRGReportModel, batch, out=None) -> torch.Tensor:
     """LayerNorm(anchor tokens + type 0 ; fused tokens + type 1): (B, 2N, d). The anchor's tokens are MLRG's "ori" (its
-    projected tokens) with `memory_tokens="mlrg"`, else the ones with their view and temporal embeddings."""
-    out = self.visual(batch)
+    projected tokens) with `memory_tokens="mlrg"`, else the ones with their view and temporal embeddings. `out`: the
+    visual encoder's output for `batch`, when already computed."""
+    out = self.visual(batch) if out is None else out
     anchor = out["tokens"][:, 0] if self.config["memory_tokens"] == "mlrg" else out["anchor_tokens"]
     t = self.type_embed.weight
     return self.memory_norm(torch.cat([anchor + t[0], out["fused_tokens"] + t[1]], 1))
@@ -322,15 +330,31 @@ def prompt_in_memory(self: MLRGReportModel, batch) -> tuple | None:
 
 
 @patch
+def images_in_memory(self: MLRGReportModel, batch) -> torch.Tensor | None:
+    """Which of the other image slots' token positions (B, V x N) the decoder reads besides the fused memory, by
+    `other_images`: None ("fusion", MLRG: the other views and the prior image reach it only through the anchor's
+    fused tokens) or every used slot's ("memory": the slots the ablation flags leave out are masked, as an absent
+    image)."""
+    if self.config["other_images"] == "fusion":
+        return None
+    return self.visual.used_slots(batch)[:, 1:].repeat_interleave(self.visual.n_tokens, dim=1)
+
+
+@patch
 def memory(self: MLRGReportModel, batch) -> torch.Tensor:
-    """The decoder's memory (B, 2N + K, D): the visual memory after attending to the prompt, then the K prompt tokens
-    `prompt_in_memory` picks (none with prior_path="fusion", MLRG's way)."""
+    """The decoder's memory (B, 2N + V x N + K, D): the visual memory after attending to the prompt; then, with
+    other_images="memory", the other slots' tokens (with their view and temporal embeddings, LayerNorm); then the K
+    prompt tokens `prompt_in_memory` picks (none with prior_path="fusion"; MLRG's way is both "fusion": 2N slots
+    alone)."""
     prompt = self.encode_prompt(batch)
-    m = self.prompt_fusion(self.visual_memory(batch), prompt, ~batch["prompt_mask"].bool())
+    out = self.visual(batch, slot_tokens=self.config["other_images"] == "memory")
+    parts = [self.prompt_fusion(self.visual_memory(batch, out), prompt, ~batch["prompt_mask"].bool())]
+    if self.config["other_images"] == "memory":
+        parts.append(self.memory_norm(out["slot_tokens"][:, 1:].flatten(1, 2)))
     extra = self.prompt_in_memory(batch)
     if extra is not None:
-        m = torch.cat([m, prompt.gather(1, extra[0][..., None].expand(-1, -1, prompt.shape[-1]))], 1)
-    return self.memory_proj(m)
+        parts.append(prompt.gather(1, extra[0][..., None].expand(-1, -1, prompt.shape[-1])))
+    return self.memory_proj(torch.cat(parts, 1))
 
 
 @patch
@@ -350,13 +374,15 @@ def copy_ids(self: MLRGReportModel, batch, memory) -> torch.Tensor | None:
 
 @patch
 def memory_mask(self: MLRGReportModel, batch, memory) -> torch.Tensor | None:
-    """True for the memory tokens the decoder may read (B, M): None (all) with prior_path="fusion", else the fused
-    memory and the real prompt tokens after it (their padding masked)."""
-    extra = self.prompt_in_memory(batch)
-    if extra is None:
+    """True for the memory tokens the decoder may read (B, M): None (all) with other_images and prior_path "fusion",
+    else the fused memory, then the used slots' tokens and the real prompt tokens after it (unused slots and padding
+    masked)."""
+    images, prompt = self.images_in_memory(batch), self.prompt_in_memory(batch)
+    parts = [p for p in (images, None if prompt is None else prompt[1]) if p is not None]
+    if not parts:
         return None
-    real = extra[1]
-    return torch.cat([real.new_ones(real.shape[0], memory.shape[1] - real.shape[1]), real], 1)
+    fused = memory.shape[1] - sum(p.shape[1] for p in parts)
+    return torch.cat([parts[0].new_ones(parts[0].shape[0], fused), *parts], 1)
 
 # %% ../nbs/02c_report_model.ipynb #c558e6cb
 @patch

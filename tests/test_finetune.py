@@ -267,12 +267,13 @@ def test_token_grid_with_and_without_the_feature_cache(run):
 
 
 def test_token_grid_and_prior_path_over_a_stage1_config():
-    "None keeps the stage-1 checkpoint's token_grid, a value replaces it; prior_path goes into the model config."
+    "None keeps the stage-1 checkpoint's token_grid, a value replaces it; prior_path and other_images reach the config."
     vocab = Vocab("heart size normal".split())
     s1 = {"config": {"model": {"image_size": 64, "d_model": 32, "fusion_heads": 4, "token_grid": 2}}}
     assert model_config_for(FINETUNE.check(), vocab, s1)["visual"]["token_grid"] == 2
-    mc = model_config_for(FINETUNE.check(token_grid=3, prior_path="decoder"), vocab, s1)
-    assert (mc["visual"]["token_grid"], mc["prior_path"]) == (3, "decoder")
+    mc = model_config_for(FINETUNE.check(token_grid=3, prior_path="decoder", other_images="memory"), vocab, s1)
+    assert (mc["visual"]["token_grid"], mc["prior_path"], mc["other_images"]) == (3, "decoder", "memory")
+    assert model_config_for(FINETUNE.check(), vocab, s1)["other_images"] == "fusion"
     assert model_config_for(FINETUNE.check(), vocab)["visual"]["token_grid"] is None
     with pytest.raises(InputError, match="parameter 'token_grid'"):
         FINETUNE.check(token_grid=0)

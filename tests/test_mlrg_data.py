@@ -163,6 +163,26 @@ def test_dataset_texts_keys_and_views(images):
         MLRGDataset([], images, v, report_style="facts")
 
 
+def test_decoded_images_kept_in_memory_up_to_the_budget(images):
+    "Each image file is decoded once and kept (within image_cache_mb); with a budget of 0 every read opens the file."
+    v = Vocab.build(["small effusion"], min_freq=1)
+    ds = MLRGDataset([_item()], images, v, image_size=16, max_views=2)
+    first = ds[0]["images"]
+    assert ds._decoded_bytes == 3 * 16 * 16 and len(ds._decoded) == 3  # a.png, b.png, e.png at 16 x 16, uint8
+    for p in ("p1/a.png", "p1/b.png", "p0/e.png"):
+        (images / p).unlink()
+    assert torch.equal(ds[0]["images"], first)  # no file read again
+    none = MLRGDataset([_item()], images, v, image_size=16, max_views=2, image_cache_mb=0)
+    with pytest.raises(InputError, match="image file not found"):
+        none[0]
+    # a budget of two images' bytes keeps the first two only
+    for n in "abe":
+        Image.new("L", (20, 16), 50).save(images / ("p0" if n == "e" else "p1") / f"{n}.png")
+    some = MLRGDataset([_item()], images, v, image_size=16, max_views=2, image_cache_mb=2 * 256 / 2**20)
+    some[0]
+    assert len(some._decoded) == 2 and some._decoded_bytes == 512
+
+
 def test_target_truncation(images):
     v = Vocab.build(["the lungs are clear ."], min_freq=1)
     long = _item(findings="the lungs are clear . " * 40)

@@ -497,3 +497,60 @@ def test_copy_needs_prompt_tokens_in_memory_and_reaches_the_model_config():
     assert "copy" not in plain["decoder"] and "copy_skip_ids" not in plain
     with pytest.raises(InputError, match="decoder.copy"):
         model_config_for(FINETUNE.check(copy_prompt=True), vocab)  # prior_path fusion
+
+
+@pytest.mark.parametrize("batch_images", ["slots", "dedup"])
+def test_other_images_memory_adds_the_other_images_tokens(batch_images):
+    """other_images="memory" (not MLRG's): same weights; the decoder's memory gains the other slots' embedded tokens
+    after the fused memory, unused slots masked (as the ablation flags leave them); the fused memory and the prompt's
+    part are as with "fusion"; an ablated prior image is masked, not read."""
+    vis = {"batch_images": batch_images}
+    fus = _report_model(seed=3, prior_path="prompt", visual=vis).eval()
+    mem = _report_model(seed=3, prior_path="prompt", other_images="memory", visual=vis).eval()
+    assert fus.config["other_images"] == "fusion" and mem.config["other_images"] == "memory"
+    sd = fus.state_dict()
+    assert all(torch.equal(v, sd[k]) for k, v in mem.state_dict().items()) and mem.state_dict().keys() == sd.keys()
+    b = _prompt_batch()
+    N, V = fus.visual.n_tokens, b["image_mask"].shape[1] - 1
+    with torch.no_grad():
+        a, m = fus.memory(b), mem.memory(b)
+        ma, mm = fus.memory_mask(b, a), mem.memory_mask(b, m)
+        out = mem.visual(b, slot_tokens=True)
+    n, L = 2 * N, b["prompt_ids"].shape[1]
+    assert m.shape[1] == a.shape[1] + V * N and mm.shape == m.shape[:2]
+    torch.testing.assert_close(m[:, :n], a[:, :n])
+    torch.testing.assert_close(m[:, -L:], a[:, -L:])
+    assert torch.equal(mm[:, -L:], ma[:, -L:]) and mm[:, :n].all()
+    used = b["image_mask"][:, 1:].repeat_interleave(N, dim=1)
+    assert torch.equal(mm[:, n : n + V * N], used) and not used.all() and used.any()  # some slots empty: it can fail
+    torch.testing.assert_close(m[:, n : n + V * N], mem.memory_norm(out["slot_tokens"][:, 1:].flatten(1, 2)))
+    # the slots' tokens are the visual encoder's embedded ones: the anchor's equal anchor_tokens
+    torch.testing.assert_close(out["slot_tokens"][:, 0], out["anchor_tokens"])
+    # the decoder never reads a masked slot; a used one changes the logits
+    with torch.no_grad():
+        base = mem.decoder.teacher_forced(b["target_ids"], m, mm)
+        junk = m.masked_fill(~mm[..., None], 1e4)
+        torch.testing.assert_close(mem.decoder.teacher_forced(b["target_ids"], junk, mm), base)
+        assert not torch.allclose(mem.decoder.teacher_forced(b["target_ids"], m * 1.5, mm), base)
+    # without the prior image (use_prior_scan off) its slot is masked
+    no_prior = _report_model(seed=3, prior_path="prompt", other_images="memory", visual={**vis, "is_prior_scan": False})
+    with torch.no_grad():
+        mask = no_prior.eval().memory_mask(b, no_prior.memory(b))
+    assert not mask[:, n + (V - 1) * N : n + V * N].any() and b["image_mask"][:, V].any()
+    # generation reads the same memory, cached and uncached alike
+    assert mem.generate(b, num_beams=2, max_length=8) == mem.generate(b, num_beams=2, max_length=8, use_cache=False)
+
+
+def test_other_images_is_checked():
+    "other_images is checked in the model config and as a parameter; an older config without it reads as fusion."
+    base = {"prompt": {"vocab_size": 60, "heads": 4}, "prompt_heads": 4}
+    assert report_model_config(base)["other_images"] == "fusion"
+    with pytest.raises(InputError, match="other_images"):
+        report_model_config({**base, "other_images": "all"})
+    with pytest.raises(InputError, match="parameter 'other_images'"):
+        FINETUNE.check(other_images="all")
+    # other_images="fusion" with prior_path="fusion" is MLRG's memory: no mask at all
+    m = _report_model(seed=1).eval()
+    b = _prompt_batch()
+    with torch.no_grad():
+        assert m.memory_mask(b, m.memory(b)) is None
