@@ -6,9 +6,10 @@ model FLOPs per sample as a share of a matmul peak, all measured in the same run
   only the new token) and once without (each step reruns the whole prefix). reports/s = samples / wall seconds; the
   two must write the same reports.
 - Training: the stage-2 model of the demo preset (its tokens per image, prior_path and encoder settings) as
-  `mlrg.finetune` builds it for the run folder, five ways: encoder frozen with cached features (MLRG's design beside
+  `mlrg.finetune` builds it for the run folder, six ways: encoder frozen with cached features (MLRG's design beside
   the demo), encoder frozen reading pixels, encoder trained (the demo's stage 2), the same with every image decoded at
-  each read (no `image_cache_mb`: the first epoch's cost), and with dropout 0.1 (MLRG's). Pixels are read from
+  each read (no `image_cache_mb`: the first epoch's cost), with dropout 0.1 (MLRG's), and with dropout 0.1 but none
+  on the attention weights (`attention_dropout 0`). Pixels are read from
   images decoded once beforehand unless said. One step = a batch from the
   DataLoader (data loading included, as `mlrg.engine.fit` runs it) + forward + backward + AdamW; samples/s = median over
   --steps steps after 2 warm-up steps. FLOPs per sample: torch.utils.flop_counter.FlopCounterMode over one forward +
@@ -146,6 +147,7 @@ def main(argv=None):
             ("encoder trained (the demo's stage 2)", {}, True),
             ("encoder trained, every image decoded at each read", {}, False),
             ("encoder trained, dropout 0.1", {"dropout": 0.1}, True),
+            ("encoder trained, dropout 0.1 but not on attention", {"dropout": 0.1, "attention_dropout": 0.0}, True),
         )
     ]
     for t in train:

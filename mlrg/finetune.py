@@ -345,6 +345,14 @@ FINETUNE = Params(
         dropout=Param(
             0.0, "dropout of the prompt encoder, the prompt fusion layer and the decoder (MLRG: 0.1)", low=0, high=0.9
         ),
+        attention_dropout=Param(
+            None,
+            "dropout on the attention weights where `dropout` applies (None: dropout's rate, as MLRG; 0 keeps the "
+            "fused attention kernel, the cheaper regularisation on a CPU)",
+            kind=float,
+            low=0,
+            high=0.9,
+        ),
         label_smoothing=Param(0.0, "label smoothing of the token cross-entropy (MLRG: none)", low=0, high=0.9),
         prior_path=Param(
             "fusion",
@@ -628,6 +636,7 @@ def model_config_for(p, vocab, stage1=None) -> dict:
             **{k: p[k] for k in REPORT_MLRG_OPTIONS},
             "decoder": dec,
             "dropout": p["dropout"],
+            "attention_dropout": p["attention_dropout"],
             "label_smoothing": p["label_smoothing"],
             "prior_path": p["prior_path"],
             "other_images": p["other_images"],

@@ -13,14 +13,14 @@ import torch.nn.functional as F
 
 from .core import InputError, patch
 from .data import collate
-from .decoder import ReportDecoder, beam_search, decoder_config, greedy
+from .decoder import CausalSelfAttention, CrossAttention, ReportDecoder, beam_search, decoder_config, greedy
 from .engine import to_device
 from .models import ProjectionHead, VisualEncoder, build_text_encoder, visual_config
 
 # %% auto #0
-__all__ = ['REPORT_MLRG_OPTIONS', 'PRIOR_PATHS', 'OTHER_IMAGES', 'GENERATION_KEYS', 'FeatureCache', 'PromptFusion',
-           'BertAttentionBlock', 'BertPromptFusion', 'report_model_config', 'MLRGReportModel', 'generation_settings',
-           'generate_records', 'token_losses', 'attention_maps']
+__all__ = ['ATTENTION_LAYERS', 'REPORT_MLRG_OPTIONS', 'PRIOR_PATHS', 'OTHER_IMAGES', 'GENERATION_KEYS', 'FeatureCache',
+           'PromptFusion', 'BertAttentionBlock', 'BertPromptFusion', 'set_attention_dropout', 'report_model_config',
+           'MLRGReportModel', 'generation_settings', 'generate_records', 'token_losses', 'attention_maps']
 
 # %% ../nbs/02c_report_model.ipynb #dbe65bc7
 class FeatureCache:
@@ -142,6 +142,18 @@ class BertPromptFusion(nn.Module):
         x = self.cross_attn(self.self_attn(memory), prompt, prompt_pad)
         return self.norm(x + self.drop(self.ff_out(F.gelu(self.ff_in(x)))))
 
+
+ATTENTION_LAYERS = (nn.MultiheadAttention, CausalSelfAttention, CrossAttention, BertAttentionBlock)
+
+
+def set_attention_dropout(module: nn.Module, p: float) -> int:
+    """Sets the dropout on the attention weights of every attention layer in `module` to `p`; the dropout on their
+    outputs, the residuals and the feed-forward layers stays. Returns the number of layers set."""
+    layers = [m for m in module.modules() if isinstance(m, ATTENTION_LAYERS)]
+    for m in layers:
+        m.dropout = float(p)
+    return len(layers)
+
 # %% ../nbs/02c_report_model.ipynb #d8ce8cdb
 REPORT_MLRG_OPTIONS = {  # the stage-2 options that reproduce MLRG: each key's default first, MLRG's value second
     "prompt_projection": ("linear", "mlrg"),  # 2.5: stage 1's text ProjectionHead on every prompt token
@@ -156,6 +168,7 @@ _REPORT_KEYS = {
     "prompt_ffn",
     "decoder",
     "dropout",
+    "attention_dropout",
     "label_smoothing",
     "copy_skip_ids",
 }
@@ -165,8 +178,8 @@ OTHER_IMAGES = ("fusion", "memory")  # how the other views and the prior image r
 
 def report_model_config(config: dict) -> dict:
     """A complete, checked stage-2 model config from `config` (visual, prompt, prompt_heads, prompt_ffn, decoder,
-    dropout, label_smoothing, prior_path and the keys of `REPORT_MLRG_OPTIONS`). An older config's `prompt_memory`
-    (True / False) reads as prior_path "prompt" / "fusion"."""
+    dropout, attention_dropout, label_smoothing, prior_path and the keys of `REPORT_MLRG_OPTIONS`). An older config's
+    `prompt_memory` (True / False) reads as prior_path "prompt" / "fusion"."""
     cfg = dict(config or {})
     known = _REPORT_KEYS | {"prior_path", "other_images", "prompt_memory", *REPORT_MLRG_OPTIONS}
     unknown = sorted(set(cfg) - known)
@@ -196,6 +209,10 @@ def report_model_config(config: dict) -> dict:
     ffn = cfg.get("prompt_ffn")
     if ffn is not None and (int(ffn) != ffn or ffn < 1):
         raise InputError(f"prompt_ffn={ffn!r}", where="model config 'prompt_ffn'", expected="None or a width >= 1")
+    att = cfg.get("attention_dropout")
+    if att is not None and not 0 <= att < 1:
+        where = "model config 'attention_dropout'"
+        raise InputError(f"attention_dropout={att!r}", where=where, expected="None or a rate in [0, 1)")
     vis = visual_config({**(cfg.get("visual") or {}), "mode": "mlrg"})
     pr = {
         "encoder": "small",
@@ -229,6 +246,8 @@ def report_model_config(config: dict) -> dict:
         **{k: cfg[k] for k in REPORT_MLRG_OPTIONS},
         "decoder": dec,
         "dropout": float(cfg.get("dropout", 0.1)),
+        # the attention weights' own dropout (None: `dropout`'s rate): absent when None, so older configs compare equal
+        **({"attention_dropout": float(att)} if att is not None else {}),
         "label_smoothing": float(cfg.get("label_smoothing", 0.0)),
         "prior_path": path,
         "other_images": other,
@@ -278,6 +297,10 @@ class MLRGReportModel(nn.Module):
         D = cfg["decoder"]["d_model"]
         self.memory_proj = nn.Linear(d, D) if D != d else nn.Identity()
         self.decoder = ReportDecoder(cfg["decoder"])
+        if cfg.get("attention_dropout") is not None:  # its own rate where `dropout` applies
+            text = [self.text_encoder] if pr["encoder"] == "small" else []  # (cxr_bert keeps its own config's dropout)
+            for part in (*text, self.prompt_fusion, self.decoder):
+                set_attention_dropout(part, cfg["attention_dropout"])
 
 # %% ../nbs/02c_report_model.ipynb #687f1655
 @patch

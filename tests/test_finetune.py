@@ -274,6 +274,8 @@ def test_token_grid_and_prior_path_over_a_stage1_config():
     mc = model_config_for(FINETUNE.check(token_grid=3, prior_path="decoder", other_images="memory"), vocab, s1)
     assert (mc["visual"]["token_grid"], mc["prior_path"], mc["other_images"]) == (3, "decoder", "memory")
     assert model_config_for(FINETUNE.check(), vocab, s1)["other_images"] == "fusion"
+    assert "attention_dropout" not in model_config_for(FINETUNE.check(), vocab, s1)  # None: dropout's rate
+    assert model_config_for(FINETUNE.check(attention_dropout=0.0), vocab, s1)["attention_dropout"] == 0.0
     assert model_config_for(FINETUNE.check(), vocab)["visual"]["token_grid"] is None
     with pytest.raises(InputError, match="parameter 'token_grid'"):
         FINETUNE.check(token_grid=0)

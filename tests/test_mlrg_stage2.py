@@ -17,7 +17,13 @@ from mlrg.data import Vocab
 from mlrg.decoder import ReportDecoder, beam_search, greedy, load_gpt2_weights
 from mlrg.finetune import FINETUNE, FINETUNE_PRESETS, lr_groups, load_stage1, model_config_for
 from mlrg.models import MLRG_OPTIONS, MLRGPretrainModel, dummy_batch
-from mlrg.report_model import REPORT_MLRG_OPTIONS, BertPromptFusion, MLRGReportModel, report_model_config
+from mlrg.report_model import (
+    ATTENTION_LAYERS,
+    REPORT_MLRG_OPTIONS,
+    BertPromptFusion,
+    MLRGReportModel,
+    report_model_config,
+)
 from mlrg.study import study_notes
 
 MLRG_VISUAL = {k: v[1] for k, v in MLRG_OPTIONS.items()}
@@ -554,3 +560,43 @@ def test_other_images_is_checked():
     b = _prompt_batch()
     with torch.no_grad():
         assert m.memory_mask(b, m.memory(b)) is None
+
+
+def _rates(module):
+    "The attention layers' rates and the other dropout layers' rates in `module`."
+    attention = {float(m.dropout) for m in module.modules() if isinstance(m, ATTENTION_LAYERS)}
+    other = {m.p for m in module.modules() if isinstance(m, torch.nn.Dropout)}
+    return attention, other
+
+
+def _dropped(rate, **options):
+    "A tiny report model with dropout `rate` in the prompt encoder, the fusion and the decoder (as finetune sets it)."
+    dec = {"n_layers": 1, "n_heads": 4, "max_length": 32, "dropout": rate}
+    return _report_model(dropout=rate, decoder=dec, **options)
+
+
+@pytest.mark.parametrize("fusion", ["torch", "mlrg"])
+def test_attention_dropout_sets_only_the_attention_weights(fusion):
+    "attention_dropout: the attention layers of the prompt encoder, fusion and decoder; other dropout keeps its rate."
+    m = _dropped(0.1, attention_dropout=0.0, prompt_fusion=fusion)
+    for part in (m.text_encoder, m.prompt_fusion, m.decoder):
+        assert _rates(part) == ({0.0}, {0.1})
+    assert all(float(x.dropout) == 0.0 for x in m.visual.modules() if isinstance(x, ATTENTION_LAYERS))  # untouched
+    same = _dropped(0.1, prompt_fusion=fusion)  # None: dropout's rate everywhere, as before
+    assert _rates(same.decoder) == ({0.1}, {0.1}) and "attention_dropout" not in same.config
+    # at work: with only attention dropout on, training-mode losses vary with the seed; with it 0 they do not
+    b = _prompt_batch()
+
+    def losses(model):
+        out = []
+        for seed in (0, 1):
+            torch.manual_seed(seed)
+            out.append(model.train()(b)["loss"].item())
+        return out
+
+    assert len(set(losses(_dropped(0.0, attention_dropout=0.5, prompt_fusion=fusion)))) == 2
+    assert len(set(losses(_dropped(0.0, attention_dropout=0.0, prompt_fusion=fusion)))) == 1
+    with pytest.raises(InputError, match="attention_dropout"):
+        _report_model(attention_dropout=1.5)
+    with pytest.raises(InputError, match="parameter 'attention_dropout'"):
+        FINETUNE.check(attention_dropout=-0.1)
