@@ -1724,7 +1724,8 @@ class MLRGDataset(torch.utils.data.Dataset):
     `report_style`, `target_truncation`, `prompt_truncation` and `image_preprocess` choose mlrg's way (the defaults)
     or MLRG's; `processor` is the RAD-DINO folder (or `processor_config`'s dict) for `image_preprocess="processor"`;
     `max_views=None` keeps every image of the study. Decoded images are kept in memory up to `image_cache_mb` (0: read
-    every time), so later epochs read no image file."""
+    every time): in the process that reads them, so with `num_workers` 0 later epochs read no image file, while each
+    DataLoader worker (started anew every epoch) keeps its own for its epoch only."""
 
     def __init__(
         self,

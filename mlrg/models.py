@@ -1319,7 +1319,11 @@ def forward_dedup(self: VisualEncoder, batch, slot_tokens=False) -> dict:
     groups = study_groups(batch).to(use.device)[source[:, 0]]
     current = torch.arange(len(source), device=use.device) < n_cur
     fused = self.fuse_images(emb, groups, current, B)
-    tokens = tok.new_zeros(B, V1, tok.shape[1], tok.shape[2]).index_put((use,), tok[index[use]])
+
+    def per_slot(t):  # (M, N, d) per distinct image -> (B, V+1, N, d) per slot, zeros where a slot is unused
+        return t.new_zeros(B, V1, *t.shape[1:]).index_put((use,), t[index[use]])
+
+    tokens = per_slot(tok)
     out = {
         "tokens": tokens,
         "used": use,
@@ -1333,7 +1337,7 @@ def forward_dedup(self: VisualEncoder, batch, slot_tokens=False) -> dict:
         "image_source": source,
     }
     if slot_tokens:  # each slot's copy of its image, only when asked: (B, V+1, N, d) is large at RAD-DINO's 1,370
-        out["slot_tokens"] = emb.new_zeros(B, V1, *emb.shape[1:]).index_put((use,), emb[index[use]])
+        out["slot_tokens"] = per_slot(emb)
     return out
 
 

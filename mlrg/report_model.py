@@ -369,10 +369,10 @@ def memory(self: MLRGReportModel, batch) -> torch.Tensor:
     other_images="memory", the other slots' tokens (with their view and temporal embeddings, LayerNorm); then the K
     prompt tokens `prompt_in_memory` picks (none with prior_path="fusion"; MLRG's way is both "fusion": 2N slots
     alone)."""
-    prompt = self.encode_prompt(batch)
-    out = self.visual(batch, slot_tokens=self.config["other_images"] == "memory")
+    prompt, images = self.encode_prompt(batch), self.config["other_images"] == "memory"
+    out = self.visual(batch, slot_tokens=images)
     parts = [self.prompt_fusion(self.visual_memory(batch, out), prompt, ~batch["prompt_mask"].bool())]
-    if self.config["other_images"] == "memory":
+    if images:
         parts.append(self.memory_norm(out["slot_tokens"][:, 1:].flatten(1, 2)))
     extra = self.prompt_in_memory(batch)
     if extra is not None:
