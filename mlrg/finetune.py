@@ -86,14 +86,15 @@ from .phantom import TRUTH_FILE
 from .runs import RunFolder, check_output_folder, in_ipython, one_line_errors, output_folder, stage_lock
 
 # %% auto #0
-__all__ = ['SELECT_METRICS', 'RCB_ADAPTERS', 'MLRG_DATA_KEYS', 'MLRG_DATA', 'FINETUNE_PRESETS', 'FINETUNE',
+__all__ = ['SELECT_METRICS', 'RCB_ADAPTERS', 'MLRG_DATA_KEYS', 'MLRG_DATA', 'FINETUNE_PRESETS', 'FINETUNE', 'TEXT_PARTS',
            'STAGE2_VISUAL_DEFAULTS', 'PREDICTION_KEYS', 'GENERATE', 'REPORT', 'adapter_status', 'rcb_scores',
-           'check_folder_sizes', 'load_stage1', 'lr_groups', 'stage1_checkpoint', 'load_finetune_data',
-           'model_config_for', 'FinetuneParts', 'build_finetune', 'truth_labels', 'ce_against_truth', 'score_records',
-           'protocol_tokenizer_for', 'protocol_records', 'protocol_info', 'ReportEvaluator', 'mlrg_csv_text',
-           'write_predictions', 'fit_config', 'run_test', 'plot_curves', 'summarize', 'finetune', 'load_report_model',
-           'dataset_for', 'generate_reports', 'finetune_cli', 'generate_cli', 'baseline_records', 'diff_html',
-           'case_images', 'report_study', 'report_cli', 'plot_attention']
+           'check_folder_sizes', 'load_stage1', 'lr_groups', 'stage1_lr_groups', 'stage1_checkpoint',
+           'load_finetune_data', 'model_config_for', 'FinetuneParts', 'build_finetune', 'truth_labels',
+           'ce_against_truth', 'score_records', 'protocol_tokenizer_for', 'protocol_records', 'protocol_info',
+           'ReportEvaluator', 'mlrg_csv_text', 'write_predictions', 'fit_config', 'run_test', 'plot_curves',
+           'summarize', 'finetune', 'load_report_model', 'dataset_for', 'generate_reports', 'finetune_cli',
+           'generate_cli', 'baseline_records', 'diff_html', 'case_images', 'report_study', 'report_cli',
+           'plot_attention']
 
 # %% ../nbs/04_finetune.ipynb #3a7516ba
 def adapter_status(name, path=None) -> str:
@@ -410,6 +411,12 @@ FINETUNE = Params(
         ),
         # --- training (mlrg.engine.fit) ---
         pt_lr=Param(2e-4, "learning rate of the weights copied from stage 1 (MLRG: 5e-6)", low=0),
+        text_lr=Param(
+            None,
+            "learning rate of stage 1's text encoder and text projection in stage 2 (None: pt_lr, as MLRG)",
+            kind=float,
+            low=0,
+        ),
         ft_lr=Param(1e-3, "learning rate of the new weights (MLRG: 5e-5)", low=0),
         **_TRAINING.params,
         # --- generation, selection and test ---
@@ -519,6 +526,18 @@ def lr_groups(model, loaded, lr) -> dict:
         if pname in loaded and pname in names:
             out[pname] = float(lr)
     return out
+
+
+TEXT_PARTS = ("text_encoder.", "text_proj.")  # stage 1's text side in the report model
+
+
+def stage1_lr_groups(model, loaded, pt_lr, text_lr=None) -> dict:
+    """`lr_groups` of the loaded weights at `pt_lr`, those of stage 1's text side (`TEXT_PARTS`: the prompt encoder and
+    its projection) at `text_lr` when it is given."""
+    groups = lr_groups(model, loaded, pt_lr)
+    if text_lr is None:
+        return groups
+    return {k: float(text_lr) if k.startswith(TEXT_PARTS) else v for k, v in groups.items()}
 
 # %% ../nbs/04_finetune.ipynb #21cf21a5
 def stage1_checkpoint(p) -> Path | None:
@@ -801,7 +820,7 @@ def build_finetune(p: dict, data: Inputs | None = None, log=None) -> FinetunePar
         stage1_checkpoint=str(ck_path) if ck_path else None,
         decoder_table=decoder_table,
         backbones=used,
-        param_groups=lr_groups(model, loaded, p["pt_lr"]) or None,
+        param_groups=stage1_lr_groups(model, loaded, p["pt_lr"], p["text_lr"]) or None,
         features=features,
         train_ds=train_ds,
         val_ds=val_ds,
@@ -1011,6 +1030,7 @@ def fit_config(p, parts, out_dir) -> dict:
             "stage1_checkpoint": parts.stage1_checkpoint,
             "copied": parts.init_table is not None,
             "pt_lr": p["pt_lr"],
+            **({"text_lr": p["text_lr"]} if p["text_lr"] is not None else {}),  # absent when None: older configs equal
         },
         "backbones": parts.backbones,
         "features_cached": parts.features is not None,

@@ -25,6 +25,7 @@ from mlrg.finetune import (
     build_finetune,
     dataset_for,
     finetune,
+    fit_config,
     generate_cli,
     load_finetune_data,
     load_report_model,
@@ -138,6 +139,17 @@ def test_stage1_weights_load_by_name_with_two_learning_rates(run):
     for n in sd:
         if n not in loaded:
             assert torch.equal(sd[n], sd_off[n]), n
+    # text_lr: stage 1's text side (the prompt encoder) at its own rate, the image encoder still at pt_lr
+    text = _parts(root, data=parts.data, cache_features=False, freeze_image_encoder=False, text_lr=3e-3, pt_lr=1e-4)
+    rates = {
+        n: next(lr for k, lr in text.param_groups.items() if n.startswith(k))
+        for n, p in text.model.named_parameters()
+        if p.requires_grad and any(n.startswith(k) for k in text.param_groups)
+    }
+    assert {n for n, lr in rates.items() if lr == 3e-3} == {n for n in rates if n.startswith("text_encoder.")}
+    assert {n for n, lr in rates.items() if lr == 1e-4} == {n for n in rates if n.startswith("visual.")} != set()
+    assert fit_config(FINETUNE.check(run_dir=str(root), text_lr=3e-3), text, root)["init"]["text_lr"] == 3e-3
+    assert "text_lr" not in fit_config(FINETUNE.check(run_dir=str(root)), parts, root)["init"]  # older configs equal
 
 
 def _same(a, b):
