@@ -92,6 +92,13 @@ VARIANTS["combined_decoder_3_layers"] = {**VARIANTS["combined_end_to_end"], "dec
 VARIANTS["combined_batch_16"] = {**VARIANTS["combined_end_to_end"], "batch_size": 16, "steps_scale": 2}
 VARIANTS["combined_batch_8"] = {**VARIANTS["combined_end_to_end"], "batch_size": 8, "steps_scale": 4}
 VARIANTS["combined_batch_64"] = {**VARIANTS["combined_end_to_end"], "batch_size": 64, "steps_scale": 0.5}
+# MLRG's ablations of the demo now (batch 16): without the prior study, without the auxiliary views
+VARIANTS["combined_batch_16_no_prior"] = {
+    **VARIANTS["combined_batch_16"],
+    "use_prior_report": False,
+    "use_prior_scan": False,
+}
+VARIANTS["combined_batch_16_no_auxiliary_views"] = {**VARIANTS["combined_batch_16"], "use_auxiliary_views": False}
 # twice the learning rates again (4e-3 new / 8e-4 stage 1), the warmup keeping the peak safe
 VARIANTS["combined_lr_2x"] = {**VARIANTS["combined_end_to_end"], "ft_lr": 4e-3, "pt_lr": 8e-4}
 # the demo recipe at the plain yardstick's epochs (REFERENCE section 7, model F: 6.2 epochs in 4 minutes, CE-14 0.607):
