@@ -32,7 +32,7 @@ from mlrg.finetune import FINETUNE, baseline_records, score_records  # noqa: E40
 from mlrg.study import STUDY_PRESETS  # noqa: E402
 
 # "base" is the demo's stage 2 before this benchmark (its budget and evaluation settings, every other value FINETUNE's
-# default); the demo preset now adds the "combined_end_to_end" changes to it
+# default); the demo preset now adds the "combined_end_to_end" changes to it, at batch 16 ("combined_batch_16")
 DEMO_NOW = dict(STUDY_PRESETS["demo"]["params"]["finetune"])
 # the base's budget: 400 steps of 32 (3.5 epochs), the demo's until it took 800 of 16 (the same epochs:
 # "combined_batch_16" below); every variant's steps scale it

@@ -413,7 +413,8 @@ FINETUNE = Params(
         pt_lr=Param(2e-4, "learning rate of the weights copied from stage 1 (MLRG: 5e-6)", low=0),
         text_lr=Param(
             None,
-            "learning rate of stage 1's text encoder and text projection in stage 2 (None: pt_lr, as MLRG)",
+            "learning rate of stage 1's text encoder and text projection in stage 2, where stage-1 weights are "
+            "loaded (None: pt_lr, as MLRG)",
             kind=float,
             low=0,
         ),
