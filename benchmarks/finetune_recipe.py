@@ -107,6 +107,59 @@ VARIANTS["combined_6_epochs"] = {**VARIANTS["combined_end_to_end"], "steps_scale
 # stage 1's text side (the prompt encoder, which reads the prior report) at the new weights' lr, the image encoder at
 # pt_lr: separates what the run from scratch (every weight at ft_lr) gained in longitudinal accuracy
 VARIANTS["combined_text_lr"] = {**VARIANTS["combined_end_to_end"], "text_lr": VARIANTS["combined_end_to_end"]["ft_lr"]}
+# the plain yardstick's recipe (REFERENCE section 7, model F) as far as FINETUNE's parameters reach, at its 6.2 epochs:
+# no stage 1 (every weight new, one lr of 1.5e-3), every image's tokens in the decoder's memory, 2 decoder heads of 64,
+# weight decay 0.01, 60 warmup steps of 710; what stays ours: MLRG's fused anchor tokens also in the memory, stage 1's
+# architecture (a 2-layer prompt encoder against 1), beam 3 against greedy
+VARIANTS["yardstick_6_epochs"] = {
+    **VARIANTS["combined_6_epochs"],
+    "stage1_init": False,
+    "ft_lr": 1.5e-3,
+    "other_images": "memory",
+    "decoder_heads": 2,
+    "weight_decay": 0.01,
+    "warmup": 60,
+}
+# the yardstick's parts that FINETUNE reaches, on the demo recipe (batch 16) with stage 1 kept: every image's tokens in
+# the decoder's memory, 2 decoder heads of 64, weight decay 0.01; and the same without stage 1 (every weight new)
+VARIANTS["combined_batch_16_yardstick_parts"] = {
+    **VARIANTS["combined_batch_16"],
+    "other_images": "memory",
+    "decoder_heads": 2,
+    "weight_decay": 0.01,
+}
+VARIANTS["combined_batch_16_yardstick_parts_no_stage1"] = {
+    **VARIANTS["combined_batch_16_yardstick_parts"],
+    "stage1_init": False,
+}
+# the yardstick with MLRG's multi-view fusion at 1 layer (3: stage 1's) and greedy decoding: for a run folder without
+# stage 1 (its architecture would otherwise be stage 1's), e.g. links to a demo run folder's mimic/ and prepared/
+VARIANTS["yardstick_6_epochs_fusion_1_greedy"] = {
+    **VARIANTS["yardstick_6_epochs"],
+    "image_size": 128,
+    "token_grid": 4,
+    "model_config": {"fusion_depth": 1},
+    "num_beams": 1,
+}
+# beyond MLRG: the demo recipe with a findings head on the decoder's memory (finding_loss: its binary cross-entropy
+# against the rule labeler's reading of the reference report, added to the token loss at this weight)
+VARIANTS["combined_batch_16_finding_loss"] = {**VARIANTS["combined_batch_16"], "finding_loss": 1.0}
+VARIANTS["combined_batch_16_finding_loss_3"] = {**VARIANTS["combined_batch_16"], "finding_loss": 3.0}
+# MLRG's ablations of the demo with the findings head (the demo preset's stage 2 now)
+VARIANTS["combined_batch_16_finding_loss_no_prior"] = {
+    **VARIANTS["combined_batch_16_finding_loss"],
+    "use_prior_report": False,
+    "use_prior_scan": False,
+}
+VARIANTS["combined_batch_16_finding_loss_no_auxiliary_views"] = {
+    **VARIANTS["combined_batch_16_finding_loss"],
+    "use_auxiliary_views": False,
+}
+# at 4x the budget: the findings head with dropout (none on the attention weights), against the same without the head
+VARIANTS["combined_dropout_0.1_not_attention_finding_loss"] = {
+    **VARIANTS["combined_dropout_0.1_not_attention"],
+    "finding_loss": 1.0,
+}
 KEYS = ["ce14", "ce14_truth", "long_acc_truth", "lateral_only_recall", "bleu4", "contradictions", "train_seconds"]
 
 

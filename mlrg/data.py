@@ -1894,6 +1894,12 @@ class MLRGDataset(torch.utils.data.Dataset):
             "id": it["id"],
             "study_id": it.get("study_id"),
             "findings": it["findings"],
+            # the reference's findings as labels (14; mlrg.finetune.with_finding_labels), where the item has them
+            **(
+                {"finding_labels": torch.tensor(it["finding_labels"], dtype=torch.float)}
+                if "finding_labels" in it
+                else {}
+            ),
         }
 
 # %% ../nbs/01_data.ipynb #d4b5c819
@@ -1914,7 +1920,7 @@ def collate(batch, pad_id=0):
     batch's most, when samples differ); image_mask, view_ids, temporal_ids (B, V+1); image_keys (B lists of V+1 image
     paths, "" for an empty slot); view_positions (B lists of V+1 view positions, "" for an empty slot); features
     (B, V+1, N, C) when cached; has_prior (B,); prompt, target and stage-1 text ids and masks padded to the batch's
-    longest."""
+    longest; finding_labels (B, 14) when every sample has them."""
     keys = ("images", "image_mask", "view_ids", "temporal_ids") + (("features",) if "features" in batch[0] else ())
     V = max(len(b["image_mask"]) for b in batch) - 1
     out = {k: torch.stack([_pad_slots(b[k], V) for b in batch]) for k in keys}
@@ -1936,6 +1942,8 @@ def collate(batch, pad_id=0):
         if "prompt_segments" in b:
             seg[i, : len(b["prompt_segments"])] = b["prompt_segments"]
     out["prompt_segments"] = seg
+    if all("finding_labels" in b for b in batch):
+        out["finding_labels"] = torch.stack([b["finding_labels"] for b in batch])
     for k in ("id", "study_id", "findings", "text"):
         if all(k in b for b in batch):
             out[k] = [b[k] for b in batch]

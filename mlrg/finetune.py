@@ -68,7 +68,7 @@ from mlrg.evaluate import (
     run_adapter,
     truth_changes,
 )
-from .labeler import label_reports
+from .labeler import apply_policy, label_reports
 from mlrg.report_model import (
     GENERATION_KEYS,
     OTHER_IMAGES,
@@ -89,11 +89,11 @@ from .runs import RunFolder, check_output_folder, in_ipython, one_line_errors, o
 __all__ = ['SELECT_METRICS', 'RCB_ADAPTERS', 'MLRG_DATA_KEYS', 'MLRG_DATA', 'FINETUNE_PRESETS', 'FINETUNE', 'TEXT_PARTS',
            'STAGE2_VISUAL_DEFAULTS', 'PREDICTION_KEYS', 'GENERATE', 'REPORT', 'adapter_status', 'rcb_scores',
            'check_folder_sizes', 'load_stage1', 'lr_groups', 'stage1_lr_groups', 'stage1_checkpoint',
-           'load_finetune_data', 'model_config_for', 'FinetuneParts', 'build_finetune', 'truth_labels',
-           'ce_against_truth', 'score_records', 'protocol_tokenizer_for', 'protocol_records', 'protocol_info',
-           'ReportEvaluator', 'mlrg_csv_text', 'write_predictions', 'fit_config', 'run_test', 'plot_curves',
-           'summarize', 'finetune', 'load_report_model', 'dataset_for', 'generate_reports', 'finetune_cli',
-           'generate_cli', 'baseline_records', 'diff_html', 'case_images', 'report_study', 'report_cli',
+           'load_finetune_data', 'model_config_for', 'with_finding_labels', 'FinetuneParts', 'build_finetune',
+           'truth_labels', 'ce_against_truth', 'score_records', 'protocol_tokenizer_for', 'protocol_records',
+           'protocol_info', 'ReportEvaluator', 'mlrg_csv_text', 'write_predictions', 'fit_config', 'run_test',
+           'plot_curves', 'summarize', 'finetune', 'load_report_model', 'dataset_for', 'generate_reports',
+           'finetune_cli', 'generate_cli', 'baseline_records', 'diff_html', 'case_images', 'report_study', 'report_cli',
            'plot_attention']
 
 # %% ../nbs/04_finetune.ipynb #3a7516ba
@@ -355,6 +355,13 @@ FINETUNE = Params(
             high=0.9,
         ),
         label_smoothing=Param(0.0, "label smoothing of the token cross-entropy (MLRG: none)", low=0, high=0.9),
+        finding_loss=Param(
+            0.0,
+            "weight of an auxiliary loss (not MLRG's): a findings head reads the decoder's memory and names the 14 "
+            "observations the rule labeler reads in the reference report, binary cross-entropy added to the token "
+            "loss in training (0: off; MLRG: none)",
+            low=0,
+        ),
         prior_path=Param(
             "fusion",
             "how the prompt reaches the decoder: fusion (only through the prompt fusion layer; MLRG), decoder (the "
@@ -658,6 +665,7 @@ def model_config_for(p, vocab, stage1=None) -> dict:
             "dropout": p["dropout"],
             "attention_dropout": p["attention_dropout"],
             "label_smoothing": p["label_smoothing"],
+            "finding_loss": p["finding_loss"],
             "prior_path": p["prior_path"],
             "other_images": p["other_images"],
             "copy_skip_ids": [getattr(vocab, t.strip("[]").lower() + "_id") for t in SPECIAL_TOKENS],
@@ -707,6 +715,17 @@ def _val_subset(items, n, seed) -> list:
         return list(items)
     keep = np.sort(np.random.default_rng(derive_seed(seed, "val subset")).choice(len(items), n, replace=False))
     return [items[i] for i in keep]
+
+# %% ../nbs/04_finetune.ipynb #1a85caa3
+def with_finding_labels(items, log=None) -> list:
+    """Copies of `items` with `finding_labels`: the 14 observations (`OBSERVATIONS` order) of each item's reference
+    `findings`, 1 where the rule labeler reads one as positive or uncertain, else 0; `log` gets a line of the counts."""
+    labels = apply_policy(label_reports([it["findings"] for it in items]), "positive").astype(float)
+    if log is not None and len(items):
+        per = dict(zip(OBSERVATIONS, labels.sum(0).astype(int)))
+        rare = ", ".join(f"{k} {v}" for k, v in sorted(per.items(), key=lambda kv: kv[1])[:3])
+        log.info("finding labels: %d reports, %.2f positives each; fewest: %s", len(items), labels.sum(1).mean(), rare)
+    return [{**it, "finding_labels": row.tolist()} for it, row in zip(items, labels)]
 
 # %% ../nbs/04_finetune.ipynb #0ce34da5
 @dataclass
@@ -787,8 +806,13 @@ def build_finetune(p: dict, data: Inputs | None = None, log=None) -> FinetunePar
         **_mlrg_data_kw(data.dataset_options, mcfg),  # as load_inputs resolved them (stage 1 likewise)
     )
     features = _features_for(p, model, items, ds_kw, log)
+    train_items = with_finding_labels(items["train"], log if is_main_process() else None) if p["finding_loss"] else None
     train_ds = MLRGDataset(
-        items["train"], augment=p["augment"], seed=derive_seed(p["seed"], "augment"), features=features, **ds_kw
+        train_items or items["train"],
+        augment=p["augment"],
+        seed=derive_seed(p["seed"], "augment"),
+        features=features,
+        **ds_kw,
     )
     val_ds = MLRGDataset(_val_subset(items["val"], p["val_max_samples"], p["seed"]), features=features, **ds_kw)
     test_ds = MLRGDataset(items.get("test") or [], features=features, **ds_kw)
@@ -1092,8 +1116,12 @@ def plot_curves(history, fig=None):
     tr = [r for r in history if r.get("kind") == "train"]
     ev = [r for r in history if r.get("kind") == "eval"]
     a, b, c = fig.subplots(1, 3)
-    a.plot([r["step"] for r in tr], [r.get("train_loss") for r in tr], lw=1, label="train")
+    # the token loss of training (with finding_loss the loss stepped on adds the findings head's, drawn apart)
+    a.plot([r["step"] for r in tr], [r.get("train_token_loss", r.get("train_loss")) for r in tr], lw=1, label="train")
     a.plot([r["step"] for r in ev], [r.get("val_loss") for r in ev], "o-", label="val")
+    if tr and "train_finding_loss" in tr[0]:
+        bce = [r["train_finding_loss"] for r in tr]
+        a.plot([r["step"] for r in tr], bce, lw=1, ls="--", label="train findings BCE")
     a.set(xlabel="step", title="token cross-entropy")
     a.legend(fontsize=8)
     for k in ("bleu4", "ce14", "bleu4+ce14", "ce14_truth"):

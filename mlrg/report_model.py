@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .core import InputError, patch
+from .core import OBSERVATIONS, InputError, patch
 from .data import collate
 from .decoder import CausalSelfAttention, CrossAttention, ReportDecoder, beam_search, decoder_config, greedy
 from .engine import to_device
@@ -19,8 +19,9 @@ from .models import ProjectionHead, VisualEncoder, build_text_encoder, visual_co
 
 # %% auto #0
 __all__ = ['ATTENTION_LAYERS', 'REPORT_MLRG_OPTIONS', 'PRIOR_PATHS', 'OTHER_IMAGES', 'GENERATION_KEYS', 'FeatureCache',
-           'PromptFusion', 'BertAttentionBlock', 'BertPromptFusion', 'set_attention_dropout', 'report_model_config',
-           'MLRGReportModel', 'generation_settings', 'generate_records', 'token_losses', 'attention_maps']
+           'PromptFusion', 'BertAttentionBlock', 'BertPromptFusion', 'set_attention_dropout', 'FindingHead',
+           'report_model_config', 'MLRGReportModel', 'generation_settings', 'generate_records', 'token_losses',
+           'attention_maps']
 
 # %% ../nbs/02c_report_model.ipynb #dbe65bc7
 class FeatureCache:
@@ -154,6 +155,25 @@ def set_attention_dropout(module: nn.Module, p: float) -> int:
         m.dropout = float(p)
     return len(layers)
 
+# %% ../nbs/02c_report_model.ipynb #28ba3c64
+class FindingHead(nn.Module):
+    "One learned query per finding attends to the decoder's memory; a logit per finding from what each query reads."
+
+    def __init__(self, dim, n_findings=len(OBSERVATIONS)):
+        super().__init__()
+        self.queries = nn.Parameter(torch.randn(n_findings, dim) * dim**-0.5)
+        self.keys = nn.Linear(dim, dim)
+        self.weight = nn.Parameter(torch.zeros(n_findings, dim))  # zero: every finding starts at its bias
+        self.bias = nn.Parameter(torch.zeros(n_findings))
+
+    def forward(self, memory, memory_mask=None):
+        "Logits (B, n_findings) from `memory` (B, M, dim); `memory_mask` (B, M): True where it may read (None: all)."
+        scores = torch.einsum("nd,bmd->bnm", self.queries, self.keys(memory)) / memory.shape[-1] ** 0.5
+        if memory_mask is not None:
+            scores = scores.masked_fill(~memory_mask[:, None, :].bool(), float("-inf"))
+        read = scores.softmax(-1) @ memory  # (B, n_findings, dim): what each finding's query reads
+        return (read * self.weight).sum(-1) + self.bias
+
 # %% ../nbs/02c_report_model.ipynb #d8ce8cdb
 REPORT_MLRG_OPTIONS = {  # the stage-2 options that reproduce MLRG: each key's default first, MLRG's value second
     "prompt_projection": ("linear", "mlrg"),  # 2.5: stage 1's text ProjectionHead on every prompt token
@@ -171,6 +191,7 @@ _REPORT_KEYS = {
     "attention_dropout",
     "label_smoothing",
     "copy_skip_ids",
+    "finding_loss",
 }
 PRIOR_PATHS = ("fusion", "decoder", "prompt")  # how the prompt reaches the decoder; MLRG's first
 OTHER_IMAGES = ("fusion", "memory")  # how the other views and the prior image reach the decoder; MLRG's first
@@ -209,6 +230,10 @@ def report_model_config(config: dict) -> dict:
     ffn = cfg.get("prompt_ffn")
     if ffn is not None and (int(ffn) != ffn or ffn < 1):
         raise InputError(f"prompt_ffn={ffn!r}", where="model config 'prompt_ffn'", expected="None or a width >= 1")
+    finding = float(cfg.get("finding_loss") or 0.0)
+    if not finding >= 0:
+        where = "model config 'finding_loss'"
+        raise InputError(f"finding_loss={cfg['finding_loss']!r}", where=where, expected="a weight >= 0 (0: off)")
     att = cfg.get("attention_dropout")
     if att is not None and not 0 <= att < 1:
         where = "model config 'attention_dropout'"
@@ -251,6 +276,8 @@ def report_model_config(config: dict) -> dict:
         "label_smoothing": float(cfg.get("label_smoothing", 0.0)),
         "prior_path": path,
         "other_images": other,
+        # the findings head's weight in the loss, when above 0 only: older configs compare equal
+        **({"finding_loss": finding} if finding else {}),
         # the tokens never copied (the special ones), with copy only: older configs compare equal
         **({"copy_skip_ids": sorted(int(i) for i in cfg.get("copy_skip_ids") or ())} if dec.get("copy") else {}),
     }
@@ -297,6 +324,8 @@ class MLRGReportModel(nn.Module):
         D = cfg["decoder"]["d_model"]
         self.memory_proj = nn.Linear(d, D) if D != d else nn.Identity()
         self.decoder = ReportDecoder(cfg["decoder"])
+        if cfg.get("finding_loss"):  # an auxiliary classifier of the memory (not MLRG's), read in training only
+            self.finding_head = FindingHead(D)
         if cfg.get("attention_dropout") is not None:  # its own rate where `dropout` applies
             text = [self.text_encoder] if pr["encoder"] == "small" else []  # (cxr_bert keeps its own config's dropout)
             for part in (*text, self.prompt_fusion, self.decoder):
@@ -417,10 +446,17 @@ def logits(self: MLRGReportModel, batch) -> torch.Tensor:
 
 @patch
 def forward(self: MLRGReportModel, batch) -> dict:
-    "The teacher-forced loss of `batch` ({'loss'})."
+    """The teacher-forced loss of `batch` ({'loss'}). With `finding_loss` and the batch's `finding_labels` (B, 14; the
+    training split has them, val and test do not, so the val loss stays the token loss): the token loss plus that weight
+    times the findings head's binary cross-entropy, each term also returned ('token_loss', 'finding_loss')."""
     m = self.memory(batch)
-    ls = self.config["label_smoothing"]
-    return {"loss": self.decoder.loss(batch["target_ids"], m, self.memory_mask(batch, m), ls, self.copy_ids(batch, m))}
+    mask, ls = self.memory_mask(batch, m), self.config["label_smoothing"]
+    loss = self.decoder.loss(batch["target_ids"], m, mask, ls, self.copy_ids(batch, m))
+    weight, labels = self.config.get("finding_loss", 0.0), batch.get("finding_labels")
+    if not weight or labels is None:
+        return {"loss": loss}
+    finding = F.binary_cross_entropy_with_logits(self.finding_head(m, mask), labels.float())
+    return {"loss": loss + weight * finding, "token_loss": loss.detach(), "finding_loss": finding.detach()}
 
 
 @patch

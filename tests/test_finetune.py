@@ -33,6 +33,7 @@ from mlrg.finetune import (
 )
 from mlrg.data import collate
 from mlrg.inputs import write_tiny_phantom
+from mlrg.labeler import apply_policy, label_reports
 from mlrg.pretrain import pretrain
 
 REPO = Path(__file__).resolve().parents[1]
@@ -535,3 +536,20 @@ def test_iu_preset_on_r2gen_annotation(run, tmp_path):
     )
     with pytest.raises(InputError, match="parameter 'data_path'"):
         FINETUNE.check(preset="iu")
+
+
+def test_finding_labels_on_the_training_split_only(run):
+    "finding_loss > 0: each training item carries the rule labeler's reading of its reference; val and test none."
+    root, ann = run
+    parts = _parts(root, finding_loss=1.0, cache_features=False)
+    items = json.loads(ann.read_text())["train"]
+    want = apply_policy(label_reports([it["findings"] for it in items]), "positive").astype(float)
+    got = [parts.train_ds[i]["finding_labels"].tolist() for i in range(len(parts.train_ds))]
+    assert got == want.tolist() and want.sum() > 0
+    assert all("finding_labels" not in ds[0] for ds in (parts.val_ds, parts.test_ds))
+    batch = parts.collate_fn([parts.train_ds[i] for i in range(3)])
+    assert batch["finding_labels"].shape == (3, 14)
+    out = parts.model(batch)
+    assert set(out) == {"loss", "token_loss", "finding_loss"}
+    torch.testing.assert_close(out["loss"], out["token_loss"] + out["finding_loss"])
+    assert "finding_labels" not in _parts(root, cache_features=False).train_ds[0]  # off: as before

@@ -600,3 +600,37 @@ def test_attention_dropout_sets_only_the_attention_weights(fusion):
         _report_model(attention_dropout=1.5)
     with pytest.raises(InputError, match="parameter 'attention_dropout'"):
         FINETUNE.check(attention_dropout=-0.1)
+
+
+def test_finding_loss_adds_the_heads_cross_entropy_in_training_only():
+    """finding_loss: the token loss plus weight x the findings head's BCE when the batch has finding_labels; without
+    them (val, test) or with the weight at 0, the token loss alone; the head's gradient reaches the encoders."""
+    off = _report_model(seed=3, prior_path="prompt").eval()
+    on = _report_model(seed=3, prior_path="prompt", finding_loss=0.5).eval()
+    assert not hasattr(off, "finding_head") and "finding_loss" not in off.config and on.config["finding_loss"] == 0.5
+    sd = off.state_dict()  # the head is built last: every other weight is the same seed's
+    assert {k for k in on.state_dict() if k not in sd} == {k for k in on.state_dict() if k.startswith("finding_head.")}
+    assert all(torch.equal(on.state_dict()[k], v) for k, v in sd.items())
+    b = _prompt_batch()
+    labels = torch.tensor([[1.0, 1.0] + [0.0] * 12, [0.0] * 14, [1.0] * 14])
+    torch.nn.init.normal_(on.finding_head.weight)  # (zero at init: every finding starts at its bias)
+    with torch.no_grad():
+        mem = on.memory(b)
+        mask = on.memory_mask(b, mem)
+        tok = on.decoder.loss(b["target_ids"], mem, mask)
+        bce = F.binary_cross_entropy_with_logits(on.finding_head(mem, mask), labels)
+        out = on({**b, "finding_labels": labels})
+        torch.testing.assert_close(on(b), {"loss": tok})  # no labels: the token loss alone
+        torch.testing.assert_close(off({**b, "finding_labels": labels}), {"loss": tok})  # no head: the same
+    torch.testing.assert_close(out, {"loss": tok + 0.5 * bce, "token_loss": tok, "finding_loss": bce})
+    assert bce > 0.1
+    assert not on({**b, "finding_labels": labels})["finding_loss"].requires_grad  # a logged term; "loss" is stepped on
+    on.train().zero_grad()
+    F.binary_cross_entropy_with_logits(
+        on.finding_head(on.memory(b), on.memory_mask(b, on.memory(b))), labels
+    ).backward()
+    for part in ("visual", "text_encoder", "prompt_fusion"):
+        assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in getattr(on, part).parameters()), part
+    assert all(p.grad is None or p.grad.abs().sum() == 0 for p in on.decoder.parameters())
+    with pytest.raises(InputError, match="finding_loss"):
+        _report_model(finding_loss=-1.0)
