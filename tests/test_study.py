@@ -343,7 +343,7 @@ def test_demo_plans_its_variant_beside_the_main_stage_2_and_the_index_shows_both
     for k, v in STUDY_PRESETS["demo"]["variants"]["mlrg_design"].items():
         assert variant.params[k] == v
     differ = {k for k in {*main.params, *variant.params} if main.params.get(k) != variant.params.get(k)}
-    assert differ == {"prior_path", "freeze_image_encoder", "model_save_path"}
+    assert differ == {"prior_path", "freeze_image_encoder", "finding_loss", "model_save_path"}
     assert variant.fingerprint != main.fingerprint
     # the rows index.html shows: the main run and the variant, each from the test result in its summary
     from mlrg.evaluate import evaluate
