@@ -160,6 +160,12 @@ VARIANTS["combined_dropout_0.1_not_attention_finding_loss"] = {
     **VARIANTS["combined_dropout_0.1_not_attention"],
     "finding_loss": 1.0,
 }
+# MLRG's thesis with the demo now: stage 2 alone from scratch given stage 1's 75 s as more steps (514 of 32 for 400)
+VARIANTS["combined_batch_16_finding_loss_no_stage1_equal_minutes"] = {
+    **VARIANTS["combined_batch_16_finding_loss"],
+    "stage1_init": False,
+    "steps_scale": 2 * 514 / 400,
+}
 KEYS = ["ce14", "ce14_truth", "long_acc_truth", "lateral_only_recall", "bleu4", "contradictions", "train_seconds"]
 
 
