@@ -56,12 +56,10 @@ VARIANTS = {
 VARIANTS["combined_end_to_end"] = {k: v for k, v in DEMO_NOW.items() if k not in BASE}
 VARIANTS["combined"] = {**VARIANTS["combined_end_to_end"], "freeze_image_encoder": True}
 # the combined recipe without the prior study, and without the auxiliary views (MLRG's ablations of it)
-VARIANTS["combined_end_to_end_no_prior"] = {
-    **VARIANTS["combined_end_to_end"],
-    "use_prior_report": False,
-    "use_prior_scan": False,
-}
-VARIANTS["combined_end_to_end_no_auxiliary_views"] = {**VARIANTS["combined_end_to_end"], "use_auxiliary_views": False}
+NO_PRIOR = {"use_prior_report": False, "use_prior_scan": False}  # MLRG's two ablations, on any recipe
+NO_AUXILIARY_VIEWS = {"use_auxiliary_views": False}
+VARIANTS["combined_end_to_end_no_prior"] = {**VARIANTS["combined_end_to_end"], **NO_PRIOR}
+VARIANTS["combined_end_to_end_no_auxiliary_views"] = {**VARIANTS["combined_end_to_end"], **NO_AUXILIARY_VIEWS}
 # MLRG's thesis at small scale: stage 2 alone from scratch, given stage 1's training time as extra steps (stage 1 of the
 # recipe run folder trained 75 s; at stage 2's 48.6 samples/s, 2 threads, that is 114 steps of 32: 514 steps)
 VARIANTS["combined_end_to_end_no_stage1_equal_minutes"] = {
@@ -93,12 +91,8 @@ VARIANTS["combined_batch_16"] = {**VARIANTS["combined_end_to_end"], "batch_size"
 VARIANTS["combined_batch_8"] = {**VARIANTS["combined_end_to_end"], "batch_size": 8, "steps_scale": 4}
 VARIANTS["combined_batch_64"] = {**VARIANTS["combined_end_to_end"], "batch_size": 64, "steps_scale": 0.5}
 # MLRG's ablations of the demo now (batch 16): without the prior study, without the auxiliary views
-VARIANTS["combined_batch_16_no_prior"] = {
-    **VARIANTS["combined_batch_16"],
-    "use_prior_report": False,
-    "use_prior_scan": False,
-}
-VARIANTS["combined_batch_16_no_auxiliary_views"] = {**VARIANTS["combined_batch_16"], "use_auxiliary_views": False}
+VARIANTS["combined_batch_16_no_prior"] = {**VARIANTS["combined_batch_16"], **NO_PRIOR}
+VARIANTS["combined_batch_16_no_auxiliary_views"] = {**VARIANTS["combined_batch_16"], **NO_AUXILIARY_VIEWS}
 # twice the learning rates again (4e-3 new / 8e-4 stage 1), the warmup keeping the peak safe
 VARIANTS["combined_lr_2x"] = {**VARIANTS["combined_end_to_end"], "ft_lr": 4e-3, "pt_lr": 8e-4}
 # the demo recipe at the plain yardstick's epochs (REFERENCE section 7, model F: 6.2 epochs in 4 minutes, CE-14 0.607):
@@ -111,23 +105,17 @@ VARIANTS["combined_text_lr"] = {**VARIANTS["combined_end_to_end"], "text_lr": VA
 # no stage 1 (every weight new, one lr of 1.5e-3), every image's tokens in the decoder's memory, 2 decoder heads of 64,
 # weight decay 0.01, 60 warmup steps of 710; what stays ours: MLRG's fused anchor tokens also in the memory, stage 1's
 # architecture (a 2-layer prompt encoder against 1), beam 3 against greedy
+YARDSTICK_PARTS = {"other_images": "memory", "decoder_heads": 2, "weight_decay": 0.01}
 VARIANTS["yardstick_6_epochs"] = {
     **VARIANTS["combined_6_epochs"],
+    **YARDSTICK_PARTS,
     "stage1_init": False,
     "ft_lr": 1.5e-3,
-    "other_images": "memory",
-    "decoder_heads": 2,
-    "weight_decay": 0.01,
     "warmup": 60,
 }
 # the yardstick's parts that FINETUNE reaches, on the demo recipe (batch 16) with stage 1 kept: every image's tokens in
 # the decoder's memory, 2 decoder heads of 64, weight decay 0.01; and the same without stage 1 (every weight new)
-VARIANTS["combined_batch_16_yardstick_parts"] = {
-    **VARIANTS["combined_batch_16"],
-    "other_images": "memory",
-    "decoder_heads": 2,
-    "weight_decay": 0.01,
-}
+VARIANTS["combined_batch_16_yardstick_parts"] = {**VARIANTS["combined_batch_16"], **YARDSTICK_PARTS}
 VARIANTS["combined_batch_16_yardstick_parts_no_stage1"] = {
     **VARIANTS["combined_batch_16_yardstick_parts"],
     "stage1_init": False,
@@ -146,14 +134,10 @@ VARIANTS["yardstick_6_epochs_fusion_1_greedy"] = {
 VARIANTS["combined_batch_16_finding_loss"] = {**VARIANTS["combined_batch_16"], "finding_loss": 1.0}
 VARIANTS["combined_batch_16_finding_loss_3"] = {**VARIANTS["combined_batch_16"], "finding_loss": 3.0}
 # MLRG's ablations of the demo with the findings head (the demo preset's stage 2 now)
-VARIANTS["combined_batch_16_finding_loss_no_prior"] = {
-    **VARIANTS["combined_batch_16_finding_loss"],
-    "use_prior_report": False,
-    "use_prior_scan": False,
-}
+VARIANTS["combined_batch_16_finding_loss_no_prior"] = {**VARIANTS["combined_batch_16_finding_loss"], **NO_PRIOR}
 VARIANTS["combined_batch_16_finding_loss_no_auxiliary_views"] = {
     **VARIANTS["combined_batch_16_finding_loss"],
-    "use_auxiliary_views": False,
+    **NO_AUXILIARY_VIEWS,
 }
 # at 4x the budget: the findings head with dropout (none on the attention weights), against the same without the head
 VARIANTS["combined_dropout_0.1_not_attention_finding_loss"] = {

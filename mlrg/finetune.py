@@ -806,9 +806,11 @@ def build_finetune(p: dict, data: Inputs | None = None, log=None) -> FinetunePar
         **_mlrg_data_kw(data.dataset_options, mcfg),  # as load_inputs resolved them (stage 1 likewise)
     )
     features = _features_for(p, model, items, ds_kw, log)
-    train_items = with_finding_labels(items["train"], log if is_main_process() else None) if p["finding_loss"] else None
+    train_items = items["train"]
+    if p["finding_loss"]:  # the findings head's targets, on the training split only
+        train_items = with_finding_labels(train_items, log if is_main_process() else None)
     train_ds = MLRGDataset(
-        train_items or items["train"],
+        train_items,
         augment=p["augment"],
         seed=derive_seed(p["seed"], "augment"),
         features=features,
